@@ -1,0 +1,21 @@
+"""pymaml: fused, exact MAML meta-gradients for PyTorch."""
+
+from . import data, functional, models, reference
+from ._extension import build_info
+from .backends import BackendStatus, MetaOutput, available_backends
+from .maml import MAML, AdaptedModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAML",
+    "AdaptedModel",
+    "BackendStatus",
+    "MetaOutput",
+    "available_backends",
+    "build_info",
+    "data",
+    "functional",
+    "models",
+    "reference",
+]

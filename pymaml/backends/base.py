@@ -1,0 +1,73 @@
+"""The interface every backend implements, and the values that cross it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from ..losses import LossFn, resolve_loss
+
+
+class TaskBatch(NamedTuple):
+    """A meta-batch: every tensor has a leading task dimension T."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """What a meta-step computes, independent of how."""
+
+    inner_lr: float
+    inner_steps: int
+    first_order: bool
+    loss: str | LossFn
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return resolve_loss(self.loss)
+
+
+@dataclass
+class MetaOutput:
+    """Result of a meta-step.
+
+    loss: the meta-loss (mean over tasks of the adapted query loss); backward() gives the meta-gradient.
+    task_losses: adapted query loss per task, shape [T], detached.
+    pre_adaptation_loss: mean query loss at the unadapted parameters, detached.
+    backend: the backend that computed it.
+    """
+
+    loss: torch.Tensor
+    task_losses: torch.Tensor
+    pre_adaptation_loss: torch.Tensor
+    backend: str
+
+
+class Backend:
+    """One way to compute MAML's meta-step. Subclasses set `name` and implement the methods."""
+
+    name: ClassVar[str]
+
+    def unavailable_reason(self) -> str | None:
+        """None if this backend can run in this process, else why not (missing extension, no GPU, ...)."""
+        return None
+
+    def unsupported_reason(self, model: nn.Module, config: MetaConfig, device: torch.device) -> str | None:
+        """None if this backend computes `config` for `model` on `device`, else why not (naming the layer)."""
+        raise NotImplementedError
+
+    def meta_step(self, model: nn.Module, config: MetaConfig, batch: TaskBatch) -> MetaOutput:
+        raise NotImplementedError
+
+    def adapt(
+        self, model: nn.Module, config: MetaConfig, support_x: torch.Tensor, support_y: torch.Tensor, steps: int
+    ) -> dict[str, torch.Tensor]:
+        """Adapted parameters per task, each with a leading dimension T."""
+        raise NotImplementedError

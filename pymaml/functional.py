@@ -1,0 +1,94 @@
+"""The batched core for any nn.Module: the oracle's computation vectorized over tasks.
+
+torch.func.vmap maps one task's inner loop over the leading task dimension; torch.func.grad
+gives the inner gradients. Ordinary autograd then differentiates through both, so the
+meta-gradient is exact (second order) unless first_order detaches the inner gradients.
+Parameters and fixed state are shared by all tasks (not batched); see pymaml.state for how
+buffers and normalization layers are treated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .losses import LossFn
+
+
+def _loss_function(model: nn.Module, fixed: dict, loss_fn: LossFn):
+    def loss_at(params, x, y):
+        return loss_fn(functional_call(model, (params, fixed), (x,)), y)
+
+    return loss_at
+
+
+def _inner_loop(loss_at, params, x, y, inner_lr: float, steps: int, first_order: bool):
+    support_grad = grad(loss_at)
+    theta = params
+    for _ in range(steps):
+        g = support_grad(theta, x, y)
+        theta = {
+            name: w - inner_lr * (g[name].detach() if first_order else g[name]) for name, w in theta.items()
+        }
+    return theta
+
+
+def task_query_losses(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    fixed: dict,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool,
+    loss_fn: LossFn,
+) -> torch.Tensor:
+    """Query loss of each task after `inner_steps` SGD steps on its support set, shape [T]."""
+    loss_at = _loss_function(model, fixed, loss_fn)
+
+    def one_task(sx, sy, qx, qy):
+        theta = _inner_loop(loss_at, params, sx, sy, inner_lr, inner_steps, first_order)
+        return loss_at(theta, qx, qy)
+
+    return vmap(one_task)(support_x, support_y, query_x, query_y)
+
+
+def query_losses_at(model, params, fixed, query_x, query_y, *, loss_fn: LossFn) -> torch.Tensor:
+    """Query loss of each task at the shared, unadapted parameters, shape [T]."""
+    loss_at = _loss_function(model, fixed, loss_fn)
+    return vmap(loss_at, in_dims=(None, 0, 0))(params, query_x, query_y)
+
+
+def adapt(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    fixed: dict,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    *,
+    inner_lr: float,
+    steps: int,
+    first_order: bool,
+    loss_fn: LossFn,
+) -> dict[str, torch.Tensor]:
+    """Per-task adapted parameters, each with a leading task dimension T."""
+    loss_at = _loss_function(model, fixed, loss_fn)
+
+    def one_task(sx, sy):
+        return _inner_loop(loss_at, params, sx, sy, inner_lr, steps, first_order)
+
+    return vmap(one_task)(support_x, support_y)
+
+
+def batched_forward(model: nn.Module, task_params: dict[str, torch.Tensor], fixed: dict, x: torch.Tensor):
+    """The model's output for each task's inputs under that task's parameters: x [T, K, ...] -> [T, K, ...]."""
+
+    def one_task(p, xt):
+        return functional_call(model, (p, fixed), (xt,))
+
+    return vmap(one_task)(task_params, x)

@@ -1,0 +1,199 @@
+"""The user-facing API: pymaml.MAML, which mirrors MAML's outer loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from . import functional
+from .backends import MetaConfig, MetaOutput, TaskBatch, get_backend, resolve
+from .losses import NAMED_LOSSES, LossFn
+from .state import adapted_parameters, fixed_state
+
+log = logging.getLogger("pymaml")
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _validate_inputs(inputs: dict[str, torch.Tensor], loss, dtype: torch.dtype, device: torch.device, check_finite: bool):
+    """Checks a meta-batch given as name -> tensor, in the order x, y, x, y; raises an error naming the problem."""
+    for name, tensor in inputs.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but the model's parameters are on {device}")
+        if tensor.dim() == 0:
+            raise ValueError(f"{name} must have a leading task dimension T, got a scalar")
+    task_counts = {name: tensor.shape[0] for name, tensor in inputs.items()}
+    if len(set(task_counts.values())) != 1:
+        counts = ", ".join(f"{name}: {count}" for name, count in task_counts.items())
+        raise ValueError(f"the task dimension (dim 0) differs between the inputs ({counts})")
+    names = list(inputs)
+    for x_name, y_name in zip(names[0::2], names[1::2]):
+        x, y = inputs[x_name], inputs[y_name]
+        if x.dim() < 2:
+            raise ValueError(f"{x_name} must be [T, K, features...] (task dim first), got shape {tuple(x.shape)}")
+        if not x.is_floating_point() or x.dtype != dtype:
+            raise TypeError(f"{x_name} has dtype {x.dtype}; the model's parameters are {dtype}")
+        if loss == "cross_entropy":
+            if y.dim() != 2:
+                raise ValueError(f"{y_name} must be class labels [T, K] for cross_entropy, got shape {tuple(y.shape)}")
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise TypeError(f"{y_name} has dtype {y.dtype}; cross_entropy needs integer class labels")
+            if y.numel() and int(y.min()) < 0:
+                raise ValueError(f"{y_name} has negative class labels")
+        else:
+            if y.dim() < 2:
+                raise ValueError(f"{y_name} must be [T, K, outputs...] (task dim first), got shape {tuple(y.shape)}")
+            if loss == "mse" and (not y.is_floating_point() or y.dtype != dtype):
+                raise TypeError(f"{y_name} has dtype {y.dtype}; mse needs floating targets of the model's dtype {dtype}")
+        if x.shape[1] != y.shape[1]:
+            raise ValueError(f"{x_name} has {x.shape[1]} points per task but {y_name} has {y.shape[1]}")
+    if check_finite:
+        for name, tensor in inputs.items():
+            _check_finite(name, tensor)
+
+
+def _check_steps(name: str, steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {steps!r}")
+    return steps
+
+
+class AdaptedModel:
+    """Per-task adapted weights (`params`, each [T, ...]); calling it maps x [T, K, ...] to [T, K, ...]."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], fixed: dict):
+        self.model = model
+        self.params = params
+        self.fixed = fixed
+        self.num_tasks = next(iter(params.values())).shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.num_tasks:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [T={self.num_tasks}, K, features...], got {shape}")
+        return functional.batched_forward(self.model, self.params, self.fixed, x)
+
+
+class MAML(nn.Module):
+    """Model-Agnostic Meta-Learning (Finn, Abbeel & Levine 2017) over a batch of tasks.
+
+    maml = MAML(model, inner_lr=0.01, inner_steps=1, first_order=False, loss="mse", backend="auto")
+    out = maml(support_x, support_y, query_x, query_y)   # leading task dim T on each
+    out.loss.backward()                                  # meta-gradient into model.parameters()
+
+    backend: "auto" (the fastest backend that supports the model and device; `maml.backend`
+    names it and `maml.backend_choice` says why) or one of pymaml.available_backends().
+    check_inputs: check shapes, dtypes, devices, NaN and Inf of every meta-batch (cheap; on by default).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        loss: str | LossFn = "mse",
+        backend: str = "auto",
+        check_inputs: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not adapted_parameters(model):
+            raise ValueError("the model has no parameters that require grad; MAML has nothing to adapt")
+        devices = {p.device for p in model.parameters()}
+        dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+        if len(devices) != 1 or len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(f"the model's parameters must share one device and one floating dtype, got {devices} and {dtypes}")
+        if not isinstance(inner_lr, (int, float)) or isinstance(inner_lr, bool) or not math.isfinite(inner_lr):
+            raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
+        if not (callable(loss) or loss in NAMED_LOSSES):
+            raise ValueError(f"unknown loss {loss!r}; use one of {sorted(NAMED_LOSSES)} or a callable")
+        self.module = model
+        self.config = MetaConfig(float(inner_lr), _check_steps("inner_steps", inner_steps), bool(first_order), loss)
+        if backend != "auto":
+            get_backend(backend)
+        self.requested_backend = backend
+        self.check_inputs = check_inputs
+        self._resolved: dict[torch.device, tuple] = {}
+        self._resolve(self._device())
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def _dtype(self) -> torch.dtype:
+        return next(iter(adapted_parameters(self.module).values())).dtype
+
+    def _resolve(self, device: torch.device):
+        if device not in self._resolved:
+            backend, why = resolve(self.requested_backend, self.module, self.config, device)
+            log.info("pymaml: %s", why)
+            self._resolved[device] = (backend, why)
+        self._last_device = device
+        return self._resolved[device][0]
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend used on the model's current device."""
+        return self._resolve(self._device()).name
+
+    @property
+    def backend_choice(self) -> str:
+        """Why that backend was chosen."""
+        return self._resolved[self._last_device][1]
+
+    @property
+    def inner_lr(self) -> float:
+        return self.config.inner_lr
+
+    @property
+    def inner_steps(self) -> int:
+        return self.config.inner_steps
+
+    @property
+    def first_order(self) -> bool:
+        return self.config.first_order
+
+    def forward(self, support_x, support_y, query_x, query_y) -> MetaOutput:
+        """One meta-step over the tasks of the batch; see MetaOutput."""
+        device = self._device()
+        if self.check_inputs:
+            inputs = dict(support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
+            _validate_inputs(inputs, self.config.loss, self._dtype(), device, check_finite=True)
+            if support_x.shape[1] == 0 and self.config.inner_steps > 0:
+                raise ValueError("support_x has no points per task; the inner loop needs at least one")
+            if query_x.shape[1] == 0:
+                raise ValueError("query_x has no points per task")
+        backend = self._resolve(device)
+        return backend.meta_step(self.module, self.config, TaskBatch(support_x, support_y, query_x, query_y))
+
+    def adapt(self, support_x, support_y, steps: int | None = None) -> AdaptedModel:
+        """Adapt to each task's support set with `steps` SGD steps (default: inner_steps).
+
+        Differentiable with respect to the model's parameters when grad mode is on (second order
+        unless first_order); call under torch.no_grad() for evaluation.
+        """
+        steps = self.config.inner_steps if steps is None else _check_steps("steps", steps)
+        device = self._device()
+        if self.check_inputs:
+            _validate_inputs(dict(support_x=support_x, support_y=support_y), self.config.loss, self._dtype(), device, True)
+            if support_x.shape[1] == 0 and steps > 0:
+                raise ValueError("support_x has no points per task; adaptation needs at least one")
+        backend = self._resolve(device)
+        params = backend.adapt(self.module, self.config, support_x, support_y, steps)
+        return AdaptedModel(self.module, params, fixed_state(self.module))
+
+    def extra_repr(self) -> str:
+        loss = self.config.loss if isinstance(self.config.loss, str) else getattr(self.config.loss, "__name__", "callable")
+        return (
+            f"inner_lr={self.config.inner_lr}, inner_steps={self.config.inner_steps}, "
+            f"first_order={self.config.first_order}, loss={loss}, backend={self.requested_backend!r}"
+        )

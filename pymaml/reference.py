@@ -1,0 +1,62 @@
+"""The oracle: MAML written as plainly as possible. Every backend is tested against it.
+
+For each task t: θ_0 = θ, θ_{s+1} = θ_s - α ∇L(support_t; θ_s) for s < S, and the task's
+loss is L(query_t; θ_S). The meta-loss is the mean over tasks. With first_order=True the inner
+gradients are taken without a graph, so the H_s terms of the meta-gradient vanish.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .losses import LossFn, resolve_loss
+from .state import adapted_parameters, fixed_state
+
+
+def _loss_at(model, params, fixed, loss_fn, x, y):
+    return loss_fn(functional_call(model, (params, fixed), (x,)), y)
+
+
+def adapt_task(model, params, fixed, loss_fn, x, y, inner_lr, steps, first_order):
+    """S plain SGD steps on one task's support set, differentiable unless first_order."""
+    theta = dict(params)
+    for _ in range(steps):
+        loss = _loss_at(model, theta, fixed, loss_fn, x, y)
+        grads = torch.autograd.grad(
+            loss, list(theta.values()), create_graph=not first_order, materialize_grads=True
+        )
+        theta = {name: w - inner_lr * g for (name, w), g in zip(theta.items(), grads)}
+    return theta
+
+
+def task_query_losses(
+    model: nn.Module,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool = False,
+    loss: str | LossFn = "mse",
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Query loss of each task after adaptation, shape [T]."""
+    loss_fn = resolve_loss(loss)
+    params = adapted_parameters(model) if params is None else params
+    fixed = fixed_state(model)
+    losses = []
+    for t in range(support_x.shape[0]):
+        theta = adapt_task(
+            model, params, fixed, loss_fn, support_x[t], support_y[t], inner_lr, inner_steps, first_order
+        )
+        losses.append(_loss_at(model, theta, fixed, loss_fn, query_x[t], query_y[t]))
+    return torch.stack(losses)
+
+
+def meta_loss(model, support_x, support_y, query_x, query_y, **options) -> torch.Tensor:
+    """The meta-loss: the mean over tasks of the adapted query loss."""
+    return task_query_losses(model, support_x, support_y, query_x, query_y, **options).mean()
