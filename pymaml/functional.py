@@ -4,7 +4,8 @@ torch.func.vmap maps one task's inner loop over the leading task dimension; torc
 gives the inner gradients. Ordinary autograd then differentiates through both, so the
 meta-gradient is exact (second order) unless first_order detaches the inner gradients.
 Parameters and fixed state are shared by all tasks (not batched); see pymaml.state for how
-buffers and normalization layers are treated.
+buffers and normalization layers are treated, and pymaml.decomposed_norms for why those layers
+are recomputed from primitives here.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .decomposed_norms import DecomposedNorms
 from .losses import LossFn
 
 
 def _loss_function(model: nn.Module, fixed: dict, loss_fn: LossFn):
     def loss_at(params, x, y):
-        return loss_fn(functional_call(model, (params, fixed), (x,)), y)
+        with DecomposedNorms():
+            prediction = functional_call(model, (params, fixed), (x,))
+        return loss_fn(prediction, y)
 
     return loss_at
 
@@ -89,6 +93,7 @@ def batched_forward(model: nn.Module, task_params: dict[str, torch.Tensor], fixe
     """The model's output for each task's inputs under that task's parameters: x [T, K, ...] -> [T, K, ...]."""
 
     def one_task(p, xt):
-        return functional_call(model, (p, fixed), (xt,))
+        with DecomposedNorms():
+            return functional_call(model, (p, fixed), (xt,))
 
     return vmap(one_task)(task_params, x)

@@ -1,0 +1,128 @@
+"""The MAML API: outputs, adapt, backend choice, parameters, build info."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pymaml
+from helpers import TOLERANCE, make_batch, make_mlp, relative_error
+from pymaml import reference
+
+
+def test_output_fields():
+    model = make_mlp((3, 6, 2), "tanh")
+    batch = make_batch(5, 4, 3, 2, "mse")
+    out = pymaml.MAML(model, inner_lr=0.3, inner_steps=2)(*batch)
+    expected_tasks = reference.task_query_losses(model, *batch, inner_lr=0.3, inner_steps=2)
+    expected_pre = reference.meta_loss(model, *batch, inner_lr=0.3, inner_steps=0)
+    assert out.loss.dim() == 0 and out.loss.requires_grad
+    assert out.task_losses.shape == (5,) and not out.task_losses.requires_grad
+    assert relative_error(out.task_losses, expected_tasks.detach()) <= TOLERANCE[torch.float64]
+    assert relative_error(out.pre_adaptation_loss, expected_pre.detach()) <= TOLERANCE[torch.float64]
+    assert out.backend == "func"
+
+
+@pytest.mark.parametrize("backend", ["func", "reference"])
+@pytest.mark.parametrize("steps", [0, 1, 4])
+def test_adapt_matches_oracle_and_predicts_per_task(backend, steps):
+    model = make_mlp((3, 6, 2), "tanh")
+    sx, sy, qx, qy = make_batch(4, 5, 3, 2, "mse", queries=7)
+    maml = pymaml.MAML(model, inner_lr=0.3, inner_steps=2, backend=backend)
+    adapted = maml.adapt(sx, sy, steps=steps)
+    params = pymaml.state.adapted_parameters(model)
+    for name, value in adapted.params.items():
+        assert value.shape == (4, *params[name].shape)
+    predictions = adapted(qx)
+    assert predictions.shape == (4, 7, 2)
+    for t in range(4):
+        theta = reference.adapt_task(model, params, {}, pymaml.losses.mse, sx[t], sy[t], 0.3, steps, False)
+        expected = torch.func.functional_call(model, theta, (qx[t],))
+        assert relative_error(predictions[t].detach(), expected.detach()) <= TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("backend", ["func", "reference"])
+def test_adapt_is_differentiable_and_no_grad_is_plain(backend):
+    model = make_mlp((3, 6, 2), "tanh")
+    sx, sy, qx, qy = make_batch(2, 5, 3, 2, "mse")
+    maml = pymaml.MAML(model, inner_lr=0.3, backend=backend)
+    differentiable = maml.adapt(sx, sy)(qx)
+    assert differentiable.requires_grad
+    with torch.no_grad():
+        plain = maml.adapt(sx, sy)(qx)
+    assert not plain.requires_grad
+    assert torch.allclose(plain, differentiable.detach(), rtol=1e-12, atol=0)
+
+
+def test_adapt_default_steps_is_inner_steps():
+    model = make_mlp((3, 6, 2), "tanh")
+    sx, sy, _, _ = make_batch(2, 5, 3, 2, "mse")
+    maml = pymaml.MAML(model, inner_lr=0.3, inner_steps=3)
+    default = maml.adapt(sx, sy).params
+    explicit = maml.adapt(sx, sy, steps=3).params
+    assert all(torch.equal(default[name], explicit[name]) for name in default)
+
+
+def test_parameters_are_the_models_and_meta_training_reduces_loss():
+    model = make_mlp((1, 20, 1), "tanh", torch.float32)
+    maml = pymaml.MAML(model, inner_lr=0.01)
+    assert [id(p) for p in maml.parameters()] == [id(p) for p in model.parameters()]
+    tasks = pymaml.data.Sinusoid(seed=0)
+    fixed_batch = tasks.sample(25, 10)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-2)
+    initial = maml(*fixed_batch.tasks).loss.item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        maml(*tasks.sample(25, 10).tasks).loss.backward()
+        optimizer.step()
+    assert maml(*fixed_batch.tasks).loss.item() < 0.9 * initial
+
+
+def test_auto_says_which_backend_it_picked():
+    maml = pymaml.MAML(make_mlp((3, 2)), backend="auto")
+    assert maml.backend in {s.name for s in pymaml.available_backends() if s.usable}
+    assert maml.backend in maml.backend_choice and "auto picked" in maml.backend_choice
+    explicit = pymaml.MAML(make_mlp((3, 2)), backend="reference")
+    assert explicit.backend == "reference"
+
+
+def test_available_backends_lists_each_with_a_reason_when_unusable():
+    statuses = pymaml.available_backends()
+    names = [s.name for s in statuses]
+    assert {"func", "reference"} <= set(names)
+    for status in statuses:
+        assert status.usable == (status.reason is None)
+        assert status.name in str(status)
+
+
+def test_build_info_reports_the_extension():
+    info = pymaml.build_info()
+    if info["extension"]:
+        assert {"compiler", "flags", "openmp", "cuda_archs"} <= set(info)
+        assert "-march=native" not in info["flags"]
+        assert isinstance(info["cuda_archs"], list)
+    else:
+        assert "PYMAML_NO_EXTENSION" in info["reason"]
+
+
+def test_import_without_the_extension(tmp_path):
+    """With pymaml._C missing, pymaml still imports, says so, and trains through the torch backends."""
+    script = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pymaml._C":
+            raise ImportError("blocked for this test")
+sys.meta_path.insert(0, Block())
+import torch, pymaml
+info = pymaml.build_info()
+assert info["extension"] is False and "blocked for this test" in info["reason"], info
+batch = pymaml.data.Sinusoid(0).sample(2, 3)
+maml = pymaml.MAML(pymaml.models.sinusoid_mlp())
+maml(*batch.tasks).loss.backward()
+print("ok", maml.backend)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok ")
