@@ -6,10 +6,10 @@ import pytest
 import torch
 
 
-def pytest_configure(config):
-    torch.set_num_threads(int(os.environ.get("PYMAML_BENCH_THREADS", "1")))
-
-
 @pytest.fixture(autouse=True)
-def _record_threads(benchmark):
+def bench_threads(benchmark):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("PYMAML_BENCH_THREADS", "1")))
     benchmark.extra_info["threads"] = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
