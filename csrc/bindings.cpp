@@ -1,15 +1,20 @@
-// pybind11 bindings of the torch-free core.
+// pybind11 bindings of the torch-free core. Buffers arrive through DLPack.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "array_arg.h"
 #include "build_info.h"
+#include "core/common.h"
+#include "cpu/meta_step_cpu.h"
 #include "pymaml_build_config.h"
 
 namespace py = pybind11;
+using pymaml::ArrayArg;
 
 namespace {
 
@@ -30,12 +35,149 @@ py::dict build_info() {
   info["flags"] = std::string(PYMAML_CXX_FLAGS);
   info["openmp"] = pymaml::openmp_enabled();
   info["cuda_archs"] = split_archs(PYMAML_CUDA_ARCHS);
+  info["cpu_dispatch"] = pymaml::cpu_dispatch_description();
   return info;
+}
+
+pymaml::Activation parse_activation(const std::string& name) {
+  if (name == "none") return pymaml::Activation::none;
+  if (name == "relu") return pymaml::Activation::relu;
+  if (name == "tanh") return pymaml::Activation::tanh;
+  if (name == "sigmoid") return pymaml::Activation::sigmoid;
+  throw py::value_error("activation must be one of 'none', 'relu', 'tanh', 'sigmoid', got '" + name + "'");
+}
+
+pymaml::Loss parse_loss(const std::string& name) {
+  if (name == "mse") return pymaml::Loss::mse;
+  if (name == "cross_entropy") return pymaml::Loss::cross_entropy;
+  throw py::value_error("loss must be 'mse' or 'cross_entropy', got '" + name + "'");
+}
+
+void check_labels(const ArrayArg& labels, int classes) {
+  const int64_t* data = labels.data<int64_t>();
+  for (int64_t i = 0, n = labels.numel(); i < n; ++i) {
+    if (data[i] < 0 || data[i] >= classes) {
+      throw py::value_error(labels.name() + " has label " + std::to_string(data[i]) + " outside [0, " +
+                            std::to_string(classes) + ")");
+    }
+  }
+}
+
+template <class T>
+void launch(const pymaml::MlpSpec& spec, const pymaml::MetaStepShape& shape, int tasks, const ArrayArg& theta,
+            const ArrayArg& lrs, const ArrayArg& step_weights, const ArrayArg& support_x, const ArrayArg& support_y,
+            const ArrayArg& query_x, const ArrayArg& query_y, const ArrayArg& meta_loss, const ArrayArg& task_losses,
+            const ArrayArg& pre_losses, const ArrayArg& step_losses, const ArrayArg& grad_theta,
+            const ArrayArg* grad_lrs, int threads) {
+  const bool labels = spec.loss == pymaml::Loss::cross_entropy;
+  pymaml::MetaBatch<T> batch{tasks,
+                             theta.data<T>(),
+                             lrs.data<T>(),
+                             step_weights.data<T>(),
+                             support_x.data<T>(),
+                             labels ? nullptr : support_y.data<T>(),
+                             labels ? support_y.data<int64_t>() : nullptr,
+                             query_x.data<T>(),
+                             labels ? nullptr : query_y.data<T>(),
+                             labels ? query_y.data<int64_t>() : nullptr};
+  pymaml::MetaResult<T> result{meta_loss.data<T>(), task_losses.data<T>(), pre_losses.data<T>(),
+                               step_losses.data<T>(), grad_theta.data<T>(),
+                               grad_lrs ? grad_lrs->data<T>() : nullptr};
+  py::gil_scoped_release release;
+  pymaml::mlp_meta_step_cpu<T>(spec, shape, batch, result, threads);
+}
+
+void mlp_meta_step(py::handle theta_obj, py::handle lrs_obj, py::handle step_weights_obj, py::handle support_x_obj,
+                   py::handle support_y_obj, py::handle query_x_obj, py::handle query_y_obj,
+                   const std::vector<int>& widths, const std::string& activation, bool bias, const std::string& loss,
+                   bool first_order, py::handle meta_loss_obj, py::handle task_losses_obj, py::handle pre_losses_obj,
+                   py::handle step_losses_obj, py::handle grad_theta_obj, py::handle grad_lrs_obj, int threads) {
+  pymaml::MlpSpec spec;
+  if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
+                         &spec)) {
+    throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
+                          " positive layer widths (input, hidden..., output)");
+  }
+  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+  const ArrayArg theta(theta_obj, "theta"), lrs(lrs_obj, "lrs"), step_weights(step_weights_obj, "step_weights");
+  const ArrayArg support_x(support_x_obj, "support_x"), support_y(support_y_obj, "support_y");
+  const ArrayArg query_x(query_x_obj, "query_x"), query_y(query_y_obj, "query_y");
+  const ArrayArg meta_loss(meta_loss_obj, "meta_loss"), task_losses(task_losses_obj, "task_losses");
+  const ArrayArg pre_losses(pre_losses_obj, "pre_losses"), step_losses(step_losses_obj, "step_losses");
+  const ArrayArg grad_theta(grad_theta_obj, "grad_theta");
+  std::unique_ptr<ArrayArg> grad_lrs;
+  if (!grad_lrs_obj.is_none()) grad_lrs = std::make_unique<ArrayArg>(grad_lrs_obj, "grad_lrs");
+
+  const bool is_f32 = theta.is(kDLFloat, 32), is_f64 = theta.is(kDLFloat, 64);
+  if (!is_f32 && !is_f64) {
+    throw py::type_error("theta has dtype " + pymaml::dtype_name(theta.dtype()) + " but must be float32 or float64");
+  }
+  const DLDataType real = theta.dtype();
+  const int64_t P = spec.num_params;
+  theta.require_shape({P}, "the flattened MLP parameters");
+  lrs.require_ndim(2, "[steps, parameters]");
+  const int S = int(lrs.dim(0));
+  lrs.require_shape({S, P}, "[steps, parameters]");
+  step_weights.require_shape({S}, "one weight per inner step");
+  support_x.require_ndim(3, "[tasks, support points, inputs]");
+  const int tasks = int(support_x.dim(0)), Ks = int(support_x.dim(1));
+  if (tasks < 1) throw py::value_error("support_x has no tasks");
+  support_x.require_shape({tasks, Ks, spec.widths[0]}, "[tasks, support points, inputs]");
+  query_x.require_ndim(3, "[tasks, query points, inputs]");
+  const int Kq = int(query_x.dim(1));
+  query_x.require_shape({tasks, Kq, spec.widths[0]}, "[tasks, query points, inputs]");
+  if (S > 0 && Ks < 1) throw py::value_error("support_x has no points per task; the inner loop needs at least one");
+  if (Kq < 1) throw py::value_error("query_x has no points per task");
+  const int outputs = spec.outputs();
+  if (spec.loss == pymaml::Loss::cross_entropy) {
+    const DLDataType int64{kDLInt, 64, 1};
+    support_y.require_dtype(int64, "class labels for cross_entropy");
+    query_y.require_dtype(int64, "class labels for cross_entropy");
+    support_y.require_shape({tasks, Ks}, "[tasks, support points] class labels");
+    query_y.require_shape({tasks, Kq}, "[tasks, query points] class labels");
+    check_labels(support_y, outputs);
+    check_labels(query_y, outputs);
+  } else {
+    support_y.require_dtype(real, "mse targets match theta");
+    query_y.require_dtype(real, "mse targets match theta");
+    support_y.require_shape({tasks, Ks, outputs}, "[tasks, support points, outputs]");
+    query_y.require_shape({tasks, Kq, outputs}, "[tasks, query points, outputs]");
+  }
+  for (const ArrayArg* a : {&lrs, &step_weights, &support_x, &query_x, &meta_loss, &task_losses, &pre_losses,
+                            &step_losses, &grad_theta}) {
+    a->require_dtype(real, "it must match theta");
+  }
+  if (meta_loss.numel() != 1) throw py::value_error("meta_loss must hold exactly one value");
+  task_losses.require_shape({tasks}, "one loss per task");
+  pre_losses.require_shape({tasks}, "one loss per task");
+  step_losses.require_shape({S}, "one loss per inner step");
+  grad_theta.require_shape({P}, "the flattened MLP parameters");
+  if (grad_lrs) {
+    grad_lrs->require_dtype(real, "it must match theta");
+    grad_lrs->require_shape({S, P}, "[steps, parameters]");
+  }
+  const pymaml::MetaStepShape shape{S, Ks, Kq, first_order, grad_lrs != nullptr};
+  if (is_f32) {
+    launch<float>(spec, shape, tasks, theta, lrs, step_weights, support_x, support_y, query_x, query_y, meta_loss,
+                  task_losses, pre_losses, step_losses, grad_theta, grad_lrs.get(), threads);
+  } else {
+    launch<double>(spec, shape, tasks, theta, lrs, step_weights, support_x, support_y, query_x, query_y, meta_loss,
+                   task_losses, pre_losses, step_losses, grad_theta, grad_lrs.get(), threads);
+  }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymaml's torch-free C++ core";
-  m.def("build_info", &build_info, "Compiler, flags, OpenMP and CUDA archs of this build.");
+  m.def("build_info", &build_info, "Compiler, flags, OpenMP, CPU dispatch and CUDA archs of this build.");
+  m.def("mlp_meta_step", &mlp_meta_step, py::kw_only(), py::arg("theta"), py::arg("lrs"), py::arg("step_weights"),
+        py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"), py::arg("widths"),
+        py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"), py::arg("meta_loss"),
+        py::arg("task_losses"), py::arg("pre_losses"), py::arg("step_losses"), py::arg("grad_theta"),
+        py::arg("grad_lrs") = py::none(), py::arg("threads") = 1,
+        "The fused MAML meta-step of an MLP over a batch of tasks, written into the output buffers.\n"
+        "Inner loop θ_{s+1} = θ_s − lrs[s] ⊙ ∇L_support(θ_s); loss Σ_s step_weights[s-1] L_query(θ_s);\n"
+        "exact meta-gradient through Hessian-vector products unless first_order. Means over tasks,\n"
+        "except task_losses and pre_losses. Results do not depend on `threads`.");
 }

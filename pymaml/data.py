@@ -55,7 +55,8 @@ class Sinusoid:
         x = self._uniform((tasks, shots + queries, 1), self.X_RANGE)
         y = self.function(x, amplitude, phase)
         x, y = x.to(self.dtype), y.to(self.dtype)
-        return SinusoidBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], amplitude, phase)
+        parts = [t.contiguous() for t in (x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])]
+        return SinusoidBatch(*parts, amplitude, phase)
 
     @staticmethod
     def function(x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:

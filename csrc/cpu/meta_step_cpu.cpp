@@ -1,0 +1,116 @@
+#include "meta_step_cpu.h"
+
+#include <algorithm>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace pymaml {
+namespace {
+
+// One clone per x86-64 level, chosen at load time from the running CPU (no -march=native);
+// flatten inlines the whole per-task math into each clone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PYMAML_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define PYMAML_CPU_CLONES
+#endif
+
+template <class T>
+struct TaskArgs {
+  const MlpSpec* spec;
+  const MetaStepShape* shape;
+  const MetaBatch<T>* batch;
+  int task;
+  T* workspace;
+  T* task_loss;
+  T* pre_loss;
+  T* step_losses;
+  T* grad_theta;
+  T* grad_lrs;
+};
+
+template <class T>
+inline void run_task(const TaskArgs<T>& a) {
+  const MlpSpec& s = *a.spec;
+  const MetaStepShape& m = *a.shape;
+  const MetaBatch<T>& b = *a.batch;
+  const int t = a.task, n0 = s.widths[0], nL = s.outputs();
+  const bool labels = s.loss == Loss::cross_entropy;
+  const Targets<T> support_y{labels ? nullptr : b.support_values + int64_t(t) * m.support_points * nL,
+                             labels ? b.support_labels + int64_t(t) * m.support_points : nullptr};
+  const Targets<T> query_y{labels ? nullptr : b.query_values + int64_t(t) * m.query_points * nL,
+                           labels ? b.query_labels + int64_t(t) * m.query_points : nullptr};
+  meta_step_task(SerialGroup{}, s, m, b.theta, b.lrs, b.step_weights, b.support_x + int64_t(t) * m.support_points * n0,
+                 support_y, b.query_x + int64_t(t) * m.query_points * n0, query_y, a.workspace, a.task_loss,
+                 a.pre_loss, a.step_losses, a.grad_theta, a.grad_lrs);
+}
+
+PYMAML_CPU_CLONES void run_task_f32(const TaskArgs<float>& a) { run_task(a); }
+PYMAML_CPU_CLONES void run_task_f64(const TaskArgs<double>& a) { run_task(a); }
+
+inline void run_task_dispatch(const TaskArgs<float>& a) { run_task_f32(a); }
+inline void run_task_dispatch(const TaskArgs<double>& a) { run_task_f64(a); }
+
+// Sum over tasks in task order, divided by the task count: out[j] = Σ_t per_task[t·n + j] / T.
+template <class T>
+void mean_over_tasks(const T* per_task, int tasks, int64_t n, T* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n * tasks > 32768)
+  for (int64_t j = 0; j < n; ++j) {
+    T sum = 0;
+    for (int t = 0; t < tasks; ++t) sum += per_task[int64_t(t) * n + j];
+    out[j] = sum / T(tasks);
+  }
+}
+
+}  // namespace
+
+template <class T>
+void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+                       const MetaResult<T>& result, int threads) {
+  const int tasks = batch.tasks, S = shape.steps;
+  const int64_t P = spec.num_params;
+  threads = std::max(1, std::min(threads, tasks));
+  const int points = std::max(shape.support_points, shape.query_points);
+  const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, S);
+  std::vector<T> workspace(size_t(threads) * workspace_size);
+  std::vector<T> task_grads(size_t(tasks) * P);
+  std::vector<T> task_lr_grads(shape.lr_grad ? size_t(tasks) * S * P : 0);
+  std::vector<T> task_step_losses(size_t(tasks) * std::max(S, 1));
+
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int t = 0; t < tasks; ++t) {
+#if defined(_OPENMP)
+    const int thread = omp_get_thread_num();
+#else
+    const int thread = 0;
+#endif
+    TaskArgs<T> args{&spec, &shape, &batch, t, workspace.data() + thread * workspace_size,
+                     result.task_losses + t, result.pre_losses + t, task_step_losses.data() + int64_t(t) * std::max(S, 1),
+                     task_grads.data() + int64_t(t) * P,
+                     shape.lr_grad ? task_lr_grads.data() + int64_t(t) * S * P : nullptr};
+    run_task_dispatch(args);
+  }
+
+  mean_over_tasks(task_grads.data(), tasks, P, result.grad_theta, threads);
+  if (shape.lr_grad) mean_over_tasks(task_lr_grads.data(), tasks, int64_t(S) * P, result.grad_lrs, threads);
+  if (S > 0) {
+    for (int step = 0; step < S; ++step) {
+      T sum = 0;
+      for (int t = 0; t < tasks; ++t) sum += task_step_losses[size_t(t) * S + step];
+      result.step_losses[step] = sum / T(tasks);
+    }
+  }
+  T total = 0;
+  for (int t = 0; t < tasks; ++t) total += result.task_losses[t];
+  result.meta_loss[0] = total / T(tasks);
+}
+
+template void mlp_meta_step_cpu<float>(const MlpSpec&, const MetaStepShape&, const MetaBatch<float>&,
+                                       const MetaResult<float>&, int);
+template void mlp_meta_step_cpu<double>(const MlpSpec&, const MetaStepShape&, const MetaBatch<double>&,
+                                        const MetaResult<double>&, int);
+
+}  // namespace pymaml

@@ -1,0 +1,44 @@
+// CPU launcher of the fused MLP meta-step: OpenMP over tasks, one SerialGroup per task.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/common.h"
+#include "../core/mlp_task.h"
+
+namespace pymaml {
+
+// A whole meta-batch. Per-task inputs are contiguous: support_x [T, Ks, n_0], support_y
+// [T, Ks, n_L] (MSE) or labels [T, Ks] (cross-entropy), and likewise for the query set.
+template <class T>
+struct MetaBatch {
+  int tasks;
+  const T* theta;          // [P]
+  const T* lrs;            // [S, P]
+  const T* step_weights;   // [S]
+  const T* support_x;
+  const T* support_values;
+  const int64_t* support_labels;
+  const T* query_x;
+  const T* query_values;
+  const int64_t* query_labels;
+};
+
+// Outputs, means over tasks except task_losses and pre_losses ([T] each).
+template <class T>
+struct MetaResult {
+  T* meta_loss;     // [1]
+  T* task_losses;   // [T]
+  T* pre_losses;    // [T]
+  T* step_losses;   // [S]
+  T* grad_theta;    // [P]
+  T* grad_lrs;      // [S, P] or null
+};
+
+// Results do not depend on `threads`: each task is computed alone and the means over tasks
+// are summed in task order.
+template <class T>
+void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+                       const MetaResult<T>& result, int threads);
+
+}  // namespace pymaml
