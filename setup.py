@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -56,5 +56,5 @@ setup(
     # The Triton kernels live in kernels/ and ship as pymaml.kernels
     # (a top-level package named `kernels` already exists on PyPI).
     package_dir={"pymaml.kernels": "kernels"},
-    packages=["pymaml", "pymaml.backends", "pymaml.kernels"],
+    packages=find_packages(include=["pymaml", "pymaml.*"]) + ["pymaml.kernels"],
 )

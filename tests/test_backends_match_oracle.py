@@ -52,7 +52,7 @@ def test_second_order_terms_are_present(backend):
     assert relative_error(second, first) > 1e-3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["func", "reference"])
 def test_callable_loss(backend):
     def huber(prediction, target):
         return torch.nn.functional.huber_loss(prediction, target, delta=0.5)

@@ -54,7 +54,9 @@ def test_scalar_input(regression):
 
 def test_output_shape_mismatch_for_mse(regression):
     maml, batch = regression
-    with pytest.raises(ValueError, match=re.escape("output per task has shape (4, 2) but the targets have shape (4, 1)")):
+    message = re.escape("output per task has shape (4, 2) but the targets have shape (4, 1)")
+    fused_message = re.escape("support_y must have shape (3, 4, 2) ([tasks, support points, outputs]), got (3, 4, 1)")
+    with pytest.raises(ValueError, match=f"{message}|{fused_message}"):
         maml(*_replace(batch, 1, batch[1][..., :1]))
 
 

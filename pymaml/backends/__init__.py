@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import func, reference
+from . import cpp, func, reference
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (func.BACKEND, reference.BACKEND)}
-AUTO_ORDER: tuple[str, ...] = ("func", "reference")
+BACKENDS: dict[str, Backend] = {b.name: b for b in (cpp.BACKEND, func.BACKEND, reference.BACKEND)}
+AUTO_ORDER: tuple[str, ...] = ("cpp", "func", "reference")
 
 
 @dataclass(frozen=True)

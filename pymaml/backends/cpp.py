@@ -1,0 +1,112 @@
+"""Backend `cpp`: the fused C++ meta-step (pymaml::mlp_meta_step) for MLPs on the CPU.
+
+Supported: nn.Sequential of nn.Linear layers (all with bias or all without) with one kind of
+activation between them (ReLU, Tanh, Sigmoid or Identity) and none after the last; float32 or
+float64; loss "mse" or "cross_entropy"; every parameter trainable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional
+from .._extension import EXTENSION_ERROR, extension
+from ..ops import mlp_meta_step
+from ..state import adapted_parameters, fixed_state
+from .base import Backend, MetaConfig, MetaOutput, TaskBatch
+
+ACTIVATION_NAMES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "none"}
+MAX_LAYERS = 16
+
+
+class MlpLayout:
+    """Widths, activation and bias of a supported MLP."""
+
+    def __init__(self, widths: list[int], activation: str, bias: bool):
+        self.widths, self.activation, self.bias = widths, activation, bias
+
+
+def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
+    """The model's layout, or None and the reason it is not a supported MLP (naming the layer)."""
+    if not isinstance(model, nn.Sequential):
+        return None, f"the fused kernel takes an nn.Sequential MLP, got {type(model).__name__}"
+    layers = list(model)
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    if not linears:
+        return None, "the model has no nn.Linear layer"
+    if len(linears) > MAX_LAYERS:
+        return None, f"the fused kernel takes at most {MAX_LAYERS} Linear layers, got {len(linears)}"
+    widths, activations, expect_linear = [linears[0].in_features], set(), True
+    for index, module in enumerate(layers):
+        if isinstance(module, nn.Linear):
+            if not expect_linear:
+                return None, f"layer {index} (Linear) follows another Linear without an activation between them"
+            if module.in_features != widths[-1]:
+                return None, f"layer {index} (Linear) takes {module.in_features} inputs after a layer of {widths[-1]}"
+            widths.append(module.out_features)
+            expect_linear = False
+        elif type(module) in ACTIVATION_NAMES:
+            if expect_linear or index == len(layers) - 1:
+                return None, f"layer {index} ({type(module).__name__}) must stand between two Linear layers"
+            activations.add(ACTIVATION_NAMES[type(module)])
+            expect_linear = True
+        else:
+            return None, (f"layer {index} ({type(module).__name__}) is not supported by the fused MLP kernel "
+                          f"(Linear with ReLU, Tanh, Sigmoid or Identity between)")
+    if len(activations) > 1:
+        return None, f"the fused kernel takes one kind of activation, got {sorted(activations)}"
+    biases = {m.bias is not None for m in linears}
+    if len(biases) > 1:
+        return None, "the fused kernel takes Linear layers that all have a bias or all have none"
+    activation = activations.pop() if activations else "none"
+    return MlpLayout(widths, activation, biases.pop()), None
+
+
+class CppBackend(Backend):
+    name = "cpp"
+
+    def unavailable_reason(self):
+        return None if extension() is not None else EXTENSION_ERROR
+
+    def unsupported_reason(self, model, config: MetaConfig, device):
+        if torch.device(device).type != "cpu":
+            return f"the fused C++ kernel runs on the CPU, not on {device}"
+        if not isinstance(config.loss, str):
+            return "the fused kernel supports loss='mse' or 'cross_entropy', not a callable"
+        layout, reason = mlp_layout(model)
+        if layout is None:
+            return reason
+        params = list(model.parameters())
+        if any(not p.requires_grad for p in params):
+            return "the fused kernel adapts every parameter; the model has frozen ones"
+        if params[0].dtype not in (torch.float32, torch.float64):
+            return f"the fused kernel supports float32 and float64, not {params[0].dtype}"
+        return None
+
+    def meta_step(self, model, config: MetaConfig, batch: TaskBatch) -> MetaOutput:
+        layout, _ = mlp_layout(model)
+        params = list(adapted_parameters(model).values())
+        for name, tensor in zip(("support_x", "query_x"), (batch.support_x, batch.query_x)):
+            if tensor.dim() != 3 or tensor.shape[-1] != layout.widths[0]:
+                raise ValueError(f"{name} must be [T, K, {layout.widths[0]}] for this MLP, got {tuple(tensor.shape)}")
+        theta = torch.cat([p.reshape(-1) for p in params])
+        steps = config.inner_steps
+        lrs = theta.new_full((steps, theta.shape[0]), config.inner_lr).detach()
+        step_weights = theta.new_zeros(steps)
+        if steps:
+            step_weights[-1] = 1.0
+        meta_loss, task_losses, pre_losses, *_ = mlp_meta_step(
+            theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
+            config.first_order, False,
+        )
+        return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
+
+    def adapt(self, model, config, support_x, support_y, steps):
+        return functional.adapt(
+            model, adapted_parameters(model), fixed_state(model), support_x, support_y,
+            inner_lr=config.inner_lr, steps=steps, first_order=config.first_order, loss_fn=config.loss_fn,
+        )
+
+
+BACKEND = CppBackend()

@@ -1,0 +1,5 @@
+"""Fused ops, registered with torch.library. Each has a pure-torch twin with the same signature."""
+
+from .mlp_meta_step import mlp_meta_step, mlp_meta_step_torch
+
+__all__ = ["mlp_meta_step", "mlp_meta_step_torch"]

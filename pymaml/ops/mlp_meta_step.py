@@ -1,0 +1,149 @@
+"""pymaml::mlp_meta_step: the whole MAML meta-step of an MLP over a batch of tasks, in one call.
+
+Per task, with θ the flattened parameters (nn.Sequential order) and α_s = lrs[s]:
+  g_s = ∇L_support(θ_s), θ_{s+1} = θ_s − α_s ⊙ g_s (s = 0..S−1);
+  task loss Σ_{s=1..S} w_s L_query(θ_s) (S = 0: L_query(θ_0)).
+Returns means over tasks of the loss and of its exact gradients with respect to θ, lrs and the
+step weights w (first_order drops the Hessian terms), plus per-task losses. The forward
+computes the gradients; the registered backward only scales them by the incoming gradient.
+
+Schema: (theta [P], lrs [S, P], step_weights [S], support_x [T, Ks, n_0], support_y, query_x,
+query_y, widths, activation, bias, loss, first_order, lr_grad) ->
+(meta_loss [], task_losses [T], pre_losses [T], step_losses [S], grad_theta [P], grad_lrs [S or 0, P]).
+Targets are [T, K, n_L] floats for "mse" and [T, K] int64 labels for "cross_entropy".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from .._extension import extension
+
+ACTIVATIONS = {
+    "none": lambda z: z,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def _mlp_apply(theta: Tensor, x: Tensor, widths: list[int], activation: str, bias: bool) -> Tensor:
+    """The MLP on x [K, n_0] with parameters sliced from the flat theta."""
+    offset, h = 0, x
+    layers = len(widths) - 1
+    for l in range(layers):
+        n_in, n_out = widths[l], widths[l + 1]
+        weight = theta[offset : offset + n_out * n_in].view(n_out, n_in)
+        offset += n_out * n_in
+        h = h @ weight.T
+        if bias:
+            h = h + theta[offset : offset + n_out]
+            offset += n_out
+        if l < layers - 1:
+            h = ACTIVATIONS[activation](h)
+    return h
+
+
+def _task_loss(prediction: Tensor, target: Tensor, loss: str) -> Tensor:
+    if loss == "mse":
+        return (prediction - target).square().mean()
+    return torch.nn.functional.cross_entropy(prediction, target)
+
+
+def mlp_meta_step_torch(
+    theta: Tensor, lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+    query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool, lr_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The pure-torch twin of the fused op (torch.func vmap over tasks, autograd for the gradients)."""
+    steps = lrs.shape[0]
+    with torch.enable_grad():
+        theta = theta.detach().requires_grad_()
+        lrs = lrs.detach().requires_grad_(lr_grad)
+
+        def loss_at(parameters, x, y):
+            return _task_loss(_mlp_apply(parameters, x, widths, activation, bias), y, loss)
+
+        def one_task(sx, sy, qx, qy):
+            current, total, step_losses = theta, 0.0, []
+            for s in range(steps):
+                g = grad(loss_at)(current, sx, sy)
+                current = current - lrs[s] * (g.detach() if first_order else g)
+                step_losses.append(loss_at(current, qx, qy))
+                total = total + step_weights[s] * step_losses[-1]
+            pre = loss_at(theta, qx, qy)
+            if steps == 0:
+                total = pre
+            stacked = torch.stack(step_losses) if steps else pre.new_zeros(0)
+            return total, pre, stacked
+
+        task_losses, pre_losses, step_losses = vmap(one_task)(support_x, support_y, query_x, query_y)
+        meta_loss = task_losses.mean()
+        inputs = [theta, lrs] if lr_grad else [theta]
+        grads = torch.autograd.grad(meta_loss, inputs, allow_unused=True, materialize_grads=True)
+    grad_lrs = grads[1] if lr_grad else lrs.new_zeros(0, theta.shape[0])
+    return (meta_loss.detach(), task_losses.detach(), pre_losses.detach(), step_losses.mean(0).detach(),
+            grads[0], grad_lrs.detach())
+
+
+def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
+               first_order, lr_grad):
+    tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
+    empty = lambda *shape: theta.new_empty(shape)  # noqa: E731
+    meta_loss, task_losses, pre_losses = empty(), empty(tasks), empty(tasks)
+    step_losses, grad_theta, grad_lrs = empty(steps), empty(params), empty(steps if lr_grad else 0, params)
+    buffer = lambda t: t.detach().contiguous()  # noqa: E731  (DLPack refuses tensors that require grad)
+    extension().mlp_meta_step(
+        theta=buffer(theta), lrs=buffer(lrs), step_weights=buffer(step_weights), support_x=buffer(support_x),
+        support_y=buffer(support_y), query_x=buffer(query_x), query_y=buffer(query_y), widths=list(widths), activation=activation, bias=bias, loss=loss,
+        first_order=first_order, meta_loss=meta_loss, task_losses=task_losses, pre_losses=pre_losses,
+        step_losses=step_losses, grad_theta=grad_theta, grad_lrs=grad_lrs if lr_grad else None,
+        threads=torch.get_num_threads(),
+    )
+    return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
+
+
+@torch.library.custom_op("pymaml::mlp_meta_step", mutates_args=())
+def mlp_meta_step(
+    theta: Tensor, lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+    query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool, lr_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    arguments = (theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
+                 first_order, lr_grad)
+    if theta.device.type == "cpu" and extension() is not None:
+        return _fused_cpu(*arguments)
+    return mlp_meta_step_torch(*arguments)
+
+
+@mlp_meta_step.register_fake
+def _(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
+      first_order, lr_grad):
+    tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
+    return (theta.new_empty(()), theta.new_empty(tasks), theta.new_empty(tasks), theta.new_empty(steps),
+            theta.new_empty(params), theta.new_empty(steps if lr_grad else 0, params))
+
+
+def _setup_context(ctx, inputs, output):
+    _, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = output
+    ctx.lr_grad = inputs[-1]
+    ctx.save_for_backward(grad_theta, grad_lrs, step_losses)
+    ctx.mark_non_differentiable(task_losses, pre_losses, step_losses, grad_theta, grad_lrs)
+
+
+def _backward(ctx, grad_meta_loss, *_non_differentiable):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "pymaml::mlp_meta_step computes its gradients inside the forward pass, so its backward cannot be "
+            "differentiated again (create_graph=True); use backend='func' or 'reference' for higher derivatives"
+        )
+    grad_theta, grad_lrs, step_losses = ctx.saved_tensors
+    return (
+        grad_meta_loss * grad_theta,
+        grad_meta_loss * grad_lrs if ctx.lr_grad else None,
+        grad_meta_loss * step_losses,
+        None, None, None, None, None, None, None, None, None, None,
+    )
+
+
+mlp_meta_step.register_autograd(_backward, setup_context=_setup_context)
