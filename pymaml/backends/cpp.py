@@ -32,6 +32,10 @@ def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
     if not isinstance(model, nn.Sequential):
         return None, f"the fused kernel takes an nn.Sequential MLP, got {type(model).__name__}"
     layers = list(model)
+    for index, module in enumerate(layers):
+        if not isinstance(module, nn.Linear) and type(module) not in ACTIVATION_NAMES:
+            return None, (f"layer {index} ({type(module).__name__}) is not supported by the fused MLP kernel "
+                          f"(Linear with ReLU, Tanh, Sigmoid or Identity between)")
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     if not linears:
         return None, "the model has no nn.Linear layer"
@@ -46,14 +50,11 @@ def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
                 return None, f"layer {index} (Linear) takes {module.in_features} inputs after a layer of {widths[-1]}"
             widths.append(module.out_features)
             expect_linear = False
-        elif type(module) in ACTIVATION_NAMES:
+        else:
             if expect_linear or index == len(layers) - 1:
                 return None, f"layer {index} ({type(module).__name__}) must stand between two Linear layers"
             activations.add(ACTIVATION_NAMES[type(module)])
             expect_linear = True
-        else:
-            return None, (f"layer {index} ({type(module).__name__}) is not supported by the fused MLP kernel "
-                          f"(Linear with ReLU, Tanh, Sigmoid or Identity between)")
     if len(activations) > 1:
         return None, f"the fused kernel takes one kind of activation, got {sorted(activations)}"
     biases = {m.bias is not None for m in linears}

@@ -1,0 +1,179 @@
+"""The fused op pymaml::mlp_meta_step: registration, twin, binding checks, determinism, numpy inputs."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import pymaml
+from helpers import TOLERANCE, make_batch, make_mlp, oracle_meta_gradient, relative_error
+from pymaml.backends.cpp import mlp_layout
+from pymaml.ops import mlp_meta_step, mlp_meta_step_torch
+
+needs_extension = pytest.mark.skipif(pymaml.build_info()["extension"] is False, reason="pymaml._C is not built")
+
+
+def op_arguments(widths=(3, 5, 2), activation="tanh", loss="mse", steps=2, tasks=3, shots=4, dtype=torch.float64,
+                 first_order=False, lr_grad=True, seed=0):
+    model = make_mlp(widths, activation, dtype, seed=seed)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    generator = torch.Generator().manual_seed(seed + 1)
+    lrs = 0.1 + 0.2 * torch.rand(steps, theta.numel(), generator=generator, dtype=dtype)
+    step_weights = torch.rand(steps, generator=generator, dtype=dtype)
+    batch = make_batch(tasks, shots, widths[0], widths[-1], loss, dtype, seed=seed + 2)
+    return (theta, lrs, step_weights, *batch, list(widths), activation, True, loss, first_order, lr_grad)
+
+
+@needs_extension
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_fused_equals_torch_twin(loss, first_order):
+    arguments = op_arguments(loss=loss, first_order=first_order)
+    fused = mlp_meta_step(*arguments)
+    twin = mlp_meta_step_torch(*arguments)
+    for name, a, b in zip(["meta_loss", "task_losses", "pre_losses", "step_losses", "grad_theta", "grad_lrs"], fused, twin):
+        assert a.shape == b.shape, name
+        assert relative_error(a, b) <= TOLERANCE[torch.float64], name
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_opcheck(steps):
+    arguments = op_arguments(steps=steps)
+    theta, lrs, step_weights = (t.clone().requires_grad_() for t in arguments[:3])
+    torch.library.opcheck(torch.ops.pymaml.mlp_meta_step.default, (theta, lrs, step_weights, *arguments[3:]))
+
+
+def test_backward_scales_the_gradients_and_reaches_every_input():
+    theta, lrs, step_weights, *rest = op_arguments(steps=2)
+    inputs = [t.clone().requires_grad_() for t in (theta, lrs, step_weights)]
+    outputs = mlp_meta_step(*inputs, *rest)
+    (3.0 * outputs[0]).backward()
+    assert torch.allclose(inputs[0].grad, 3.0 * outputs[4], rtol=1e-15, atol=0)
+    assert torch.allclose(inputs[1].grad, 3.0 * outputs[5], rtol=1e-15, atol=0)
+    assert torch.allclose(inputs[2].grad, 3.0 * outputs[3], rtol=1e-15, atol=0)
+
+
+def test_differentiating_the_backward_again_raises():
+    model = make_mlp((3, 5, 2), "tanh")
+    batch = make_batch(3, 4, 3, 2, "mse")
+    maml = pymaml.MAML(model, inner_lr=0.1, backend="cpp" if pymaml.build_info()["extension"] else "auto")
+    loss = maml(*batch).loss
+    if maml.backend != "cpp":
+        pytest.skip("pymaml._C is not built")
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+
+
+@needs_extension
+def test_results_do_not_depend_on_the_thread_count():
+    arguments = op_arguments(widths=(4, 17, 9, 3), tasks=13, steps=3, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mlp_meta_step(*arguments)
+        torch.set_num_threads(2)
+        two = mlp_meta_step(*arguments)
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@needs_extension
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_numpy_arrays_through_dlpack(loss):
+    arguments = op_arguments(loss=loss, dtype=torch.float32)
+    theta, lrs, step_weights, sx, sy, qx, qy, widths, activation, bias, loss, first_order, _ = arguments
+    expected = mlp_meta_step(*arguments[:-1], True)
+    tasks, steps, params = sx.shape[0], lrs.shape[0], theta.shape[0]
+    outputs = dict(meta_loss=np.empty((), np.float32), task_losses=np.empty(tasks, np.float32),
+                   pre_losses=np.empty(tasks, np.float32), step_losses=np.empty(steps, np.float32),
+                   grad_theta=np.empty(params, np.float32), grad_lrs=np.empty((steps, params), np.float32))
+    pymaml._extension.extension().mlp_meta_step(
+        theta=theta.numpy(), lrs=lrs.numpy(), step_weights=step_weights.numpy(), support_x=sx.numpy(),
+        support_y=sy.numpy(), query_x=qx.numpy(), query_y=qy.numpy(), widths=widths, activation=activation,
+        bias=bias, loss=loss, first_order=first_order, **outputs,
+    )
+    for name, value in zip(outputs, expected):
+        assert np.array_equal(outputs[name], value.numpy()), name
+
+
+def _call_binding(**overrides):
+    theta, lrs, step_weights, sx, sy, qx, qy, widths, activation, bias, loss, first_order, _ = op_arguments(
+        loss=overrides.pop("loss_kind", "mse"))
+    tasks, steps, params = sx.shape[0], lrs.shape[0], theta.shape[0]
+    empty = lambda *shape: torch.empty(shape, dtype=theta.dtype)  # noqa: E731
+    arguments = dict(theta=theta, lrs=lrs, step_weights=step_weights, support_x=sx, support_y=sy, query_x=qx,
+                     query_y=qy, widths=widths, activation=activation, bias=bias, loss=loss, first_order=first_order,
+                     meta_loss=empty(), task_losses=empty(tasks), pre_losses=empty(tasks), step_losses=empty(steps),
+                     grad_theta=empty(params), grad_lrs=None, threads=1)
+    arguments.update(overrides)
+    pymaml._extension.extension().mlp_meta_step(**arguments)
+
+
+@needs_extension
+@pytest.mark.parametrize("overrides,error,message", [
+    (dict(theta=torch.zeros(5, dtype=torch.float64)), ValueError, r"theta must have shape \(32,\)"),
+    (dict(theta=torch.zeros(32, dtype=torch.float16)), TypeError, "theta has dtype float16 but must be float32 or float64"),
+    (dict(support_x=torch.zeros(3, 4, 2, dtype=torch.float64)), ValueError, r"support_x must have shape \(3, 4, 3\)"),
+    (dict(query_x=torch.zeros(2, 4, 3, dtype=torch.float64)), ValueError, r"query_x must have shape \(3, 4, 3\)"),
+    (dict(query_x=torch.zeros(3, 4, 3, dtype=torch.float32)), TypeError, "query_x has dtype float32 but must be float64"),
+    (dict(support_y=torch.zeros(3, 4, 2, dtype=torch.int64)), TypeError, "support_y has dtype int64 but must be float64"),
+    (dict(support_x=torch.zeros(3, 3, 4, dtype=torch.float64).transpose(1, 2)), ValueError, "support_x must be contiguous"),
+    (dict(lrs=torch.zeros(2, 5, dtype=torch.float64)), ValueError, r"lrs must have shape \(2, 32\)"),
+    (dict(step_weights=torch.zeros(3, dtype=torch.float64)), ValueError, r"step_weights must have shape \(2,\)"),
+    (dict(grad_theta=torch.zeros(3, dtype=torch.float64)), ValueError, r"grad_theta must have shape \(32,\)"),
+    (dict(widths=[3, 0, 2]), ValueError, "widths must be 2 to 17 positive layer widths"),
+    (dict(activation="gelu"), ValueError, "activation must be one of"),
+    (dict(loss="huber"), ValueError, "loss must be 'mse' or 'cross_entropy'"),
+    (dict(threads=0), ValueError, "threads must be >= 1"),
+    (dict(theta=[0.0] * 32), TypeError, "theta must be a torch tensor or numpy array"),
+    (dict(loss="cross_entropy", loss_kind="mse"), TypeError, "support_y has dtype float64 but must be int64"),
+    (dict(loss="cross_entropy", loss_kind="cross_entropy", support_y=torch.full((3, 4), 2)), ValueError,
+     r"support_y has label 2 outside \[0, 2\)"),
+])
+def test_binding_names_the_bad_argument(overrides, error, message):
+    with pytest.raises(error, match=message):
+        _call_binding(**overrides)
+
+
+@pytest.mark.parametrize("model,fragment", [
+    (torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(), torch.nn.Linear(4, 2)), "layer 1 (Dropout)"),
+    (torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2), torch.nn.ReLU()), "layer 3 (ReLU)"),
+    (torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4), torch.nn.Tanh(),
+                         torch.nn.Linear(4, 2)), "one kind of activation"),
+    (torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), "without an activation"),
+    (torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.ReLU(), torch.nn.Linear(4, 2)), "all have a bias"),
+    (torch.nn.Sequential(torch.nn.Conv1d(3, 4, 1)), "layer 0 (Conv1d)"),
+])
+def test_unsupported_models_name_the_layer(model, fragment):
+    layout, reason = mlp_layout(model)
+    assert layout is None and fragment in reason
+    if pymaml.build_info()["extension"]:
+        with pytest.raises(RuntimeError, match="backend .cpp. cannot run this model on cpu: .*" + re.escape(fragment)):
+            pymaml.MAML(model, backend="cpp")
+    auto = pymaml.MAML(model, backend="auto")
+    assert auto.backend == "func"
+    if pymaml.build_info()["extension"]:
+        assert "cpp: " in auto.backend_choice and fragment in auto.backend_choice
+
+
+@needs_extension
+def test_auto_picks_cpp_for_a_supported_mlp():
+    maml = pymaml.MAML(make_mlp((1, 40, 40, 1), "relu", torch.float32))
+    assert maml.backend == "cpp"
+
+
+@needs_extension
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("activation", [torch.nn.Sigmoid, torch.nn.Identity])
+def test_other_activations_and_no_bias(activation, bias):
+    torch.manual_seed(0)
+    model = pymaml.models.mlp((3, 6, 5, 2), activation, bias=bias).double()
+    batch = make_batch(4, 5, 3, 2, "cross_entropy")
+    options = dict(inner_lr=0.3, inner_steps=2, first_order=False, loss="cross_entropy")
+    expected_loss, expected_grad = oracle_meta_gradient(model, batch, **options)
+    out = pymaml.MAML(model, backend="cpp", **options)(*batch)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, list(model.parameters()))])
+    assert relative_error(out.loss.detach(), expected_loss) <= TOLERANCE[torch.float64]
+    assert relative_error(grad, expected_grad) <= TOLERANCE[torch.float64]
