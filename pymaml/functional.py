@@ -16,6 +16,7 @@ from torch.func import functional_call, grad, vmap
 
 from .decomposed_norms import DecomposedNorms
 from .losses import LossFn
+from .schedule import InnerLR, step_size
 
 
 def _loss_function(model: nn.Module, fixed: dict, loss_fn: LossFn):
@@ -27,15 +28,18 @@ def _loss_function(model: nn.Module, fixed: dict, loss_fn: LossFn):
     return loss_at
 
 
-def _inner_loop(loss_at, params, x, y, inner_lr: float, steps: int, first_order: bool):
+def _inner_loop(loss_at, params, x, y, inner_lr: InnerLR, steps: int, first_order: bool):
+    """[θ_0, ..., θ_S]: θ_{s+1} = θ_s − α_s ⊙ ∇L(θ_s)."""
     support_grad = grad(loss_at)
-    theta = params
-    for _ in range(steps):
+    thetas = [params]
+    for step in range(steps):
+        theta = thetas[-1]
         g = support_grad(theta, x, y)
-        theta = {
-            name: w - inner_lr * (g[name].detach() if first_order else g[name]) for name, w in theta.items()
-        }
-    return theta
+        thetas.append({
+            name: w - step_size(inner_lr, step, name) * (g[name].detach() if first_order else g[name])
+            for name, w in theta.items()
+        })
+    return thetas
 
 
 def task_query_losses(
@@ -47,17 +51,21 @@ def task_query_losses(
     query_x: torch.Tensor,
     query_y: torch.Tensor,
     *,
-    inner_lr: float,
+    inner_lr: InnerLR,
     inner_steps: int,
     first_order: bool,
     loss_fn: LossFn,
+    step_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Query loss of each task after `inner_steps` SGD steps on its support set, shape [T]."""
+    """Query loss of each task after `inner_steps` SGD steps on its support set, shape [T];
+    Σ_{s=1..S} w_s L_query(θ_s) when step weights w are given."""
     loss_at = _loss_function(model, fixed, loss_fn)
 
     def one_task(sx, sy, qx, qy):
-        theta = _inner_loop(loss_at, params, sx, sy, inner_lr, inner_steps, first_order)
-        return loss_at(theta, qx, qy)
+        thetas = _inner_loop(loss_at, params, sx, sy, inner_lr, inner_steps, first_order)
+        if step_weights is None or inner_steps == 0:
+            return loss_at(thetas[-1], qx, qy)
+        return sum(step_weights[s] * loss_at(theta, qx, qy) for s, theta in enumerate(thetas[1:]))
 
     return vmap(one_task)(support_x, support_y, query_x, query_y)
 
@@ -75,7 +83,7 @@ def adapt(
     support_x: torch.Tensor,
     support_y: torch.Tensor,
     *,
-    inner_lr: float,
+    inner_lr: InnerLR,
     steps: int,
     first_order: bool,
     loss_fn: LossFn,
@@ -84,7 +92,7 @@ def adapt(
     loss_at = _loss_function(model, fixed, loss_fn)
 
     def one_task(sx, sy):
-        return _inner_loop(loss_at, params, sx, sy, inner_lr, steps, first_order)
+        return _inner_loop(loss_at, params, sx, sy, inner_lr, steps, first_order)[-1]
 
     return vmap(one_task)(support_x, support_y)
 

@@ -91,8 +91,16 @@ class MAML(nn.Module):
 
     backend: "auto" (the fastest backend that supports the model and device; `maml.backend`
     names it and `maml.backend_choice` says why) or one of pymaml.available_backends().
+    learn_inner_lr: None (α = inner_lr, fixed), "scalar" (one learned α), "per_layer_per_step"
+        (MAML++'s LSLR: one learned α per parameter tensor and step) or "per_parameter" (Meta-SGD:
+        a learned α for every parameter element). The learned step sizes start at inner_lr, are
+        nn.Parameters of this module (`maml.inner_lrs`) and get exact meta-gradients.
+    step_weights: None (the loss is the query loss after the last step) or S numbers w_1..w_S
+        for MAML++'s multi-step loss Σ_s w_s L_query(θ_s).
     check_inputs: check shapes, dtypes, devices, NaN and Inf of every meta-batch (cheap; on by default).
     """
+
+    LEARN_INNER_LR_MODES = (None, "scalar", "per_layer_per_step", "per_parameter")
 
     def __init__(
         self,
@@ -102,6 +110,8 @@ class MAML(nn.Module):
         first_order: bool = False,
         loss: str | LossFn = "mse",
         backend: str = "auto",
+        learn_inner_lr: str | None = None,
+        step_weights=None,
         check_inputs: bool = True,
     ):
         super().__init__()
@@ -117,8 +127,31 @@ class MAML(nn.Module):
             raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
         if not (callable(loss) or loss in NAMED_LOSSES):
             raise ValueError(f"unknown loss {loss!r}; use one of {sorted(NAMED_LOSSES)} or a callable")
+        if learn_inner_lr not in self.LEARN_INNER_LR_MODES:
+            raise ValueError(f"learn_inner_lr must be one of {self.LEARN_INNER_LR_MODES}, got {learn_inner_lr!r}")
         self.module = model
-        self.config = MetaConfig(float(inner_lr), _check_steps("inner_steps", inner_steps), bool(first_order), loss)
+        self.config = MetaConfig(_check_steps("inner_steps", inner_steps), bool(first_order), loss)
+        self.base_inner_lr = float(inner_lr)
+        self.learn_inner_lr = learn_inner_lr
+        params = adapted_parameters(model)
+        reference_param = next(iter(params.values()))
+        like = dict(dtype=reference_param.dtype, device=reference_param.device)
+        if learn_inner_lr == "scalar":
+            self.inner_lrs = nn.Parameter(torch.tensor(self.base_inner_lr, **like))
+        elif learn_inner_lr == "per_layer_per_step":
+            self.inner_lrs = nn.Parameter(torch.full((self.config.inner_steps, len(params)), self.base_inner_lr, **like))
+        elif learn_inner_lr == "per_parameter":
+            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), self.base_inner_lr)) for p in params.values()])
+        else:
+            self.inner_lrs = None
+        if step_weights is None:
+            self.register_buffer("step_weights", None)
+        else:
+            weights = torch.as_tensor(step_weights, **like).detach().clone().reshape(-1)
+            if weights.numel() != self.config.inner_steps or not bool(torch.isfinite(weights).all()):
+                raise ValueError(f"step_weights must be {self.config.inner_steps} finite numbers (one per inner step), "
+                                 f"got {step_weights!r}")
+            self.register_buffer("step_weights", weights)
         if backend != "auto":
             get_backend(backend)
         self.requested_backend = backend
@@ -151,8 +184,16 @@ class MAML(nn.Module):
         return self._resolved[self._last_device][1]
 
     @property
-    def inner_lr(self) -> float:
-        return self.config.inner_lr
+    def inner_lr(self):
+        """The step sizes the inner loop uses: a number, or per step {parameter name: α} (pymaml.schedule)."""
+        if self.inner_lrs is None:
+            return self.base_inner_lr
+        names = list(adapted_parameters(self.module))
+        if self.learn_inner_lr == "scalar":
+            return [{name: self.inner_lrs for name in names}]
+        if self.learn_inner_lr == "per_parameter":
+            return [dict(zip(names, self.inner_lrs))]
+        return [{name: self.inner_lrs[step, j] for j, name in enumerate(names)} for step in range(self.inner_lrs.shape[0])]
 
     @property
     def inner_steps(self) -> int:
@@ -173,7 +214,8 @@ class MAML(nn.Module):
             if query_x.shape[1] == 0:
                 raise ValueError("query_x has no points per task")
         backend = self._resolve(device)
-        return backend.meta_step(self.module, self.config, TaskBatch(support_x, support_y, query_x, query_y))
+        batch = TaskBatch(support_x, support_y, query_x, query_y)
+        return backend.meta_step(self.module, self.config, batch, self.inner_lr, self.step_weights)
 
     def adapt(self, support_x, support_y, steps: int | None = None) -> AdaptedModel:
         """Adapt to each task's support set with `steps` SGD steps (default: inner_steps).
@@ -188,12 +230,13 @@ class MAML(nn.Module):
             if support_x.shape[1] == 0 and steps > 0:
                 raise ValueError("support_x has no points per task; adaptation needs at least one")
         backend = self._resolve(device)
-        params = backend.adapt(self.module, self.config, support_x, support_y, steps)
+        params = backend.adapt(self.module, self.config, support_x, support_y, steps, self.inner_lr)
         return AdaptedModel(self.module, params, fixed_state(self.module))
 
     def extra_repr(self) -> str:
         loss = self.config.loss if isinstance(self.config.loss, str) else getattr(self.config.loss, "__name__", "callable")
         return (
-            f"inner_lr={self.config.inner_lr}, inner_steps={self.config.inner_steps}, "
-            f"first_order={self.config.first_order}, loss={loss}, backend={self.requested_backend!r}"
+            f"inner_lr={self.base_inner_lr}, inner_steps={self.config.inner_steps}, "
+            f"first_order={self.config.first_order}, loss={loss}, backend={self.requested_backend!r}, "
+            f"learn_inner_lr={self.learn_inner_lr!r}"
         )

@@ -1,8 +1,10 @@
 """The oracle: MAML written as plainly as possible. Every backend is tested against it.
 
-For each task t: θ_0 = θ, θ_{s+1} = θ_s - α ∇L(support_t; θ_s) for s < S, and the task's
-loss is L(query_t; θ_S). The meta-loss is the mean over tasks. With first_order=True the inner
-gradients are taken without a graph, so the H_s terms of the meta-gradient vanish.
+For each task t: θ_0 = θ, θ_{s+1} = θ_s - α_s ∇L(support_t; θ_s) for s < S, and the task's
+loss is L(query_t; θ_S), or Σ_{s=1..S} w_s L(query_t; θ_s) with step weights w (MAML++'s
+multi-step loss). The meta-loss is the mean over tasks. With first_order=True the inner
+gradients are taken without a graph, so the H_s terms of the meta-gradient vanish. α_s is a
+number or learned per step and parameter (pymaml.schedule).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .losses import LossFn, resolve_loss
+from .schedule import InnerLR, step_size
 from .state import adapted_parameters, fixed_state
 
 
@@ -21,14 +24,20 @@ def _loss_at(model, params, fixed, loss_fn, x, y):
 
 def adapt_task(model, params, fixed, loss_fn, x, y, inner_lr, steps, first_order):
     """S plain SGD steps on one task's support set, differentiable unless first_order."""
-    theta = dict(params)
-    for _ in range(steps):
+    return adapt_task_steps(model, params, fixed, loss_fn, x, y, inner_lr, steps, first_order)[-1]
+
+
+def adapt_task_steps(model, params, fixed, loss_fn, x, y, inner_lr: InnerLR, steps, first_order):
+    """[θ_0, θ_1, ..., θ_S] for one task."""
+    thetas = [dict(params)]
+    for step in range(steps):
+        theta = thetas[-1]
         loss = _loss_at(model, theta, fixed, loss_fn, x, y)
         grads = torch.autograd.grad(
             loss, list(theta.values()), create_graph=not first_order, materialize_grads=True
         )
-        theta = {name: w - inner_lr * g for (name, w), g in zip(theta.items(), grads)}
-    return theta
+        thetas.append({name: w - step_size(inner_lr, step, name) * g for (name, w), g in zip(theta.items(), grads)})
+    return thetas
 
 
 def task_query_losses(
@@ -38,22 +47,27 @@ def task_query_losses(
     query_x: torch.Tensor,
     query_y: torch.Tensor,
     *,
-    inner_lr: float,
+    inner_lr: InnerLR,
     inner_steps: int,
     first_order: bool = False,
     loss: str | LossFn = "mse",
     params: dict[str, torch.Tensor] | None = None,
+    step_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Query loss of each task after adaptation, shape [T]."""
+    """Query loss of each task after adaptation (weighted over steps if step_weights is given), shape [T]."""
     loss_fn = resolve_loss(loss)
     params = adapted_parameters(model) if params is None else params
     fixed = fixed_state(model)
     losses = []
     for t in range(support_x.shape[0]):
-        theta = adapt_task(
+        thetas = adapt_task_steps(
             model, params, fixed, loss_fn, support_x[t], support_y[t], inner_lr, inner_steps, first_order
         )
-        losses.append(_loss_at(model, theta, fixed, loss_fn, query_x[t], query_y[t]))
+        if step_weights is None or inner_steps == 0:
+            losses.append(_loss_at(model, thetas[-1], fixed, loss_fn, query_x[t], query_y[t]))
+        else:
+            query_losses = [_loss_at(model, theta, fixed, loss_fn, query_x[t], query_y[t]) for theta in thetas[1:]]
+            losses.append(sum(w * loss for w, loss in zip(step_weights, query_losses)))
     return torch.stack(losses)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..losses import LossFn, resolve_loss
+from ..schedule import InnerLR
 
 
 class TaskBatch(NamedTuple):
@@ -22,9 +23,9 @@ class TaskBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class MetaConfig:
-    """What a meta-step computes, independent of how."""
+    """What a meta-step computes, independent of how. The step sizes and step weights, which may
+    be learned tensors, travel beside it (see Backend.meta_step)."""
 
-    inner_lr: float
     inner_steps: int
     first_order: bool
     loss: str | LossFn
@@ -63,11 +64,18 @@ class Backend:
         """None if this backend computes `config` for `model` on `device`, else why not (naming the layer)."""
         raise NotImplementedError
 
-    def meta_step(self, model: nn.Module, config: MetaConfig, batch: TaskBatch) -> MetaOutput:
+    def meta_step(
+        self, model: nn.Module, config: MetaConfig, batch: TaskBatch, inner_lr: InnerLR,
+        step_weights: torch.Tensor | None,
+    ) -> MetaOutput:
+        """The meta-loss with α_s = inner_lr (pymaml.schedule) and loss Σ_s w_s L_query(θ_s) when
+        step_weights w is given, else L_query(θ_S); gradients reach the model, and inner_lr and
+        step_weights where they require grad."""
         raise NotImplementedError
 
     def adapt(
-        self, model: nn.Module, config: MetaConfig, support_x: torch.Tensor, support_y: torch.Tensor, steps: int
+        self, model: nn.Module, config: MetaConfig, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
+        inner_lr: InnerLR,
     ) -> dict[str, torch.Tensor]:
         """Adapted parameters per task, each with a leading dimension T."""
         raise NotImplementedError

@@ -13,6 +13,7 @@ from torch import nn
 from .. import functional
 from .._extension import EXTENSION_ERROR, extension
 from ..ops import mlp_meta_step
+from ..schedule import step_size
 from ..state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
@@ -85,28 +86,37 @@ class CppBackend(Backend):
             return f"the fused kernel supports float32 and float64, not {params[0].dtype}"
         return None
 
-    def meta_step(self, model, config: MetaConfig, batch: TaskBatch) -> MetaOutput:
+    def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
         layout, _ = mlp_layout(model)
-        params = list(adapted_parameters(model).values())
+        named = adapted_parameters(model)
+        params = list(named.values())
         for name, tensor in zip(("support_x", "query_x"), (batch.support_x, batch.query_x)):
             if tensor.dim() != 3 or tensor.shape[-1] != layout.widths[0]:
                 raise ValueError(f"{name} must be [T, K, {layout.widths[0]}] for this MLP, got {tuple(tensor.shape)}")
         theta = torch.cat([p.reshape(-1) for p in params])
         steps = config.inner_steps
-        lrs = theta.new_full((steps, theta.shape[0]), config.inner_lr).detach()
-        step_weights = theta.new_zeros(steps)
-        if steps:
-            step_weights[-1] = 1.0
+        if isinstance(inner_lr, (int, float)):
+            lrs = theta.new_full((steps, theta.shape[0]), float(inner_lr))
+        else:  # α_s per parameter element, [S, P]; differentiable towards the learned step sizes
+            lrs = torch.stack([
+                torch.cat([torch.as_tensor(step_size(inner_lr, s, name), dtype=theta.dtype).expand(p.shape).reshape(-1)
+                           for name, p in named.items()])
+                for s in range(steps)
+            ]) if steps else theta.new_zeros(0, theta.shape[0])
+        if step_weights is None:
+            step_weights = theta.new_zeros(steps)
+            if steps:
+                step_weights[-1] = 1.0
         meta_loss, task_losses, pre_losses, *_ = mlp_meta_step(
             theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
-            config.first_order, False,
+            config.first_order, lrs.requires_grad,
         )
         return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
 
-    def adapt(self, model, config, support_x, support_y, steps):
+    def adapt(self, model, config, support_x, support_y, steps, inner_lr):
         return functional.adapt(
             model, adapted_parameters(model), fixed_state(model), support_x, support_y,
-            inner_lr=config.inner_lr, steps=steps, first_order=config.first_order, loss_fn=config.loss_fn,
+            inner_lr=inner_lr, steps=steps, first_order=config.first_order, loss_fn=config.loss_fn,
         )
 
 

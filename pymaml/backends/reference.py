@@ -15,14 +15,16 @@ class ReferenceBackend(Backend):
     def unsupported_reason(self, model, config, device):
         return None
 
-    def meta_step(self, model, config: MetaConfig, batch: TaskBatch) -> MetaOutput:
-        options = dict(inner_lr=config.inner_lr, first_order=config.first_order, loss=config.loss)
-        losses = reference.task_query_losses(model, *batch, inner_steps=config.inner_steps, **options)
+    def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
+        options = dict(inner_lr=inner_lr, first_order=config.first_order, loss=config.loss)
+        losses = reference.task_query_losses(
+            model, *batch, inner_steps=config.inner_steps, step_weights=step_weights, **options
+        )
         with torch.no_grad():
             pre = reference.task_query_losses(model, *batch, inner_steps=0, **options)
         return MetaOutput(losses.mean(), losses.detach(), pre.mean(), self.name)
 
-    def adapt(self, model, config, support_x, support_y, steps):
+    def adapt(self, model, config, support_x, support_y, steps, inner_lr):
         differentiable = torch.is_grad_enabled()
         params, fixed = adapted_parameters(model), fixed_state(model)
         per_task = []
@@ -30,7 +32,7 @@ class ReferenceBackend(Backend):
             for t in range(support_x.shape[0]):
                 theta = reference.adapt_task(
                     model, params, fixed, config.loss_fn, support_x[t], support_y[t],
-                    config.inner_lr, steps, config.first_order,
+                    inner_lr, steps, config.first_order,
                 )
                 per_task.append(theta)
         stacked = {name: torch.stack([theta[name] for theta in per_task]) for name in params}
