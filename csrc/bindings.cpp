@@ -166,6 +166,60 @@ void mlp_meta_step(py::handle theta_obj, py::handle lrs_obj, py::handle step_wei
   }
 }
 
+void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handle y_obj, const std::vector<int>& widths,
+             const std::string& activation, bool bias, const std::string& loss, py::handle hv_obj,
+             py::handle grad_obj, int threads) {
+  pymaml::MlpSpec spec;
+  if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
+                         &spec)) {
+    throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
+                          " positive layer widths (input, hidden..., output)");
+  }
+  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+  const ArrayArg theta(theta_obj, "theta"), v(v_obj, "v"), x(x_obj, "x"), y(y_obj, "y"), hv(hv_obj, "hv");
+  std::unique_ptr<ArrayArg> grad;
+  if (!grad_obj.is_none()) grad = std::make_unique<ArrayArg>(grad_obj, "grad");
+  const bool is_f32 = theta.is(kDLFloat, 32), is_f64 = theta.is(kDLFloat, 64);
+  if (!is_f32 && !is_f64) {
+    throw py::type_error("theta has dtype " + pymaml::dtype_name(theta.dtype()) + " but must be float32 or float64");
+  }
+  const DLDataType real = theta.dtype();
+  const int64_t P = spec.num_params;
+  theta.require_ndim(2, "[tasks, parameters]");
+  const int tasks = int(theta.dim(0));
+  if (tasks < 1) throw py::value_error("theta has no tasks");
+  theta.require_shape({tasks, P}, "[tasks, parameters]");
+  x.require_ndim(3, "[tasks, points, inputs]");
+  const int points = int(x.dim(1));
+  if (points < 1) throw py::value_error("x has no points per task");
+  x.require_shape({tasks, points, spec.widths[0]}, "[tasks, points, inputs]");
+  for (const ArrayArg* a : {&v, &hv}) a->require_shape({tasks, P}, "[tasks, parameters]");
+  for (const ArrayArg* a : {&v, &x, &hv}) a->require_dtype(real, "it must match theta");
+  if (grad) {
+    grad->require_shape({tasks, P}, "[tasks, parameters]");
+    grad->require_dtype(real, "it must match theta");
+  }
+  const bool labels = spec.loss == pymaml::Loss::cross_entropy;
+  if (labels) {
+    y.require_dtype(DLDataType{kDLInt, 64, 1}, "class labels for cross_entropy");
+    y.require_shape({tasks, points}, "[tasks, points] class labels");
+    check_labels(y, spec.outputs());
+  } else {
+    y.require_dtype(real, "mse targets match theta");
+    y.require_shape({tasks, points, spec.outputs()}, "[tasks, points, outputs]");
+  }
+  py::gil_scoped_release release;
+  if (is_f32) {
+    pymaml::mlp_hvp_cpu<float>(spec, tasks, points, theta.data<float>(), v.data<float>(), x.data<float>(),
+                               labels ? nullptr : y.data<float>(), labels ? y.data<int64_t>() : nullptr,
+                               hv.data<float>(), grad ? grad->data<float>() : nullptr, threads);
+  } else {
+    pymaml::mlp_hvp_cpu<double>(spec, tasks, points, theta.data<double>(), v.data<double>(), x.data<double>(),
+                                labels ? nullptr : y.data<double>(), labels ? y.data<int64_t>() : nullptr,
+                                hv.data<double>(), grad ? grad->data<double>() : nullptr, threads);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -180,4 +234,9 @@ PYBIND11_MODULE(_C, m) {
         "Inner loop θ_{s+1} = θ_s − lrs[s] ⊙ ∇L_support(θ_s); loss Σ_s step_weights[s-1] L_query(θ_s);\n"
         "exact meta-gradient through Hessian-vector products unless first_order. Means over tasks,\n"
         "except task_losses and pre_losses. Results do not depend on `threads`.");
+  m.def("mlp_hvp", &mlp_hvp, py::kw_only(), py::arg("theta"), py::arg("v"), py::arg("x"), py::arg("y"),
+        py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("hv"),
+        py::arg("grad") = py::none(), py::arg("threads") = 1,
+        "Batched Hessian-vector products of an MLP's per-task loss: hv[t] = H(theta[t]) v[t] (R-operator),\n"
+        "and the per-task gradients into grad when given. theta, v, hv, grad: [T, P].");
 }

@@ -2,6 +2,7 @@
 
 from . import data, functional, models, reference
 from ._extension import build_info
+from .hvp import hvp
 from .backends import BackendStatus, MetaOutput, available_backends
 from .maml import MAML, AdaptedModel
 
@@ -16,6 +17,7 @@ __all__ = [
     "build_info",
     "data",
     "functional",
+    "hvp",
     "models",
     "reference",
 ]

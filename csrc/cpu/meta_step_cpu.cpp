@@ -108,6 +108,32 @@ void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const Me
   result.meta_loss[0] = total / T(tasks);
 }
 
+template <class T>
+void mlp_hvp_cpu(const MlpSpec& spec, int tasks, int points, const T* theta, const T* v, const T* x,
+                 const T* values, const int64_t* labels, T* hv, T* grad, int threads) {
+  threads = std::max(1, std::min(threads, tasks));
+  const int64_t P = spec.num_params, n0 = spec.widths[0], nL = spec.outputs();
+  const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, 0);
+  std::vector<T> workspace(size_t(threads) * workspace_size);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int t = 0; t < tasks; ++t) {
+#if defined(_OPENMP)
+    const int thread = omp_get_thread_num();
+#else
+    const int thread = 0;
+#endif
+    const TaskWorkspace<T> ws(workspace.data() + thread * workspace_size, spec, points, 0);
+    const Targets<T> y{values ? values + int64_t(t) * points * nL : nullptr, labels ? labels + int64_t(t) * points : nullptr};
+    mlp_hvp(SerialGroup{}, spec, theta + t * P, v + t * P, x + int64_t(t) * points * n0, y, points, ws,
+            grad ? grad + t * P : nullptr, hv + t * P);
+  }
+}
+
+template void mlp_hvp_cpu<float>(const MlpSpec&, int, int, const float*, const float*, const float*, const float*,
+                                 const int64_t*, float*, float*, int);
+template void mlp_hvp_cpu<double>(const MlpSpec&, int, int, const double*, const double*, const double*,
+                                  const double*, const int64_t*, double*, double*, int);
+
 template void mlp_meta_step_cpu<float>(const MlpSpec&, const MetaStepShape&, const MetaBatch<float>&,
                                        const MetaResult<float>&, int);
 template void mlp_meta_step_cpu<double>(const MlpSpec&, const MetaStepShape&, const MetaBatch<double>&,

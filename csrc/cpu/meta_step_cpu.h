@@ -42,3 +42,13 @@ void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const Me
                        const MetaResult<T>& result, int threads);
 
 }  // namespace pymaml
+
+namespace pymaml {
+
+// Batched Hessian-vector products: hv[t] = ∇²L(θ_t; x_t, y_t) v[t] for every task t, and the
+// gradients ∇L(θ_t) into grad[t] when grad is not null. theta, v, hv, grad are [T, P].
+template <class T>
+void mlp_hvp_cpu(const MlpSpec& spec, int tasks, int points, const T* theta, const T* v, const T* x,
+                 const T* values, const int64_t* labels, T* hv, T* grad, int threads);
+
+}  // namespace pymaml

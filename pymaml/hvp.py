@@ -1,0 +1,72 @@
+"""Public batched Hessian-vector products: for each task t, H_t v_t with H_t = ∇²_θ L(θ_t; x_t, y_t)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vmap
+
+from .decomposed_norms import DecomposedNorms
+from .losses import LossFn, resolve_loss
+from .state import fixed_state
+
+
+def hvp(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v: dict[str, torch.Tensor],
+    loss: str | LossFn = "mse",
+    fused: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Batched HVPs. params and v map the model's parameter names to tensors with a leading task
+    dimension T; x and y are [T, K, ...]. Returns H_t v_t per name, [T, ...].
+
+    fused: None uses the fused C++ kernel for supported MLPs on the CPU when no input requires grad
+    (its result is not differentiable), and torch.func's forward-over-reverse otherwise; True
+    insists on the kernel (error if it cannot run); False always uses torch.func.
+    """
+    from ._extension import EXTENSION_ERROR, extension
+    from .backends.cpp import mlp_layout
+
+    if params.keys() != v.keys():
+        raise ValueError(f"params and v must have the same names; got {sorted(params)} and {sorted(v)}")
+    tasks = {t.shape[0] for t in [*params.values(), *v.values(), x, y]}
+    if len(tasks) != 1:
+        raise ValueError(f"params, v, x and y must share the leading task dimension, got sizes {sorted(tasks)}")
+    layout, reason = mlp_layout(model)
+    names = [name for name, _ in model.named_parameters()]
+    if layout is not None and list(params) != names:
+        layout, reason = None, "the fused kernel needs every parameter of the MLP, in order"
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in [*params.values(), *v.values(), x])
+    if x.device.type != "cpu" or extension() is None or not isinstance(loss, str):
+        reason = reason or (EXTENSION_ERROR if extension() is None else "the fused kernel needs a CPU tensor and a named loss")
+        layout = None
+    if fused is True and (layout is None or differentiable):
+        raise RuntimeError(f"the fused HVP cannot run here: {reason or 'an input requires grad'}")
+    if fused is not False and layout is not None and not differentiable:
+        from .ops import mlp_hvp
+
+        flatten = lambda tensors: torch.cat([tensors[n].reshape(x.shape[0], -1) for n in names], dim=1)  # noqa: E731
+        flat = mlp_hvp(flatten(params), flatten(v), x, y, layout.widths, layout.activation, layout.bias, loss)
+        out, offset = {}, 0
+        for name in names:
+            size = params[name][0].numel()
+            out[name] = flat[:, offset : offset + size].reshape(params[name].shape)
+            offset += size
+        return out
+
+    loss_fn, fixed = resolve_loss(loss), fixed_state(model)
+    for name in params:
+        fixed.pop(name, None)
+
+    def loss_at(p, xt, yt):
+        with DecomposedNorms():
+            prediction = torch.func.functional_call(model, (p, fixed), (xt,))
+        return loss_fn(prediction, yt)
+
+    def one_task(p, vt, xt, yt):
+        return jvp(lambda q: grad(loss_at)(q, xt, yt), (p,), (vt,))[1]
+
+    return vmap(one_task)(params, v, x, y)
