@@ -1,54 +1,123 @@
-"""The paper's sinusoid meta-step (T=25, K=10+10, MLP 1-40-40-1 ReLU, α=0.01, fp32), per backend.
+"""The paper's sinusoid meta-step (T=25, K=10+10, MLP 1-40-40-1 ReLU, α=0.01, fp32), per provider.
 
-`meta_gradient` is maml(...) plus .backward(); `train_step` adds zero_grad and a fused Adam step.
-The batch is sampled before timing. Run: pytest bench --benchmark-only (add
---benchmark-json=FILE to keep the numbers); --benchmark-disable runs each case once as a smoke test.
+Providers: the pymaml backends (cpp, func, reference) and `compile`, torch.compile of the
+vmapped meta-gradient (its compile time is recorded apart in extra_info). `meta_gradient` is
+maml(...) plus .backward(); `train_step` adds zero_grad and a fused Adam step. The batch is
+sampled before timing. Run: pytest bench --benchmark-only --benchmark-json=FILE, then
+python bench/summarize.py FILE. With --benchmark-disable each case runs once (CI's smoke test).
 """
+
+import time
 
 import pytest
 import torch
 
 import pymaml
+from flops import meta_step_flops
 
 BACKENDS = [status.name for status in pymaml.available_backends() if status.usable]
+PROVIDERS = BACKENDS + ["compile"]
 STEPS = [1, 5]
+WIDTHS = [1, 40, 40, 1]
 
 
-def sinusoid_setup(backend: str, steps: int, first_order: bool):
+def sinusoid_setup(steps: int):
     torch.manual_seed(0)
     model = pymaml.models.sinusoid_mlp()
-    maml = pymaml.MAML(model, inner_lr=0.01, inner_steps=steps, first_order=first_order, backend=backend)
     batch = pymaml.data.Sinusoid(seed=0).sample(25, 10).tasks
-    return maml, batch
+    return model, batch
 
 
-def meta_gradient(maml, batch):
-    maml.zero_grad(set_to_none=True)
-    maml(*batch).loss.backward()
+def compiled_meta_gradient(model, steps: int, first_order: bool):
+    """torch.compile of the func core's meta-gradient; returns (step function, compile seconds)."""
+    names = [name for name, _ in model.named_parameters()]
+
+    def meta_gradient(params, sx, sy, qx, qy):
+        def meta_loss(p):
+            losses = pymaml.functional.task_query_losses(
+                model, p, {}, sx, sy, qx, qy, inner_lr=0.01, inner_steps=steps, first_order=first_order,
+                loss_fn=pymaml.losses.mse,
+            )
+            return losses.mean()
+
+        return torch.func.grad_and_value(meta_loss)(params)
+
+    compiled = torch.compile(meta_gradient)
+
+    def step(batch):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        grads, loss = compiled(params, *batch)
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
+        return loss
+
+    return step
+
+
+def provider_step(provider, model, batch, steps, first_order):
+    """A function that leaves the meta-gradient in model's .grad, and the seconds spent preparing it."""
+    began = time.perf_counter()
+    if provider == "compile":
+        step = compiled_meta_gradient(model, steps, first_order)
+        step(batch)  # compiles
+    else:
+        maml = pymaml.MAML(model, inner_lr=0.01, inner_steps=steps, first_order=first_order, backend=provider)
+
+        def step(batch):
+            model.zero_grad(set_to_none=True)
+            maml(*batch).loss.backward()
+
+        step(batch)
+    return step, time.perf_counter() - began
+
+
+def _check_and_record(benchmark, model, flops, provider, prepare_seconds):
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    benchmark.extra_info["provider"] = provider
+    benchmark.extra_info["prepare_seconds"] = prepare_seconds
+    benchmark.extra_info["flops"] = flops
+    if benchmark.stats is not None and benchmark.stats.stats.rounds > 1:
+        benchmark.extra_info["gflops_per_second"] = flops / benchmark.stats.stats.median / 1e9
 
 
 @pytest.mark.parametrize("order", ["second", "first"])
 @pytest.mark.parametrize("steps", STEPS, ids=[f"S{s}" for s in STEPS])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_meta_gradient(benchmark, backend, steps, order):
-    maml, batch = sinusoid_setup(backend, steps, order == "first")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_meta_gradient(benchmark, request, provider, steps, order):
+    if provider == "compile" and request.config.getoption("benchmark_disable") and (steps, order) != (1, "second"):
+        pytest.skip("smoke mode compiles one configuration only (15-40 s each)")
+    model, batch = sinusoid_setup(steps)
+    step, prepare_seconds = provider_step(provider, model, batch, steps, order == "first")
     benchmark.group = f"meta-gradient S={steps} {order} order"
-    benchmark(meta_gradient, maml, batch)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in maml.parameters())
+    benchmark(step, batch)
+    _check_and_record(benchmark, model, meta_step_flops(WIDTHS, 25, 10, 10, steps, order == "first"), provider,
+                      prepare_seconds)
 
 
 @pytest.mark.parametrize("steps", STEPS, ids=[f"S{s}" for s in STEPS])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_train_step(benchmark, backend, steps):
-    maml, batch = sinusoid_setup(backend, steps, first_order=False)
-    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3, fused=True)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_train_step(benchmark, request, provider, steps):
+    if provider == "compile" and request.config.getoption("benchmark_disable") and steps != 1:
+        pytest.skip("smoke mode compiles one configuration only (15-40 s each)")
+    model, batch = sinusoid_setup(steps)
+    step, prepare_seconds = provider_step(provider, model, batch, steps, first_order=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
     def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        maml(*batch).loss.backward()
+        step(batch)
         optimizer.step()
 
     benchmark.group = f"train step S={steps} second order"
-    before = [p.detach().clone() for p in maml.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
     benchmark(train_step)
-    assert any(not torch.equal(b, p) for b, p in zip(before, maml.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    _check_and_record(benchmark, model, meta_step_flops(WIDTHS, 25, 10, 10, steps), provider, prepare_seconds)
+
+
+def test_matmul_peak(benchmark):
+    """This machine's fp32 matmul rate on the benchmark's thread count: the ceiling for the fused kernel."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    benchmark.group = "peak"
+    benchmark(torch.mm, a, b)
+    if benchmark.stats is not None and benchmark.stats.stats.rounds > 1:
+        benchmark.extra_info["gflops_per_second"] = 2 * 1024**3 / benchmark.stats.stats.median / 1e9
