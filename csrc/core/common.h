@@ -28,17 +28,27 @@ enum class Loss : int { mse = 0, cross_entropy = 1 };
 
 constexpr int kMaxLayers = 16;
 
+// Per-point buffers and weight copies pad every row to a multiple of kChunk elements, with
+// zeros in the padding, so that the inner loops run on whole SIMD registers. Partial-width rows
+// (40 of 48) left a scalar tail whose stores stalled the next full-width load: padded, the
+// sinusoid meta-step ran several times faster (csrc/core/mlp_task.h, gemm_rows).
+constexpr int kChunk = 16;
+PYMAML_HD int padded(int n) { return (n + kChunk - 1) / kChunk * kChunk; }
+
 // An MLP: `layers` Linear layers of widths n_0 -> n_1 -> ... -> n_L, the activation between
 // them (none after the last). Parameters are flattened in nn.Sequential order: W_1 [n_1, n_0]
 // row-major, b_1 [n_1] (if bias), W_2, b_2, ...
 struct MlpSpec {
   int layers = 0;
   int widths[kMaxLayers + 1] = {};
-  int64_t param_offset[kMaxLayers + 1] = {};  // offset of W_l for l = 1..L; [0] unused
-  int64_t unit_offset[kMaxLayers + 1] = {};   // offset of layer l's units in per-point buffers
+  int64_t param_offset[kMaxLayers + 1] = {};  // offset of W_l in θ, l = 1..L; [0] unused
+  int64_t unit_offset[kMaxLayers + 1] = {};   // offset of layer l's units in a padded per-point row
+  int64_t wt_offset[kMaxLayers + 1] = {};     // offset of W_l^T [n_{l-1}, pad(n_l)] and its bias row
+  int64_t wp_offset[kMaxLayers + 1] = {};     // offset of W_l [n_l, pad(n_{l-1})]
   int64_t num_params = 0;
-  int64_t total_units = 0;  // n_1 + ... + n_L
-  int max_width = 0;
+  int64_t total_units = 0;  // pad(n_1) + ... + pad(n_L)
+  int64_t wt_size = 0, wp_size = 0, max_weight_block = 0;
+  int max_width = 0;  // max over l of pad(n_l), n_0 included
   bool bias = true;
   Activation activation = Activation::relu;
   Loss loss = Loss::mse;
@@ -55,21 +65,30 @@ inline bool make_spec(const int* widths, int count, bool bias, Activation activa
   spec->bias = bias;
   spec->activation = activation;
   spec->loss = loss;
-  int64_t params = 0, units = 0;
   int widest = 0;
   for (int i = 0; i < count; ++i) {
     if (widths[i] < 1) return false;
     spec->widths[i] = widths[i];
-    widest = widths[i] > widest ? widths[i] : widest;
+    widest = padded(widths[i]) > widest ? padded(widths[i]) : widest;
   }
+  int64_t params = 0, units = 0, wt = 0, wp = 0, block = 0;
   for (int l = 1; l < count; ++l) {
+    const int64_t n_in = widths[l - 1], n_out = widths[l];
     spec->param_offset[l] = params;
     spec->unit_offset[l] = units;
-    params += int64_t(widths[l]) * widths[l - 1] + (bias ? widths[l] : 0);
-    units += widths[l];
+    spec->wt_offset[l] = wt;
+    spec->wp_offset[l] = wp;
+    params += n_out * n_in + (bias ? n_out : 0);
+    units += padded(int(n_out));
+    wt += (n_in + 1) * padded(int(n_out));
+    wp += n_out * padded(int(n_in));
+    block = n_out * padded(int(n_in)) > block ? n_out * padded(int(n_in)) : block;
   }
   spec->num_params = params;
   spec->total_units = units;
+  spec->wt_size = wt;
+  spec->wp_size = wp;
+  spec->max_weight_block = block;
   spec->max_width = widest;
   return true;
 }

@@ -51,19 +51,22 @@ PYMAML_HD T activation_curvature(Activation act, T a, T slope) {
   }
 }
 
-// Scratch for one task. Sizes in elements of T, with K = max(support, query) points:
-//   Z, A, RZ, RA: K·(n_1 + ... + n_L) each;  D0, D1, RD0, RD1: K·max width each;
-//   rows: 2K (per-point loss, log-sum-exp); cell: 2;  thetas: (S+1)·P;  grads: S·P;
-//   v, u, hv, qg, WT, UT: P each (WT, UT: transposed weights of θ and of the HVP direction).
+// Scratch for one task. Sizes in elements of T, with K = max(support, query) points, U the
+// padded units of all layers and W the widest padded layer:
+//   Z, A, RZ, RA: K·U each;  X: K·pad(n_0);  D0, D1, RD0, RD1: K·W each;  GT: the largest
+//   n_l·pad(n_{l-1});  rows: 2K;  cell: 2;  thetas: (S+1)·P;  grads: S·P;  v, u, hv, qg: P each;
+//   WT, UT: Σ (n_{l-1}+1)·pad(n_l) each;  WP, UP: Σ n_l·pad(n_{l-1}) each.
 // That is O(S·|θ| + K·width) per task: the weights and inner gradients of every step, and the
-// activations of one forward pass; no graph.
+// activations of one forward pass; no graph. It must start zeroed: the row padding stays zero.
 template <class T>
 struct TaskWorkspace {
-  T *Z, *A, *RZ, *RA, *D0, *D1, *RD0, *RD1, *row_loss, *row_lse, *cell, *thetas, *grads, *v, *u, *hv, *qg, *WT, *UT;
+  T *Z, *A, *RZ, *RA, *X, *D0, *D1, *RD0, *RD1, *GT, *row_loss, *row_lse, *cell, *thetas, *grads, *v, *u, *hv, *qg;
+  T *WT, *UT, *WP, *UP;
 
   PYMAML_HD static int64_t size(const MlpSpec& s, int K, int S) {
     const int64_t P = s.num_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
-    return 4 * act + 4 * delta + 2 * int64_t(K) + 2 + (2 * int64_t(S) + 1) * P + 6 * P;
+    return 4 * act + int64_t(K) * padded(s.widths[0]) + 4 * delta + s.max_weight_block + 2 * int64_t(K) + 2 +
+           (2 * int64_t(S) + 1) * P + 4 * P + 2 * s.wt_size + 2 * s.wp_size;
   }
 
   PYMAML_HD TaskWorkspace(T* base, const MlpSpec& s, int K, int S) {
@@ -73,10 +76,12 @@ struct TaskWorkspace {
     A = p; p += act;
     RZ = p; p += act;
     RA = p; p += act;
+    X = p; p += int64_t(K) * padded(s.widths[0]);
     D0 = p; p += delta;
     D1 = p; p += delta;
     RD0 = p; p += delta;
     RD1 = p; p += delta;
+    GT = p; p += s.max_weight_block;
     row_loss = p; p += K;
     row_lse = p; p += K;
     cell = p; p += 2;
@@ -86,9 +91,14 @@ struct TaskWorkspace {
     u = p; p += P;
     hv = p; p += P;
     qg = p; p += P;
-    WT = p; p += P;
-    UT = p;
+    WT = p; p += s.wt_size;
+    UT = p; p += s.wt_size;
+    WP = p; p += s.wp_size;
+    UP = p;
   }
+
+  // Layer l's block of a per-point buffer: rows of pad(n_l).
+  PYMAML_HD static T* layer(T* buffer, const MlpSpec& s, int K, int l) { return buffer + int64_t(K) * s.unit_offset[l]; }
 };
 
 // Targets of one task: MSE values [K, n_L] or class labels [K].
@@ -98,73 +108,147 @@ struct Targets {
   const int64_t* labels;
 };
 
-// WT_l = W_l^T ([n_{l-1}, n_l], at W_l's offset), so that the forward pass runs along rows of
-// outputs: z[k, :] = b + Σ_i a[k, i] WT[i, :]. Row updates vectorize over units; a dot product
-// per unit needs a horizontal sum each, which made the forward pass 2-3x slower.
+// The register-blocked product: for RB rows r, C[r, 0:N] = (C[r] if accumulate, else init or 0)
+// + Σ_k a(r, k) B[k, 0:N], with a(r, k) = a[r·ars + k·acs], N a multiple of kChunk, and each
+// kChunk-wide column panel of the RB rows held in registers across the whole k loop.
+template <class T, int RB>
+PYMAML_HD void gemm_block(int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
+                          int64_t ldc, const T* init, bool accumulate) {
+#if defined(__CUDA_ARCH__) || !defined(__GNUC__)
+  for (int n0 = 0; n0 < N; n0 += kChunk) {
+    for (int r = 0; r < RB; ++r) {
+      for (int j = 0; j < kChunk; ++j) {
+        T acc = accumulate ? C[r * ldc + n0 + j] : (init ? init[n0 + j] : T(0));
+        for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * acs] * B[int64_t(k) * ldb + n0 + j];
+        C[r * ldc + n0 + j] = acc;
+      }
+    }
+  }
+#else
+  // GCC vector extensions keep the RB accumulators in registers (plain arrays were spilled to
+  // the stack on every k), and lower to AVX-512, AVX2 or SSE in each target clone.
+  typedef T Panel __attribute__((vector_size(sizeof(T) * kChunk)));
+  for (int n0 = 0; n0 < N; n0 += kChunk) {
+    Panel acc[RB];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+      if (accumulate) {
+        __builtin_memcpy(&acc[r], C + r * ldc + n0, sizeof(Panel));
+      } else if (init) {
+        __builtin_memcpy(&acc[r], init + n0, sizeof(Panel));
+      } else {
+        acc[r] = Panel{};
+      }
+    }
+    for (int k = 0; k < Kd; ++k) {
+      Panel b;
+      __builtin_memcpy(&b, B + int64_t(k) * ldb + n0, sizeof(Panel));
+#pragma GCC unroll 16
+      for (int r = 0; r < RB; ++r) acc[r] += a[r * ars + k * acs] * b;
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) __builtin_memcpy(C + r * ldc + n0, &acc[r], sizeof(Panel));
+  }
+#endif
+}
+
+// gemm_block over R rows: the group's ranks take blocks of rows; a short last block uses a
+// smaller instance. 8 float rows (4 double rows) of one 64-byte panel fill 8 AVX-512 registers.
 template <class T, class G>
-PYMAML_HD void transpose_weights(const G& g, const MlpSpec& s, const T* theta, T* WT) {
+PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B,
+                         int64_t ldb, T* C, int64_t ldc, const T* init, bool accumulate) {
+  constexpr int RB = sizeof(T) == 4 ? 8 : 4;
+  const int blocks = (R + RB - 1) / RB;
+  for (int block = g.rank(); block < blocks; block += g.size()) {
+    const int r0 = block * RB, rows = R - r0 < RB ? R - r0 : RB;
+    const T* ab = a + r0 * ars;
+    T* cb = C + r0 * ldc;
+    switch (rows) {
+      case RB: gemm_block<T, RB>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+      case 1: gemm_block<T, 1>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+      case 2: gemm_block<T, 2>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+      case 3: gemm_block<T, 3>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+      default:
+        if (RB > 4) {
+          for (int r = 0; r < rows; r += 4 < rows - r ? 4 : rows - r) {
+            const int n = rows - r < 4 ? rows - r : 4;
+            if (n == 4) gemm_block<T, 4>(Kd, N, ab + r * ars, ars, acs, B, ldb, cb + r * ldc, ldc, init, accumulate);
+            else if (n == 3) gemm_block<T, 3>(Kd, N, ab + r * ars, ars, acs, B, ldb, cb + r * ldc, ldc, init, accumulate);
+            else if (n == 2) gemm_block<T, 2>(Kd, N, ab + r * ars, ars, acs, B, ldb, cb + r * ldc, ldc, init, accumulate);
+            else gemm_block<T, 1>(Kd, N, ab + r * ars, ars, acs, B, ldb, cb + r * ldc, ldc, init, accumulate);
+          }
+        }
+        break;
+    }
+  }
+}
+
+// Padded copies of a parameter vector's weights: WT_l = W_l^T [n_{l-1}, pad(n_l)] followed by
+// the padded bias row, and WP_l = W_l [n_l, pad(n_{l-1})]. Only real lanes are written.
+template <class T, class G>
+PYMAML_HD void prepare_weights(const G& g, const MlpSpec& s, const T* theta, T* WT, T* WP) {
   for (int l = 1; l <= s.layers; ++l) {
-    const int n_in = s.in(l), n_out = s.out(l);
+    const int n_in = s.in(l), n_out = s.out(l), ld_out = padded(n_out), ld_in = padded(n_in);
     const T* W = theta + s.param_offset[l];
-    T* Wt = WT + s.param_offset[l];
+    T* wt = WT + s.wt_offset[l];
+    T* wp = WP + s.wp_offset[l];
     for (int o = g.rank(); o < n_out; o += g.size()) {
       const T* w = W + int64_t(o) * n_in;
-      for (int i = 0; i < n_in; ++i) Wt[int64_t(i) * n_out + o] = w[i];
+      for (int i = 0; i < n_in; ++i) {
+        wt[int64_t(i) * ld_out + o] = w[i];
+        wp[int64_t(o) * ld_in + i] = w[i];
+      }
+      wt[int64_t(n_in) * ld_out + o] = s.bias ? W[int64_t(n_out) * n_in + o] : T(0);
     }
   }
   g.sync();
 }
 
-// out[k, :] = (bias or 0) + Σ_i in[k, i] WT[i, :] for the rows k of this rank.
 template <class T, class G>
-PYMAML_HD void rows_times_transposed(const G& g, int K, int n_in, int n_out, const T* in, const T* WT, const T* bias,
-                                     T* out) {
+PYMAML_HD void load_input(const G& g, const MlpSpec& s, const T* x, int K, T* X) {
+  const int n0 = s.widths[0], ld = padded(n0);
   for (int k = g.rank(); k < K; k += g.size()) {
-    T* row = out + int64_t(k) * n_out;
-    const T* a = in + int64_t(k) * n_in;
-    if (bias) {
-      for (int o = 0; o < n_out; ++o) row[o] = bias[o];
-    } else {
-      for (int o = 0; o < n_out; ++o) row[o] = 0;
-    }
-    for (int i = 0; i < n_in; ++i) {
-      const T ai = a[i];
-      const T* wt = WT + int64_t(i) * n_out;
-      PYMAML_SIMD
-      for (int o = 0; o < n_out; ++o) row[o] += ai * wt[o];
-    }
+    for (int i = 0; i < n0; ++i) X[int64_t(k) * ld + i] = x[int64_t(k) * n0 + i];
   }
+  g.sync();
 }
 
-// Forward pass at theta; needs ws.WT = transpose of theta's weights.
+// Layer l's input rows (X for l = 1, else A of layer l-1) and their padded width.
+template <class T>
+PYMAML_HD const T* layer_input(const MlpSpec& s, const TaskWorkspace<T>& ws, const T* buffer, int K, int l) {
+  return l == 1 ? ws.X : TaskWorkspace<T>::layer(const_cast<T*>(buffer), s, K, l - 1);
+}
+
+// Forward pass: z_l = a_{l-1} W_l^T + b_l, a_l = σ(z_l). Needs ws.X and ws.WT.
 template <class T, class G>
-PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* x, int K, T* Z, T* A) {
+PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, int K, const TaskWorkspace<T>& ws) {
   for (int l = 1; l <= s.layers; ++l) {
-    const int n_in = s.in(l), n_out = s.out(l);
-    const T* b = s.bias ? theta + s.param_offset[l] + int64_t(n_out) * n_in : nullptr;
-    const T* in = l == 1 ? x : A + int64_t(K) * s.unit_offset[l - 1];
-    T* z = Z + int64_t(K) * s.unit_offset[l];
-    T* a = A + int64_t(K) * s.unit_offset[l];
-    rows_times_transposed(g, K, n_in, n_out, in, WT + s.param_offset[l], b, z);
-    if (l < s.layers) {
-      for (int k = g.rank(); k < K; k += g.size()) {
-        for (int o = 0; o < n_out; ++o) a[int64_t(k) * n_out + o] = activate(s.activation, z[int64_t(k) * n_out + o]);
-      }
-    }
+    const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
+    const T* wt = ws.WT + s.wt_offset[l];
+    T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l);
+    gemm_rows(g, K, n_in, ld_out, layer_input(s, ws, ws.A, K, l), int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z,
+              int64_t(ld_out), wt + int64_t(n_in) * ld_out, false);
     g.sync();
+    if (l < s.layers) {
+      T* a = TaskWorkspace<T>::layer(ws.A, s, K, l);
+      for (int k = g.rank(); k < K; k += g.size()) {
+        for (int o = 0; o < n_out; ++o) a[int64_t(k) * ld_out + o] = activate(s.activation, z[int64_t(k) * ld_out + o]);
+      }
+      g.sync();
+    }
   }
 }
 
-// The task's loss (a mean over points, and over outputs for MSE) into *ws.cell, and, if
-// `delta` is given, δ_L = dL/dz_L. MSE: δ = 2(z - y)/(K n_L). Cross-entropy, stable through
-// log-sum-exp: L = mean_k (lse_k - z_k[y_k]), δ = (softmax(z) - onehot(y))/K.
+// The task's loss (a mean over points, and over outputs for MSE) into ws.cell[0], and, if
+// `delta` is given, δ_L = dL/dz_L (rows of pad(n_L)). MSE: δ = 2(z - y)/(K n_L). Cross-entropy,
+// stable through log-sum-exp: L = mean_k (lse_k - z_k[y_k]), δ = (softmax(z) - onehot(y))/K.
 template <class T, class G>
-PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, const T* out, Targets<T> y, int K, T* delta,
-                        const TaskWorkspace<T>& ws) {
-  const int n = s.outputs();
+PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, T* delta, const TaskWorkspace<T>& ws) {
+  const int n = s.outputs(), ld = padded(n);
+  const T* out = TaskWorkspace<T>::layer(ws.Z, s, K, s.layers);
   for (int k = g.rank(); k < K; k += g.size()) {
-    const T* z = out + int64_t(k) * n;
-    T* d = delta ? delta + int64_t(k) * n : nullptr;
+    const T* z = out + int64_t(k) * ld;
+    T* d = delta ? delta + int64_t(k) * ld : nullptr;
     if (s.loss == Loss::mse) {
       const T scale = T(1) / (T(K) * T(n));
       const T* target = y.values + int64_t(k) * n;
@@ -198,50 +282,53 @@ PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, const T* out, Targets<T> y
   g.sync();
 }
 
-// Gradient of a layer's weights and bias from δ_l and the layer input: gW = δ^T a_{l-1}, gb = Σ_k δ.
+// out[o, i] += Σ_k d[k, o] in[k, i] for the real entries of layer l's weight block of `out`
+// (P-vector layout), through ws.GT; and out_bias[o] = Σ_k d[k, o] when out_bias is given.
 template <class T, class G>
-PYMAML_HD void weight_gradient(const G& g, int K, int n_in, int n_out, const T* delta, const T* in, T* gW, T* gb) {
+PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const TaskWorkspace<T>& ws,
+                               const T* d1, const T* in1, const T* d2, const T* in2, T* out, T* out_bias) {
+  const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
+  gemm_rows(g, n_out, K, ld_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), ws.GT, int64_t(ld_in),
+            static_cast<const T*>(nullptr), false);
+  if (d2) {
+    gemm_rows(g, n_out, K, ld_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), ws.GT, int64_t(ld_in),
+              static_cast<const T*>(nullptr), true);
+  }
+  g.sync();
   for (int o = g.rank(); o < n_out; o += g.size()) {
-    T* gw = gW + int64_t(o) * n_in;
-    for (int i = 0; i < n_in; ++i) gw[i] = 0;
-    T bias_sum = 0;
-    for (int k = 0; k < K; ++k) {
-      const T d = delta[int64_t(k) * n_out + o];
-      const T* row = in + int64_t(k) * n_in;
-      PYMAML_SIMD
-      for (int i = 0; i < n_in; ++i) gw[i] += d * row[i];
-      bias_sum += d;
+    T* w = out + int64_t(o) * n_in;
+    const T* row = ws.GT + int64_t(o) * ld_in;
+    for (int i = 0; i < n_in; ++i) w[i] = row[i];
+    if (out_bias) {
+      T sum = 0;
+      for (int k = 0; k < K; ++k) sum += d1[int64_t(k) * ld_out + o];
+      out_bias[o] = sum;
     }
-    if (gb) gb[o] = bias_sum;
   }
 }
 
-// Back-propagation from δ_L (in ws.D0) through every layer into `grad` (P values).
+// Back-propagation from δ_L (in ws.D0) into `grad`: gW_l = δ_l^T a_{l-1}, gb_l = Σ_k δ_l,
+// δ_{l-1} = (δ_l W_l) ⊙ σ'(z_{l-1}).
 template <class T, class G>
-PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, const T* x, int K,
-                            const TaskWorkspace<T>& ws, T* grad) {
+PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, int K, const TaskWorkspace<T>& ws, T* grad) {
   T* delta = ws.D0;
   T* prev = ws.D1;
   for (int l = s.layers; l >= 1; --l) {
-    const int n_in = s.in(l), n_out = s.out(l);
-    const T* W = theta + s.param_offset[l];
-    const T* in = l == 1 ? x : ws.A + int64_t(K) * s.unit_offset[l - 1];
+    const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
+    const T* in = layer_input(s, ws, ws.A, K, l);
     T* gW = grad + s.param_offset[l];
-    weight_gradient(g, K, n_in, n_out, delta, in, gW, s.bias ? gW + int64_t(n_out) * n_in : nullptr);
-    if (l > 1) {  // δ_{l-1} = (δ_l W_l) ⊙ σ'(z_{l-1})
-      const T* z = ws.Z + int64_t(K) * s.unit_offset[l - 1];
+    weight_products(g, s, K, l, ws, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), gW,
+                    s.bias ? gW + int64_t(n_out) * n_in : nullptr);
+    if (l > 1) {
+      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), ws.WP + s.wp_offset[l], int64_t(ld_in), prev,
+                int64_t(ld_in), static_cast<const T*>(nullptr), false);
+      g.sync();
+      const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
-        T* p = prev + int64_t(k) * n_in;
-        for (int i = 0; i < n_in; ++i) p[i] = 0;
-        for (int o = 0; o < n_out; ++o) {
-          const T d = delta[int64_t(k) * n_out + o];
-          const T* w = W + int64_t(o) * n_in;
-          PYMAML_SIMD
-          for (int i = 0; i < n_in; ++i) p[i] += d * w[i];
+        for (int i = 0; i < n_in; ++i) {
+          const int64_t at = int64_t(k) * ld_in + i;
+          prev[at] *= activation_slope(s.activation, z[at], in[at]);
         }
-        const T* zk = z + int64_t(k) * n_in;
-        const T* ak = in + int64_t(k) * n_in;
-        for (int i = 0; i < n_in; ++i) p[i] *= activation_slope(s.activation, zk[i], ak[i]);
       }
     }
     g.sync();
@@ -255,18 +342,20 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, const 
 template <class T, class G>
 PYMAML_HD void mlp_gradient(const G& g, const MlpSpec& s, const T* theta, const T* x, Targets<T> y, int K,
                             const TaskWorkspace<T>& ws, T* grad) {
-  transpose_weights(g, s, theta, ws.WT);
-  mlp_forward(g, s, theta, ws.WT, x, K, ws.Z, ws.A);
-  mlp_loss(g, s, ws.Z + int64_t(K) * s.unit_offset[s.layers], y, K, ws.D0, ws);
-  mlp_backward(g, s, theta, x, K, ws, grad);
+  prepare_weights(g, s, theta, ws.WT, ws.WP);
+  load_input(g, s, x, K, ws.X);
+  mlp_forward(g, s, K, ws);
+  mlp_loss(g, s, y, K, ws.D0, ws);
+  mlp_backward(g, s, K, ws, grad);
 }
 
 template <class T, class G>
 PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* theta, const T* x, Targets<T> y, int K,
                         const TaskWorkspace<T>& ws) {
-  transpose_weights(g, s, theta, ws.WT);
-  mlp_forward(g, s, theta, ws.WT, x, K, ws.Z, ws.A);
-  mlp_loss(g, s, ws.Z + int64_t(K) * s.unit_offset[s.layers], y, K, static_cast<T*>(nullptr), ws);
+  prepare_weights(g, s, theta, ws.WT, ws.WP);
+  load_input(g, s, x, K, ws.X);
+  mlp_forward(g, s, K, ws);
+  mlp_loss(g, s, y, K, static_cast<T*>(nullptr), ws);
   return ws.cell[0];
 }
 
@@ -279,52 +368,46 @@ PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* theta, const T* x
 template <class T, class G>
 PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* u, const T* x, Targets<T> y, int K,
                        const TaskWorkspace<T>& ws, T* grad, T* hv) {
-  transpose_weights(g, s, theta, ws.WT);
-  transpose_weights(g, s, u, ws.UT);
-  mlp_forward(g, s, theta, ws.WT, x, K, ws.Z, ws.A);
+  prepare_weights(g, s, theta, ws.WT, ws.WP);
+  prepare_weights(g, s, u, ws.UT, ws.UP);
+  load_input(g, s, x, K, ws.X);
+  mlp_forward(g, s, K, ws);
   for (int l = 1; l <= s.layers; ++l) {
-    const int n_in = s.in(l), n_out = s.out(l);
-    const T* ub = s.bias ? u + s.param_offset[l] + int64_t(n_out) * n_in : nullptr;
-    const T* in = l == 1 ? x : ws.A + int64_t(K) * s.unit_offset[l - 1];
-    const T* r_in = l == 1 ? nullptr : ws.RA + int64_t(K) * s.unit_offset[l - 1];
-    const T* WT = ws.WT + s.param_offset[l];
-    const T* z = ws.Z + int64_t(K) * s.unit_offset[l];
-    const T* a = ws.A + int64_t(K) * s.unit_offset[l];
-    T* rz = ws.RZ + int64_t(K) * s.unit_offset[l];
-    T* ra = ws.RA + int64_t(K) * s.unit_offset[l];
-    rows_times_transposed(g, K, n_in, n_out, in, ws.UT + s.param_offset[l], ub, rz);
-    for (int k = g.rank(); k < K; k += g.size()) {
-      T* row = rz + int64_t(k) * n_out;
-      if (r_in) {
-        const T* r_row = r_in + int64_t(k) * n_in;
-        for (int i = 0; i < n_in; ++i) {
-          const T ri = r_row[i];
-          const T* wt = WT + int64_t(i) * n_out;
-          PYMAML_SIMD
-          for (int o = 0; o < n_out; ++o) row[o] += ri * wt[o];
-        }
-      }
-      if (l < s.layers) {
-        for (int o = 0; o < n_out; ++o) {
-          const int64_t at = int64_t(k) * n_out + o;
-          ra[at] = activation_slope(s.activation, z[at], a[at]) * row[o];
-        }
-      }
+    const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
+    const T* ut = ws.UT + s.wt_offset[l];
+    T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l);
+    gemm_rows(g, K, n_in, ld_out, layer_input(s, ws, ws.A, K, l), int64_t(ld_in), int64_t(1), ut, int64_t(ld_out), rz,
+              int64_t(ld_out), ut + int64_t(n_in) * ld_out, false);
+    if (l > 1) {
+      gemm_rows(g, K, n_in, ld_out, TaskWorkspace<T>::layer(ws.RA, s, K, l - 1), int64_t(ld_in), int64_t(1),
+                ws.WT + s.wt_offset[l], int64_t(ld_out), rz, int64_t(ld_out), static_cast<const T*>(nullptr), true);
     }
     g.sync();
+    if (l < s.layers) {
+      const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l);
+      const T* a = TaskWorkspace<T>::layer(ws.A, s, K, l);
+      T* ra = TaskWorkspace<T>::layer(ws.RA, s, K, l);
+      for (int k = g.rank(); k < K; k += g.size()) {
+        for (int o = 0; o < n_out; ++o) {
+          const int64_t at = int64_t(k) * ld_out + o;
+          ra[at] = activation_slope(s.activation, z[at], a[at]) * rz[at];
+        }
+      }
+      g.sync();
+    }
   }
-  const int n = s.outputs();
-  const T* out = ws.Z + int64_t(K) * s.unit_offset[s.layers];
-  const T* r_out = ws.RZ + int64_t(K) * s.unit_offset[s.layers];
-  mlp_loss(g, s, out, y, K, ws.D0, ws);
+  const int n = s.outputs(), ld = padded(n);
+  const T* out = TaskWorkspace<T>::layer(ws.Z, s, K, s.layers);
+  const T* r_out = TaskWorkspace<T>::layer(ws.RZ, s, K, s.layers);
+  mlp_loss(g, s, y, K, ws.D0, ws);
   for (int k = g.rank(); k < K; k += g.size()) {
-    const T* rz = r_out + int64_t(k) * n;
-    T* rd = ws.RD0 + int64_t(k) * n;
+    const T* rz = r_out + int64_t(k) * ld;
+    T* rd = ws.RD0 + int64_t(k) * ld;
     if (s.loss == Loss::mse) {
       const T scale = T(2) / (T(K) * T(n));
       for (int o = 0; o < n; ++o) rd[o] = scale * rz[o];
     } else {
-      const T* z = out + int64_t(k) * n;
+      const T* z = out + int64_t(k) * ld;
       const T lse = ws.row_lse[k];
       T p_dot_rz = 0;
       for (int o = 0; o < n; ++o) p_dot_rz += math_exp(z[o] - lse) * rz[o];
@@ -334,55 +417,38 @@ PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* u,
   g.sync();
   T *delta = ws.D0, *prev = ws.D1, *r_delta = ws.RD0, *r_prev = ws.RD1;
   for (int l = s.layers; l >= 1; --l) {
-    const int n_in = s.in(l), n_out = s.out(l);
-    const T* W = theta + s.param_offset[l];
-    const T* UW = u + s.param_offset[l];
-    const T* in = l == 1 ? x : ws.A + int64_t(K) * s.unit_offset[l - 1];
-    const T* r_in = l == 1 ? nullptr : ws.RA + int64_t(K) * s.unit_offset[l - 1];
+    const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
+    const T* in = layer_input(s, ws, ws.A, K, l);
+    const T* r_in = l == 1 ? nullptr : TaskWorkspace<T>::layer(ws.RA, s, K, l - 1);
     T* hW = hv + s.param_offset[l];
-    T* hb = s.bias ? hW + int64_t(n_out) * n_in : nullptr;
-    weight_gradient(g, K, n_in, n_out, r_delta, in, hW, hb);
-    if (r_in) {  // + δ_l^T R(a_{l-1}); the ranks own the same rows o as in weight_gradient
-      for (int o = g.rank(); o < n_out; o += g.size()) {
-        T* hw = hW + int64_t(o) * n_in;
-        for (int k = 0; k < K; ++k) {
-          const T d = delta[int64_t(k) * n_out + o];
-          const T* r_row = r_in + int64_t(k) * n_in;
-          PYMAML_SIMD
-          for (int i = 0; i < n_in; ++i) hw[i] += d * r_row[i];
-        }
-      }
-    }
+    weight_products(g, s, K, l, ws, r_delta, in, r_in ? delta : nullptr, r_in, hW,
+                    s.bias ? hW + int64_t(n_out) * n_in : nullptr);
+    g.sync();
     if (grad) {
       T* gW = grad + s.param_offset[l];
-      weight_gradient(g, K, n_in, n_out, delta, in, gW, s.bias ? gW + int64_t(n_out) * n_in : nullptr);
+      weight_products(g, s, K, l, ws, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), gW,
+                      s.bias ? gW + int64_t(n_out) * n_in : nullptr);
+      g.sync();
     }
     if (l > 1) {
-      const T* z = ws.Z + int64_t(K) * s.unit_offset[l - 1];
-      const T* rz = ws.RZ + int64_t(K) * s.unit_offset[l - 1];
+      const T* wp = ws.WP + s.wp_offset[l];
+      const T* up = ws.UP + s.wp_offset[l];
+      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), wp, int64_t(ld_in), prev, int64_t(ld_in),
+                static_cast<const T*>(nullptr), false);
+      gemm_rows(g, K, n_out, ld_in, r_delta, int64_t(ld_out), int64_t(1), wp, int64_t(ld_in), r_prev, int64_t(ld_in),
+                static_cast<const T*>(nullptr), false);
+      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), up, int64_t(ld_in), r_prev, int64_t(ld_in),
+                static_cast<const T*>(nullptr), true);
+      g.sync();
+      const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l - 1);
+      const T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
-        T* p = prev + int64_t(k) * n_in;
-        T* rp = r_prev + int64_t(k) * n_in;
-        for (int i = 0; i < n_in; ++i) p[i] = rp[i] = 0;
-        for (int o = 0; o < n_out; ++o) {
-          const T d = delta[int64_t(k) * n_out + o];
-          const T rd = r_delta[int64_t(k) * n_out + o];
-          const T* w = W + int64_t(o) * n_in;
-          const T* uw = UW + int64_t(o) * n_in;
-          PYMAML_SIMD
-          for (int i = 0; i < n_in; ++i) {
-            p[i] += d * w[i];
-            rp[i] += rd * w[i] + d * uw[i];
-          }
-        }
-        const T* zk = z + int64_t(k) * n_in;
-        const T* ak = in + int64_t(k) * n_in;
-        const T* rzk = rz + int64_t(k) * n_in;
         for (int i = 0; i < n_in; ++i) {
-          const T slope = activation_slope(s.activation, zk[i], ak[i]);
-          const T curvature = activation_curvature(s.activation, ak[i], slope);
-          rp[i] = rp[i] * slope + p[i] * curvature * rzk[i];
-          p[i] *= slope;
+          const int64_t at = int64_t(k) * ld_in + i;
+          const T slope = activation_slope(s.activation, z[at], in[at]);
+          const T curvature = activation_curvature(s.activation, in[at], slope);
+          r_prev[at] = r_prev[at] * slope + prev[at] * curvature * rz[at];
+          prev[at] *= slope;
         }
       }
     }
