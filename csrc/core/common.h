@@ -41,13 +41,16 @@ PYMAML_HD int padded(int n) { return (n + kChunk - 1) / kChunk * kChunk; }
 struct MlpSpec {
   int layers = 0;
   int widths[kMaxLayers + 1] = {};
-  int64_t param_offset[kMaxLayers + 1] = {};  // offset of W_l in θ, l = 1..L; [0] unused
-  int64_t unit_offset[kMaxLayers + 1] = {};   // offset of layer l's units in a padded per-point row
-  int64_t wt_offset[kMaxLayers + 1] = {};     // offset of W_l^T [n_{l-1}, pad(n_l)] and its bias row
-  int64_t wp_offset[kMaxLayers + 1] = {};     // offset of W_l [n_l, pad(n_{l-1})]
+  int64_t param_offset[kMaxLayers + 1] = {};   // offset of W_l in θ, l = 1..L; [0] unused
+  int64_t padded_offset[kMaxLayers + 1] = {};  // offset of W_l [n_l, pad(n_{l-1})] in the padded layout
+  int64_t unit_offset[kMaxLayers + 1] = {};    // offset of layer l's units in a padded per-point row
+  int64_t wt_offset[kMaxLayers + 1] = {};      // offset of W_l^T [n_{l-1}, pad(n_l)] and its bias row
   int64_t num_params = 0;
+  // The padded parameter layout the per-task math works in: W_l with rows of pad(n_{l-1}),
+  // then b_l padded to pad(n_l) (present even without bias, and then zero).
+  int64_t num_padded_params = 0;
   int64_t total_units = 0;  // pad(n_1) + ... + pad(n_L)
-  int64_t wt_size = 0, wp_size = 0, max_weight_block = 0;
+  int64_t wt_size = 0;
   int max_width = 0;  // max over l of pad(n_l), n_0 included
   bool bias = true;
   Activation activation = Activation::relu;
@@ -71,26 +74,54 @@ inline bool make_spec(const int* widths, int count, bool bias, Activation activa
     spec->widths[i] = widths[i];
     widest = padded(widths[i]) > widest ? padded(widths[i]) : widest;
   }
-  int64_t params = 0, units = 0, wt = 0, wp = 0, block = 0;
+  int64_t params = 0, padded_params = 0, units = 0, wt = 0;
   for (int l = 1; l < count; ++l) {
     const int64_t n_in = widths[l - 1], n_out = widths[l];
     spec->param_offset[l] = params;
+    spec->padded_offset[l] = padded_params;
     spec->unit_offset[l] = units;
     spec->wt_offset[l] = wt;
-    spec->wp_offset[l] = wp;
     params += n_out * n_in + (bias ? n_out : 0);
+    padded_params += n_out * padded(int(n_in)) + padded(int(n_out));
     units += padded(int(n_out));
     wt += (n_in + 1) * padded(int(n_out));
-    wp += n_out * padded(int(n_in));
-    block = n_out * padded(int(n_in)) > block ? n_out * padded(int(n_in)) : block;
   }
   spec->num_params = params;
+  spec->num_padded_params = padded_params;
   spec->total_units = units;
   spec->wt_size = wt;
-  spec->wp_size = wp;
-  spec->max_weight_block = block;
   spec->max_width = widest;
   return true;
+}
+
+// Between the flat parameter layout (nn.Sequential order) and the padded one; the padding
+// lanes of `padded_out` must already be zero.
+template <class T, class G>
+PYMAML_HD void to_padded(const G& g, const MlpSpec& s, const T* flat, T* padded_out) {
+  for (int l = 1; l <= s.layers; ++l) {
+    const int n_in = s.widths[l - 1], n_out = s.widths[l], ld = padded(n_in);
+    const T* w = flat + s.param_offset[l];
+    T* p = padded_out + s.padded_offset[l];
+    for (int o = g.rank(); o < n_out; o += g.size()) {
+      for (int i = 0; i < n_in; ++i) p[int64_t(o) * ld + i] = w[int64_t(o) * n_in + i];
+      if (s.bias) p[int64_t(n_out) * ld + o] = w[int64_t(n_out) * n_in + o];
+    }
+  }
+  g.sync();
+}
+
+template <class T, class G>
+PYMAML_HD void from_padded(const G& g, const MlpSpec& s, const T* padded_in, T* flat) {
+  for (int l = 1; l <= s.layers; ++l) {
+    const int n_in = s.widths[l - 1], n_out = s.widths[l], ld = padded(n_in);
+    T* w = flat + s.param_offset[l];
+    const T* p = padded_in + s.padded_offset[l];
+    for (int o = g.rank(); o < n_out; o += g.size()) {
+      for (int i = 0; i < n_in; ++i) w[int64_t(o) * n_in + i] = p[int64_t(o) * ld + i];
+      if (s.bias) w[int64_t(n_out) * n_in + o] = p[int64_t(n_out) * ld + o];
+    }
+  }
+  g.sync();
 }
 
 // A group of threads that work on one task together. The per-task routines split their loops

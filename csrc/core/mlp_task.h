@@ -52,25 +52,25 @@ PYMAML_HD T activation_curvature(Activation act, T a, T slope) {
 }
 
 // Scratch for one task. Sizes in elements of T, with K = max(support, query) points, U the
-// padded units of all layers and W the widest padded layer:
-//   Z, A, RZ, RA: K·U each;  X: K·pad(n_0);  D0, D1, RD0, RD1: K·W each;  GT: the largest
-//   n_l·pad(n_{l-1});  rows: 2K;  cell: 2;  thetas: (S+1)·P;  grads: S·P;  v, u, hv, qg: P each;
-//   WT, UT: Σ (n_{l-1}+1)·pad(n_l) each;  WP, UP: Σ n_l·pad(n_{l-1}) each.
+// padded units of all layers, W the widest padded layer and PP the padded parameter count:
+//   Z, A, RZ, RA: K·U each;  X: K·pad(n_0);  D0, D1, RD0, RD1: K·W each;  rows: 2K;  cell: 2;
+//   thetas: (S+1)·PP;  grads: S·PP;  v, u, hv, qg: PP each;
+//   WTs: (S+1)·Σ (n_{l-1}+1)·pad(n_l) (the transposed weights of every θ_s);  UT: one more.
 // That is O(S·|θ| + K·width) per task: the weights and inner gradients of every step, and the
-// activations of one forward pass; no graph. It must start zeroed: the row padding stays zero.
+// activations of one forward pass; no graph. It must start zeroed: the padding stays zero.
 template <class T>
 struct TaskWorkspace {
-  T *Z, *A, *RZ, *RA, *X, *D0, *D1, *RD0, *RD1, *GT, *row_loss, *row_lse, *cell, *thetas, *grads, *v, *u, *hv, *qg;
-  T *WT, *UT, *WP, *UP;
+  T *Z, *A, *RZ, *RA, *X, *D0, *D1, *RD0, *RD1, *row_loss, *row_lse, *cell, *thetas, *grads, *v, *u, *hv, *qg;
+  T *WTs, *UT;
 
   PYMAML_HD static int64_t size(const MlpSpec& s, int K, int S) {
-    const int64_t P = s.num_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
-    return 4 * act + int64_t(K) * padded(s.widths[0]) + 4 * delta + s.max_weight_block + 2 * int64_t(K) + 2 +
-           (2 * int64_t(S) + 1) * P + 4 * P + 2 * s.wt_size + 2 * s.wp_size;
+    const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
+    return 4 * act + int64_t(K) * padded(s.widths[0]) + 4 * delta + 2 * int64_t(K) + 2 +
+           (2 * int64_t(S) + 1) * PP + 4 * PP + (int64_t(S) + 2) * s.wt_size;
   }
 
   PYMAML_HD TaskWorkspace(T* base, const MlpSpec& s, int K, int S) {
-    const int64_t P = s.num_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
+    const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
     T* p = base;
     Z = p; p += act;
     A = p; p += act;
@@ -81,20 +81,17 @@ struct TaskWorkspace {
     D1 = p; p += delta;
     RD0 = p; p += delta;
     RD1 = p; p += delta;
-    GT = p; p += s.max_weight_block;
     row_loss = p; p += K;
     row_lse = p; p += K;
     cell = p; p += 2;
-    thetas = p; p += (int64_t(S) + 1) * P;
-    grads = p; p += int64_t(S) * P;
-    v = p; p += P;
-    u = p; p += P;
-    hv = p; p += P;
-    qg = p; p += P;
-    WT = p; p += s.wt_size;
-    UT = p; p += s.wt_size;
-    WP = p; p += s.wp_size;
-    UP = p;
+    thetas = p; p += (int64_t(S) + 1) * PP;
+    grads = p; p += int64_t(S) * PP;
+    v = p; p += PP;
+    u = p; p += PP;
+    hv = p; p += PP;
+    qg = p; p += PP;
+    WTs = p; p += (int64_t(S) + 1) * s.wt_size;
+    UT = p;
   }
 
   // Layer l's block of a per-point buffer: rows of pad(n_l).
@@ -183,22 +180,18 @@ PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t a
   }
 }
 
-// Padded copies of a parameter vector's weights: WT_l = W_l^T [n_{l-1}, pad(n_l)] followed by
-// the padded bias row, and WP_l = W_l [n_l, pad(n_{l-1})]. Only real lanes are written.
+// WT_l = W_l^T [n_{l-1}, pad(n_l)] followed by the padded bias row, from a padded parameter
+// vector, for the forward product z = a WT + b. Only real lanes are written.
 template <class T, class G>
-PYMAML_HD void prepare_weights(const G& g, const MlpSpec& s, const T* theta, T* WT, T* WP) {
+PYMAML_HD void transpose_weights(const G& g, const MlpSpec& s, const T* theta, T* WT) {
   for (int l = 1; l <= s.layers; ++l) {
     const int n_in = s.in(l), n_out = s.out(l), ld_out = padded(n_out), ld_in = padded(n_in);
-    const T* W = theta + s.param_offset[l];
+    const T* W = theta + s.padded_offset[l];
     T* wt = WT + s.wt_offset[l];
-    T* wp = WP + s.wp_offset[l];
     for (int o = g.rank(); o < n_out; o += g.size()) {
-      const T* w = W + int64_t(o) * n_in;
-      for (int i = 0; i < n_in; ++i) {
-        wt[int64_t(i) * ld_out + o] = w[i];
-        wp[int64_t(o) * ld_in + i] = w[i];
-      }
-      wt[int64_t(n_in) * ld_out + o] = s.bias ? W[int64_t(n_out) * n_in + o] : T(0);
+      const T* w = W + int64_t(o) * ld_in;
+      for (int i = 0; i < n_in; ++i) wt[int64_t(i) * ld_out + o] = w[i];
+      wt[int64_t(n_in) * ld_out + o] = W[int64_t(n_out) * ld_in + o];
     }
   }
   g.sync();
@@ -213,18 +206,18 @@ PYMAML_HD void load_input(const G& g, const MlpSpec& s, const T* x, int K, T* X)
   g.sync();
 }
 
-// Layer l's input rows (X for l = 1, else A of layer l-1) and their padded width.
+// Layer l's input rows: X for l = 1, else the given per-point buffer of layer l-1.
 template <class T>
 PYMAML_HD const T* layer_input(const MlpSpec& s, const TaskWorkspace<T>& ws, const T* buffer, int K, int l) {
   return l == 1 ? ws.X : TaskWorkspace<T>::layer(const_cast<T*>(buffer), s, K, l - 1);
 }
 
-// Forward pass: z_l = a_{l-1} W_l^T + b_l, a_l = σ(z_l). Needs ws.X and ws.WT.
+// Forward pass: z_l = a_{l-1} W_l^T + b_l, a_l = σ(z_l), from ws.X and WT.
 template <class T, class G>
-PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, int K, const TaskWorkspace<T>& ws) {
+PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, const T* WT, int K, const TaskWorkspace<T>& ws) {
   for (int l = 1; l <= s.layers; ++l) {
     const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
-    const T* wt = ws.WT + s.wt_offset[l];
+    const T* wt = WT + s.wt_offset[l];
     T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l);
     gemm_rows(g, K, n_in, ld_out, layer_input(s, ws, ws.A, K, l), int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z,
               int64_t(ld_out), wt + int64_t(n_in) * ld_out, false);
@@ -282,46 +275,42 @@ PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, T* de
   g.sync();
 }
 
-// out[o, i] += Σ_k d[k, o] in[k, i] for the real entries of layer l's weight block of `out`
-// (P-vector layout), through ws.GT; and out_bias[o] = Σ_k d[k, o] when out_bias is given.
+// Layer l's block of a padded parameter vector `out`: W rows = Σ_k d1[k, o] in1[k, :] (+ Σ_k
+// d2[k, o] in2[k, :] when d2 is given), and the bias = Σ_k d1[k, o] when the MLP has biases.
 template <class T, class G>
-PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const TaskWorkspace<T>& ws,
-                               const T* d1, const T* in1, const T* d2, const T* in2, T* out, T* out_bias) {
+PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const T* d1, const T* in1, const T* d2,
+                               const T* in2, T* out) {
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
-  gemm_rows(g, n_out, K, ld_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), ws.GT, int64_t(ld_in),
+  T* W = out + s.padded_offset[l];
+  gemm_rows(g, n_out, K, ld_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), W, int64_t(ld_in),
             static_cast<const T*>(nullptr), false);
   if (d2) {
-    gemm_rows(g, n_out, K, ld_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), ws.GT, int64_t(ld_in),
+    gemm_rows(g, n_out, K, ld_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), W, int64_t(ld_in),
               static_cast<const T*>(nullptr), true);
   }
-  g.sync();
-  for (int o = g.rank(); o < n_out; o += g.size()) {
-    T* w = out + int64_t(o) * n_in;
-    const T* row = ws.GT + int64_t(o) * ld_in;
-    for (int i = 0; i < n_in; ++i) w[i] = row[i];
-    if (out_bias) {
+  if (s.bias) {
+    T* bias = W + int64_t(n_out) * ld_in;
+    for (int o = g.rank(); o < n_out; o += g.size()) {
       T sum = 0;
       for (int k = 0; k < K; ++k) sum += d1[int64_t(k) * ld_out + o];
-      out_bias[o] = sum;
+      bias[o] = sum;
     }
   }
 }
 
-// Back-propagation from δ_L (in ws.D0) into `grad`: gW_l = δ_l^T a_{l-1}, gb_l = Σ_k δ_l,
-// δ_{l-1} = (δ_l W_l) ⊙ σ'(z_{l-1}).
+// Back-propagation from δ_L (in ws.D0) into the padded `grad`: gW_l = δ_l^T a_{l-1},
+// gb_l = Σ_k δ_l, δ_{l-1} = (δ_l W_l) ⊙ σ'(z_{l-1}).
 template <class T, class G>
-PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, int K, const TaskWorkspace<T>& ws, T* grad) {
+PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K, const TaskWorkspace<T>& ws, T* grad) {
   T* delta = ws.D0;
   T* prev = ws.D1;
   for (int l = s.layers; l >= 1; --l) {
     const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
     const T* in = layer_input(s, ws, ws.A, K, l);
-    T* gW = grad + s.param_offset[l];
-    weight_products(g, s, K, l, ws, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), gW,
-                    s.bias ? gW + int64_t(n_out) * n_in : nullptr);
+    weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad);
     if (l > 1) {
-      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), ws.WP + s.wp_offset[l], int64_t(ld_in), prev,
-                int64_t(ld_in), static_cast<const T*>(nullptr), false);
+      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
+                prev, int64_t(ld_in), static_cast<const T*>(nullptr), false);
       g.sync();
       const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
@@ -338,40 +327,38 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, int K, const TaskWorks
   }
 }
 
-// Loss and gradient at theta; the loss is left in ws.cell[0].
+// Loss and gradient at a padded theta whose transposed weights are WT; the loss is left in ws.cell[0].
 template <class T, class G>
-PYMAML_HD void mlp_gradient(const G& g, const MlpSpec& s, const T* theta, const T* x, Targets<T> y, int K,
+PYMAML_HD void mlp_gradient(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* x, Targets<T> y, int K,
                             const TaskWorkspace<T>& ws, T* grad) {
-  prepare_weights(g, s, theta, ws.WT, ws.WP);
   load_input(g, s, x, K, ws.X);
-  mlp_forward(g, s, K, ws);
+  mlp_forward(g, s, WT, K, ws);
   mlp_loss(g, s, y, K, ws.D0, ws);
-  mlp_backward(g, s, K, ws, grad);
+  mlp_backward(g, s, theta, K, ws, grad);
 }
 
 template <class T, class G>
-PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* theta, const T* x, Targets<T> y, int K,
+PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* WT, const T* x, Targets<T> y, int K,
                         const TaskWorkspace<T>& ws) {
-  prepare_weights(g, s, theta, ws.WT, ws.WP);
   load_input(g, s, x, K, ws.X);
-  mlp_forward(g, s, K, ws);
+  mlp_forward(g, s, WT, K, ws);
   mlp_loss(g, s, y, K, static_cast<T*>(nullptr), ws);
   return ws.cell[0];
 }
 
-// Hessian-vector product hv = H u of the loss at theta (R-operator: forward-over-reverse), and
-// the gradient into `grad` when it is not null.
+// Hessian-vector product hv = H u of the loss at theta (R-operator: forward-over-reverse), all
+// in the padded layout, with theta's transposed weights WT; the gradient into `grad` when it is
+// not null.
 //   R(z_l) = R(a_{l-1}) W_l^T + a_{l-1} U_l^T + u_b,  R(a_l) = σ'(z_l) R(z_l)
 //   R(δ_L): MSE 2 R(z_L)/(K n_L);  cross-entropy p ⊙ (R(z) - p·R(z))/K
 //   R(gW_l) = R(δ_l)^T a_{l-1} + δ_l^T R(a_{l-1}),  R(gb_l) = Σ_k R(δ_l)
 //   R(δ_{l-1}) = (R(δ_l) W_l + δ_l U_l) ⊙ σ'(z_{l-1}) + (δ_l W_l) ⊙ σ''(z_{l-1}) ⊙ R(z_{l-1})
 template <class T, class G>
-PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* u, const T* x, Targets<T> y, int K,
-                       const TaskWorkspace<T>& ws, T* grad, T* hv) {
-  prepare_weights(g, s, theta, ws.WT, ws.WP);
-  prepare_weights(g, s, u, ws.UT, ws.UP);
+PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* u, const T* x, Targets<T> y,
+                       int K, const TaskWorkspace<T>& ws, T* grad, T* hv) {
+  transpose_weights(g, s, u, ws.UT);
   load_input(g, s, x, K, ws.X);
-  mlp_forward(g, s, K, ws);
+  mlp_forward(g, s, WT, K, ws);
   for (int l = 1; l <= s.layers; ++l) {
     const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
     const T* ut = ws.UT + s.wt_offset[l];
@@ -380,7 +367,7 @@ PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* u,
               int64_t(ld_out), ut + int64_t(n_in) * ld_out, false);
     if (l > 1) {
       gemm_rows(g, K, n_in, ld_out, TaskWorkspace<T>::layer(ws.RA, s, K, l - 1), int64_t(ld_in), int64_t(1),
-                ws.WT + s.wt_offset[l], int64_t(ld_out), rz, int64_t(ld_out), static_cast<const T*>(nullptr), true);
+                WT + s.wt_offset[l], int64_t(ld_out), rz, int64_t(ld_out), static_cast<const T*>(nullptr), true);
     }
     g.sync();
     if (l < s.layers) {
@@ -420,19 +407,13 @@ PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* u,
     const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
     const T* in = layer_input(s, ws, ws.A, K, l);
     const T* r_in = l == 1 ? nullptr : TaskWorkspace<T>::layer(ws.RA, s, K, l - 1);
-    T* hW = hv + s.param_offset[l];
-    weight_products(g, s, K, l, ws, r_delta, in, r_in ? delta : nullptr, r_in, hW,
-                    s.bias ? hW + int64_t(n_out) * n_in : nullptr);
-    g.sync();
+    weight_products(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv);
     if (grad) {
-      T* gW = grad + s.param_offset[l];
-      weight_products(g, s, K, l, ws, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), gW,
-                      s.bias ? gW + int64_t(n_out) * n_in : nullptr);
-      g.sync();
+      weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad);
     }
     if (l > 1) {
-      const T* wp = ws.WP + s.wp_offset[l];
-      const T* up = ws.UP + s.wp_offset[l];
+      const T* wp = theta + s.padded_offset[l];
+      const T* up = u + s.padded_offset[l];
       gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), wp, int64_t(ld_in), prev, int64_t(ld_in),
                 static_cast<const T*>(nullptr), false);
       gemm_rows(g, K, n_out, ld_in, r_delta, int64_t(ld_out), int64_t(1), wp, int64_t(ld_in), r_prev, int64_t(ld_in),
@@ -467,78 +448,88 @@ struct MetaStepShape {
   bool lr_grad;         // also compute ∂/∂α_s
 };
 
-// The meta-step of one task.
+// The meta-step of one task, in the padded parameter layout (PP values per vector).
 //   Inner loop: g_s = ∇L_support(θ_s), θ_{s+1} = θ_s − α_s ⊙ g_s, s = 0..S−1.
 //   Task loss: Σ_{s=1..S} w_s L_query(θ_s) (S = 0: L_query(θ_0)).
 //   Reverse chain: v_S = w_S ∇L_query(θ_S); for s = S−1..0:
 //     ∂/∂α_s = −g_s ⊙ v_{s+1};  v_s = v_{s+1} − H_s(α_s ⊙ v_{s+1}) + w_s ∇L_query(θ_s)  (w_0 = 0;
 //     first order drops the H_s term). The task's meta-gradient is v_0.
-// lrs: α as [S, P]; step_weights: w_1..w_S. Outputs: the task loss, the query loss at θ_0,
-// L_query(θ_s) for s = 1..S (the step weights' gradients), v_0, and [S, P] step-size gradients.
+// theta0 and lrs ([S, PP]) are padded; step_weights holds w_1..w_S. Outputs: the task loss, the
+// query loss at θ_0, L_query(θ_s) for s = 1..S (the step weights' gradients), v_0 and the
+// [S, PP] step-size gradients (padded).
 template <class T, class G>
 PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape& m, const T* theta0, const T* lrs,
                               const T* step_weights, const T* support_x, Targets<T> support_y, const T* query_x,
                               Targets<T> query_y, T* workspace, T* task_loss, T* pre_loss, T* step_losses,
                               T* grad_theta, T* grad_lrs) {
-  const int64_t P = s.num_params;
+  const int64_t PP = s.num_padded_params, WS = s.wt_size;
   const int S = m.steps, Ks = m.support_points, Kq = m.query_points;
   const TaskWorkspace<T> ws(workspace, s, Ks > Kq ? Ks : Kq, S);
-  const T pre = mlp_loss_at(g, s, theta0, query_x, query_y, Kq, ws);
+  for (int64_t p = g.rank(); p < PP; p += g.size()) ws.thetas[p] = theta0[p];
+  g.sync();
+  transpose_weights(g, s, ws.thetas, ws.WTs);
+  const T pre = mlp_loss_at(g, s, ws.WTs, query_x, query_y, Kq, ws);
   if (g.rank() == 0) *pre_loss = pre;
   if (S == 0) {
-    mlp_gradient(g, s, theta0, query_x, query_y, Kq, ws, grad_theta);
+    mlp_gradient(g, s, ws.thetas, ws.WTs, query_x, query_y, Kq, ws, grad_theta);
     if (g.rank() == 0) *task_loss = pre;
     g.sync();
     return;
   }
-  for (int64_t p = g.rank(); p < P; p += g.size()) ws.thetas[p] = theta0[p];
-  g.sync();
   for (int step = 0; step < S; ++step) {
-    const T* theta = ws.thetas + step * P;
-    T* grad = ws.grads + step * P;
-    mlp_gradient(g, s, theta, support_x, support_y, Ks, ws, grad);
-    const T* lr = lrs + step * P;
-    T* next = ws.thetas + (step + 1) * P;
-    for (int64_t p = g.rank(); p < P; p += g.size()) next[p] = theta[p] - lr[p] * grad[p];
+    const T* theta = ws.thetas + step * PP;
+    T* grad = ws.grads + step * PP;
+    mlp_gradient(g, s, theta, ws.WTs + step * WS, support_x, support_y, Ks, ws, grad);
     g.sync();
+    const T* lr = lrs + step * PP;
+    T* next = ws.thetas + (step + 1) * PP;
+    PYMAML_SIMD
+    for (int64_t p = g.rank(); p < PP; p += g.size()) next[p] = theta[p] - lr[p] * grad[p];
+    g.sync();
+    transpose_weights(g, s, next, ws.WTs + (step + 1) * WS);
   }
   T total = 0;
   for (int step = 1; step < S; ++step) {
-    const T loss = mlp_loss_at(g, s, ws.thetas + step * P, query_x, query_y, Kq, ws);
+    const T loss = mlp_loss_at(g, s, ws.WTs + step * WS, query_x, query_y, Kq, ws);
     if (g.rank() == 0) step_losses[step - 1] = loss;
     total += step_weights[step - 1] * loss;
   }
-  mlp_gradient(g, s, ws.thetas + S * P, query_x, query_y, Kq, ws, ws.qg);
+  mlp_gradient(g, s, ws.thetas + S * PP, ws.WTs + S * WS, query_x, query_y, Kq, ws, ws.qg);
+  g.sync();
   const T last = ws.cell[0];
   if (g.rank() == 0) {
     step_losses[S - 1] = last;
     *task_loss = total + step_weights[S - 1] * last;
   }
-  for (int64_t p = g.rank(); p < P; p += g.size()) ws.v[p] = step_weights[S - 1] * ws.qg[p];
+  for (int64_t p = g.rank(); p < PP; p += g.size()) ws.v[p] = step_weights[S - 1] * ws.qg[p];
   g.sync();
   for (int step = S - 1; step >= 0; --step) {
-    const T* theta = ws.thetas + step * P;
-    const T* grad = ws.grads + step * P;
-    const T* lr = lrs + step * P;
+    const T* theta = ws.thetas + step * PP;
+    const T* grad = ws.grads + step * PP;
+    const T* lr = lrs + step * PP;
     if (m.lr_grad) {
-      T* out = grad_lrs + step * P;
-      for (int64_t p = g.rank(); p < P; p += g.size()) out[p] = -grad[p] * ws.v[p];
+      T* out = grad_lrs + step * PP;
+      for (int64_t p = g.rank(); p < PP; p += g.size()) out[p] = -grad[p] * ws.v[p];
     }
     if (!m.first_order) {
-      for (int64_t p = g.rank(); p < P; p += g.size()) ws.u[p] = lr[p] * ws.v[p];
+      PYMAML_SIMD
+      for (int64_t p = g.rank(); p < PP; p += g.size()) ws.u[p] = lr[p] * ws.v[p];
       g.sync();
-      mlp_hvp(g, s, theta, ws.u, support_x, support_y, Ks, ws, static_cast<T*>(nullptr), ws.hv);
-      for (int64_t p = g.rank(); p < P; p += g.size()) ws.v[p] -= ws.hv[p];
+      mlp_hvp(g, s, theta, ws.WTs + step * WS, ws.u, support_x, support_y, Ks, ws, static_cast<T*>(nullptr), ws.hv);
+      g.sync();
+      PYMAML_SIMD
+      for (int64_t p = g.rank(); p < PP; p += g.size()) ws.v[p] -= ws.hv[p];
       g.sync();
     }
     if (step >= 1 && step_weights[step - 1] != T(0)) {
-      mlp_gradient(g, s, theta, query_x, query_y, Kq, ws, ws.qg);
+      mlp_gradient(g, s, theta, ws.WTs + step * WS, query_x, query_y, Kq, ws, ws.qg);
+      g.sync();
       const T w = step_weights[step - 1];
-      for (int64_t p = g.rank(); p < P; p += g.size()) ws.v[p] += w * ws.qg[p];
+      for (int64_t p = g.rank(); p < PP; p += g.size()) ws.v[p] += w * ws.qg[p];
       g.sync();
     }
   }
-  for (int64_t p = g.rank(); p < P; p += g.size()) grad_theta[p] = ws.v[p];
+  for (int64_t p = g.rank(); p < PP; p += g.size()) grad_theta[p] = ws.v[p];
   g.sync();
 }
 

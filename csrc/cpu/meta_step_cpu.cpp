@@ -23,13 +23,15 @@ struct TaskArgs {
   const MlpSpec* spec;
   const MetaStepShape* shape;
   const MetaBatch<T>* batch;
+  const T* theta_padded;  // [PP]
+  const T* lrs_padded;    // [S, PP]
   int task;
   T* workspace;
   T* task_loss;
   T* pre_loss;
   T* step_losses;
-  T* grad_theta;
-  T* grad_lrs;
+  T* grad_theta;  // [PP]
+  T* grad_lrs;    // [S, PP] or null
 };
 
 template <class T>
@@ -43,16 +45,58 @@ inline void run_task(const TaskArgs<T>& a) {
                              labels ? b.support_labels + int64_t(t) * m.support_points : nullptr};
   const Targets<T> query_y{labels ? nullptr : b.query_values + int64_t(t) * m.query_points * nL,
                            labels ? b.query_labels + int64_t(t) * m.query_points : nullptr};
-  meta_step_task(SerialGroup{}, s, m, b.theta, b.lrs, b.step_weights, b.support_x + int64_t(t) * m.support_points * n0,
-                 support_y, b.query_x + int64_t(t) * m.query_points * n0, query_y, a.workspace, a.task_loss,
-                 a.pre_loss, a.step_losses, a.grad_theta, a.grad_lrs);
+  meta_step_task(SerialGroup{}, s, m, a.theta_padded, a.lrs_padded, b.step_weights,
+                 b.support_x + int64_t(t) * m.support_points * n0, support_y,
+                 b.query_x + int64_t(t) * m.query_points * n0, query_y, a.workspace, a.task_loss, a.pre_loss,
+                 a.step_losses, a.grad_theta, a.grad_lrs);
+}
+
+template <class T>
+struct HvpArgs {
+  const MlpSpec* spec;
+  int points;
+  const T* theta;  // flat [P]
+  const T* v;      // flat [P]
+  const T* x;
+  Targets<T> y;
+  T* workspace;
+  T* scratch;  // 4·PP zeroed: θ, v, hv, grad padded
+  T* hv;       // flat [P]
+  T* grad;     // flat [P] or null
+};
+
+template <class T>
+inline void run_hvp(const HvpArgs<T>& a) {
+  const MlpSpec& s = *a.spec;
+  const SerialGroup g;
+  const int64_t PP = s.num_padded_params;
+  T *theta = a.scratch, *v = a.scratch + PP, *hv = a.scratch + 2 * PP, *grad = a.scratch + 3 * PP;
+  const TaskWorkspace<T> ws(a.workspace, s, a.points, 0);
+  to_padded(g, s, a.theta, theta);
+  to_padded(g, s, a.v, v);
+  transpose_weights(g, s, theta, ws.WTs);
+  mlp_hvp(g, s, theta, ws.WTs, v, a.x, a.y, a.points, ws, a.grad ? grad : nullptr, hv);
+  from_padded(g, s, hv, a.hv);
+  if (a.grad) from_padded(g, s, grad, a.grad);
 }
 
 PYMAML_CPU_CLONES void run_task_f32(const TaskArgs<float>& a) { run_task(a); }
 PYMAML_CPU_CLONES void run_task_f64(const TaskArgs<double>& a) { run_task(a); }
+PYMAML_CPU_CLONES void run_hvp_f32(const HvpArgs<float>& a) { run_hvp(a); }
+PYMAML_CPU_CLONES void run_hvp_f64(const HvpArgs<double>& a) { run_hvp(a); }
 
-inline void run_task_dispatch(const TaskArgs<float>& a) { run_task_f32(a); }
-inline void run_task_dispatch(const TaskArgs<double>& a) { run_task_f64(a); }
+inline void dispatch(const TaskArgs<float>& a) { run_task_f32(a); }
+inline void dispatch(const TaskArgs<double>& a) { run_task_f64(a); }
+inline void dispatch(const HvpArgs<float>& a) { run_hvp_f32(a); }
+inline void dispatch(const HvpArgs<double>& a) { run_hvp_f64(a); }
+
+inline int thread_index() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 // Sum over tasks in task order, divided by the task count: out[j] = Σ_t per_task[t·n + j] / T.
 template <class T>
@@ -71,37 +115,46 @@ template <class T>
 void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
                        const MetaResult<T>& result, int threads) {
   const int tasks = batch.tasks, S = shape.steps;
-  const int64_t P = spec.num_params;
+  const int64_t P = spec.num_params, PP = spec.num_padded_params;
+  const SerialGroup g;
   threads = std::max(1, std::min(threads, tasks));
   const int points = std::max(shape.support_points, shape.query_points);
   const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, S);
   std::vector<T> workspace(size_t(threads) * workspace_size);
-  std::vector<T> task_grads(size_t(tasks) * P);
-  std::vector<T> task_lr_grads(shape.lr_grad ? size_t(tasks) * S * P : 0);
+  std::vector<T> theta_padded(PP), lrs_padded(size_t(S) * PP);
+  to_padded(g, spec, batch.theta, theta_padded.data());
+  for (int step = 0; step < S; ++step) to_padded(g, spec, batch.lrs + int64_t(step) * P, lrs_padded.data() + step * PP);
+  std::vector<T> task_grads(size_t(tasks) * PP);
+  std::vector<T> task_lr_grads(shape.lr_grad ? size_t(tasks) * S * PP : 0);
   std::vector<T> task_step_losses(size_t(tasks) * std::max(S, 1));
 
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int t = 0; t < tasks; ++t) {
-#if defined(_OPENMP)
-    const int thread = omp_get_thread_num();
-#else
-    const int thread = 0;
-#endif
-    TaskArgs<T> args{&spec, &shape, &batch, t, workspace.data() + thread * workspace_size,
-                     result.task_losses + t, result.pre_losses + t, task_step_losses.data() + int64_t(t) * std::max(S, 1),
-                     task_grads.data() + int64_t(t) * P,
-                     shape.lr_grad ? task_lr_grads.data() + int64_t(t) * S * P : nullptr};
-    run_task_dispatch(args);
+    TaskArgs<T> args{&spec, &shape, &batch, theta_padded.data(), lrs_padded.data(), t,
+                     workspace.data() + thread_index() * workspace_size, result.task_losses + t,
+                     result.pre_losses + t, task_step_losses.data() + int64_t(t) * std::max(S, 1),
+                     task_grads.data() + int64_t(t) * PP,
+                     shape.lr_grad ? task_lr_grads.data() + int64_t(t) * S * PP : nullptr};
+    dispatch(args);
   }
 
-  mean_over_tasks(task_grads.data(), tasks, P, result.grad_theta, threads);
-  if (shape.lr_grad) mean_over_tasks(task_lr_grads.data(), tasks, int64_t(S) * P, result.grad_lrs, threads);
-  if (S > 0) {
+  std::vector<T> mean(PP);
+  mean_over_tasks(task_grads.data(), tasks, PP, mean.data(), threads);
+  from_padded(g, spec, mean.data(), result.grad_theta);
+  if (shape.lr_grad) {
     for (int step = 0; step < S; ++step) {
-      T sum = 0;
-      for (int t = 0; t < tasks; ++t) sum += task_step_losses[size_t(t) * S + step];
-      result.step_losses[step] = sum / T(tasks);
+      std::vector<T> per_task(size_t(tasks) * PP);
+      for (int t = 0; t < tasks; ++t) {
+        std::copy_n(task_lr_grads.data() + (int64_t(t) * S + step) * PP, PP, per_task.data() + int64_t(t) * PP);
+      }
+      mean_over_tasks(per_task.data(), tasks, PP, mean.data(), threads);
+      from_padded(g, spec, mean.data(), result.grad_lrs + int64_t(step) * P);
     }
+  }
+  for (int step = 0; step < S; ++step) {
+    T sum = 0;
+    for (int t = 0; t < tasks; ++t) sum += task_step_losses[size_t(t) * S + step];
+    result.step_losses[step] = sum / T(tasks);
   }
   T total = 0;
   for (int t = 0; t < tasks; ++t) total += result.task_losses[t];
@@ -112,20 +165,16 @@ template <class T>
 void mlp_hvp_cpu(const MlpSpec& spec, int tasks, int points, const T* theta, const T* v, const T* x,
                  const T* values, const int64_t* labels, T* hv, T* grad, int threads) {
   threads = std::max(1, std::min(threads, tasks));
-  const int64_t P = spec.num_params, n0 = spec.widths[0], nL = spec.outputs();
-  const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, 0);
+  const int64_t P = spec.num_params, PP = spec.num_padded_params, n0 = spec.widths[0], nL = spec.outputs();
+  const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, 0) + 4 * PP;
   std::vector<T> workspace(size_t(threads) * workspace_size);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int t = 0; t < tasks; ++t) {
-#if defined(_OPENMP)
-    const int thread = omp_get_thread_num();
-#else
-    const int thread = 0;
-#endif
-    const TaskWorkspace<T> ws(workspace.data() + thread * workspace_size, spec, points, 0);
+    T* base = workspace.data() + thread_index() * workspace_size;
     const Targets<T> y{values ? values + int64_t(t) * points * nL : nullptr, labels ? labels + int64_t(t) * points : nullptr};
-    mlp_hvp(SerialGroup{}, spec, theta + t * P, v + t * P, x + int64_t(t) * points * n0, y, points, ws,
-            grad ? grad + t * P : nullptr, hv + t * P);
+    HvpArgs<T> args{&spec, points, theta + t * P, v + t * P, x + int64_t(t) * points * n0, y,
+                    base, base + TaskWorkspace<T>::size(spec, points, 0), hv + t * P, grad ? grad + t * P : nullptr};
+    dispatch(args);
   }
 }
 
