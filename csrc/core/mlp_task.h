@@ -51,6 +51,64 @@ PYMAML_HD T activation_curvature(Activation act, T a, T slope) {
   }
 }
 
+// Row-wise elementwise passes, with the switch on the activation outside the loops so that
+// each loop vectorizes.
+// a[i] = σ(z[i])
+template <class T>
+PYMAML_HD void activate_row(Activation act, int n, const T* z, T* a) {
+  switch (act) {
+    case Activation::relu:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) a[i] = z[i] > T(0) ? z[i] : T(0);
+      break;
+    case Activation::tanh:
+      for (int i = 0; i < n; ++i) a[i] = math_tanh(z[i]);
+      break;
+    case Activation::sigmoid:
+      for (int i = 0; i < n; ++i) a[i] = T(1) / (T(1) + math_exp(-z[i]));
+      break;
+    default:
+      for (int i = 0; i < n; ++i) a[i] = z[i];
+  }
+}
+
+// out[i] = σ'(z[i]) · r[i]   (in place when out == r)
+template <class T>
+PYMAML_HD void slope_times_row(Activation act, int n, const T* z, const T* a, const T* r, T* out) {
+  switch (act) {
+    case Activation::relu:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) out[i] = z[i] > T(0) ? r[i] : T(0);
+      break;
+    case Activation::tanh:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) out[i] = (T(1) - a[i] * a[i]) * r[i];
+      break;
+    case Activation::sigmoid:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) out[i] = a[i] * (T(1) - a[i]) * r[i];
+      break;
+    default:
+      for (int i = 0; i < n; ++i) out[i] = r[i];
+  }
+}
+
+// R(δ) = R(t) σ'(z) + t σ''(z) R(z) and δ = t σ'(z), in place over t (prev) and R(t) (r_prev).
+template <class T>
+PYMAML_HD void slope_and_curvature_row(Activation act, int n, const T* z, const T* a, const T* rz, T* prev, T* r_prev) {
+  if (act == Activation::relu || act == Activation::none) {  // σ'' = 0
+    slope_times_row(act, n, z, a, r_prev, r_prev);
+    slope_times_row(act, n, z, a, prev, prev);
+    return;
+  }
+  for (int i = 0; i < n; ++i) {
+    const T slope = activation_slope(act, z[i], a[i]);
+    const T curvature = activation_curvature(act, a[i], slope);
+    r_prev[i] = r_prev[i] * slope + prev[i] * curvature * rz[i];
+    prev[i] *= slope;
+  }
+}
+
 // Scratch for one task. Sizes in elements of T, with K = max(support, query) points, U the
 // padded units of all layers, W the widest padded layer and PP the padded parameter count:
 //   Z, A, RZ, RA: K·U each;  X: K·pad(n_0);  D0, D1, RD0, RD1: K·W each;  rows: 2K;  cell: 2;
@@ -225,7 +283,7 @@ PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, const T* WT, int K, con
     if (l < s.layers) {
       T* a = TaskWorkspace<T>::layer(ws.A, s, K, l);
       for (int k = g.rank(); k < K; k += g.size()) {
-        for (int o = 0; o < n_out; ++o) a[int64_t(k) * ld_out + o] = activate(s.activation, z[int64_t(k) * ld_out + o]);
+        activate_row(s.activation, n_out, z + int64_t(k) * ld_out, a + int64_t(k) * ld_out);
       }
       g.sync();
     }
@@ -314,10 +372,8 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K,
       g.sync();
       const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
-        for (int i = 0; i < n_in; ++i) {
-          const int64_t at = int64_t(k) * ld_in + i;
-          prev[at] *= activation_slope(s.activation, z[at], in[at]);
-        }
+        const int64_t row = int64_t(k) * ld_in;
+        slope_times_row(s.activation, n_in, z + row, in + row, prev + row, prev + row);
       }
     }
     g.sync();
@@ -375,10 +431,8 @@ PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* WT
       const T* a = TaskWorkspace<T>::layer(ws.A, s, K, l);
       T* ra = TaskWorkspace<T>::layer(ws.RA, s, K, l);
       for (int k = g.rank(); k < K; k += g.size()) {
-        for (int o = 0; o < n_out; ++o) {
-          const int64_t at = int64_t(k) * ld_out + o;
-          ra[at] = activation_slope(s.activation, z[at], a[at]) * rz[at];
-        }
+        const int64_t row = int64_t(k) * ld_out;
+        slope_times_row(s.activation, n_out, z + row, a + row, rz + row, ra + row);
       }
       g.sync();
     }
@@ -424,13 +478,8 @@ PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* WT
       const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l - 1);
       const T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
-        for (int i = 0; i < n_in; ++i) {
-          const int64_t at = int64_t(k) * ld_in + i;
-          const T slope = activation_slope(s.activation, z[at], in[at]);
-          const T curvature = activation_curvature(s.activation, in[at], slope);
-          r_prev[at] = r_prev[at] * slope + prev[at] * curvature * rz[at];
-          prev[at] *= slope;
-        }
+        const int64_t row = int64_t(k) * ld_in;
+        slope_and_curvature_row(s.activation, n_in, z + row, in + row, rz + row, prev + row, r_prev + row);
       }
     }
     g.sync();

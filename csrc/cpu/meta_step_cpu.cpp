@@ -99,13 +99,21 @@ inline int thread_index() {
 }
 
 // Sum over tasks in task order, divided by the task count: out[j] = Σ_t per_task[t·n + j] / T.
+// Each j is summed in the same order whatever the thread count; rows are read contiguously.
 template <class T>
 void mean_over_tasks(const T* per_task, int tasks, int64_t n, T* out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (n * tasks > 32768)
-  for (int64_t j = 0; j < n; ++j) {
-    T sum = 0;
-    for (int t = 0; t < tasks; ++t) sum += per_task[int64_t(t) * n + j];
-    out[j] = sum / T(tasks);
+  constexpr int64_t kBlock = 1024;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n * tasks > 65536)
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t begin = block * kBlock, end = std::min(n, begin + kBlock);
+    for (int64_t j = begin; j < end; ++j) out[j] = 0;
+    for (int t = 0; t < tasks; ++t) {
+      const T* row = per_task + int64_t(t) * n;
+      PYMAML_SIMD
+      for (int64_t j = begin; j < end; ++j) out[j] += row[j];
+    }
+    for (int64_t j = begin; j < end; ++j) out[j] /= T(tasks);
   }
 }
 
