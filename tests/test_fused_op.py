@@ -177,3 +177,21 @@ def test_other_activations_and_no_bias(activation, bias):
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, list(model.parameters()))])
     assert relative_error(out.loss.detach(), expected_loss) <= TOLERANCE[torch.float64]
     assert relative_error(grad, expected_grad) <= TOLERANCE[torch.float64]
+
+
+@needs_extension
+def test_cpp_backend_sees_edits_to_the_model():
+    """The backend caches each model's layout; replacing a layer or a parameter must not go unnoticed."""
+    model = make_mlp((3, 6, 2), "relu")
+    batch = make_batch(3, 4, 3, 2, "mse")
+    options = dict(inner_lr=0.3, inner_steps=2, first_order=False, loss="mse")
+    maml = pymaml.MAML(model, backend="cpp", **options)
+    maml(*batch)
+    model[1] = torch.nn.Tanh()
+    with torch.no_grad():
+        model[2].weight = torch.nn.Parameter(torch.randn(2, 6, dtype=torch.float64))
+    out = maml(*batch)
+    expected_loss, expected_grad = oracle_meta_gradient(model, batch, **options)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, list(model.parameters()))])
+    assert relative_error(out.loss.detach(), expected_loss) <= TOLERANCE[torch.float64]
+    assert relative_error(grad, expected_grad) <= TOLERANCE[torch.float64]

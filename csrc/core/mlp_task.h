@@ -348,10 +348,13 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
   }
   if (s.bias) {
     T* bias = W + int64_t(n_out) * ld_in;
-    for (int o = g.rank(); o < n_out; o += g.size()) {
-      T sum = 0;
-      for (int k = 0; k < K; ++k) sum += d1[int64_t(k) * ld_out + o];
-      bias[o] = sum;
+    if (g.rank() == 0) {  // Σ_k d1[k, :], along contiguous rows
+      for (int o = 0; o < n_out; ++o) bias[o] = d1[o];
+      for (int k = 1; k < K; ++k) {
+        const T* row = d1 + int64_t(k) * ld_out;
+        PYMAML_SIMD
+        for (int o = 0; o < n_out; ++o) bias[o] += row[o];
+      }
     }
   }
 }

@@ -7,6 +7,8 @@ float64; loss "mse" or "cross_entropy"; every parameter trainable.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -22,10 +24,14 @@ MAX_LAYERS = 16
 
 
 class MlpLayout:
-    """Widths, activation and bias of a supported MLP."""
+    """Widths, activation and bias of a supported MLP, and its Linear layers."""
 
-    def __init__(self, widths: list[int], activation: str, bias: bool):
-        self.widths, self.activation, self.bias = widths, activation, bias
+    def __init__(self, widths: list[int], activation: str, bias: bool, linears: list[nn.Linear]):
+        self.widths, self.activation, self.bias, self.linears = widths, activation, bias, linears
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The parameters in nn.Sequential order, read from the layers (cheaper than Module.parameters())."""
+        return [t for layer in self.linears for t in (layer.weight, layer.bias) if t is not None]
 
 
 def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
@@ -62,11 +68,37 @@ def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
     if len(biases) > 1:
         return None, "the fused kernel takes Linear layers that all have a bias or all have none"
     activation = activations.pop() if activations else "none"
-    return MlpLayout(widths, activation, biases.pop()), None
+    return MlpLayout(widths, activation, biases.pop(), linears), None
 
 
 class CppBackend(Backend):
     name = "cpp"
+
+    def __init__(self):
+        # Per model: its layout, checked against the identity of its layers on every call (a
+        # cheap test that the Sequential was not edited), and constant step sizes and weights.
+        self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._constants: dict = {}
+
+    def _layout(self, model: nn.Module) -> MlpLayout:
+        layers = tuple(map(id, model))
+        cached = self._layouts.get(model)
+        if cached is None or cached[0] != layers:
+            layout, reason = mlp_layout(model)
+            if layout is None:
+                raise RuntimeError(f"backend 'cpp' cannot run this model: {reason}")
+            cached = self._layouts[model] = (layers, layout)
+        return cached[1]
+
+    def _constant_schedule(self, theta: torch.Tensor, steps: int, inner_lr: float):
+        """α = inner_lr everywhere, and weights (0, ..., 0, 1): built once per shape."""
+        key = (steps, theta.shape[0], float(inner_lr), theta.dtype, theta.device)
+        if key not in self._constants:
+            step_weights = theta.new_zeros(steps)
+            if steps:
+                step_weights[-1] = 1.0
+            self._constants = {key: (theta.new_full((steps, theta.shape[0]), float(inner_lr)), step_weights)}
+        return self._constants[key]
 
     def unavailable_reason(self):
         return None if extension() is not None else EXTENSION_ERROR
@@ -87,26 +119,27 @@ class CppBackend(Backend):
         return None
 
     def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
-        layout, _ = mlp_layout(model)
-        named = adapted_parameters(model)
-        params = list(named.values())
+        layout = self._layout(model)
+        params = layout.parameters()
+        if not all(p.requires_grad for p in params):
+            raise RuntimeError("backend 'cpp' adapts every parameter; the model now has frozen ones")
         for name, tensor in zip(("support_x", "query_x"), (batch.support_x, batch.query_x)):
             if tensor.dim() != 3 or tensor.shape[-1] != layout.widths[0]:
                 raise ValueError(f"{name} must be [T, K, {layout.widths[0]}] for this MLP, got {tuple(tensor.shape)}")
         theta = torch.cat([p.reshape(-1) for p in params])
         steps = config.inner_steps
         if isinstance(inner_lr, (int, float)):
-            lrs = theta.new_full((steps, theta.shape[0]), float(inner_lr))
+            lrs, default_weights = self._constant_schedule(theta, steps, inner_lr)
         else:  # α_s per parameter element, [S, P]; differentiable towards the learned step sizes
+            names = list(adapted_parameters(model))
             lrs = torch.stack([
                 torch.cat([torch.as_tensor(step_size(inner_lr, s, name), dtype=theta.dtype).expand(p.shape).reshape(-1)
-                           for name, p in named.items()])
+                           for name, p in zip(names, params)])
                 for s in range(steps)
             ]) if steps else theta.new_zeros(0, theta.shape[0])
+            default_weights = None
         if step_weights is None:
-            step_weights = theta.new_zeros(steps)
-            if steps:
-                step_weights[-1] = 1.0
+            step_weights = default_weights if default_weights is not None else self._constant_schedule(theta, steps, 0.0)[1]
         meta_loss, task_losses, pre_losses, *_ = mlp_meta_step(
             theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
             config.first_order, lrs.requires_grad,
