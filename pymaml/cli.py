@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sinusoid = commands.add_parser("sinusoid", help="meta-train and evaluate the paper's sinusoid regression")
     sinusoid.add_argument("--iterations", type=_non_negative_int, default=DEFAULT_ITERATIONS,
-                          help=f"meta-iterations (default {DEFAULT_ITERATIONS}, about 2 minutes; the paper ran 70000)")
+                          help=f"meta-iterations (default {DEFAULT_ITERATIONS}, the paper's schedule)")
     sinusoid.add_argument("--meta-batch", type=_positive_int, default=25)
     sinusoid.add_argument("--shots", type=_positive_int, default=10, help="support and query points per task")
     sinusoid.add_argument("--inner-lr", type=float, default=0.01)

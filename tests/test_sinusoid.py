@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pymaml
 from pymaml.data import Sinusoid
 from pymaml.sinusoid import SinusoidConfig, train
 
@@ -108,6 +109,8 @@ def test_cli_sinusoid_end_to_end(tmp_path):
         assert set(mse) == {str(s) for s in range(11)}
         assert all(math.isfinite(v) and v > 0 for v in mse.values())
         assert mse["1"] != mse["0"]  # adaptation changed the predictions
+        medians, diverged = report["evaluation"][shots]["median"], report["evaluation"][shots]["diverged"]
+        assert set(medians) == set(mse) and all(0 <= diverged[s] <= 20 for s in diverged)
     png = (out / report["figure"]).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert torch.load(tmp_path / "ck.pt", weights_only=True)["iteration"] == 30
@@ -125,3 +128,14 @@ def test_cli_rejects_bad_arguments(tmp_path):
     assert result.returncode == 2 and "must be an integer >= 0" in result.stderr
     result = _cli("sinusoid", "--iterations", "1", "--backend", "nope", "--out", str(tmp_path), cwd=tmp_path)
     assert result.returncode != 0 and "unknown backend 'nope'" in result.stderr
+
+
+def test_evaluation_counts_diverged_tasks():
+    """A step size far too large for the support loss's curvature makes tasks diverge; the report says how many."""
+    from pymaml.sinusoid import evaluate
+
+    torch.manual_seed(0)
+    stable = evaluate(pymaml.MAML(pymaml.models.sinusoid_mlp(), inner_lr=0.001), seed=3, tasks=20, points=10)
+    unstable = evaluate(pymaml.MAML(pymaml.models.sinusoid_mlp(), inner_lr=3.0), seed=3, tasks=20, points=10)
+    assert stable[5]["diverged"][10] == 0 and stable[5]["median"][10] < 50
+    assert unstable[5]["diverged"][10] > 0
