@@ -207,33 +207,29 @@ PYMAML_HD void gemm_block(int Kd, int N, const T* a, int64_t ars, int64_t acs, c
 #endif
 }
 
-// gemm_block over R rows: the group's ranks take blocks of rows; a short last block uses a
-// smaller instance. 8 float rows (4 double rows) of one 64-byte panel fill 8 AVX-512 registers.
+// gemm_block over R rows, split into blocks of at most RB rows of (nearly) equal size, which the
+// group's ranks take in turn. RB = 8 float rows (4 double rows) of one 64-byte panel fill 8
+// AVX-512 registers; K = 10 rows run as 5 + 5 rather than 8 + 2 (about 5% faster here).
 template <class T, class G>
 PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B,
                          int64_t ldb, T* C, int64_t ldc, const T* init, bool accumulate) {
   constexpr int RB = sizeof(T) == 4 ? 8 : 4;
   const int blocks = (R + RB - 1) / RB;
+  const int base = R / (blocks > 0 ? blocks : 1), extra = R - base * blocks;  // the first `extra` blocks get one more
   for (int block = g.rank(); block < blocks; block += g.size()) {
-    const int r0 = block * RB, rows = R - r0 < RB ? R - r0 : RB;
+    const int r0 = block * base + (block < extra ? block : extra);
+    const int rows = base + (block < extra ? 1 : 0);
     const T* ab = a + r0 * ars;
     T* cb = C + r0 * ldc;
     switch (rows) {
-      case RB: gemm_block<T, RB>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
       case 1: gemm_block<T, 1>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
       case 2: gemm_block<T, 2>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
       case 3: gemm_block<T, 3>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
-      default:
-        if (RB > 4) {
-          for (int r = 0; r < rows; r += 4 < rows - r ? 4 : rows - r) {
-            const int n = rows - r < 4 ? rows - r : 4;
-            if (n == 4) gemm_block<T, 4>(Kd, N, ab + r * ars, ars, acs, B, ldb, cb + r * ldc, ldc, init, accumulate);
-            else if (n == 3) gemm_block<T, 3>(Kd, N, ab + r * ars, ars, acs, B, ldb, cb + r * ldc, ldc, init, accumulate);
-            else if (n == 2) gemm_block<T, 2>(Kd, N, ab + r * ars, ars, acs, B, ldb, cb + r * ldc, ldc, init, accumulate);
-            else gemm_block<T, 1>(Kd, N, ab + r * ars, ars, acs, B, ldb, cb + r * ldc, ldc, init, accumulate);
-          }
-        }
-        break;
+      case 4: gemm_block<T, 4>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+      case 5: gemm_block<T, (RB > 4 ? 5 : 4)>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+      case 6: gemm_block<T, (RB > 4 ? 6 : 4)>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+      case 7: gemm_block<T, (RB > 4 ? 7 : 4)>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+      default: gemm_block<T, RB>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
     }
   }
 }
