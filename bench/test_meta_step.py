@@ -15,7 +15,7 @@ import torch
 import pymaml
 from flops import meta_step_flops
 
-BACKENDS = [status.name for status in pymaml.available_backends() if status.usable]
+BACKENDS = [s.name for s in pymaml.available_backends() if s.usable and s.name != "cuda"]  # CPU benchmarks
 PROVIDERS = BACKENDS + ["compile"]
 STEPS = [1, 5]
 WIDTHS = [1, 40, 40, 1]

@@ -28,7 +28,8 @@ inline std::string shape_string(const std::vector<int64_t>& shape) {
 
 class ArrayArg {
  public:
-  ArrayArg(py::handle object, std::string name) : name_(std::move(name)) {
+  // `device` is the DLPack device type the buffer must live on (CPU memory also accepts pinned host memory).
+  ArrayArg(py::handle object, std::string name, DLDeviceType device = kDLCPU) : name_(std::move(name)) {
     if (object.is_none() || !py::hasattr(object, "__dlpack__")) {
       throw py::type_error(name_ + " must be a torch tensor or numpy array (anything with __dlpack__), got " +
                            std::string(py::str(py::type::handle_of(object).attr("__name__"))));
@@ -41,10 +42,12 @@ class ArrayArg {
     }
     const DLTensor& t = managed_->dl_tensor;
     shape_.assign(t.shape, t.shape + t.ndim);
-    if (t.device.device_type != kDLCPU && t.device.device_type != kDLCUDAHost) {
-      throw py::value_error(name_ + " must be on the CPU for this function (DLPack device type " +
-                            std::to_string(int(t.device.device_type)) + ")");
+    const bool cpu_like = t.device.device_type == kDLCPU || t.device.device_type == kDLCUDAHost;
+    if (device == kDLCPU ? !cpu_like : t.device.device_type != device) {
+      throw py::value_error(name_ + " must be on the " + std::string(device == kDLCPU ? "CPU" : "CUDA device") +
+                            " for this function (DLPack device type " + std::to_string(int(t.device.device_type)) + ")");
     }
+    device_id_ = t.device.device_id;
     if (t.strides != nullptr) {
       int64_t expected = 1;
       for (int d = t.ndim - 1; d >= 0; --d) {
@@ -57,6 +60,7 @@ class ArrayArg {
   }
 
   const std::string& name() const { return name_; }
+  int device_id() const { return device_id_; }
   DLDataType dtype() const { return managed_->dl_tensor.dtype; }
   int ndim() const { return int(shape_.size()); }
   int64_t dim(int d) const { return shape_[d]; }
@@ -100,6 +104,7 @@ class ArrayArg {
   py::object capsule_;
   DLManagedTensor* managed_ = nullptr;
   std::vector<int64_t> shape_;
+  int device_id_ = 0;
 };
 
 }  // namespace pymaml

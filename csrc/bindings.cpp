@@ -11,6 +11,9 @@
 #include "build_info.h"
 #include "core/common.h"
 #include "cpu/meta_step_cpu.h"
+#if defined(PYMAML_WITH_CUDA)
+#include "cuda/meta_step_cuda.h"
+#endif
 #include "pymaml_build_config.h"
 
 namespace py = pybind11;
@@ -63,55 +66,60 @@ void check_labels(const ArrayArg& labels, int classes) {
   }
 }
 
-template <class T>
-void launch(const pymaml::MlpSpec& spec, const pymaml::MetaStepShape& shape, int tasks, const ArrayArg& theta,
-            const ArrayArg& lrs, const ArrayArg& step_weights, const ArrayArg& support_x, const ArrayArg& support_y,
-            const ArrayArg& query_x, const ArrayArg& query_y, const ArrayArg& meta_loss, const ArrayArg& task_losses,
-            const ArrayArg& pre_losses, const ArrayArg& step_losses, const ArrayArg& grad_theta,
-            const ArrayArg* grad_lrs, int threads) {
-  const bool labels = spec.loss == pymaml::Loss::cross_entropy;
-  pymaml::MetaBatch<T> batch{tasks,
-                             theta.data<T>(),
-                             lrs.data<T>(),
-                             step_weights.data<T>(),
-                             support_x.data<T>(),
-                             labels ? nullptr : support_y.data<T>(),
-                             labels ? support_y.data<int64_t>() : nullptr,
-                             query_x.data<T>(),
-                             labels ? nullptr : query_y.data<T>(),
-                             labels ? query_y.data<int64_t>() : nullptr};
-  pymaml::MetaResult<T> result{meta_loss.data<T>(), task_losses.data<T>(), pre_losses.data<T>(),
-                               step_losses.data<T>(), grad_theta.data<T>(),
-                               grad_lrs ? grad_lrs->data<T>() : nullptr};
-  py::gil_scoped_release release;
-  pymaml::mlp_meta_step_cpu<T>(spec, shape, batch, result, threads);
-}
-
-void mlp_meta_step(py::handle theta_obj, py::handle lrs_obj, py::handle step_weights_obj, py::handle support_x_obj,
-                   py::handle support_y_obj, py::handle query_x_obj, py::handle query_y_obj,
-                   const std::vector<int>& widths, const std::string& activation, bool bias, const std::string& loss,
-                   bool first_order, py::handle meta_loss_obj, py::handle task_losses_obj, py::handle pre_losses_obj,
-                   py::handle step_losses_obj, py::handle grad_theta_obj, py::handle grad_lrs_obj, int threads) {
+// The checked arguments of a meta-step call, on the CPU or on one CUDA device.
+struct MetaStepCall {
   pymaml::MlpSpec spec;
+  pymaml::MetaStepShape shape{};
+  int tasks = 0;
+  bool is_f32 = true;
+  std::vector<std::unique_ptr<ArrayArg>> arrays;  // theta, lrs, step_weights, sx, sy, qx, qy, outputs...
+  std::unique_ptr<ArrayArg> grad_lrs;
+
+  const ArrayArg& operator[](size_t i) const { return *arrays[i]; }
+
+  template <class T>
+  pymaml::MetaBatch<T> batch() const {
+    const bool labels = spec.loss == pymaml::Loss::cross_entropy;
+    const MetaStepCall& a = *this;
+    return {tasks, a[0].data<T>(), a[1].data<T>(), a[2].data<T>(), a[3].data<T>(),
+            labels ? nullptr : a[4].data<T>(), labels ? a[4].data<int64_t>() : nullptr, a[5].data<T>(),
+            labels ? nullptr : a[6].data<T>(), labels ? a[6].data<int64_t>() : nullptr};
+  }
+
+  template <class T>
+  pymaml::MetaResult<T> result() const {
+    const MetaStepCall& a = *this;
+    return {a[7].data<T>(), a[8].data<T>(), a[9].data<T>(), a[10].data<T>(), a[11].data<T>(),
+            grad_lrs ? grad_lrs->data<T>() : nullptr};
+  }
+};
+
+MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*>>& buffers, py::handle grad_lrs_obj,
+                             const std::vector<int>& widths, const std::string& activation, bool bias,
+                             const std::string& loss, bool first_order, DLDeviceType device) {
+  MetaStepCall call;
+  pymaml::MlpSpec& spec = call.spec;
   if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
                          &spec)) {
     throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
                           " positive layer widths (input, hidden..., output)");
   }
-  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
-  const ArrayArg theta(theta_obj, "theta"), lrs(lrs_obj, "lrs"), step_weights(step_weights_obj, "step_weights");
-  const ArrayArg support_x(support_x_obj, "support_x"), support_y(support_y_obj, "support_y");
-  const ArrayArg query_x(query_x_obj, "query_x"), query_y(query_y_obj, "query_y");
-  const ArrayArg meta_loss(meta_loss_obj, "meta_loss"), task_losses(task_losses_obj, "task_losses");
-  const ArrayArg pre_losses(pre_losses_obj, "pre_losses"), step_losses(step_losses_obj, "step_losses");
-  const ArrayArg grad_theta(grad_theta_obj, "grad_theta");
-  std::unique_ptr<ArrayArg> grad_lrs;
-  if (!grad_lrs_obj.is_none()) grad_lrs = std::make_unique<ArrayArg>(grad_lrs_obj, "grad_lrs");
-
+  for (const auto& [object, name] : buffers) call.arrays.push_back(std::make_unique<ArrayArg>(object, name, device));
+  if (!grad_lrs_obj.is_none()) call.grad_lrs = std::make_unique<ArrayArg>(grad_lrs_obj, "grad_lrs", device);
+  const MetaStepCall& a = call;
+  const ArrayArg &theta = a[0], &lrs = a[1], &step_weights = a[2], &support_x = a[3], &support_y = a[4];
+  const ArrayArg &query_x = a[5], &query_y = a[6];
+  for (size_t i = 1; i < call.arrays.size(); ++i) {
+    if (a[i].device_id() != theta.device_id()) {
+      throw py::value_error(a[i].name() + " is on device " + std::to_string(a[i].device_id()) + " but theta is on " +
+                            std::to_string(theta.device_id()));
+    }
+  }
   const bool is_f32 = theta.is(kDLFloat, 32), is_f64 = theta.is(kDLFloat, 64);
   if (!is_f32 && !is_f64) {
     throw py::type_error("theta has dtype " + pymaml::dtype_name(theta.dtype()) + " but must be float32 or float64");
   }
+  call.is_f32 = is_f32;
   const DLDataType real = theta.dtype();
   const int64_t P = spec.num_params;
   theta.require_shape({P}, "the flattened MLP parameters");
@@ -135,36 +143,96 @@ void mlp_meta_step(py::handle theta_obj, py::handle lrs_obj, py::handle step_wei
     query_y.require_dtype(int64, "class labels for cross_entropy");
     support_y.require_shape({tasks, Ks}, "[tasks, support points] class labels");
     query_y.require_shape({tasks, Kq}, "[tasks, query points] class labels");
-    check_labels(support_y, outputs);
-    check_labels(query_y, outputs);
+    if (device == kDLCPU) {  // device memory is not read here; the Python side checks labels
+      check_labels(support_y, outputs);
+      check_labels(query_y, outputs);
+    }
   } else {
     support_y.require_dtype(real, "mse targets match theta");
     query_y.require_dtype(real, "mse targets match theta");
     support_y.require_shape({tasks, Ks, outputs}, "[tasks, support points, outputs]");
     query_y.require_shape({tasks, Kq, outputs}, "[tasks, query points, outputs]");
   }
-  for (const ArrayArg* a : {&lrs, &step_weights, &support_x, &query_x, &meta_loss, &task_losses, &pre_losses,
-                            &step_losses, &grad_theta}) {
-    a->require_dtype(real, "it must match theta");
-  }
+  for (size_t i : {1, 2, 3, 5, 7, 8, 9, 10, 11}) a[i].require_dtype(real, "it must match theta");
+  const ArrayArg &meta_loss = a[7], &task_losses = a[8], &pre_losses = a[9], &step_losses = a[10], &grad_theta = a[11];
   if (meta_loss.numel() != 1) throw py::value_error("meta_loss must hold exactly one value");
   task_losses.require_shape({tasks}, "one loss per task");
   pre_losses.require_shape({tasks}, "one loss per task");
   step_losses.require_shape({S}, "one loss per inner step");
   grad_theta.require_shape({P}, "the flattened MLP parameters");
-  if (grad_lrs) {
-    grad_lrs->require_dtype(real, "it must match theta");
-    grad_lrs->require_shape({S, P}, "[steps, parameters]");
+  if (call.grad_lrs) {
+    call.grad_lrs->require_dtype(real, "it must match theta");
+    call.grad_lrs->require_shape({S, P}, "[steps, parameters]");
   }
-  const pymaml::MetaStepShape shape{S, Ks, Kq, first_order, grad_lrs != nullptr};
-  if (is_f32) {
-    launch<float>(spec, shape, tasks, theta, lrs, step_weights, support_x, support_y, query_x, query_y, meta_loss,
-                  task_losses, pre_losses, step_losses, grad_theta, grad_lrs.get(), threads);
+  call.shape = pymaml::MetaStepShape{S, Ks, Kq, first_order, call.grad_lrs != nullptr};
+  call.tasks = tasks;
+  return call;
+}
+
+#define PYMAML_META_STEP_BUFFERS                                                                          \
+  {{theta, "theta"}, {lrs, "lrs"}, {step_weights, "step_weights"}, {support_x, "support_x"},             \
+   {support_y, "support_y"}, {query_x, "query_x"}, {query_y, "query_y"}, {meta_loss, "meta_loss"},       \
+   {task_losses, "task_losses"}, {pre_losses, "pre_losses"}, {step_losses, "step_losses"},               \
+   {grad_theta, "grad_theta"}}
+
+void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
+                   py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& widths,
+                   const std::string& activation, bool bias, const std::string& loss, bool first_order,
+                   py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
+                   py::handle grad_theta, py::handle grad_lrs, int threads) {
+  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_lrs, widths, activation, bias, loss,
+                                            first_order, kDLCPU);
+  py::gil_scoped_release release;
+  if (call.is_f32) {
+    pymaml::mlp_meta_step_cpu<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(), threads);
   } else {
-    launch<double>(spec, shape, tasks, theta, lrs, step_weights, support_x, support_y, query_x, query_y, meta_loss,
-                   task_losses, pre_losses, step_losses, grad_theta, grad_lrs.get(), threads);
+    pymaml::mlp_meta_step_cpu<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(), threads);
   }
 }
+
+#if defined(PYMAML_WITH_CUDA)
+int64_t mlp_meta_step_cuda_workspace(const std::vector<int>& widths, bool bias, int tasks, int steps,
+                                     int support_points, int query_points, bool lr_grad, int blocks) {
+  pymaml::MlpSpec spec;
+  if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, pymaml::Activation::none, pymaml::Loss::mse,
+                         &spec)) {
+    throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) + " positive layer widths");
+  }
+  const pymaml::MetaStepShape shape{steps, support_points, query_points, false, lr_grad};
+  return pymaml::mlp_meta_step_cuda_workspace(spec, shape, tasks, blocks);
+}
+
+void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
+                        py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& widths,
+                        const std::string& activation, bool bias, const std::string& loss, bool first_order,
+                        py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
+                        py::handle grad_theta, py::handle grad_lrs, py::handle workspace_obj, py::handle counter_obj,
+                        uintptr_t stream, int blocks, int threads_per_block) {
+  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_lrs, widths, activation, bias, loss,
+                                            first_order, kDLCUDA);
+  if (blocks < 1 || threads_per_block < 32 || threads_per_block > 1024 || threads_per_block % 32) {
+    throw py::value_error("blocks must be >= 1 and threads_per_block a multiple of 32 in [32, 1024]");
+  }
+  const ArrayArg workspace(workspace_obj, "workspace", kDLCUDA), counter(counter_obj, "counter", kDLCUDA);
+  workspace.require_dtype(call[0].dtype(), "it must match theta");
+  const int64_t needed = pymaml::mlp_meta_step_cuda_workspace(call.spec, call.shape, call.tasks, blocks);
+  if (workspace.numel() < needed) {
+    throw py::value_error("workspace holds " + std::to_string(workspace.numel()) + " values; this call needs " +
+                          std::to_string(needed));
+  }
+  counter.require_dtype(DLDataType{kDLInt, 32, 1}, "an int32 counter, zeroed once");
+  counter.require_shape({1}, "one counter");
+  const char* error = call.is_f32
+      ? pymaml::mlp_meta_step_cuda<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(),
+                                          workspace.data<float>(), counter.data<unsigned int>(), blocks,
+                                          threads_per_block, reinterpret_cast<void*>(stream))
+      : pymaml::mlp_meta_step_cuda<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(),
+                                           workspace.data<double>(), counter.data<unsigned int>(), blocks,
+                                           threads_per_block, reinterpret_cast<void*>(stream));
+  if (error[0] != '\0') throw std::runtime_error(std::string("pymaml::mlp_meta_step CUDA launch failed: ") + error);
+}
+#endif
 
 void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handle y_obj, const std::vector<int>& widths,
              const std::string& activation, bool bias, const std::string& loss, py::handle hv_obj,
@@ -234,6 +302,18 @@ PYBIND11_MODULE(_C, m) {
         "Inner loop θ_{s+1} = θ_s − lrs[s] ⊙ ∇L_support(θ_s); loss Σ_s step_weights[s-1] L_query(θ_s);\n"
         "exact meta-gradient through Hessian-vector products unless first_order. Means over tasks,\n"
         "except task_losses and pre_losses. Results do not depend on `threads`.");
+#if defined(PYMAML_WITH_CUDA)
+  m.def("mlp_meta_step_cuda", &mlp_meta_step_cuda, py::kw_only(), py::arg("theta"), py::arg("lrs"),
+        py::arg("step_weights"), py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"),
+        py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"),
+        py::arg("meta_loss"), py::arg("task_losses"), py::arg("pre_losses"), py::arg("step_losses"),
+        py::arg("grad_theta"), py::arg("grad_lrs"), py::arg("workspace"), py::arg("counter"), py::arg("stream"),
+        py::arg("blocks"), py::arg("threads_per_block") = 128,
+        "mlp_meta_step on CUDA buffers: one kernel launch on `stream` (a cudaStream_t as an integer).");
+  m.def("mlp_meta_step_cuda_workspace", &mlp_meta_step_cuda_workspace, py::kw_only(), py::arg("widths"),
+        py::arg("bias"), py::arg("tasks"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"),
+        py::arg("lr_grad"), py::arg("blocks"), "Values of theta's dtype the CUDA meta-step needs as workspace.");
+#endif
   m.def("mlp_hvp", &mlp_hvp, py::kw_only(), py::arg("theta"), py::arg("v"), py::arg("x"), py::arg("y"),
         py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("hv"),
         py::arg("grad") = py::none(), py::arg("threads") = 1,

@@ -13,6 +13,18 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
+def backends_on(device: str = "cpu") -> list[str]:
+    """The backends usable here that run an MLP on `device` (the GPU backends need CUDA tensors)."""
+    probe = pymaml.models.mlp((2, 3, 2))
+    config = pymaml.backends.MetaConfig(1, False, "mse")
+    names = []
+    for status in pymaml.available_backends():
+        backend = pymaml.backends.get_backend(status.name)
+        if status.usable and backend.unsupported_reason(probe, config, torch.device(device)) is None:
+            names.append(status.name)
+    return names
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, computed in float64; 0 when both vanish."""
     actual, expected = actual.double(), expected.double()

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import pymaml
-from helpers import TOLERANCE, make_batch, make_mlp, relative_error
+from helpers import TOLERANCE, backends_on, make_batch, make_mlp, relative_error
 from pymaml import reference
 
 
-USABLE = [status.name for status in pymaml.available_backends() if status.usable]
+USABLE = backends_on("cpu")
 
 
 @pytest.mark.parametrize("backend", USABLE)

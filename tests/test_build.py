@@ -38,3 +38,37 @@ def test_wheel_without_extension(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "pymaml/kernels/__init__.py" in names and "pymaml/maml.py" in names
     assert not [name for name in names if name.endswith((".so", ".pyd"))]
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(candidate) if candidate.exists() else None
+
+
+def test_cuda_archs_are_compiled_in():
+    """The extension's embedded cubins are the archs asked for (PYMAML_CUDA_ARCHS, default 80;90),
+    and the newest also ships PTX."""
+    info = pymaml.build_info()
+    if os.environ.get("PYMAML_REQUIRE_CUDA_BUILD") == "1":
+        assert info["extension"] and info["cuda_archs"], "CI builds with nvcc, so CUDA archs must be compiled in"
+    if not info["extension"] or not info["cuda_archs"]:
+        pytest.skip("built without CUDA (no nvcc on PATH, or PYMAML_CUDA=0)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (install the CUDA toolkit's, or triton, which ships one)")
+    library = pymaml._extension.extension().__file__
+    elf = subprocess.run([tool, "--list-elf", library], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", library], capture_output=True, text=True, check=True).stdout
+    cubins = sorted({line.rsplit(".sm_", 1)[1].split(".")[0] for line in elf.splitlines() if ".sm_" in line})
+    assert cubins == sorted(info["cuda_archs"], key=int)
+    newest = max(info["cuda_archs"], key=int)
+    assert f"sm_{newest}.ptx" in ptx
+    if os.environ.get("PYMAML_REQUIRE_CUDA_BUILD") == "1" and not os.environ.get("PYMAML_CUDA_ARCHS"):
+        assert cubins == ["80", "90"]

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import pymaml
-from helpers import TOLERANCE, flat_grad, make_batch, make_mlp, relative_error
+from helpers import TOLERANCE, backends_on, flat_grad, make_batch, make_mlp, relative_error
 from pymaml import reference
 
-USABLE = [status.name for status in pymaml.available_backends() if status.usable]
+USABLE = backends_on("cpu")
 MODES = ["scalar", "per_layer_per_step", "per_parameter"]
 
 

@@ -11,6 +11,11 @@
 #endif
 
 #define PYMAML_PRAGMA(x) _Pragma(#x)
+#if defined(__CUDACC__) || !defined(__GNUC__) || defined(__clang__)
+#define PYMAML_UNROLL
+#else
+#define PYMAML_UNROLL PYMAML_PRAGMA(GCC unroll 16)
+#endif
 #if defined(__CUDA_ARCH__) || !defined(_OPENMP)
 #define PYMAML_SIMD_SUM(var)
 #define PYMAML_SIMD

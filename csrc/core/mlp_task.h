@@ -169,7 +169,7 @@ struct Targets {
 template <class T, int RB>
 PYMAML_HD void gemm_block(int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
                           int64_t ldc, const T* init, bool accumulate) {
-#if defined(__CUDA_ARCH__) || !defined(__GNUC__)
+#if !defined(__GNUC__) || defined(__clang__) || defined(__CUDACC__)
   for (int n0 = 0; n0 < N; n0 += kChunk) {
     for (int r = 0; r < RB; ++r) {
       for (int j = 0; j < kChunk; ++j) {
@@ -185,7 +185,7 @@ PYMAML_HD void gemm_block(int Kd, int N, const T* a, int64_t ars, int64_t acs, c
   typedef T Panel __attribute__((vector_size(sizeof(T) * kChunk)));
   for (int n0 = 0; n0 < N; n0 += kChunk) {
     Panel acc[RB];
-#pragma GCC unroll 16
+PYMAML_UNROLL
     for (int r = 0; r < RB; ++r) {
       if (accumulate) {
         __builtin_memcpy(&acc[r], C + r * ldc + n0, sizeof(Panel));
@@ -198,10 +198,10 @@ PYMAML_HD void gemm_block(int Kd, int N, const T* a, int64_t ars, int64_t acs, c
     for (int k = 0; k < Kd; ++k) {
       Panel b;
       __builtin_memcpy(&b, B + int64_t(k) * ldb + n0, sizeof(Panel));
-#pragma GCC unroll 16
+PYMAML_UNROLL
       for (int r = 0; r < RB; ++r) acc[r] += a[r * ars + k * acs] * b;
     }
-#pragma GCC unroll 16
+PYMAML_UNROLL
     for (int r = 0; r < RB; ++r) __builtin_memcpy(C + r * ldc + n0, &acc[r], sizeof(Panel));
   }
 #endif
@@ -213,6 +213,15 @@ PYMAML_HD void gemm_block(int Kd, int N, const T* a, int64_t ars, int64_t acs, c
 template <class T, class G>
 PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B,
                          int64_t ldb, T* C, int64_t ldc, const T* init, bool accumulate) {
+#if defined(__CUDA_ARCH__)
+  // On a GPU the block's threads take single outputs; consecutive ranks read consecutive j.
+  for (int idx = g.rank(); idx < R * N; idx += g.size()) {
+    const int r = idx / N, j = idx - r * N;
+    T acc = accumulate ? C[r * ldc + j] : (init ? init[j] : T(0));
+    for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * acs] * B[int64_t(k) * ldb + j];
+    C[r * ldc + j] = acc;
+  }
+#else
   constexpr int RB = sizeof(T) == 4 ? 8 : 4;
   const int blocks = (R + RB - 1) / RB;
   const int base = R / (blocks > 0 ? blocks : 1), extra = R - base * blocks;  // the first `extra` blocks get one more
@@ -232,6 +241,7 @@ PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t a
       default: gemm_block<T, RB>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
     }
   }
+#endif
 }
 
 // WT_l = W_l^T [n_{l-1}, pad(n_l)] followed by the padded bias row, from a padded parameter

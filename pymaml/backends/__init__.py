@@ -14,8 +14,10 @@ from torch import nn
 from . import cpp, func, reference
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (cpp.BACKEND, func.BACKEND, reference.BACKEND)}
-AUTO_ORDER: tuple[str, ...] = ("cpp", "func", "reference")
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (cpp.CUDA_BACKEND, cpp.BACKEND, func.BACKEND, reference.BACKEND)
+}
+AUTO_ORDER: tuple[str, ...] = ("cuda", "cpp", "func", "reference")
 
 
 @dataclass(frozen=True)

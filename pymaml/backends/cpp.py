@@ -153,4 +153,28 @@ class CppBackend(Backend):
         )
 
 
+class CudaBackend(CppBackend):
+    """Backend `cuda`: the same fused meta-step, compiled with nvcc from the same per-task headers,
+    one thread block per task and one kernel launch per meta-step, on CUDA tensors."""
+
+    name = "cuda"
+
+    def unavailable_reason(self):
+        from ..ops.mlp_meta_step import cuda_kernel_available
+
+        if extension() is None:
+            return EXTENSION_ERROR
+        if not cuda_kernel_available():
+            return "pymaml._C was built without CUDA (no nvcc at build time, or PYMAML_CUDA=0)"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return None
+
+    def unsupported_reason(self, model, config: MetaConfig, device):
+        if torch.device(device).type != "cuda":
+            return f"the CUDA kernel runs on CUDA tensors, not on {device}"
+        return super().unsupported_reason(model, config, torch.device("cpu"))
+
+
 BACKEND = CppBackend()
+CUDA_BACKEND = CudaBackend()

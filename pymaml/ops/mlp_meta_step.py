@@ -104,12 +104,55 @@ def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y,
     return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
 
 
+_CUDA_COUNTERS: dict = {}  # per (device, stream): the kernel's int32 completion counter, left at zero
+
+
+def _fused_cuda(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
+                first_order, lr_grad):
+    """One launch of the CUDA kernel on the current torch stream; the workspace comes from torch's allocator."""
+    device = theta.device
+    if loss == "cross_entropy":
+        for name, labels in (("support_y", support_y), ("query_y", query_y)):
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= widths[-1]):
+                raise ValueError(f"{name} has labels outside [0, {widths[-1]})")
+    tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
+    blocks = min(tasks, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    stream = torch.cuda.current_stream(device)
+    key = (device, stream.cuda_stream)
+    if key not in _CUDA_COUNTERS:
+        _CUDA_COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    size = extension().mlp_meta_step_cuda_workspace(
+        widths=list(widths), bias=bias, tasks=tasks, steps=steps, support_points=support_x.shape[1],
+        query_points=query_x.shape[1], lr_grad=lr_grad, blocks=blocks)
+    workspace = theta.new_empty(size)
+    empty = lambda *shape: theta.new_empty(shape)  # noqa: E731
+    meta_loss, task_losses, pre_losses = empty(), empty(tasks), empty(tasks)
+    step_losses, grad_theta, grad_lrs = empty(steps), empty(params), empty(steps if lr_grad else 0, params)
+    buffer = lambda t: t.detach().contiguous()  # noqa: E731
+    extension().mlp_meta_step_cuda(
+        theta=buffer(theta), lrs=buffer(lrs), step_weights=buffer(step_weights), support_x=buffer(support_x),
+        support_y=buffer(support_y), query_x=buffer(query_x), query_y=buffer(query_y), widths=list(widths),
+        activation=activation, bias=bias, loss=loss, first_order=first_order, meta_loss=meta_loss,
+        task_losses=task_losses, pre_losses=pre_losses, step_losses=step_losses, grad_theta=grad_theta,
+        grad_lrs=grad_lrs if lr_grad else None, workspace=workspace, counter=_CUDA_COUNTERS[key],
+        stream=stream.cuda_stream, blocks=blocks,
+    )
+    return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
+
+
+def cuda_kernel_available() -> bool:
+    """Whether the extension was built with the CUDA launcher."""
+    return extension() is not None and hasattr(extension(), "mlp_meta_step_cuda")
+
+
 def _forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
              first_order, lr_grad):
     arguments = (theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
                  first_order, lr_grad)
     if theta.device.type == "cpu" and extension() is not None:
         return _fused_cpu(*arguments)
+    if theta.device.type == "cuda" and cuda_kernel_available():
+        return _fused_cuda(*arguments)
     return mlp_meta_step_torch(*arguments)
 
 
