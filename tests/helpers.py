@@ -67,3 +67,12 @@ def oracle_meta_gradient(model, batch, **options) -> tuple[torch.Tensor, torch.T
 def backend_meta_gradient(model, batch, backend, **options) -> tuple[torch.Tensor, torch.Tensor]:
     out = pymaml.MAML(model, backend=backend, **options)(*batch)
     return out.loss.detach(), flat_grad(out.loss, pymaml.state.adapted_parameters(model).values())
+
+
+def assert_backend_matches_oracle(model, batch, backend, **options):
+    """The backend's meta-loss and meta-gradient are within the dtype's tolerance of the oracle's."""
+    dtype = next(model.parameters()).dtype
+    expected_loss, expected_grad = oracle_meta_gradient(model, batch, **options)
+    actual_loss, actual_grad = backend_meta_gradient(model, batch, backend, **options)
+    assert relative_error(actual_loss, expected_loss) <= TOLERANCE[dtype], backend
+    assert relative_error(actual_grad, expected_grad) <= TOLERANCE[dtype], backend

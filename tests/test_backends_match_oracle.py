@@ -8,6 +8,7 @@ import torch
 import pymaml
 from helpers import (
     TOLERANCE,
+    assert_backend_matches_oracle,
     backend_meta_gradient,
     backends_on,
     make_batch,
@@ -65,10 +66,5 @@ def test_callable_loss(backend):
     def huber(prediction, target):
         return torch.nn.functional.huber_loss(prediction, target, delta=0.5)
 
-    model = make_mlp((3, 6, 2), "tanh")
-    batch = make_batch(3, 4, 3, 2, "mse")
-    options = dict(inner_lr=0.2, inner_steps=2, first_order=False, loss=huber)
-    expected_loss, expected_grad = oracle_meta_gradient(model, batch, **options)
-    actual_loss, actual_grad = backend_meta_gradient(model, batch, backend, **options)
-    assert relative_error(actual_loss, expected_loss) <= TOLERANCE[torch.float64]
-    assert relative_error(actual_grad, expected_grad) <= TOLERANCE[torch.float64]
+    assert_backend_matches_oracle(make_mlp((3, 6, 2), "tanh"), make_batch(3, 4, 3, 2, "mse"), backend,
+                                  inner_lr=0.2, inner_steps=2, first_order=False, loss=huber)
