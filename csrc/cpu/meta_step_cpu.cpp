@@ -10,7 +10,7 @@
 namespace pymaml {
 namespace {
 
-// One clone per x86-64 level, chosen at load time from the running CPU (no -march=native);
+// One clone per x86-64 level, chosen at load time from the running CPU (never the build machine's own);
 // flatten inlines the whole per-task math into each clone.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define PYMAML_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
