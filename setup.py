@@ -53,8 +53,9 @@ ext_modules = [] if _env_flag("PYMAML_NO_EXTENSION") else [CMakeExtension("pymam
 setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
-    # The Triton kernels live in kernels/ and ship as pymaml.kernels
-    # (a top-level package named `kernels` already exists on PyPI).
+    # The Triton kernels live in kernels/ and ship as pymaml.kernels (a top-level package named
+    # `kernels` already exists on PyPI); pymaml/kernels links to it so that editable installs,
+    # which import from the source tree, find it too.
     package_dir={"pymaml.kernels": "kernels"},
     packages=find_packages(include=["pymaml", "pymaml.*"]) + ["pymaml.kernels"],
 )
