@@ -5,7 +5,6 @@ import itertools
 import pytest
 import torch
 
-import pymaml
 from helpers import (
     TOLERANCE,
     assert_backend_matches_oracle,
