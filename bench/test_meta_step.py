@@ -57,8 +57,11 @@ def provider_step(provider, model, batch, steps, first_order):
     """A function that leaves the meta-gradient in model's .grad, and the seconds spent preparing it."""
     began = time.perf_counter()
     if provider == "compile":
-        step = compiled_meta_gradient(model, steps, first_order)
-        step(batch)  # compiles
+        # A cold compile, as a user's first run sees it: no in-memory or on-disk graph caches.
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+            step = compiled_meta_gradient(model, steps, first_order)
+            step(batch)  # compiles
     else:
         maml = pymaml.MAML(model, inner_lr=0.01, inner_steps=steps, first_order=first_order, backend=provider)
 
