@@ -90,14 +90,20 @@ class CppBackend(Backend):
             cached = self._layouts[model] = (layers, layout)
         return cached[1]
 
-    def _constant_schedule(self, theta: torch.Tensor, steps: int, inner_lr: float):
-        """α = inner_lr everywhere, and weights (0, ..., 0, 1): built once per shape."""
-        key = (steps, theta.shape[0], float(inner_lr), theta.dtype, theta.device)
+    def _constant(self, kind: str, theta: torch.Tensor, steps: int, inner_lr: float = 0.0) -> torch.Tensor:
+        """Tensors that only depend on the shapes, built once and reused: kind "lrs" is α = inner_lr
+        for every step and parameter ([S, P]); kind "weights" is (0, ..., 0, 1) ([S])."""
+        key = (kind, steps, theta.shape[0], float(inner_lr), theta.dtype, theta.device)
         if key not in self._constants:
-            step_weights = theta.new_zeros(steps)
-            if steps:
-                step_weights[-1] = 1.0
-            self._constants = {key: (theta.new_full((steps, theta.shape[0]), float(inner_lr)), step_weights)}
+            if kind == "lrs":
+                value = theta.new_full((steps, theta.shape[0]), float(inner_lr))
+            else:
+                value = theta.new_zeros(steps)
+                if steps:
+                    value[-1] = 1.0
+            if len(self._constants) > 64:  # settings rarely change; keep the cache small
+                self._constants.clear()
+            self._constants[key] = value
         return self._constants[key]
 
     def unavailable_reason(self):
@@ -129,7 +135,7 @@ class CppBackend(Backend):
         theta = torch.cat([p.reshape(-1) for p in params])
         steps = config.inner_steps
         if isinstance(inner_lr, (int, float)):
-            lrs, default_weights = self._constant_schedule(theta, steps, inner_lr)
+            lrs = self._constant("lrs", theta, steps, inner_lr)
         else:  # α_s per parameter element, [S, P]; differentiable towards the learned step sizes
             names = list(adapted_parameters(model))
             lrs = torch.stack([
@@ -137,9 +143,8 @@ class CppBackend(Backend):
                            for name, p in zip(names, params)])
                 for s in range(steps)
             ]) if steps else theta.new_zeros(0, theta.shape[0])
-            default_weights = None
         if step_weights is None:
-            step_weights = default_weights if default_weights is not None else self._constant_schedule(theta, steps, 0.0)[1]
+            step_weights = self._constant("weights", theta, steps)
         meta_loss, task_losses, pre_losses, *_ = mlp_meta_step(
             theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
             config.first_order, lrs.requires_grad,
