@@ -59,8 +59,10 @@ __global__ void meta_step_kernel(MlpSpec s, MetaStepShape m, MetaBatch<T> b, Met
     g.sync();
   }
   // The last block to finish takes the means over tasks, in task order.
+  // Every thread's writes are made visible device-wide before the block counts itself done.
   __shared__ bool last;
   __threadfence();
+  g.sync();
   if (g.rank() == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
   g.sync();
   if (!last) return;
