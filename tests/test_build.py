@@ -72,3 +72,42 @@ def test_cuda_archs_are_compiled_in():
     assert f"sm_{newest}.ptx" in ptx
     if os.environ.get("PYMAML_REQUIRE_CUDA_BUILD") == "1" and not os.environ.get("PYMAML_CUDA_ARCHS"):
         assert cubins == ["80", "90"]
+
+
+@pytest.mark.skipif(os.environ.get("PYMAML_WHEEL_TEST") != "1",
+                    reason="slow (builds a wheel and a fresh venv); set PYMAML_WHEEL_TEST=1 (CI does)")
+def test_wheel_installs_into_a_fresh_venv_next_to_torch(tmp_path):
+    """`pip wheel .` builds a wheel (with the CUDA launcher where nvcc exists) that installs into a fresh
+    virtual environment beside torch and runs the sinusoid meta-step with the fused kernel."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.so", "runs"))
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", str(dist)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = dist.glob("pymaml-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert [n for n in names if n.startswith("pymaml/_C") and n.endswith(".so")]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    torch_version = __import__("torch").__version__.split("+")[0]
+    subprocess.run([python, "-m", "pip", "install", "-q", f"torch=={torch_version}", str(wheel)], check=True,
+                   capture_output=True, cwd=tmp_path)
+    script = """
+import torch, pymaml
+info = pymaml.build_info()
+assert info["extension"], info
+batch = pymaml.data.Sinusoid(0).sample(25, 10).tasks
+model = pymaml.models.sinusoid_mlp()
+fused = pymaml.MAML(model, backend="cpp")(*batch).loss
+(fused_grad,) = torch.autograd.grad(fused, [model[0].weight])
+plain = pymaml.MAML(model, backend="func")(*batch).loss
+(plain_grad,) = torch.autograd.grad(plain, [model[0].weight])
+assert ((fused_grad - plain_grad).norm() / plain_grad.norm()).item() < 1e-5
+print("ok", info["cuda_archs"])
+"""
+    result = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+    if os.environ.get("PYMAML_REQUIRE_CUDA_BUILD") == "1":
+        assert "'80'" in result.stdout and "'90'" in result.stdout
