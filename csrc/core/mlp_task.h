@@ -20,16 +20,6 @@ PYMAML_HD double math_exp(double x) { return ::exp(x); }
 PYMAML_HD float math_log(float x) { return ::logf(x); }
 PYMAML_HD double math_log(double x) { return ::log(x); }
 
-template <class T>
-PYMAML_HD T activate(Activation act, T z) {
-  switch (act) {
-    case Activation::relu: return z > T(0) ? z : T(0);
-    case Activation::tanh: return math_tanh(z);
-    case Activation::sigmoid: return T(1) / (T(1) + math_exp(-z));
-    default: return z;
-  }
-}
-
 // σ'(z) and σ''(z), from z and a = σ(z). ReLU: σ' = [z > 0] (torch's convention at 0), σ'' = 0;
 // tanh: σ' = 1 - a², σ'' = -2a σ'; sigmoid: σ' = a(1 - a), σ'' = σ'(1 - 2a).
 template <class T>
