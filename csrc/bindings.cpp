@@ -38,7 +38,8 @@ py::dict build_info() {
   info["flags"] = std::string(PYMAML_CXX_FLAGS);
   info["openmp"] = pymaml::openmp_enabled();
   info["cuda_archs"] = split_archs(PYMAML_CUDA_ARCHS);
-  info["cpu_dispatch"] = pymaml::cpu_dispatch_description();
+  info["cpu_level"] = pymaml::cpu_level();
+  info["cpu_levels"] = pymaml::cpu_levels();
   return info;
 }
 
@@ -292,7 +293,9 @@ void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handl
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymaml's torch-free C++ core";
-  m.def("build_info", &build_info, "Compiler, flags, OpenMP, CPU dispatch and CUDA archs of this build.");
+  m.def("build_info", &build_info, "Compiler, flags, OpenMP, CPU levels and CUDA archs of this build.");
+  m.def("set_cpu_level", &pymaml::set_cpu_level, py::arg("level"),
+        "Run the CPU kernels built for `level` (one of build_info()['cpu_levels']) instead of the best one.");
   m.def("mlp_meta_step", &mlp_meta_step, py::kw_only(), py::arg("theta"), py::arg("lrs"), py::arg("step_weights"),
         py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"), py::arg("widths"),
         py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"), py::arg("meta_loss"),

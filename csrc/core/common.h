@@ -4,10 +4,31 @@
 
 #include <cstdint>
 
+// PYMAML_HD marks the free functions of the per-task math, PYMAML_HD_MEMBER the member
+// functions. On the CPU the free functions are `static`: each ISA-level unit (csrc/cpu/) keeps
+// its own copies, so the linker never hands AVX-512 code to the baseline path.
 #if defined(__CUDACC__)
 #define PYMAML_HD __host__ __device__ __forceinline__
+#define PYMAML_HD_MEMBER __host__ __device__ __forceinline__
+#define PYMAML_NOINLINE
 #else
-#define PYMAML_HD inline
+#define PYMAML_HD static inline
+#define PYMAML_HD_MEMBER inline
+#if defined(__GNUC__)
+#define PYMAML_NOINLINE static __attribute__((noinline))
+#else
+#define PYMAML_NOINLINE static
+#endif
+#endif
+
+// The vector registers of the ISA level a unit is compiled for, which size the register tiles
+// of the products (csrc/core/mlp_task.h, gemm_rows).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64, kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32, kVectorRegisters = 16;
+#else
+constexpr int kVectorBytes = 16, kVectorRegisters = 16;
 #endif
 
 #define PYMAML_PRAGMA(x) _Pragma(#x)
@@ -61,9 +82,9 @@ struct MlpSpec {
   Activation activation = Activation::relu;
   Loss loss = Loss::mse;
 
-  PYMAML_HD int in(int l) const { return widths[l - 1]; }
-  PYMAML_HD int out(int l) const { return widths[l]; }
-  PYMAML_HD int outputs() const { return widths[layers]; }
+  PYMAML_HD_MEMBER int in(int l) const { return widths[l - 1]; }
+  PYMAML_HD_MEMBER int out(int l) const { return widths[l]; }
+  PYMAML_HD_MEMBER int outputs() const { return widths[layers]; }
 };
 
 // Builds the offsets; returns false if the widths are invalid.
@@ -132,9 +153,9 @@ PYMAML_HD void from_padded(const G& g, const MlpSpec& s, const T* padded_in, T* 
 // A group of threads that work on one task together. The per-task routines split their loops
 // over rank() in steps of size() and call sync() between dependent phases.
 struct SerialGroup {
-  PYMAML_HD int rank() const { return 0; }
-  PYMAML_HD int size() const { return 1; }
-  PYMAML_HD void sync() const {}
+  PYMAML_HD_MEMBER int rank() const { return 0; }
+  PYMAML_HD_MEMBER int size() const { return 1; }
+  PYMAML_HD_MEMBER void sync() const {}
 };
 
 }  // namespace pymaml

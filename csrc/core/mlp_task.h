@@ -111,13 +111,13 @@ struct TaskWorkspace {
   T *Z, *A, *RZ, *RA, *X, *D0, *D1, *RD0, *RD1, *row_loss, *row_lse, *cell, *thetas, *grads, *v, *u, *hv, *qg;
   T *WTs, *UT;
 
-  PYMAML_HD static int64_t size(const MlpSpec& s, int K, int S) {
+  PYMAML_HD_MEMBER static int64_t size(const MlpSpec& s, int K, int S) {
     const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
     return 4 * act + int64_t(K) * padded(s.widths[0]) + 4 * delta + 2 * int64_t(K) + 2 +
            (2 * int64_t(S) + 1) * PP + 4 * PP + (int64_t(S) + 2) * s.wt_size;
   }
 
-  PYMAML_HD TaskWorkspace(T* base, const MlpSpec& s, int K, int S) {
+  PYMAML_HD_MEMBER TaskWorkspace(T* base, const MlpSpec& s, int K, int S) {
     const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
     T* p = base;
     Z = p; p += act;
@@ -143,7 +143,7 @@ struct TaskWorkspace {
   }
 
   // Layer l's block of a per-point buffer: rows of pad(n_l).
-  PYMAML_HD static T* layer(T* buffer, const MlpSpec& s, int K, int l) { return buffer + int64_t(K) * s.unit_offset[l]; }
+  PYMAML_HD_MEMBER static T* layer(T* buffer, const MlpSpec& s, int K, int l) { return buffer + int64_t(K) * s.unit_offset[l]; }
 };
 
 // Targets of one task: MSE values [K, n_L] or class labels [K].
@@ -153,57 +153,92 @@ struct Targets {
   const int64_t* labels;
 };
 
-// The register-blocked product: for RB rows r, C[r, 0:N] = (C[r] if accumulate, else init or 0)
-// + Σ_k a(r, k) B[k, 0:N], with a(r, k) = a[r·ars + k·acs], N a multiple of kChunk, and each
-// kChunk-wide column panel of the RB rows held in registers across the whole k loop.
-template <class T, int RB>
-PYMAML_HD void gemm_block(int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
-                          int64_t ldc, const T* init, bool accumulate) {
-#if !defined(__GNUC__) || defined(__clang__) || defined(__CUDACC__)
-  for (int n0 = 0; n0 < N; n0 += kChunk) {
-    for (int r = 0; r < RB; ++r) {
-      for (int j = 0; j < kChunk; ++j) {
-        T acc = accumulate ? C[r * ldc + n0 + j] : (init ? init[n0 + j] : T(0));
-        for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * acs] * B[int64_t(k) * ldb + n0 + j];
-        C[r * ldc + n0 + j] = acc;
-      }
+#if !defined(__CUDACC__)
+// The register-blocked product: for RB rows r and NP kChunk-wide column panels p,
+// C[r, p] = (C[r, p] if accumulate, else init[p] or 0) + Σ_k a(r, k) B[k, p], with
+// a(r, k) = a[r·ars + k·acs]; all RB·NP accumulators stay in registers across the k loop, so
+// each B panel is loaded once per k for RB rows and each a(r, k) broadcast once for NP panels.
+template <class T, int RB, int NP>
+PYMAML_NOINLINE void gemm_tile(int Kd, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
+                               int64_t ldc, const T* init, bool accumulate) {
+#if !defined(__GNUC__) || defined(__clang__)
+  for (int r = 0; r < RB; ++r) {
+    for (int j = 0; j < NP * kChunk; ++j) {
+      T acc = accumulate ? C[r * ldc + j] : (init ? init[j] : T(0));
+      for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * acs] * B[int64_t(k) * ldb + j];
+      C[r * ldc + j] = acc;
     }
   }
 #else
-  // GCC vector extensions keep the RB accumulators in registers (plain arrays were spilled to
-  // the stack on every k), and lower to AVX-512, AVX2 or SSE in each target clone.
+  // GCC vector extensions keep the accumulators in registers (plain arrays were spilled to the
+  // stack on every k) and lower to the vector width of the unit's ISA level.
   typedef T Panel __attribute__((vector_size(sizeof(T) * kChunk)));
-  for (int n0 = 0; n0 < N; n0 += kChunk) {
-    Panel acc[RB];
+  Panel acc[RB][NP];
 PYMAML_UNROLL
-    for (int r = 0; r < RB; ++r) {
+  for (int r = 0; r < RB; ++r) {
+PYMAML_UNROLL
+    for (int p = 0; p < NP; ++p) {
       if (accumulate) {
-        __builtin_memcpy(&acc[r], C + r * ldc + n0, sizeof(Panel));
+        __builtin_memcpy(&acc[r][p], C + r * ldc + p * kChunk, sizeof(Panel));
       } else if (init) {
-        __builtin_memcpy(&acc[r], init + n0, sizeof(Panel));
+        __builtin_memcpy(&acc[r][p], init + p * kChunk, sizeof(Panel));
       } else {
-        acc[r] = Panel{};
+        acc[r][p] = Panel{};
       }
     }
-    for (int k = 0; k < Kd; ++k) {
-      Panel b;
-      __builtin_memcpy(&b, B + int64_t(k) * ldb + n0, sizeof(Panel));
+  }
+  for (int k = 0; k < Kd; ++k) {
+    Panel b[NP];
 PYMAML_UNROLL
-      for (int r = 0; r < RB; ++r) acc[r] += a[r * ars + k * acs] * b;
+    for (int p = 0; p < NP; ++p) __builtin_memcpy(&b[p], B + int64_t(k) * ldb + p * kChunk, sizeof(Panel));
+PYMAML_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      const T scale = a[r * ars + k * acs];
+PYMAML_UNROLL
+      for (int p = 0; p < NP; ++p) acc[r][p] += scale * b[p];
     }
+  }
 PYMAML_UNROLL
-    for (int r = 0; r < RB; ++r) __builtin_memcpy(C + r * ldc + n0, &acc[r], sizeof(Panel));
+  for (int r = 0; r < RB; ++r) {
+PYMAML_UNROLL
+    for (int p = 0; p < NP; ++p) __builtin_memcpy(C + r * ldc + p * kChunk, &acc[r][p], sizeof(Panel));
   }
 #endif
 }
 
-// gemm_block over R rows, split into blocks of at most RB rows of (nearly) equal size, which the
-// group's ranks take in turn. RB = 8 float rows (4 double rows) of one 64-byte panel fill 8
-// AVX-512 registers; K = 10 rows run as 5 + 5 rather than 8 + 2 (about 5% faster here).
+// The tile shape for NP panels: as many rows (at most kMaxTileRows) as the vector registers
+// hold beside the NP panels of B and a broadcast. AVX-512 float: 8 rows × 3 panels; AVX2 float:
+// 6 rows × 1 panel (2 registers each); 40×40 products ran at 160-200 GFLOP/s here with 8 × 3.
+constexpr int kMaxTileRows = 8, kMaxTilePanels = 4;
+template <class T>
+constexpr int tile_rows(int NP) {
+  const int per_panel = int(sizeof(T)) * kChunk / kVectorBytes > 0 ? int(sizeof(T)) * kChunk / kVectorBytes : 1;
+  const int budget = (kVectorRegisters - NP * per_panel - 1) / (NP * per_panel);
+  return budget < 1 ? 1 : (budget > kMaxTileRows ? kMaxTileRows : budget);
+}
+
+template <class T, int NP>
+static inline void gemm_tile_rows(int rows, int Kd, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
+                              int64_t ldc, const T* init, bool accumulate) {
+  switch (rows) {
+#define PYMAML_TILE_CASE(R) \
+  case R: gemm_tile<T, (R <= tile_rows<T>(NP) ? R : tile_rows<T>(NP)), NP>(Kd, a, ars, acs, B, ldb, C, ldc, init, accumulate); break;
+    PYMAML_TILE_CASE(1) PYMAML_TILE_CASE(2) PYMAML_TILE_CASE(3) PYMAML_TILE_CASE(4)
+    PYMAML_TILE_CASE(5) PYMAML_TILE_CASE(6) PYMAML_TILE_CASE(7) PYMAML_TILE_CASE(8)
+#undef PYMAML_TILE_CASE
+    default: break;
+  }
+}
+
+#endif  // !__CUDACC__
+
+// C[R, N] = (C if accumulate, else the init row or 0) + a(R × Kd) B[Kd, N], N a multiple of
+// kChunk. Column groups of up to kMaxTilePanels panels; in each, the R rows split into blocks of
+// nearly equal size (K = 10 rows run as 5 + 5 rather than 8 + 2), which the group's ranks take in turn.
 template <class T, class G>
 PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B,
                          int64_t ldb, T* C, int64_t ldc, const T* init, bool accumulate) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
   // On a GPU the block's threads take single outputs; consecutive ranks read consecutive j.
   for (int idx = g.rank(); idx < R * N; idx += g.size()) {
     const int r = idx / N, j = idx - r * N;
@@ -212,23 +247,26 @@ PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t a
     C[r * ldc + j] = acc;
   }
 #else
-  constexpr int RB = sizeof(T) == 4 ? 8 : 4;
-  const int blocks = (R + RB - 1) / RB;
-  const int base = R / (blocks > 0 ? blocks : 1), extra = R - base * blocks;  // the first `extra` blocks get one more
-  for (int block = g.rank(); block < blocks; block += g.size()) {
-    const int r0 = block * base + (block < extra ? block : extra);
-    const int rows = base + (block < extra ? 1 : 0);
-    const T* ab = a + r0 * ars;
-    T* cb = C + r0 * ldc;
-    switch (rows) {
-      case 1: gemm_block<T, 1>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
-      case 2: gemm_block<T, 2>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
-      case 3: gemm_block<T, 3>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
-      case 4: gemm_block<T, 4>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
-      case 5: gemm_block<T, (RB > 4 ? 5 : 4)>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
-      case 6: gemm_block<T, (RB > 4 ? 6 : 4)>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
-      case 7: gemm_block<T, (RB > 4 ? 7 : 4)>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
-      default: gemm_block<T, RB>(Kd, N, ab, ars, acs, B, ldb, cb, ldc, init, accumulate); break;
+  const int panels = N / kChunk;
+  for (int p0 = 0; p0 < panels; p0 += kMaxTilePanels) {
+    const int np = panels - p0 < kMaxTilePanels ? panels - p0 : kMaxTilePanels;
+    const int most = np == 1 ? tile_rows<T>(1) : np == 2 ? tile_rows<T>(2) : np == 3 ? tile_rows<T>(3) : tile_rows<T>(4);
+    const int blocks = (R + most - 1) / most;
+    const int base = R / (blocks > 0 ? blocks : 1), extra = R - base * blocks;  // the first `extra` blocks get one more
+    const int64_t column = int64_t(p0) * kChunk;
+    const T* init_p = init ? init + column : nullptr;
+    for (int block = g.rank(); block < blocks; block += g.size()) {
+      const int r0 = block * base + (block < extra ? block : extra);
+      const int rows = base + (block < extra ? 1 : 0);
+      const T* ab = a + r0 * ars;
+      T* cb = C + r0 * ldc + column;
+      const T* bb = B + column;
+      switch (np) {
+        case 1: gemm_tile_rows<T, 1>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
+        case 2: gemm_tile_rows<T, 2>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
+        case 3: gemm_tile_rows<T, 3>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
+        default: gemm_tile_rows<T, 4>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
+      }
     }
   }
 #endif

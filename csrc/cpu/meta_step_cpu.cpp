@@ -1,7 +1,11 @@
 #include "meta_step_cpu.h"
 
 #include <algorithm>
+#include <atomic>
+#include <stdexcept>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -10,85 +14,37 @@
 namespace pymaml {
 namespace {
 
-// One clone per x86-64 level, chosen at load time from the running CPU (never the build machine's own);
-// flatten inlines the whole per-task math into each clone.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PYMAML_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define PYMAML_CPU_CLONES
+using cpu::HvpArgs;
+using cpu::KernelTable;
+using cpu::TaskArgs;
+
+// The built levels, best first, that the running CPU supports.
+std::vector<const KernelTable*> usable_kernels() {
+  std::vector<const KernelTable*> tables;
+#if defined(PYMAML_CPU_X86_LEVELS)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) tables.push_back(&cpu::kX86_64_v4Kernels);
+  if (__builtin_cpu_supports("x86-64-v3")) tables.push_back(&cpu::kX86_64_v3Kernels);
 #endif
-
-template <class T>
-struct TaskArgs {
-  const MlpSpec* spec;
-  const MetaStepShape* shape;
-  const MetaBatch<T>* batch;
-  const T* theta_padded;  // [PP]
-  const T* lrs_padded;    // [S, PP]
-  int task;
-  T* workspace;
-  T* task_loss;
-  T* pre_loss;
-  T* step_losses;
-  T* grad_theta;  // [PP]
-  T* grad_lrs;    // [S, PP] or null
-};
-
-template <class T>
-inline void run_task(const TaskArgs<T>& a) {
-  const MlpSpec& s = *a.spec;
-  const MetaStepShape& m = *a.shape;
-  const MetaBatch<T>& b = *a.batch;
-  const int t = a.task, n0 = s.widths[0], nL = s.outputs();
-  const bool labels = s.loss == Loss::cross_entropy;
-  const Targets<T> support_y{labels ? nullptr : b.support_values + int64_t(t) * m.support_points * nL,
-                             labels ? b.support_labels + int64_t(t) * m.support_points : nullptr};
-  const Targets<T> query_y{labels ? nullptr : b.query_values + int64_t(t) * m.query_points * nL,
-                           labels ? b.query_labels + int64_t(t) * m.query_points : nullptr};
-  meta_step_task(SerialGroup{}, s, m, a.theta_padded, a.lrs_padded, b.step_weights,
-                 b.support_x + int64_t(t) * m.support_points * n0, support_y,
-                 b.query_x + int64_t(t) * m.query_points * n0, query_y, a.workspace, a.task_loss, a.pre_loss,
-                 a.step_losses, a.grad_theta, a.grad_lrs);
+  tables.push_back(&cpu::kBaselineKernels);
+  return tables;
 }
 
-template <class T>
-struct HvpArgs {
-  const MlpSpec* spec;
-  int points;
-  const T* theta;  // flat [P]
-  const T* v;      // flat [P]
-  const T* x;
-  Targets<T> y;
-  T* workspace;
-  T* scratch;  // 4·PP zeroed: θ, v, hv, grad padded
-  T* hv;       // flat [P]
-  T* grad;     // flat [P] or null
-};
+std::atomic<const KernelTable*> chosen_kernels{nullptr};
 
-template <class T>
-inline void run_hvp(const HvpArgs<T>& a) {
-  const MlpSpec& s = *a.spec;
-  const SerialGroup g;
-  const int64_t PP = s.num_padded_params;
-  T *theta = a.scratch, *v = a.scratch + PP, *hv = a.scratch + 2 * PP, *grad = a.scratch + 3 * PP;
-  const TaskWorkspace<T> ws(a.workspace, s, a.points, 0);
-  to_padded(g, s, a.theta, theta);
-  to_padded(g, s, a.v, v);
-  transpose_weights(g, s, theta, ws.WTs);
-  mlp_hvp(g, s, theta, ws.WTs, v, a.x, a.y, a.points, ws, a.grad ? grad : nullptr, hv);
-  from_padded(g, s, hv, a.hv);
-  if (a.grad) from_padded(g, s, grad, a.grad);
+const KernelTable& kernels() {
+  const KernelTable* table = chosen_kernels.load(std::memory_order_acquire);
+  if (table == nullptr) {
+    table = usable_kernels().front();
+    chosen_kernels.store(table, std::memory_order_release);
+  }
+  return *table;
 }
 
-PYMAML_CPU_CLONES void run_task_f32(const TaskArgs<float>& a) { run_task(a); }
-PYMAML_CPU_CLONES void run_task_f64(const TaskArgs<double>& a) { run_task(a); }
-PYMAML_CPU_CLONES void run_hvp_f32(const HvpArgs<float>& a) { run_hvp(a); }
-PYMAML_CPU_CLONES void run_hvp_f64(const HvpArgs<double>& a) { run_hvp(a); }
-
-inline void dispatch(const TaskArgs<float>& a) { run_task_f32(a); }
-inline void dispatch(const TaskArgs<double>& a) { run_task_f64(a); }
-inline void dispatch(const HvpArgs<float>& a) { run_hvp_f32(a); }
-inline void dispatch(const HvpArgs<double>& a) { run_hvp_f64(a); }
+inline void dispatch(const TaskArgs<float>& a) { kernels().task_f32(a); }
+inline void dispatch(const TaskArgs<double>& a) { kernels().task_f64(a); }
+inline void dispatch(const HvpArgs<float>& a) { kernels().hvp_f32(a); }
+inline void dispatch(const HvpArgs<double>& a) { kernels().hvp_f64(a); }
 
 inline int thread_index() {
 #if defined(_OPENMP)
@@ -195,5 +151,25 @@ template void mlp_meta_step_cpu<float>(const MlpSpec&, const MetaStepShape&, con
                                        const MetaResult<float>&, int);
 template void mlp_meta_step_cpu<double>(const MlpSpec&, const MetaStepShape&, const MetaBatch<double>&,
                                         const MetaResult<double>&, int);
+
+std::vector<std::string> cpu_levels() {
+  std::vector<std::string> names;
+  for (const KernelTable* table : usable_kernels()) names.push_back(table->level);
+  return names;
+}
+
+std::string cpu_level() { return kernels().level; }
+
+void set_cpu_level(const std::string& level) {
+  for (const KernelTable* table : usable_kernels()) {
+    if (level == table->level) {
+      chosen_kernels.store(table, std::memory_order_release);
+      return;
+    }
+  }
+  std::string known;
+  for (const std::string& name : cpu_levels()) known += (known.empty() ? "" : ", ") + name;
+  throw std::invalid_argument("CPU level '" + level + "' is not available here; this build and CPU offer: " + known);
+}
 
 }  // namespace pymaml

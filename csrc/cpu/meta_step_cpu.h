@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "../core/common.h"
 #include "../core/mlp_task.h"
@@ -50,5 +52,16 @@ namespace pymaml {
 template <class T>
 void mlp_hvp_cpu(const MlpSpec& spec, int tasks, int points, const T* theta, const T* v, const T* x,
                  const T* values, const int64_t* labels, T* hv, T* grad, int threads);
+
+}  // namespace pymaml
+
+namespace pymaml {
+
+// The ISA levels of the per-task routines that this build has and the running CPU supports,
+// best first ("x86-64-v4", "x86-64-v3", "baseline"); the first is used unless set_cpu_level
+// chose another. set_cpu_level throws std::invalid_argument for a level not in that list.
+std::vector<std::string> cpu_levels();
+std::string cpu_level();
+void set_cpu_level(const std::string& level);
 
 }  // namespace pymaml
