@@ -83,54 +83,63 @@ PYMAML_HD void slope_times_row(Activation act, int n, const T* z, const T* a, co
   }
 }
 
-// R(δ) = R(t) σ'(z) + t σ''(z) R(z) and δ = t σ'(z), in place over t (prev) and R(t) (r_prev).
+// R(δ) = R(t) σ'(z) + t σ''(z) R(z), in place over R(t) (rt), with t the back-propagated
+// product before the slope (δ = t σ'(z)).
 template <class T>
-PYMAML_HD void slope_and_curvature_row(Activation act, int n, const T* z, const T* a, const T* rz, T* prev, T* r_prev) {
+PYMAML_HD void tangent_slope_row(Activation act, int n, const T* z, const T* a, const T* rz, const T* t, T* rt) {
   if (act == Activation::relu || act == Activation::none) {  // σ'' = 0
-    slope_times_row(act, n, z, a, r_prev, r_prev);
-    slope_times_row(act, n, z, a, prev, prev);
+    slope_times_row(act, n, z, a, rt, rt);
     return;
   }
   for (int i = 0; i < n; ++i) {
     const T slope = activation_slope(act, z[i], a[i]);
-    const T curvature = activation_curvature(act, a[i], slope);
-    r_prev[i] = r_prev[i] * slope + prev[i] * curvature * rz[i];
-    prev[i] *= slope;
+    rt[i] = rt[i] * slope + t[i] * activation_curvature(act, a[i], slope) * rz[i];
   }
 }
 
+PYMAML_HD bool has_curvature(Activation act) { return act == Activation::tanh || act == Activation::sigmoid; }
+
+// One pass over a set of points: per layer l, z_l, a_l (l < L), δ_l = dL/dz_l and, for
+// activations with curvature, t_l = δ_{l+1} W_{l+1} (δ_l before the slope), rows of pad(n_l);
+// the padded inputs X and the log-sum-exp of each point (cross-entropy).
+template <class T>
+struct Pass {
+  T *Z, *A, *D, *Dt, *lse;
+  const T* X;
+};
+
 // Scratch for one task. Sizes in elements of T, with K = max(support, query) points, U the
-// padded units of all layers, W the widest padded layer and PP the padded parameter count:
-//   Z, A, RZ, RA: K·U each;  X: K·pad(n_0);  D0, D1, RD0, RD1: K·W each;  rows: 2K;  cell: 2;
-//   thetas: (S+1)·PP;  grads: S·PP;  v, u, hv, qg: PP each;
-//   WTs: (S+1)·Σ (n_{l-1}+1)·pad(n_l) (the transposed weights of every θ_s);  UT: one more.
-// That is O(S·|θ| + K·width) per task: the weights and inner gradients of every step, and the
-// activations of one forward pass; no graph. It must start zeroed: the padding stays zero.
+// padded units of all layers and PP the padded parameter count:
+//   passes: S + 1 of 4·K·U + K each (one per inner step on the support set, kept for its HVP,
+//           and one for the query set);  RZ, RA, RD: K·U each (the HVP's tangents);
+//   Xs, Xq: K·pad(n_0) each;  rows: K;  cell: 2;  thetas: (S+1)·PP;  grads: S·PP;
+//   v, u, hv, qg: PP each;  WTs: (S+1)·Σ (n_{l-1}+1)·pad(n_l) (the transposed weights of every
+//   θ_s);  UT: one more.
+// That is O(S·(|θ| + K·width)) per task, and no graph. It must start zeroed: padding stays zero.
 template <class T>
 struct TaskWorkspace {
-  T *Z, *A, *RZ, *RA, *X, *D0, *D1, *RD0, *RD1, *row_loss, *row_lse, *cell, *thetas, *grads, *v, *u, *hv, *qg;
-  T *WTs, *UT;
+  T *passes, *RZ, *RA, *RD, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *v, *u, *hv, *qg, *WTs, *UT;
+  int64_t pass_size;
+
+  PYMAML_HD_MEMBER static int64_t pass_elements(const MlpSpec& s, int K) { return 4 * int64_t(K) * s.total_units + K; }
 
   PYMAML_HD_MEMBER static int64_t size(const MlpSpec& s, int K, int S) {
-    const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
-    return 4 * act + int64_t(K) * padded(s.widths[0]) + 4 * delta + 2 * int64_t(K) + 2 +
+    const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units;
+    return (int64_t(S) + 1) * pass_elements(s, K) + 3 * act + 2 * int64_t(K) * padded(s.widths[0]) + int64_t(K) + 2 +
            (2 * int64_t(S) + 1) * PP + 4 * PP + (int64_t(S) + 2) * s.wt_size;
   }
 
   PYMAML_HD_MEMBER TaskWorkspace(T* base, const MlpSpec& s, int K, int S) {
-    const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units, delta = int64_t(K) * s.max_width;
+    const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units;
+    pass_size = pass_elements(s, K);
     T* p = base;
-    Z = p; p += act;
-    A = p; p += act;
+    passes = p; p += (int64_t(S) + 1) * pass_size;
     RZ = p; p += act;
     RA = p; p += act;
-    X = p; p += int64_t(K) * padded(s.widths[0]);
-    D0 = p; p += delta;
-    D1 = p; p += delta;
-    RD0 = p; p += delta;
-    RD1 = p; p += delta;
+    RD = p; p += act;
+    Xs = p; p += int64_t(K) * padded(s.widths[0]);
+    Xq = p; p += int64_t(K) * padded(s.widths[0]);
     row_loss = p; p += K;
-    row_lse = p; p += K;
     cell = p; p += 2;
     thetas = p; p += (int64_t(S) + 1) * PP;
     grads = p; p += int64_t(S) * PP;
@@ -140,6 +149,13 @@ struct TaskWorkspace {
     qg = p; p += PP;
     WTs = p; p += (int64_t(S) + 1) * s.wt_size;
     UT = p;
+  }
+
+  // Pass i (0..S) over the points whose padded inputs are X.
+  PYMAML_HD_MEMBER Pass<T> pass(const MlpSpec& s, int K, int i, const T* X) const {
+    T* base = passes + int64_t(i) * pass_size;
+    const int64_t act = int64_t(K) * s.total_units;
+    return Pass<T>{base, base + act, base + 2 * act, base + 3 * act, base + 4 * act, X};
   }
 
   // Layer l's block of a per-point buffer: rows of pad(n_l).
@@ -272,6 +288,33 @@ PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t a
 #endif
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define PYMAML_VECTOR_TRANSPOSE 1
+// dst[j, :8] = src[:8, j] for an 8×8 tile: three rounds of pairwise shuffles (swap the 4×4, then
+// the 2×2, then the 1×1 blocks). About 4× faster here than scalar strided stores, which took
+// 18% of the sinusoid meta-step.
+template <class T>
+static inline void transpose_tile8(const T* src, int64_t lds, T* dst, int64_t ldd) {
+  typedef T Row __attribute__((vector_size(sizeof(T) * 8)));
+  Row r[8], a[8], b[8];
+  for (int j = 0; j < 8; ++j) __builtin_memcpy(&r[j], src + j * lds, sizeof(Row));
+  for (int j = 0; j < 4; ++j) {
+    a[j] = __builtin_shufflevector(r[j], r[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    a[j + 4] = __builtin_shufflevector(r[j], r[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const int j = q < 2 ? q : q + 2;  // rows 0, 1, 4, 5 pair with 2, 3, 6, 7
+    b[j] = __builtin_shufflevector(a[j], a[j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    b[j + 2] = __builtin_shufflevector(a[j], a[j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int j = 0; j < 8; j += 2) {
+    r[j] = __builtin_shufflevector(b[j], b[j + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    r[j + 1] = __builtin_shufflevector(b[j], b[j + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int j = 0; j < 8; ++j) __builtin_memcpy(dst + j * ldd, &r[j], sizeof(Row));
+}
+#endif
+
 // WT_l = W_l^T [n_{l-1}, pad(n_l)] followed by the padded bias row, from a padded parameter
 // vector, for the forward product z = a WT + b. Only real lanes are written.
 template <class T, class G>
@@ -280,14 +323,59 @@ PYMAML_HD void transpose_weights(const G& g, const MlpSpec& s, const T* theta, T
     const int n_in = s.in(l), n_out = s.out(l), ld_out = padded(n_out), ld_in = padded(n_in);
     const T* W = theta + s.padded_offset[l];
     T* wt = WT + s.wt_offset[l];
-    for (int o = g.rank(); o < n_out; o += g.size()) {
+    int o_tiled = 0;
+#if defined(PYMAML_VECTOR_TRANSPOSE)
+    const int i_tiled = n_in / 8 * 8;
+    o_tiled = n_out / 8 * 8;
+    for (int o0 = 0; o0 < o_tiled; o0 += 8) {
+      for (int i0 = 0; i0 < i_tiled; i0 += 8) {
+        transpose_tile8(W + int64_t(o0) * ld_in + i0, int64_t(ld_in), wt + int64_t(i0) * ld_out + o0, int64_t(ld_out));
+      }
+      for (int i = i_tiled; i < n_in; ++i) {
+        for (int o = o0; o < o0 + 8; ++o) wt[int64_t(i) * ld_out + o] = W[int64_t(o) * ld_in + i];
+      }
+    }
+#endif
+    for (int o = o_tiled + g.rank(); o < n_out; o += g.size()) {
       const T* w = W + int64_t(o) * ld_in;
       for (int i = 0; i < n_in; ++i) wt[int64_t(i) * ld_out + o] = w[i];
-      wt[int64_t(n_in) * ld_out + o] = W[int64_t(n_out) * ld_in + o];
     }
+    for (int o = g.rank(); o < n_out; o += g.size()) wt[int64_t(n_in) * ld_out + o] = W[int64_t(n_out) * ld_in + o];
   }
   g.sync();
 }
+
+// C[r, j] = (C[r, j] if accumulate, else init[j]) + Σ_i a[r, i] W[j, i] for j < n: the product
+// with W's rows as dot products, for layers with few outputs (the sinusoid's 40 → 1), where the
+// tiles would spend 15 of 16 lanes on padding. Rows of a and W are zero-padded to ld.
+template <class T, class G>
+PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int ld, const T* a, int64_t lda, const T* W, int64_t ldw, T* C,
+                             int64_t ldc, const T* init, bool accumulate) {
+  for (int idx = g.rank(); idx < R * n; idx += g.size()) {
+    const int r = idx / n, j = idx - r * n;
+    const T* x = a + r * lda;
+    const T* w = W + j * ldw;
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+    typedef T Panel __attribute__((vector_size(sizeof(T) * kChunk)));
+    Panel acc{}, xa, wa;
+    for (int i = 0; i < ld; i += kChunk) {
+      __builtin_memcpy(&xa, x + i, sizeof(Panel));
+      __builtin_memcpy(&wa, w + i, sizeof(Panel));
+      acc += xa * wa;
+    }
+    T sum = 0;
+    for (int lane = 0; lane < kChunk; ++lane) sum += acc[lane];
+#else
+    T sum = 0;
+    for (int i = 0; i < ld; ++i) sum += x[i] * w[i];
+#endif
+    C[r * ldc + j] = (accumulate ? C[r * ldc + j] : init[j]) + sum;
+  }
+}
+
+// Layers with at most this many outputs use gemm_rows_dot in the forward products.
+constexpr int kDotMaxOutputs = kChunk / 4;
+PYMAML_HD bool dot_layer(const MlpSpec& s, int l) { return s.out(l) <= kDotMaxOutputs; }
 
 template <class T, class G>
 PYMAML_HD void load_input(const G& g, const MlpSpec& s, const T* x, int K, T* X) {
@@ -298,24 +386,39 @@ PYMAML_HD void load_input(const G& g, const MlpSpec& s, const T* x, int K, T* X)
   g.sync();
 }
 
-// Layer l's input rows: X for l = 1, else the given per-point buffer of layer l-1.
+// Layer l's input rows in a pass: X for l = 1, else a_{l-1}.
 template <class T>
-PYMAML_HD const T* layer_input(const MlpSpec& s, const TaskWorkspace<T>& ws, const T* buffer, int K, int l) {
-  return l == 1 ? ws.X : TaskWorkspace<T>::layer(const_cast<T*>(buffer), s, K, l - 1);
+PYMAML_HD const T* layer_input(const MlpSpec& s, const Pass<T>& pass, int K, int l) {
+  return l == 1 ? pass.X : TaskWorkspace<T>::layer(pass.A, s, K, l - 1);
 }
 
-// Forward pass: z_l = a_{l-1} W_l^T + b_l, a_l = σ(z_l), from ws.X and WT.
+// The forward product z = in W^T + bias (accumulate: z += in W^T), from W's rows (padded theta
+// layout) for dot layers, else from the transposed WT; bias may be null when accumulating.
 template <class T, class G>
-PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, const T* WT, int K, const TaskWorkspace<T>& ws) {
-  for (int l = 1; l <= s.layers; ++l) {
-    const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
+PYMAML_HD void forward_product(const G& g, const MlpSpec& s, int l, int K, const T* in, const T* theta, const T* WT,
+                               T* z, bool accumulate) {
+  const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
+  if (dot_layer(s, l)) {
+    const T* W = theta + s.padded_offset[l];
+    gemm_rows_dot(g, K, n_out, ld_in, in, int64_t(ld_in), W, int64_t(ld_in), z, int64_t(ld_out),
+                  W + int64_t(n_out) * ld_in, accumulate);
+  } else {
     const T* wt = WT + s.wt_offset[l];
-    T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l);
-    gemm_rows(g, K, n_in, ld_out, layer_input(s, ws, ws.A, K, l), int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z,
-              int64_t(ld_out), wt + int64_t(n_in) * ld_out, false);
+    gemm_rows(g, K, n_in, ld_out, in, int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z, int64_t(ld_out),
+              wt + int64_t(n_in) * ld_out, accumulate);
+  }
+}
+
+// Forward pass: z_l = a_{l-1} W_l^T + b_l, a_l = σ(z_l), from pass.X.
+template <class T, class G>
+PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, const T* theta, const T* WT, int K, const Pass<T>& pass) {
+  for (int l = 1; l <= s.layers; ++l) {
+    const int n_out = s.out(l), ld_out = padded(n_out);
+    T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l);
+    forward_product(g, s, l, K, layer_input(s, pass, K, l), theta, WT, z, false);
     g.sync();
     if (l < s.layers) {
-      T* a = TaskWorkspace<T>::layer(ws.A, s, K, l);
+      T* a = TaskWorkspace<T>::layer(pass.A, s, K, l);
       for (int k = g.rank(); k < K; k += g.size()) {
         activate_row(s.activation, n_out, z + int64_t(k) * ld_out, a + int64_t(k) * ld_out);
       }
@@ -325,15 +428,17 @@ PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, const T* WT, int K, con
 }
 
 // The task's loss (a mean over points, and over outputs for MSE) into ws.cell[0], and, if
-// `delta` is given, δ_L = dL/dz_L (rows of pad(n_L)). MSE: δ = 2(z - y)/(K n_L). Cross-entropy,
-// stable through log-sum-exp: L = mean_k (lse_k - z_k[y_k]), δ = (softmax(z) - onehot(y))/K.
+// with_delta, δ_L = dL/dz_L into the pass. MSE: δ = 2(z - y)/(K n_L). Cross-entropy, stable
+// through log-sum-exp: L = mean_k (lse_k - z_k[y_k]), δ = (softmax(z) - onehot(y))/K.
 template <class T, class G>
-PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, T* delta, const TaskWorkspace<T>& ws) {
+PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, bool with_delta, const Pass<T>& pass,
+                        const TaskWorkspace<T>& ws) {
   const int n = s.outputs(), ld = padded(n);
-  const T* out = TaskWorkspace<T>::layer(ws.Z, s, K, s.layers);
+  const T* out = TaskWorkspace<T>::layer(pass.Z, s, K, s.layers);
+  T* delta = TaskWorkspace<T>::layer(pass.D, s, K, s.layers);
   for (int k = g.rank(); k < K; k += g.size()) {
     const T* z = out + int64_t(k) * ld;
-    T* d = delta ? delta + int64_t(k) * ld : nullptr;
+    T* d = with_delta ? delta + int64_t(k) * ld : nullptr;
     if (s.loss == Loss::mse) {
       const T scale = T(1) / (T(K) * T(n));
       const T* target = y.values + int64_t(k) * n;
@@ -351,7 +456,7 @@ PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, T* de
       for (int o = 0; o < n; ++o) total += math_exp(z[o] - peak);
       const T lse = peak + math_log(total);
       const int64_t label = y.labels[k];
-      ws.row_lse[k] = lse;
+      pass.lse[k] = lse;
       ws.row_loss[k] = (lse - z[label]) / T(K);
       if (d) {
         for (int o = 0; o < n; ++o) d[o] = (math_exp(z[o] - lse) - (o == label ? T(1) : T(0))) / T(K);
@@ -393,79 +498,74 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
   }
 }
 
-// Back-propagation from δ_L (in ws.D0) into the padded `grad`: gW_l = δ_l^T a_{l-1},
-// gb_l = Σ_k δ_l, δ_{l-1} = (δ_l W_l) ⊙ σ'(z_{l-1}).
+// Back-propagation from δ_L in the pass: δ_{l-1} = t ⊙ σ'(z_{l-1}) with t = δ_l W_l (kept in
+// the pass for activations with curvature), and, when grad is not null, gW_l = δ_l^T a_{l-1},
+// gb_l = Σ_k δ_l into it.
 template <class T, class G>
-PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K, const TaskWorkspace<T>& ws, T* grad) {
-  T* delta = ws.D0;
-  T* prev = ws.D1;
+PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K, const Pass<T>& pass, T* grad) {
+  const bool curvature = has_curvature(s.activation);
   for (int l = s.layers; l >= 1; --l) {
     const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
-    const T* in = layer_input(s, ws, ws.A, K, l);
-    weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad);
+    const T* in = layer_input(s, pass, K, l);
+    const T* delta = TaskWorkspace<T>::layer(pass.D, s, K, l);
+    if (grad) weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad);
     if (l > 1) {
+      T* prev = TaskWorkspace<T>::layer(pass.D, s, K, l - 1);
+      T* product = curvature ? TaskWorkspace<T>::layer(pass.Dt, s, K, l - 1) : prev;
       gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
-                prev, int64_t(ld_in), static_cast<const T*>(nullptr), false);
+                product, int64_t(ld_in), static_cast<const T*>(nullptr), false);
       g.sync();
-      const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l - 1);
+      const T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_in;
-        slope_times_row(s.activation, n_in, z + row, in + row, prev + row, prev + row);
+        slope_times_row(s.activation, n_in, z + row, in + row, product + row, prev + row);
       }
     }
     g.sync();
-    T* swap = delta;
-    delta = prev;
-    prev = swap;
   }
 }
 
-// Loss and gradient at a padded theta whose transposed weights are WT; the loss is left in ws.cell[0].
+// Loss and gradient at a padded theta whose transposed weights are WT; the pass keeps the
+// activations and δs, and the loss is left in ws.cell[0]. grad may be null (δs only).
 template <class T, class G>
-PYMAML_HD void mlp_gradient(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* x, Targets<T> y, int K,
-                            const TaskWorkspace<T>& ws, T* grad) {
-  load_input(g, s, x, K, ws.X);
-  mlp_forward(g, s, WT, K, ws);
-  mlp_loss(g, s, y, K, ws.D0, ws);
-  mlp_backward(g, s, theta, K, ws, grad);
+PYMAML_HD void mlp_gradient(const G& g, const MlpSpec& s, const T* theta, const T* WT, Targets<T> y, int K,
+                            const Pass<T>& pass, const TaskWorkspace<T>& ws, T* grad) {
+  mlp_forward(g, s, theta, WT, K, pass);
+  mlp_loss(g, s, y, K, true, pass, ws);
+  mlp_backward(g, s, theta, K, pass, grad);
 }
 
 template <class T, class G>
-PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* WT, const T* x, Targets<T> y, int K,
-                        const TaskWorkspace<T>& ws) {
-  load_input(g, s, x, K, ws.X);
-  mlp_forward(g, s, WT, K, ws);
-  mlp_loss(g, s, y, K, static_cast<T*>(nullptr), ws);
+PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* theta, const T* WT, Targets<T> y, int K,
+                        const Pass<T>& pass, const TaskWorkspace<T>& ws) {
+  mlp_forward(g, s, theta, WT, K, pass);
+  mlp_loss(g, s, y, K, false, pass, ws);
   return ws.cell[0];
 }
 
-// Hessian-vector product hv = H u of the loss at theta (R-operator: forward-over-reverse), all
-// in the padded layout, with theta's transposed weights WT; the gradient into `grad` when it is
-// not null.
+// Hessian-vector product hv = H u of the loss at theta (R-operator: forward-over-reverse), in
+// the padded layout, from a pass that mlp_gradient left at theta (activations and δs) and the
+// transposed u in UT:
 //   R(z_l) = R(a_{l-1}) W_l^T + a_{l-1} U_l^T + u_b,  R(a_l) = σ'(z_l) R(z_l)
 //   R(δ_L): MSE 2 R(z_L)/(K n_L);  cross-entropy p ⊙ (R(z) - p·R(z))/K
 //   R(gW_l) = R(δ_l)^T a_{l-1} + δ_l^T R(a_{l-1}),  R(gb_l) = Σ_k R(δ_l)
 //   R(δ_{l-1}) = (R(δ_l) W_l + δ_l U_l) ⊙ σ'(z_{l-1}) + (δ_l W_l) ⊙ σ''(z_{l-1}) ⊙ R(z_{l-1})
 template <class T, class G>
-PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* u, const T* x, Targets<T> y,
-                       int K, const TaskWorkspace<T>& ws, T* grad, T* hv) {
-  transpose_weights(g, s, u, ws.UT);
-  load_input(g, s, x, K, ws.X);
-  mlp_forward(g, s, WT, K, ws);
+PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* u, const T* UT,
+                                 int K, const Pass<T>& pass, const TaskWorkspace<T>& ws, T* hv) {
   for (int l = 1; l <= s.layers; ++l) {
-    const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
-    const T* ut = ws.UT + s.wt_offset[l];
+    const int n_out = s.out(l), ld_out = padded(n_out);
+    const T* in = layer_input(s, pass, K, l);
     T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l);
-    gemm_rows(g, K, n_in, ld_out, layer_input(s, ws, ws.A, K, l), int64_t(ld_in), int64_t(1), ut, int64_t(ld_out), rz,
-              int64_t(ld_out), ut + int64_t(n_in) * ld_out, false);
+    forward_product(g, s, l, K, in, u, UT, rz, false);
     if (l > 1) {
-      gemm_rows(g, K, n_in, ld_out, TaskWorkspace<T>::layer(ws.RA, s, K, l - 1), int64_t(ld_in), int64_t(1),
-                WT + s.wt_offset[l], int64_t(ld_out), rz, int64_t(ld_out), static_cast<const T*>(nullptr), true);
+      const T* r_in = TaskWorkspace<T>::layer(ws.RA, s, K, l - 1);
+      forward_product(g, s, l, K, r_in, theta, WT, rz, true);
     }
     g.sync();
     if (l < s.layers) {
-      const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l);
-      const T* a = TaskWorkspace<T>::layer(ws.A, s, K, l);
+      const T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l);
+      const T* a = TaskWorkspace<T>::layer(pass.A, s, K, l);
       T* ra = TaskWorkspace<T>::layer(ws.RA, s, K, l);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_out;
@@ -475,54 +575,60 @@ PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* WT
     }
   }
   const int n = s.outputs(), ld = padded(n);
-  const T* out = TaskWorkspace<T>::layer(ws.Z, s, K, s.layers);
+  const T* out = TaskWorkspace<T>::layer(pass.Z, s, K, s.layers);
   const T* r_out = TaskWorkspace<T>::layer(ws.RZ, s, K, s.layers);
-  mlp_loss(g, s, y, K, ws.D0, ws);
+  T* r_delta_out = TaskWorkspace<T>::layer(ws.RD, s, K, s.layers);
   for (int k = g.rank(); k < K; k += g.size()) {
     const T* rz = r_out + int64_t(k) * ld;
-    T* rd = ws.RD0 + int64_t(k) * ld;
+    T* rd = r_delta_out + int64_t(k) * ld;
     if (s.loss == Loss::mse) {
       const T scale = T(2) / (T(K) * T(n));
       for (int o = 0; o < n; ++o) rd[o] = scale * rz[o];
     } else {
       const T* z = out + int64_t(k) * ld;
-      const T lse = ws.row_lse[k];
+      const T lse = pass.lse[k];
       T p_dot_rz = 0;
       for (int o = 0; o < n; ++o) p_dot_rz += math_exp(z[o] - lse) * rz[o];
       for (int o = 0; o < n; ++o) rd[o] = math_exp(z[o] - lse) * (rz[o] - p_dot_rz) / T(K);
     }
   }
   g.sync();
-  T *delta = ws.D0, *prev = ws.D1, *r_delta = ws.RD0, *r_prev = ws.RD1;
   for (int l = s.layers; l >= 1; --l) {
     const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
-    const T* in = layer_input(s, ws, ws.A, K, l);
+    const T* in = layer_input(s, pass, K, l);
+    const T* delta = TaskWorkspace<T>::layer(pass.D, s, K, l);
+    const T* r_delta = TaskWorkspace<T>::layer(ws.RD, s, K, l);
     const T* r_in = l == 1 ? nullptr : TaskWorkspace<T>::layer(ws.RA, s, K, l - 1);
     weight_products(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv);
-    if (grad) {
-      weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad);
-    }
     if (l > 1) {
-      const T* wp = theta + s.padded_offset[l];
-      const T* up = u + s.padded_offset[l];
-      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), wp, int64_t(ld_in), prev, int64_t(ld_in),
-                static_cast<const T*>(nullptr), false);
-      gemm_rows(g, K, n_out, ld_in, r_delta, int64_t(ld_out), int64_t(1), wp, int64_t(ld_in), r_prev, int64_t(ld_in),
-                static_cast<const T*>(nullptr), false);
-      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), up, int64_t(ld_in), r_prev, int64_t(ld_in),
-                static_cast<const T*>(nullptr), true);
+      T* r_prev = TaskWorkspace<T>::layer(ws.RD, s, K, l - 1);
+      gemm_rows(g, K, n_out, ld_in, r_delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
+                r_prev, int64_t(ld_in), static_cast<const T*>(nullptr), false);
+      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), u + s.padded_offset[l], int64_t(ld_in), r_prev,
+                int64_t(ld_in), static_cast<const T*>(nullptr), true);
       g.sync();
-      const T* z = TaskWorkspace<T>::layer(ws.Z, s, K, l - 1);
+      const T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l - 1);
       const T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l - 1);
+      const T* t = TaskWorkspace<T>::layer(pass.Dt, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_in;
-        slope_and_curvature_row(s.activation, n_in, z + row, in + row, rz + row, prev + row, r_prev + row);
+        tangent_slope_row(s.activation, n_in, z + row, in + row, rz + row, t + row, r_prev + row);
       }
     }
     g.sync();
-    T* swap = delta; delta = prev; prev = swap;
-    swap = r_delta; r_delta = r_prev; r_prev = swap;
   }
+}
+
+// Hessian-vector product at theta (its transposed weights in WT) on the points x, and the
+// gradient into grad when it is not null; uses pass 0 of the workspace.
+template <class T, class G>
+PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* u, const T* x, Targets<T> y,
+                       int K, const TaskWorkspace<T>& ws, T* grad, T* hv) {
+  transpose_weights(g, s, u, ws.UT);
+  load_input(g, s, x, K, ws.Xs);
+  const Pass<T> pass = ws.pass(s, K, 0, ws.Xs);
+  mlp_gradient(g, s, theta, WT, y, K, pass, ws, grad);
+  mlp_hvp_from_pass(g, s, theta, WT, u, ws.UT, K, pass, ws, hv);
 }
 
 // What one meta-step computes, beyond the model.
@@ -549,23 +655,26 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
                               Targets<T> query_y, T* workspace, T* task_loss, T* pre_loss, T* step_losses,
                               T* grad_theta, T* grad_lrs) {
   const int64_t PP = s.num_padded_params, WS = s.wt_size;
-  const int S = m.steps, Ks = m.support_points, Kq = m.query_points;
-  const TaskWorkspace<T> ws(workspace, s, Ks > Kq ? Ks : Kq, S);
+  const int S = m.steps, Ks = m.support_points, Kq = m.query_points, K = Ks > Kq ? Ks : Kq;
+  const TaskWorkspace<T> ws(workspace, s, K, S);
   for (int64_t p = g.rank(); p < PP; p += g.size()) ws.thetas[p] = theta0[p];
-  g.sync();
+  load_input(g, s, query_x, Kq, ws.Xq);
+  if (S > 0) load_input(g, s, support_x, Ks, ws.Xs);
   transpose_weights(g, s, ws.thetas, ws.WTs);
-  const T pre = mlp_loss_at(g, s, ws.WTs, query_x, query_y, Kq, ws);
-  if (g.rank() == 0) *pre_loss = pre;
+  const Pass<T> query = ws.pass(s, K, S, ws.Xq);
   if (S == 0) {
-    mlp_gradient(g, s, ws.thetas, ws.WTs, query_x, query_y, Kq, ws, grad_theta);
-    if (g.rank() == 0) *task_loss = pre;
+    mlp_gradient(g, s, ws.thetas, ws.WTs, query_y, Kq, query, ws, grad_theta);
+    if (g.rank() == 0) *pre_loss = *task_loss = ws.cell[0];
     g.sync();
     return;
   }
+  const T pre = mlp_loss_at(g, s, ws.thetas, ws.WTs, query_y, Kq, query, ws);
+  if (g.rank() == 0) *pre_loss = pre;
+  // Inner loop; pass `step` keeps the support activations and δs at θ_step for its HVP.
   for (int step = 0; step < S; ++step) {
     const T* theta = ws.thetas + step * PP;
     T* grad = ws.grads + step * PP;
-    mlp_gradient(g, s, theta, ws.WTs + step * WS, support_x, support_y, Ks, ws, grad);
+    mlp_gradient(g, s, theta, ws.WTs + step * WS, support_y, Ks, ws.pass(s, K, step, ws.Xs), ws, grad);
     g.sync();
     const T* lr = lrs + step * PP;
     T* next = ws.thetas + (step + 1) * PP;
@@ -576,11 +685,11 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
   }
   T total = 0;
   for (int step = 1; step < S; ++step) {
-    const T loss = mlp_loss_at(g, s, ws.WTs + step * WS, query_x, query_y, Kq, ws);
+    const T loss = mlp_loss_at(g, s, ws.thetas + step * PP, ws.WTs + step * WS, query_y, Kq, query, ws);
     if (g.rank() == 0) step_losses[step - 1] = loss;
     total += step_weights[step - 1] * loss;
   }
-  mlp_gradient(g, s, ws.thetas + S * PP, ws.WTs + S * WS, query_x, query_y, Kq, ws, ws.qg);
+  mlp_gradient(g, s, ws.thetas + S * PP, ws.WTs + S * WS, query_y, Kq, query, ws, ws.qg);
   g.sync();
   const T last = ws.cell[0];
   if (g.rank() == 0) {
@@ -601,14 +710,15 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
       PYMAML_SIMD
       for (int64_t p = g.rank(); p < PP; p += g.size()) ws.u[p] = lr[p] * ws.v[p];
       g.sync();
-      mlp_hvp(g, s, theta, ws.WTs + step * WS, ws.u, support_x, support_y, Ks, ws, static_cast<T*>(nullptr), ws.hv);
+      transpose_weights(g, s, ws.u, ws.UT);
+      mlp_hvp_from_pass(g, s, theta, ws.WTs + step * WS, ws.u, ws.UT, Ks, ws.pass(s, K, step, ws.Xs), ws, ws.hv);
       g.sync();
       PYMAML_SIMD
       for (int64_t p = g.rank(); p < PP; p += g.size()) ws.v[p] -= ws.hv[p];
       g.sync();
     }
     if (step >= 1 && step_weights[step - 1] != T(0)) {
-      mlp_gradient(g, s, theta, ws.WTs + step * WS, query_x, query_y, Kq, ws, ws.qg);
+      mlp_gradient(g, s, theta, ws.WTs + step * WS, query_y, Kq, query, ws, ws.qg);
       g.sync();
       const T w = step_weights[step - 1];
       for (int64_t p = g.rank(); p < PP; p += g.size()) ws.v[p] += w * ws.qg[p];
