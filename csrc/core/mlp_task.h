@@ -315,11 +315,20 @@ static inline void transpose_tile8(const T* src, int64_t lds, T* dst, int64_t ld
 }
 #endif
 
-// WT_l = W_l^T [n_{l-1}, pad(n_l)] followed by the padded bias row, from a padded parameter
-// vector, for the forward product z = a WT + b. Only real lanes are written.
+// How each layer's forward product z = a W^T + b reads W: layer 1 from its transposed padded
+// storage; layers with at most kDotMaxOutputs outputs (the sinusoid's 40 → 1) from W's rows as
+// dot products (gemm_rows_dot), where tiles would spend 15 of 16 lanes on padding; the others
+// from a transposed copy WT (transpose_weights).
+constexpr int kDotMaxOutputs = kChunk / 4;
+PYMAML_HD bool dot_layer(const MlpSpec& s, int l) { return l > 1 && s.out(l) <= kDotMaxOutputs; }
+PYMAML_HD bool needs_transpose(const MlpSpec& s, int l) { return l > 1 && !dot_layer(s, l); }
+
+// WT_l = W_l^T [n_{l-1}, pad(n_l)] followed by the padded bias row, for the layers that need
+// it, from a padded parameter vector. Only real lanes are written.
 template <class T, class G>
 PYMAML_HD void transpose_weights(const G& g, const MlpSpec& s, const T* theta, T* WT) {
-  for (int l = 1; l <= s.layers; ++l) {
+  for (int l = 2; l <= s.layers; ++l) {
+    if (!needs_transpose(s, l)) continue;
     const int n_in = s.in(l), n_out = s.out(l), ld_out = padded(n_out), ld_in = padded(n_in);
     const T* W = theta + s.padded_offset[l];
     T* wt = WT + s.wt_offset[l];
@@ -340,14 +349,13 @@ PYMAML_HD void transpose_weights(const G& g, const MlpSpec& s, const T* theta, T
       const T* w = W + int64_t(o) * ld_in;
       for (int i = 0; i < n_in; ++i) wt[int64_t(i) * ld_out + o] = w[i];
     }
-    for (int o = g.rank(); o < n_out; o += g.size()) wt[int64_t(n_in) * ld_out + o] = W[int64_t(n_out) * ld_in + o];
+    for (int o = g.rank(); o < n_out; o += g.size()) wt[int64_t(n_in) * ld_out + o] = theta[s.bias_offset(l) + o];
   }
   g.sync();
 }
 
 // C[r, j] = (C[r, j] if accumulate, else init[j]) + Σ_i a[r, i] W[j, i] for j < n: the product
-// with W's rows as dot products, for layers with few outputs (the sinusoid's 40 → 1), where the
-// tiles would spend 15 of 16 lanes on padding. Rows of a and W are zero-padded to ld.
+// with W's rows as dot products (see dot_layer). Rows of a and W are zero-padded to ld.
 template <class T, class G>
 PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int ld, const T* a, int64_t lda, const T* W, int64_t ldw, T* C,
                              int64_t ldc, const T* init, bool accumulate) {
@@ -373,9 +381,6 @@ PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int ld, const T* a, int64
   }
 }
 
-// Layers with at most this many outputs use gemm_rows_dot in the forward products.
-constexpr int kDotMaxOutputs = kChunk / 4;
-PYMAML_HD bool dot_layer(const MlpSpec& s, int l) { return s.out(l) <= kDotMaxOutputs; }
 
 template <class T, class G>
 PYMAML_HD void load_input(const G& g, const MlpSpec& s, const T* x, int K, T* X) {
@@ -392,18 +397,16 @@ PYMAML_HD const T* layer_input(const MlpSpec& s, const Pass<T>& pass, int K, int
   return l == 1 ? pass.X : TaskWorkspace<T>::layer(pass.A, s, K, l - 1);
 }
 
-// The forward product z = in W^T + bias (accumulate: z += in W^T), from W's rows (padded theta
-// layout) for dot layers, else from the transposed WT; bias may be null when accumulating.
+// The forward product z = in W^T + b (accumulate: z += in W^T), W read as dot_layer says.
 template <class T, class G>
 PYMAML_HD void forward_product(const G& g, const MlpSpec& s, int l, int K, const T* in, const T* theta, const T* WT,
                                T* z, bool accumulate) {
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
   if (dot_layer(s, l)) {
-    const T* W = theta + s.padded_offset[l];
-    gemm_rows_dot(g, K, n_out, ld_in, in, int64_t(ld_in), W, int64_t(ld_in), z, int64_t(ld_out),
-                  W + int64_t(n_out) * ld_in, accumulate);
+    gemm_rows_dot(g, K, n_out, ld_in, in, int64_t(ld_in), theta + s.padded_offset[l], int64_t(ld_in), z,
+                  int64_t(ld_out), theta + s.bias_offset(l), accumulate);
   } else {
-    const T* wt = WT + s.wt_offset[l];
+    const T* wt = l == 1 ? theta + s.padded_offset[1] : WT + s.wt_offset[l];
     gemm_rows(g, K, n_in, ld_out, in, int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z, int64_t(ld_out),
               wt + int64_t(n_in) * ld_out, accumulate);
   }
@@ -472,21 +475,31 @@ PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, bool 
   g.sync();
 }
 
-// Layer l's block of a padded parameter vector `out`: W rows = Σ_k d1[k, o] in1[k, :] (+ Σ_k
+// Layer l's block of a padded parameter vector `out`: W[o, :] = Σ_k d1[k, o] in1[k, :] (+ Σ_k
 // d2[k, o] in2[k, :] when d2 is given), and the bias = Σ_k d1[k, o] when the MLP has biases.
+// Layer 1 is stored transposed and takes the same sums as W^T[i, :] = Σ_k in1[k, i] d1[k, :].
 template <class T, class G>
 PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const T* d1, const T* in1, const T* d2,
                                const T* in2, T* out) {
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
   T* W = out + s.padded_offset[l];
-  gemm_rows(g, n_out, K, ld_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), W, int64_t(ld_in),
-            static_cast<const T*>(nullptr), false);
-  if (d2) {
-    gemm_rows(g, n_out, K, ld_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), W, int64_t(ld_in),
-              static_cast<const T*>(nullptr), true);
+  if (l == 1) {
+    gemm_rows(g, n_in, K, ld_out, in1, int64_t(1), int64_t(ld_in), d1, int64_t(ld_out), W, int64_t(ld_out),
+              static_cast<const T*>(nullptr), false);
+    if (d2) {
+      gemm_rows(g, n_in, K, ld_out, in2, int64_t(1), int64_t(ld_in), d2, int64_t(ld_out), W, int64_t(ld_out),
+                static_cast<const T*>(nullptr), true);
+    }
+  } else {
+    gemm_rows(g, n_out, K, ld_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), W, int64_t(ld_in),
+              static_cast<const T*>(nullptr), false);
+    if (d2) {
+      gemm_rows(g, n_out, K, ld_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), W, int64_t(ld_in),
+                static_cast<const T*>(nullptr), true);
+    }
   }
   if (s.bias) {
-    T* bias = W + int64_t(n_out) * ld_in;
+    T* bias = out + s.bias_offset(l);
     if (g.rank() == 0) {  // Σ_k d1[k, :], along contiguous rows
       for (int o = 0; o < n_out; ++o) bias[o] = d1[o];
       for (int k = 1; k < K; ++k) {
