@@ -42,7 +42,8 @@ PYMAML_HD T activation_curvature(Activation act, T a, T slope) {
 }
 
 // Row-wise elementwise passes, with the switch on the activation outside the loops so that
-// each loop vectorizes.
+// each loop vectorizes. Callers pass the padded width where the padding lanes (zero) stay zero:
+// whole SIMD registers, no scalar tail.
 // a[i] = σ(z[i])
 template <class T>
 PYMAML_HD void activate_row(Activation act, int n, const T* z, T* a) {
@@ -86,9 +87,10 @@ PYMAML_HD void slope_times_row(Activation act, int n, const T* z, const T* a, co
 // R(δ) = R(t) σ'(z) + t σ''(z) R(z), in place over R(t) (rt), with t the back-propagated
 // product before the slope (δ = t σ'(z)).
 template <class T>
-PYMAML_HD void tangent_slope_row(Activation act, int n, const T* z, const T* a, const T* rz, const T* t, T* rt) {
+PYMAML_HD void tangent_slope_row(Activation act, int n, int ld, const T* z, const T* a, const T* rz, const T* t,
+                                 T* rt) {
   if (act == Activation::relu || act == Activation::none) {  // σ'' = 0
-    slope_times_row(act, n, z, a, rt, rt);
+    slope_times_row(act, ld, z, a, rt, rt);
     return;
   }
   for (int i = 0; i < n; ++i) {
@@ -422,8 +424,9 @@ PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, const T* theta, const T
     g.sync();
     if (l < s.layers) {
       T* a = TaskWorkspace<T>::layer(pass.A, s, K, l);
+      const int width = s.activation == Activation::sigmoid ? n_out : ld_out;  // σ(0) = 0 keeps padding zero
       for (int k = g.rank(); k < K; k += g.size()) {
-        activate_row(s.activation, n_out, z + int64_t(k) * ld_out, a + int64_t(k) * ld_out);
+        activate_row(s.activation, width, z + int64_t(k) * ld_out, a + int64_t(k) * ld_out);
       }
       g.sync();
     }
@@ -500,13 +503,18 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
   }
   if (s.bias) {
     T* bias = out + s.bias_offset(l);
-    if (g.rank() == 0) {  // Σ_k d1[k, :], along contiguous rows
-      for (int o = 0; o < n_out; ++o) bias[o] = d1[o];
+    // Σ_k d1[k, :] along contiguous rows, padding lanes (zero) included.
+    for (int o0 = g.rank() * kChunk; o0 < ld_out; o0 += g.size() * kChunk) {
+      T sum[kChunk];
+      PYMAML_SIMD
+      for (int j = 0; j < kChunk; ++j) sum[j] = d1[o0 + j];
       for (int k = 1; k < K; ++k) {
-        const T* row = d1 + int64_t(k) * ld_out;
+        const T* row = d1 + int64_t(k) * ld_out + o0;
         PYMAML_SIMD
-        for (int o = 0; o < n_out; ++o) bias[o] += row[o];
+        for (int j = 0; j < kChunk; ++j) sum[j] += row[j];
       }
+      PYMAML_SIMD
+      for (int j = 0; j < kChunk; ++j) bias[o0 + j] = sum[j];
     }
   }
 }
@@ -531,7 +539,7 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K,
       const T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_in;
-        slope_times_row(s.activation, n_in, z + row, in + row, product + row, prev + row);
+        slope_times_row(s.activation, ld_in, z + row, in + row, product + row, prev + row);
       }
     }
     g.sync();
@@ -582,7 +590,7 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
       T* ra = TaskWorkspace<T>::layer(ws.RA, s, K, l);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_out;
-        slope_times_row(s.activation, n_out, z + row, a + row, rz + row, ra + row);
+        slope_times_row(s.activation, ld_out, z + row, a + row, rz + row, ra + row);
       }
       g.sync();
     }
@@ -625,7 +633,7 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
       const T* t = TaskWorkspace<T>::layer(pass.Dt, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_in;
-        tangent_slope_row(s.activation, n_in, z + row, in + row, rz + row, t + row, r_prev + row);
+        tangent_slope_row(s.activation, n_in, ld_in, z + row, in + row, rz + row, t + row, r_prev + row);
       }
     }
     g.sync();
@@ -709,36 +717,48 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
     step_losses[S - 1] = last;
     *task_loss = total + step_weights[S - 1] * last;
   }
-  for (int64_t p = g.rank(); p < PP; p += g.size()) ws.v[p] = step_weights[S - 1] * ws.qg[p];
-  g.sync();
-  for (int step = S - 1; step >= 0; --step) {
-    const T* theta = ws.thetas + step * PP;
-    const T* grad = ws.grads + step * PP;
-    const T* lr = lrs + step * PP;
-    if (m.lr_grad) {
-      T* out = grad_lrs + step * PP;
-      for (int64_t p = g.rank(); p < PP; p += g.size()) out[p] = -grad[p] * ws.v[p];
-    }
-    if (!m.first_order) {
+  // The reverse chain, with v in grad_theta. Each step's vector work is one pass over the
+  // parameters: finish v_{s+1}, then ∂/∂α_s and u = α_s ⊙ v_{s+1} for the next HVP.
+  T* v = grad_theta;
+  for (int step = S; step >= 1; --step) {
+    const T* grad = ws.grads + (step - 1) * PP;
+    const T* lr = lrs + (step - 1) * PP;
+    T* lr_out = m.lr_grad ? grad_lrs + (step - 1) * PP : nullptr;
+    if (step == S) {
+      const T w = step_weights[S - 1];
       PYMAML_SIMD
-      for (int64_t p = g.rank(); p < PP; p += g.size()) ws.u[p] = lr[p] * ws.v[p];
-      g.sync();
-      transpose_weights(g, s, ws.u, ws.UT);
-      mlp_hvp_from_pass(g, s, theta, ws.WTs + step * WS, ws.u, ws.UT, Ks, ws.pass(s, K, step, ws.Xs), ws, ws.hv);
-      g.sync();
-      PYMAML_SIMD
-      for (int64_t p = g.rank(); p < PP; p += g.size()) ws.v[p] -= ws.hv[p];
-      g.sync();
-    }
-    if (step >= 1 && step_weights[step - 1] != T(0)) {
-      mlp_gradient(g, s, theta, ws.WTs + step * WS, query_y, Kq, query, ws, ws.qg);
-      g.sync();
+      for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] = w * ws.qg[p];
+    } else {
+      // v_step = v_{step+1} − H_step u + w_step ∇L_query(θ_step)
       const T w = step_weights[step - 1];
-      for (int64_t p = g.rank(); p < PP; p += g.size()) ws.v[p] += w * ws.qg[p];
+      if (w != T(0)) {
+        mlp_gradient(g, s, ws.thetas + step * PP, ws.WTs + step * WS, query_y, Kq, query, ws, ws.qg);
+        g.sync();
+      }
+      const T* hv = m.first_order ? nullptr : ws.hv;
+      PYMAML_SIMD
+      for (int64_t p = g.rank(); p < PP; p += g.size()) {
+        v[p] = (hv ? v[p] - hv[p] : v[p]) + (w != T(0) ? w * ws.qg[p] : T(0));
+      }
+    }
+    PYMAML_SIMD
+    for (int64_t p = g.rank(); p < PP; p += g.size()) {
+      if (lr_out) lr_out[p] = -grad[p] * v[p];
+      ws.u[p] = lr[p] * v[p];
+    }
+    g.sync();
+    if (!m.first_order) {
+      transpose_weights(g, s, ws.u, ws.UT);
+      const int at = step - 1;
+      mlp_hvp_from_pass(g, s, ws.thetas + at * PP, ws.WTs + at * WS, ws.u, ws.UT, Ks, ws.pass(s, K, at, ws.Xs), ws,
+                        ws.hv);
       g.sync();
     }
   }
-  for (int64_t p = g.rank(); p < PP; p += g.size()) grad_theta[p] = ws.v[p];
+  if (!m.first_order) {
+    PYMAML_SIMD
+    for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] -= ws.hv[p];
+  }
   g.sync();
 }
 
