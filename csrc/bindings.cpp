@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -65,6 +66,14 @@ void check_labels(const ArrayArg& labels, int classes) {
                             std::to_string(classes) + ")");
     }
   }
+}
+
+template <class T>
+void check_finite_values(const ArrayArg& array) {
+  const T* data = array.data<T>();
+  bool finite = true;
+  for (int64_t i = 0, n = array.numel(); i < n; ++i) finite &= std::isfinite(data[i]);
+  if (!finite) throw py::value_error(array.name() + " contains NaN or Inf");
 }
 
 // The checked arguments of a meta-step call, on the CPU or on one CUDA device.
@@ -164,6 +173,17 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
   if (call.grad_lrs) {
     call.grad_lrs->require_dtype(real, "it must match theta");
     call.grad_lrs->require_shape({S, P}, "[steps, parameters]");
+  }
+  if (device == kDLCPU) {  // a NaN or Inf in the data would silently poison every gradient
+    const bool labels = spec.loss == pymaml::Loss::cross_entropy;
+    for (const ArrayArg* array : {&support_x, &support_y, &query_x, &query_y}) {
+      if (labels && (array == &support_y || array == &query_y)) continue;
+      if (is_f32) {
+        check_finite_values<float>(*array);
+      } else {
+        check_finite_values<double>(*array);
+      }
+    }
   }
   call.shape = pymaml::MetaStepShape{S, Ks, Kq, first_order, call.grad_lrs != nullptr};
   call.tasks = tasks;

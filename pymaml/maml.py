@@ -209,15 +209,17 @@ class MAML(nn.Module):
 
     def forward(self, support_x, support_y, query_x, query_y) -> MetaOutput:
         """One meta-step over the tasks of the batch; see MetaOutput."""
-        device = self._device()
+        reference_param = next(self.module.parameters())
+        device = reference_param.device
+        backend = self._resolve(device)
         if self.check_inputs:
             inputs = dict(support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
-            _validate_inputs(inputs, self.config.loss, self._dtype(), device, check_finite=True)
+            _validate_inputs(inputs, self.config.loss, reference_param.dtype, device,
+                             check_finite=not backend.checks_finite_inputs)
             if support_x.shape[1] == 0 and self.config.inner_steps > 0:
                 raise ValueError("support_x has no points per task; the inner loop needs at least one")
             if query_x.shape[1] == 0:
                 raise ValueError("query_x has no points per task")
-        backend = self._resolve(device)
         batch = TaskBatch(support_x, support_y, query_x, query_y)
         return backend.meta_step(self.module, self.config, batch, self.inner_lr, self.step_weights)
 

@@ -55,6 +55,9 @@ class Backend:
     """One way to compute MAML's meta-step. Subclasses set `name` and implement the methods."""
 
     name: ClassVar[str]
+    # True where meta_step itself rejects a batch with NaN or Inf (naming the tensor), so that
+    # MAML skips its own scan.
+    checks_finite_inputs: ClassVar[bool] = False
 
     def unavailable_reason(self) -> str | None:
         """None if this backend can run in this process, else why not (missing extension, no GPU, ...)."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import functional
 from .._extension import EXTENSION_ERROR, extension
-from ..ops import mlp_meta_step
+from ..ops.mlp_meta_step import mlp_meta_step_from_parts
 from ..schedule import step_size
 from ..state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
@@ -28,6 +28,7 @@ class MlpLayout:
 
     def __init__(self, widths: list[int], activation: str, bias: bool, linears: list[nn.Linear]):
         self.widths, self.activation, self.bias, self.linears = widths, activation, bias, linears
+        self.num_params = sum(m * n + (n if bias else 0) for m, n in zip(widths[:-1], widths[1:]))
 
     def parameters(self) -> list[torch.Tensor]:
         """The parameters in nn.Sequential order, read from the layers (cheaper than Module.parameters())."""
@@ -73,6 +74,7 @@ def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
 
 class CppBackend(Backend):
     name = "cpp"
+    checks_finite_inputs = True  # the binding scans x and y before the kernel runs
 
     def __init__(self):
         # Per model: its layout, checked against the identity of its layers on every call (a
@@ -90,15 +92,15 @@ class CppBackend(Backend):
             cached = self._layouts[model] = (layers, layout)
         return cached[1]
 
-    def _constant(self, kind: str, theta: torch.Tensor, steps: int, inner_lr: float = 0.0) -> torch.Tensor:
+    def _constant(self, kind: str, like: torch.Tensor, steps: int, num_params: int, inner_lr: float = 0.0):
         """Tensors that only depend on the shapes, built once and reused: kind "lrs" is α = inner_lr
         for every step and parameter ([S, P]); kind "weights" is (0, ..., 0, 1) ([S])."""
-        key = (kind, steps, theta.shape[0], float(inner_lr), theta.dtype, theta.device)
+        key = (kind, steps, num_params, float(inner_lr), like.dtype, like.device)
         if key not in self._constants:
             if kind == "lrs":
-                value = theta.new_full((steps, theta.shape[0]), float(inner_lr))
+                value = like.new_full((steps, num_params), float(inner_lr))
             else:
-                value = theta.new_zeros(steps)
+                value = like.new_zeros(steps)
                 if steps:
                     value[-1] = 1.0
             if len(self._constants) > 64:  # settings rarely change; keep the cache small
@@ -132,21 +134,22 @@ class CppBackend(Backend):
         for name, tensor in zip(("support_x", "query_x"), (batch.support_x, batch.query_x)):
             if tensor.dim() != 3 or tensor.shape[-1] != layout.widths[0]:
                 raise ValueError(f"{name} must be [T, K, {layout.widths[0]}] for this MLP, got {tuple(tensor.shape)}")
-        theta = torch.cat([p.reshape(-1) for p in params])
+        like = params[0]  # the dtype and device of θ
+        num_params = layout.num_params
         steps = config.inner_steps
         if isinstance(inner_lr, (int, float)):
-            lrs = self._constant("lrs", theta, steps, inner_lr)
+            lrs = self._constant("lrs", like, steps, num_params, inner_lr)
         else:  # α_s per parameter element, [S, P]; differentiable towards the learned step sizes
             names = list(adapted_parameters(model))
             lrs = torch.stack([
-                torch.cat([torch.as_tensor(step_size(inner_lr, s, name), dtype=theta.dtype).expand(p.shape).reshape(-1)
+                torch.cat([torch.as_tensor(step_size(inner_lr, s, name), dtype=like.dtype).expand(p.shape).reshape(-1)
                            for name, p in zip(names, params)])
                 for s in range(steps)
-            ]) if steps else theta.new_zeros(0, theta.shape[0])
+            ]) if steps else like.new_zeros(0, num_params)
         if step_weights is None:
-            step_weights = self._constant("weights", theta, steps)
-        meta_loss, task_losses, pre_losses, *_ = mlp_meta_step(
-            theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
+            step_weights = self._constant("weights", like, steps, num_params)
+        meta_loss, task_losses, pre_losses, *_ = mlp_meta_step_from_parts(
+            params, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
             config.first_order, lrs.requires_grad,
         )
         return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
@@ -163,6 +166,7 @@ class CudaBackend(CppBackend):
     one thread block per task and one kernel launch per meta-step, on CUDA tensors."""
 
     name = "cuda"
+    checks_finite_inputs = False  # device memory is not read on the host
 
     def unavailable_reason(self):
         from ..ops.mlp_meta_step import cuda_kernel_available

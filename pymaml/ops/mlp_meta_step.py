@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
+from torch.utils.dlpack import to_dlpack
 
 from .._extension import extension
 
@@ -90,18 +91,24 @@ def mlp_meta_step_torch(
 def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
                first_order, lr_grad):
     tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
-    empty = lambda *shape: theta.new_empty(shape)  # noqa: E731
-    meta_loss, task_losses, pre_losses = empty(), empty(tasks), empty(tasks)
+    empty = theta.new_empty
+    meta_loss, task_losses, pre_losses = empty(()), empty(tasks), empty(tasks)
     step_losses, grad_theta, grad_lrs = empty(steps), empty(params), empty(steps if lr_grad else 0, params)
-    buffer = lambda t: t.detach().contiguous()  # noqa: E731  (DLPack refuses tensors that require grad)
+    # DLPack capsules rather than the tensors: the binding then skips 12 Python calls of __dlpack__.
     extension().mlp_meta_step(
-        theta=buffer(theta), lrs=buffer(lrs), step_weights=buffer(step_weights), support_x=buffer(support_x),
-        support_y=buffer(support_y), query_x=buffer(query_x), query_y=buffer(query_y), widths=list(widths), activation=activation, bias=bias, loss=loss,
-        first_order=first_order, meta_loss=meta_loss, task_losses=task_losses, pre_losses=pre_losses,
-        step_losses=step_losses, grad_theta=grad_theta, grad_lrs=grad_lrs if lr_grad else None,
-        threads=torch.get_num_threads(),
+        theta=_capsule(theta), lrs=_capsule(lrs), step_weights=_capsule(step_weights),
+        support_x=_capsule(support_x), support_y=_capsule(support_y), query_x=_capsule(query_x),
+        query_y=_capsule(query_y), widths=widths, activation=activation, bias=bias, loss=loss,
+        first_order=first_order, meta_loss=_capsule(meta_loss), task_losses=_capsule(task_losses),
+        pre_losses=_capsule(pre_losses), step_losses=_capsule(step_losses), grad_theta=_capsule(grad_theta),
+        grad_lrs=_capsule(grad_lrs) if lr_grad else None, threads=torch.get_num_threads(),
     )
     return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
+
+
+def _capsule(tensor: Tensor):
+    """A DLPack capsule of the tensor's data (made contiguous; DLPack carries no autograd)."""
+    return to_dlpack(tensor.detach().contiguous())
 
 
 _CUDA_COUNTERS: dict = {}  # per (device, stream): the kernel's int32 completion counter, left at zero
@@ -199,17 +206,32 @@ mlp_meta_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerMlpMetaStep(torch.autograd.Function):
     """The registered op's forward and backward without the dispatcher's Python round trips
-    (about 70 µs a call here); used outside torch.compile, where the custom op is not needed."""
+    (about 70 µs a call here), used outside torch.compile. θ arrives as one or more tensors that
+    are flattened and concatenated in order (a model's parameters, or one flat theta), so that
+    the gradient reaches each tensor without a cat node in the graph."""
 
     @staticmethod
-    def forward(ctx, *arguments):
-        output = _forward(*arguments)
-        _setup_context(ctx, arguments, output)
+    def forward(ctx, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
+                first_order, lr_grad, *theta_parts):
+        theta = theta_parts[0].reshape(-1) if len(theta_parts) == 1 else torch.cat([p.reshape(-1) for p in theta_parts])
+        output = _forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
+                          loss, first_order, lr_grad)
+        _, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = output
+        ctx.lr_grad = lr_grad
+        ctx.shapes = [p.shape for p in theta_parts]
+        ctx.save_for_backward(grad_theta, grad_lrs, step_losses)
+        ctx.mark_non_differentiable(task_losses, pre_losses, step_losses, grad_theta, grad_lrs)
         return output
 
     @staticmethod
     def backward(ctx, grad_meta_loss, *_non_differentiable):
-        return _backward(ctx, grad_meta_loss)
+        grad_theta, grad_lrs, grad_step_weights = _backward_formula(ctx.lr_grad, ctx.saved_tensors, grad_meta_loss)
+        if len(ctx.shapes) == 1:
+            parts = (grad_theta.view(ctx.shapes[0]),)
+        else:
+            parts = tuple(g.view(shape) for g, shape in
+                          zip(grad_theta.split([shape.numel() for shape in ctx.shapes]), ctx.shapes))
+        return (grad_lrs, grad_step_weights, *([None] * 10), *parts)
 
 
 def mlp_meta_step(
@@ -217,8 +239,20 @@ def mlp_meta_step(
     query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool, lr_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """pymaml::mlp_meta_step (see the module docstring); under torch.compile the registered op."""
-    arguments = (theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                 first_order, lr_grad)
+    return mlp_meta_step_from_parts([theta], lrs, step_weights, support_x, support_y, query_x, query_y, widths,
+                                    activation, bias, loss, first_order, lr_grad)
+
+
+def mlp_meta_step_from_parts(
+    theta_parts: list[Tensor], lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor,
+    query_x: Tensor, query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool,
+    lr_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """mlp_meta_step with θ the concatenation of the flattened theta_parts (a model's parameters in
+    nn.Sequential order); the gradient reaches each part."""
     if torch.compiler.is_compiling():
-        return mlp_meta_step_op(*arguments)
-    return _EagerMlpMetaStep.apply(*arguments)
+        theta = torch.cat([p.reshape(-1) for p in theta_parts])
+        return mlp_meta_step_op(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
+                                bias, loss, first_order, lr_grad)
+    return _EagerMlpMetaStep.apply(lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
+                                   loss, first_order, lr_grad, *theta_parts)
