@@ -114,13 +114,13 @@ struct Pass {
 // padded units of all layers and PP the padded parameter count:
 //   passes: S + 1 of 4·K·U + K each (one per inner step on the support set, kept for its HVP,
 //           and one for the query set);  RZ, RA, RD: K·U each (the HVP's tangents);
-//   Xs, Xq: K·pad(n_0) each;  rows: K;  cell: 2;  thetas: (S+1)·PP;  grads: S·PP;
-//   v, u, hv, qg: PP each;  WTs: (S+1)·Σ (n_{l-1}+1)·pad(n_l) (the transposed weights of every
-//   θ_s);  UT: one more.
+//   Xs, Xq: K·pad(n_0) each;  rows: K;  cell: 2;  thetas (θ_1..θ_S), grads: S·PP each;
+//   u, qg: PP each;  WTs: (S+1)·Σ (n_{l-1}+1)·pad(n_l) (the transposed weights of every θ_s);
+//   UT: one more.
 // That is O(S·(|θ| + K·width)) per task, and no graph. It must start zeroed: padding stays zero.
 template <class T>
 struct TaskWorkspace {
-  T *passes, *RZ, *RA, *RD, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *v, *u, *hv, *qg, *WTs, *UT;
+  T *passes, *RZ, *RA, *RD, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *u, *qg, *WTs, *UT;
   int64_t pass_size;
 
   PYMAML_HD_MEMBER static int64_t pass_elements(const MlpSpec& s, int K) { return 4 * int64_t(K) * s.total_units + K; }
@@ -128,7 +128,7 @@ struct TaskWorkspace {
   PYMAML_HD_MEMBER static int64_t size(const MlpSpec& s, int K, int S) {
     const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units;
     return (int64_t(S) + 1) * pass_elements(s, K) + 3 * act + 2 * int64_t(K) * padded(s.widths[0]) + int64_t(K) + 2 +
-           (2 * int64_t(S) + 1) * PP + 4 * PP + (int64_t(S) + 2) * s.wt_size;
+           2 * int64_t(S) * PP + 2 * PP + (int64_t(S) + 2) * s.wt_size;
   }
 
   PYMAML_HD_MEMBER TaskWorkspace(T* base, const MlpSpec& s, int K, int S) {
@@ -143,11 +143,9 @@ struct TaskWorkspace {
     Xq = p; p += int64_t(K) * padded(s.widths[0]);
     row_loss = p; p += K;
     cell = p; p += 2;
-    thetas = p; p += (int64_t(S) + 1) * PP;
+    thetas = p; p += int64_t(S) * PP;
     grads = p; p += int64_t(S) * PP;
-    v = p; p += PP;
     u = p; p += PP;
-    hv = p; p += PP;
     qg = p; p += PP;
     WTs = p; p += (int64_t(S) + 1) * s.wt_size;
     UT = p;
@@ -366,6 +364,7 @@ PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int ld, const T* a, int64
     const T* x = a + r * lda;
     const T* w = W + j * ldw;
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+    static_assert(kChunk == 16, "the lane sum below is written for 16 lanes");
     typedef T Panel __attribute__((vector_size(sizeof(T) * kChunk)));
     Panel acc{}, xa, wa;
     for (int i = 0; i < ld; i += kChunk) {
@@ -373,8 +372,12 @@ PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int ld, const T* a, int64
       __builtin_memcpy(&wa, w + i, sizeof(Panel));
       acc += xa * wa;
     }
-    T sum = 0;
-    for (int lane = 0; lane < kChunk; ++lane) sum += acc[lane];
+    typedef T Half __attribute__((vector_size(sizeof(T) * kChunk / 2)));
+    typedef T Quarter __attribute__((vector_size(sizeof(T) * kChunk / 4)));
+    const Half h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+    const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    const T sum = (q[0] + q[2]) + (q[1] + q[3]);
 #else
     T sum = 0;
     for (int i = 0; i < ld; ++i) sum += x[i] * w[i];
@@ -479,23 +482,24 @@ PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, bool 
 }
 
 // Layer l's block of a padded parameter vector `out`: W[o, :] = Σ_k d1[k, o] in1[k, :] (+ Σ_k
-// d2[k, o] in2[k, :] when d2 is given), and the bias = Σ_k d1[k, o] when the MLP has biases.
-// Layer 1 is stored transposed and takes the same sums as W^T[i, :] = Σ_k in1[k, i] d1[k, :].
+// d2[k, o] in2[k, :] when d2 is given), and the bias = Σ_k d1[k, o] when the MLP has biases;
+// added to `out` when accumulate. Layer 1 is stored transposed and takes the same sums as
+// W^T[i, :] = Σ_k in1[k, i] d1[k, :].
 template <class T, class G>
 PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const T* d1, const T* in1, const T* d2,
-                               const T* in2, T* out) {
+                               const T* in2, T* out, bool accumulate) {
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
   T* W = out + s.padded_offset[l];
   if (l == 1) {
     gemm_rows(g, n_in, K, ld_out, in1, int64_t(1), int64_t(ld_in), d1, int64_t(ld_out), W, int64_t(ld_out),
-              static_cast<const T*>(nullptr), false);
+              static_cast<const T*>(nullptr), accumulate);
     if (d2) {
       gemm_rows(g, n_in, K, ld_out, in2, int64_t(1), int64_t(ld_in), d2, int64_t(ld_out), W, int64_t(ld_out),
                 static_cast<const T*>(nullptr), true);
     }
   } else {
     gemm_rows(g, n_out, K, ld_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), W, int64_t(ld_in),
-              static_cast<const T*>(nullptr), false);
+              static_cast<const T*>(nullptr), accumulate);
     if (d2) {
       gemm_rows(g, n_out, K, ld_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), W, int64_t(ld_in),
                 static_cast<const T*>(nullptr), true);
@@ -507,7 +511,7 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
     for (int o0 = g.rank() * kChunk; o0 < ld_out; o0 += g.size() * kChunk) {
       T sum[kChunk];
       PYMAML_SIMD
-      for (int j = 0; j < kChunk; ++j) sum[j] = d1[o0 + j];
+      for (int j = 0; j < kChunk; ++j) sum[j] = (accumulate ? bias[o0 + j] : T(0)) + d1[o0 + j];
       for (int k = 1; k < K; ++k) {
         const T* row = d1 + int64_t(k) * ld_out + o0;
         PYMAML_SIMD
@@ -529,7 +533,9 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K,
     const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
     const T* in = layer_input(s, pass, K, l);
     const T* delta = TaskWorkspace<T>::layer(pass.D, s, K, l);
-    if (grad) weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad);
+    if (grad) {
+      weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad, false);
+    }
     if (l > 1) {
       T* prev = TaskWorkspace<T>::layer(pass.D, s, K, l - 1);
       T* product = curvature ? TaskWorkspace<T>::layer(pass.Dt, s, K, l - 1) : prev;
@@ -566,14 +572,14 @@ PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* theta, const T* W
 
 // Hessian-vector product hv = H u of the loss at theta (R-operator: forward-over-reverse), in
 // the padded layout, from a pass that mlp_gradient left at theta (activations and δs) and the
-// transposed u in UT:
+// transposed u in UT; hv += H u when accumulate:
 //   R(z_l) = R(a_{l-1}) W_l^T + a_{l-1} U_l^T + u_b,  R(a_l) = σ'(z_l) R(z_l)
 //   R(δ_L): MSE 2 R(z_L)/(K n_L);  cross-entropy p ⊙ (R(z) - p·R(z))/K
 //   R(gW_l) = R(δ_l)^T a_{l-1} + δ_l^T R(a_{l-1}),  R(gb_l) = Σ_k R(δ_l)
 //   R(δ_{l-1}) = (R(δ_l) W_l + δ_l U_l) ⊙ σ'(z_{l-1}) + (δ_l W_l) ⊙ σ''(z_{l-1}) ⊙ R(z_{l-1})
 template <class T, class G>
 PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* u, const T* UT,
-                                 int K, const Pass<T>& pass, const TaskWorkspace<T>& ws, T* hv) {
+                                 int K, const Pass<T>& pass, const TaskWorkspace<T>& ws, T* hv, bool accumulate) {
   for (int l = 1; l <= s.layers; ++l) {
     const int n_out = s.out(l), ld_out = padded(n_out);
     const T* in = layer_input(s, pass, K, l);
@@ -620,7 +626,7 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
     const T* delta = TaskWorkspace<T>::layer(pass.D, s, K, l);
     const T* r_delta = TaskWorkspace<T>::layer(ws.RD, s, K, l);
     const T* r_in = l == 1 ? nullptr : TaskWorkspace<T>::layer(ws.RA, s, K, l - 1);
-    weight_products(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv);
+    weight_products(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv, accumulate);
     if (l > 1) {
       T* r_prev = TaskWorkspace<T>::layer(ws.RD, s, K, l - 1);
       gemm_rows(g, K, n_out, ld_in, r_delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
@@ -649,7 +655,7 @@ PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* WT
   load_input(g, s, x, K, ws.Xs);
   const Pass<T> pass = ws.pass(s, K, 0, ws.Xs);
   mlp_gradient(g, s, theta, WT, y, K, pass, ws, grad);
-  mlp_hvp_from_pass(g, s, theta, WT, u, ws.UT, K, pass, ws, hv);
+  mlp_hvp_from_pass(g, s, theta, WT, u, ws.UT, K, pass, ws, hv, false);
 }
 
 // What one meta-step computes, beyond the model.
@@ -678,27 +684,27 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
   const int64_t PP = s.num_padded_params, WS = s.wt_size;
   const int S = m.steps, Ks = m.support_points, Kq = m.query_points, K = Ks > Kq ? Ks : Kq;
   const TaskWorkspace<T> ws(workspace, s, K, S);
-  for (int64_t p = g.rank(); p < PP; p += g.size()) ws.thetas[p] = theta0[p];
+  auto theta_at = [&](int step) { return step == 0 ? theta0 : ws.thetas + int64_t(step - 1) * PP; };
   load_input(g, s, query_x, Kq, ws.Xq);
   if (S > 0) load_input(g, s, support_x, Ks, ws.Xs);
-  transpose_weights(g, s, ws.thetas, ws.WTs);
+  transpose_weights(g, s, theta0, ws.WTs);
   const Pass<T> query = ws.pass(s, K, S, ws.Xq);
   if (S == 0) {
-    mlp_gradient(g, s, ws.thetas, ws.WTs, query_y, Kq, query, ws, grad_theta);
+    mlp_gradient(g, s, theta0, ws.WTs, query_y, Kq, query, ws, grad_theta);
     if (g.rank() == 0) *pre_loss = *task_loss = ws.cell[0];
     g.sync();
     return;
   }
-  const T pre = mlp_loss_at(g, s, ws.thetas, ws.WTs, query_y, Kq, query, ws);
+  const T pre = mlp_loss_at(g, s, theta0, ws.WTs, query_y, Kq, query, ws);
   if (g.rank() == 0) *pre_loss = pre;
   // Inner loop; pass `step` keeps the support activations and δs at θ_step for its HVP.
   for (int step = 0; step < S; ++step) {
-    const T* theta = ws.thetas + step * PP;
+    const T* theta = theta_at(step);
     T* grad = ws.grads + step * PP;
     mlp_gradient(g, s, theta, ws.WTs + step * WS, support_y, Ks, ws.pass(s, K, step, ws.Xs), ws, grad);
     g.sync();
     const T* lr = lrs + step * PP;
-    T* next = ws.thetas + (step + 1) * PP;
+    T* next = ws.thetas + step * PP;
     PYMAML_SIMD
     for (int64_t p = g.rank(); p < PP; p += g.size()) next[p] = theta[p] - lr[p] * grad[p];
     g.sync();
@@ -706,60 +712,53 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
   }
   T total = 0;
   for (int step = 1; step < S; ++step) {
-    const T loss = mlp_loss_at(g, s, ws.thetas + step * PP, ws.WTs + step * WS, query_y, Kq, query, ws);
+    const T loss = mlp_loss_at(g, s, theta_at(step), ws.WTs + step * WS, query_y, Kq, query, ws);
     if (g.rank() == 0) step_losses[step - 1] = loss;
     total += step_weights[step - 1] * loss;
   }
-  mlp_gradient(g, s, ws.thetas + S * PP, ws.WTs + S * WS, query_y, Kq, query, ws, ws.qg);
+  // The reverse chain, with v in grad_theta: v_S = w_S ∇L_query(θ_S).
+  T* v = grad_theta;
+  mlp_gradient(g, s, theta_at(S), ws.WTs + S * WS, query_y, Kq, query, ws, v);
   g.sync();
   const T last = ws.cell[0];
   if (g.rank() == 0) {
     step_losses[S - 1] = last;
     *task_loss = total + step_weights[S - 1] * last;
   }
-  // The reverse chain, with v in grad_theta. Each step's vector work is one pass over the
-  // parameters: finish v_{s+1}, then ∂/∂α_s and u = α_s ⊙ v_{s+1} for the next HVP.
-  T* v = grad_theta;
-  for (int step = S; step >= 1; --step) {
-    const T* grad = ws.grads + (step - 1) * PP;
-    const T* lr = lrs + (step - 1) * PP;
-    T* lr_out = m.lr_grad ? grad_lrs + (step - 1) * PP : nullptr;
-    if (step == S) {
-      const T w = step_weights[S - 1];
-      PYMAML_SIMD
-      for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] = w * ws.qg[p];
-    } else {
-      // v_step = v_{step+1} − H_step u + w_step ∇L_query(θ_step)
-      const T w = step_weights[step - 1];
-      if (w != T(0)) {
-        mlp_gradient(g, s, ws.thetas + step * PP, ws.WTs + step * WS, query_y, Kq, query, ws, ws.qg);
-        g.sync();
-      }
-      const T* hv = m.first_order ? nullptr : ws.hv;
-      PYMAML_SIMD
-      for (int64_t p = g.rank(); p < PP; p += g.size()) {
-        v[p] = (hv ? v[p] - hv[p] : v[p]) + (w != T(0) ? w * ws.qg[p] : T(0));
-      }
-    }
+  if (step_weights[S - 1] != T(1)) {
+    const T w = step_weights[S - 1];
     PYMAML_SIMD
-    for (int64_t p = g.rank(); p < PP; p += g.size()) {
-      if (lr_out) lr_out[p] = -grad[p] * v[p];
-      ws.u[p] = lr[p] * v[p];
-    }
+    for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] *= w;
     g.sync();
-    if (!m.first_order) {
-      transpose_weights(g, s, ws.u, ws.UT);
-      const int at = step - 1;
-      mlp_hvp_from_pass(g, s, ws.thetas + at * PP, ws.WTs + at * WS, ws.u, ws.UT, Ks, ws.pass(s, K, at, ws.Xs), ws,
-                        ws.hv);
+  }
+  // Each step s = S−1..0 adds H_s(−α_s ⊙ v_{s+1}) into v through the HVP's accumulating
+  // products, so that its vector work is one pass over the parameters: ∂/∂α_s and −α_s ⊙ v.
+  for (int at = S - 1; at >= 0; --at) {
+    const int step = at + 1;
+    const T w = step < S ? step_weights[step - 1] : T(0);
+    if (w != T(0)) {  // v_step = v_{step+1} − H_step u + w_step ∇L_query(θ_step)
+      mlp_gradient(g, s, theta_at(step), ws.WTs + step * WS, query_y, Kq, query, ws, ws.qg);
+      g.sync();
+      PYMAML_SIMD
+      for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] += w * ws.qg[p];
       g.sync();
     }
+    const T* grad = ws.grads + at * PP;
+    const T* lr = lrs + at * PP;
+    if (m.lr_grad) {
+      T* lr_out = grad_lrs + at * PP;
+      PYMAML_SIMD
+      for (int64_t p = g.rank(); p < PP; p += g.size()) lr_out[p] = -grad[p] * v[p];
+    }
+    if (!m.first_order) {
+      PYMAML_SIMD
+      for (int64_t p = g.rank(); p < PP; p += g.size()) ws.u[p] = -lr[p] * v[p];
+      g.sync();
+      transpose_weights(g, s, ws.u, ws.UT);
+      mlp_hvp_from_pass(g, s, theta_at(at), ws.WTs + at * WS, ws.u, ws.UT, Ks, ws.pass(s, K, at, ws.Xs), ws, v, true);
+    }
+    g.sync();
   }
-  if (!m.first_order) {
-    PYMAML_SIMD
-    for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] -= ws.hv[p];
-  }
-  g.sync();
 }
 
 }  // namespace pymaml
