@@ -80,6 +80,27 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @needs_extension
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_reused_workspace_is_not_poisoned_by_a_diverged_call(bias, activation):
+    """The kernel keeps its per-thread workspace between calls of one layout: a call at a NaN
+    theta (diverged training) must leave the next call exact."""
+    arguments = list(op_arguments(widths=(3, 20, 18, 1), activation=activation, steps=2, dtype=torch.float32))
+    arguments[9] = bias
+    if not bias:
+        model = pymaml.models.mlp((3, 20, 18, 1), torch.nn.ReLU if activation == "relu" else torch.nn.Tanh, bias=False)
+        arguments[0] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        arguments[1] = arguments[1][:, : arguments[0].numel()].contiguous()
+    fresh = mlp_meta_step(*arguments)
+    poisoned = list(arguments)
+    poisoned[0] = torch.full_like(arguments[0], float("nan"))
+    assert torch.isnan(mlp_meta_step(*poisoned)[4]).any()
+    again = mlp_meta_step(*arguments)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, again))
+    assert relative_error(again[4], mlp_meta_step_torch(*arguments)[4]) <= TOLERANCE[torch.float32]
+
+
+@needs_extension
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_numpy_arrays_through_dlpack(loss):
     arguments = op_arguments(loss=loss, dtype=torch.float32)

@@ -505,7 +505,10 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
                 static_cast<const T*>(nullptr), true);
     }
   }
-  if (s.bias) {
+  if (!s.bias && !accumulate) {  // the padded bias slots of a gradient are zero
+    T* bias = out + s.bias_offset(l);
+    for (int o = g.rank(); o < ld_out; o += g.size()) bias[o] = T(0);
+  } else if (s.bias) {
     T* bias = out + s.bias_offset(l);
     // Σ_k d1[k, :] along contiguous rows, padding lanes (zero) included.
     for (int o0 = g.rank() * kChunk; o0 < ld_out; o0 += g.size() * kChunk) {
