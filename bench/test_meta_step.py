@@ -1,9 +1,10 @@
 """The paper's sinusoid meta-step (T=25, K=10+10, MLP 1-40-40-1 ReLU, α=0.01, fp32), per provider.
 
-Providers: the pymaml backends (cpp, func, reference) and `compile`, torch.compile of the
-vmapped meta-gradient (its compile time is recorded apart in extra_info). `meta_gradient` is
-maml(...) plus .backward(); `train_step` adds zero_grad and a fused Adam step. The batch is
-sampled before timing. Run: pytest bench --benchmark-only --benchmark-json=FILE, then
+Providers: the pymaml backends (cpp, func, reference) through MAML.meta_gradient (the
+meta-gradient into .grad; for cpp without an autograd graph), `cpp-autograd` (the same kernel
+through maml(...).loss.backward()), and `compile`, torch.compile of the vmapped meta-gradient
+assigned to .grad (its compile time is recorded apart in extra_info). Each meta_gradient case
+starts with zero_grad; `train_step` adds a fused Adam step. The batch is sampled before timing. Run: pytest bench --benchmark-only --benchmark-json=FILE, then
 python bench/summarize.py FILE. With --benchmark-disable each case runs once (CI's smoke test).
 """
 
@@ -16,7 +17,7 @@ import pymaml
 from flops import meta_step_flops
 
 BACKENDS = [s.name for s in pymaml.available_backends() if s.usable and s.name != "cuda"]  # CPU benchmarks
-PROVIDERS = BACKENDS + ["compile"]
+PROVIDERS = BACKENDS + (["cpp-autograd"] if "cpp" in BACKENDS else []) + ["compile"]
 STEPS = [1, 5]
 WIDTHS = [1, 40, 40, 1]
 
@@ -62,12 +63,18 @@ def provider_step(provider, model, batch, steps, first_order):
         with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
             step = compiled_meta_gradient(model, steps, first_order)
             step(batch)  # compiles
+    elif provider == "cpp-autograd":
+        maml = pymaml.MAML(model, inner_lr=0.01, inner_steps=steps, first_order=first_order, backend="cpp")
+
+        def step(batch):
+            model.zero_grad(set_to_none=True)
+            maml(*batch).loss.backward()
     else:
         maml = pymaml.MAML(model, inner_lr=0.01, inner_steps=steps, first_order=first_order, backend=provider)
 
         def step(batch):
             model.zero_grad(set_to_none=True)
-            maml(*batch).loss.backward()
+            maml.meta_gradient(*batch)
 
         step(batch)
     return step, time.perf_counter() - began

@@ -209,6 +209,20 @@ class MAML(nn.Module):
 
     def forward(self, support_x, support_y, query_x, query_y) -> MetaOutput:
         """One meta-step over the tasks of the batch; see MetaOutput."""
+        backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
+        return backend.meta_step(self.module, self.config, batch, self.inner_lr, self.step_weights)
+
+    def meta_gradient(self, support_x, support_y, query_x, query_y) -> MetaOutput:
+        """One meta-step that accumulates the meta-gradient into the .grad of the model's
+        parameters (and of learned step sizes), exactly as `self(...).loss.backward()` does, and
+        returns its output with the loss detached. The fused backends write the gradients without
+        building an autograd graph over the parameters, which is cheaper for small models;
+        parameter hooks do not run on that path."""
+        backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
+        return backend.meta_gradient(self.module, self.config, batch, self.inner_lr, self.step_weights)
+
+    def _checked_batch(self, support_x, support_y, query_x, query_y):
+        """The backend for the model's device and the validated batch."""
         reference_param = next(self.module.parameters())
         device = reference_param.device
         backend = self._resolve(device)
@@ -220,8 +234,7 @@ class MAML(nn.Module):
                 raise ValueError("support_x has no points per task; the inner loop needs at least one")
             if query_x.shape[1] == 0:
                 raise ValueError("query_x has no points per task")
-        batch = TaskBatch(support_x, support_y, query_x, query_y)
-        return backend.meta_step(self.module, self.config, batch, self.inner_lr, self.step_weights)
+        return backend, TaskBatch(support_x, support_y, query_x, query_y)
 
     def adapt(self, support_x, support_y, steps: int | None = None) -> AdaptedModel:
         """Adapt to each task's support set with `steps` SGD steps (default: inner_steps).

@@ -28,6 +28,30 @@ def test_output_fields(backend):
     assert out.backend == backend
 
 
+@pytest.mark.parametrize("learn_inner_lr", [None, "per_parameter"])
+@pytest.mark.parametrize("backend", USABLE)
+def test_meta_gradient_accumulates_what_backward_gives(backend, learn_inner_lr):
+    options = dict(inner_lr=0.2, inner_steps=2, learn_inner_lr=learn_inner_lr, step_weights=[0.5, 1.0])
+    batch = make_batch(4, 5, 3, 2, "mse")
+    model = make_mlp((3, 7, 2), "tanh")
+    maml = pymaml.MAML(model, backend=backend, **options)
+    out = maml(*batch)
+    out.loss.backward()
+    expected = {name: p.grad.clone() for name, p in maml.named_parameters()}
+
+    twin = make_mlp((3, 7, 2), "tanh")
+    twin_maml = pymaml.MAML(twin, backend=backend, **options)
+    for p in twin_maml.parameters():
+        p.grad = torch.ones_like(p)  # meta_gradient adds to what is there, as backward does
+    result = twin_maml.meta_gradient(*batch)
+    assert not result.loss.requires_grad and result.backend == backend
+    assert relative_error(result.loss, out.loss.detach()) <= TOLERANCE[torch.float64]
+    assert relative_error(result.task_losses, out.task_losses) <= TOLERANCE[torch.float64]
+    assert set(expected) == {name for name, _ in twin_maml.named_parameters()}
+    for name, p in twin_maml.named_parameters():
+        assert relative_error(p.grad - 1, expected[name]) <= TOLERANCE[torch.float64], name
+
+
 @pytest.mark.parametrize("backend", USABLE)
 @pytest.mark.parametrize("steps", [0, 1, 4])
 def test_adapt_matches_oracle_and_predicts_per_task(backend, steps):

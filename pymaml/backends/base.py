@@ -76,6 +76,19 @@ class Backend:
         step_weights where they require grad."""
         raise NotImplementedError
 
+    def meta_gradient(
+        self, model: nn.Module, config: MetaConfig, batch: TaskBatch, inner_lr: InnerLR,
+        step_weights: torch.Tensor | None,
+    ) -> MetaOutput:
+        """meta_step followed by loss.backward(): the meta-gradient is accumulated into the .grad
+        of the model's parameters (and of learned step sizes or weights); the loss comes back
+        detached. Backends that compute the gradient inside the forward pass override this to
+        skip the autograd graph."""
+        out = self.meta_step(model, config, batch, inner_lr, step_weights)
+        out.loss.backward()
+        out.loss = out.loss.detach()
+        return out
+
     def adapt(
         self, model: nn.Module, config: MetaConfig, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
         inner_lr: InnerLR,

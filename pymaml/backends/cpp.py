@@ -11,10 +11,11 @@ import weakref
 
 import torch
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .. import functional
 from .._extension import EXTENSION_ERROR, extension
-from ..ops.mlp_meta_step import mlp_meta_step_from_parts
+from ..ops.mlp_meta_step import fused_forward, mlp_meta_step_from_parts
 from ..schedule import step_size
 from ..state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
@@ -126,32 +127,63 @@ class CppBackend(Backend):
             return f"the fused kernel supports float32 and float64, not {params[0].dtype}"
         return None
 
-    def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
+    def _arguments(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights):
+        """The layout, the parameters and the fused op's step sizes [S, P] and step weights [S]."""
         layout = self._layout(model)
         params = layout.parameters()
         if not all(p.requires_grad for p in params):
             raise RuntimeError("backend 'cpp' adapts every parameter; the model now has frozen ones")
-        for name, tensor in zip(("support_x", "query_x"), (batch.support_x, batch.query_x)):
-            if tensor.dim() != 3 or tensor.shape[-1] != layout.widths[0]:
-                raise ValueError(f"{name} must be [T, K, {layout.widths[0]}] for this MLP, got {tuple(tensor.shape)}")
-        like = params[0]  # the dtype and device of θ
-        num_params = layout.num_params
-        steps = config.inner_steps
+        width = layout.widths[0]
+        if batch.support_x.dim() != 3 or batch.support_x.shape[2] != width:
+            raise ValueError(f"support_x must be [T, K, {width}] for this MLP, got {tuple(batch.support_x.shape)}")
+        if batch.query_x.dim() != 3 or batch.query_x.shape[2] != width:
+            raise ValueError(f"query_x must be [T, K, {width}] for this MLP, got {tuple(batch.query_x.shape)}")
+        like, steps = params[0], config.inner_steps  # like: the dtype and device of θ
         if isinstance(inner_lr, (int, float)):
-            lrs = self._constant("lrs", like, steps, num_params, inner_lr)
+            lrs = self._constant("lrs", like, steps, layout.num_params, inner_lr)
         else:  # α_s per parameter element, [S, P]; differentiable towards the learned step sizes
             names = list(adapted_parameters(model))
             lrs = torch.stack([
                 torch.cat([torch.as_tensor(step_size(inner_lr, s, name), dtype=like.dtype).expand(p.shape).reshape(-1)
                            for name, p in zip(names, params)])
                 for s in range(steps)
-            ]) if steps else like.new_zeros(0, num_params)
+            ]) if steps else like.new_zeros(0, layout.num_params)
         if step_weights is None:
-            step_weights = self._constant("weights", like, steps, num_params)
+            step_weights = self._constant("weights", like, steps, layout.num_params)
+        return layout, params, lrs, step_weights
+
+    def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
+        layout, params, lrs, step_weights = self._arguments(model, config, batch, inner_lr, step_weights)
         meta_loss, task_losses, pre_losses, *_ = mlp_meta_step_from_parts(
             params, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
             config.first_order, lrs.requires_grad,
         )
+        return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
+
+    def meta_gradient(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
+        """The fused op's gradients go straight into .grad: no autograd graph over the parameters
+        (for the sinusoid MLP here that saves about 60 µs of a 170 µs step). Learned step sizes
+        and weights still receive theirs through autograd, from the op's gradients."""
+        if torch.compiler.is_compiling():
+            return super().meta_gradient(model, config, batch, inner_lr, step_weights)
+        layout, params, lrs, step_weights = self._arguments(model, config, batch, inner_lr, step_weights)
+        with torch.no_grad():
+            # torch's C++ flatten/unflatten of a parameter list (as DDP uses): about 10 µs less
+            # here than cat, split and view from Python.
+            theta = _flatten_dense_tensors(params)
+            meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = fused_forward(
+                theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
+                config.first_order, lrs.requires_grad,
+            )
+            for p, grad in zip(params, _unflatten_dense_tensors(grad_theta, params)):
+                if p.grad is None:
+                    p.grad = grad
+                else:
+                    p.grad += grad
+        if lrs.requires_grad:
+            torch.autograd.backward(lrs, grad_lrs)
+        if step_weights.requires_grad:
+            torch.autograd.backward(step_weights, step_losses)
         return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
 
     def adapt(self, model, config, support_x, support_y, steps, inner_lr):

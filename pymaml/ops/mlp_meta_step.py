@@ -107,8 +107,8 @@ def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y,
 
 
 def _capsule(tensor: Tensor):
-    """A DLPack capsule of the tensor's data (made contiguous; DLPack carries no autograd)."""
-    return to_dlpack(tensor.detach().contiguous())
+    """A DLPack capsule of the tensor's data, made contiguous (DLPack carries no autograd)."""
+    return to_dlpack(tensor.contiguous())
 
 
 _CUDA_COUNTERS: dict = {}  # per (device, stream): the kernel's int32 completion counter, left at zero
@@ -152,8 +152,10 @@ def cuda_kernel_available() -> bool:
     return extension() is not None and hasattr(extension(), "mlp_meta_step_cuda")
 
 
-def _forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-             first_order, lr_grad):
+def fused_forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
+                  first_order, lr_grad):
+    """The op's outputs, computed by the fused kernel for the tensors' device, or by the twin
+    where the extension (or its CUDA launcher) is missing. No autograd."""
     arguments = (theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
                  first_order, lr_grad)
     if theta.device.type == "cpu" and extension() is not None:
@@ -178,8 +180,8 @@ def mlp_meta_step_op(
     theta: Tensor, lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor, query_x: Tensor,
     query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool, lr_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                    first_order, lr_grad)
+    return fused_forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
+                         loss, first_order, lr_grad)
 
 
 @mlp_meta_step_op.register_fake
@@ -214,7 +216,7 @@ class _EagerMlpMetaStep(torch.autograd.Function):
     def forward(ctx, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
                 first_order, lr_grad, *theta_parts):
         theta = theta_parts[0].reshape(-1) if len(theta_parts) == 1 else torch.cat([p.reshape(-1) for p in theta_parts])
-        output = _forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
+        output = fused_forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
                           loss, first_order, lr_grad)
         _, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = output
         ctx.lr_grad = lr_grad
