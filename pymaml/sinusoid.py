@@ -129,8 +129,7 @@ def train(config: SinusoidConfig) -> TrainResult:
     for iteration in bar:
         batch = tasks.sample(config.meta_batch, config.shots)
         optimizer.zero_grad(set_to_none=True)
-        out = maml(*batch.tasks)
-        out.loss.backward()
+        out = maml.meta_gradient(*batch.tasks)
         optimizer.step()
         loss = out.loss.item()
         losses.append(loss)
