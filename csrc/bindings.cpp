@@ -106,7 +106,7 @@ struct MetaStepCall {
 
 MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*>>& buffers, py::handle grad_lrs_obj,
                              const std::vector<int>& widths, const std::string& activation, bool bias,
-                             const std::string& loss, bool first_order, DLDeviceType device) {
+                             const std::string& loss, bool first_order, bool all_step_losses, DLDeviceType device) {
   MetaStepCall call;
   pymaml::MlpSpec& spec = call.spec;
   if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
@@ -185,7 +185,7 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
       }
     }
   }
-  call.shape = pymaml::MetaStepShape{S, Ks, Kq, first_order, call.grad_lrs != nullptr};
+  call.shape = pymaml::MetaStepShape{S, Ks, Kq, first_order, call.grad_lrs != nullptr, all_step_losses};
   call.tasks = tasks;
   return call;
 }
@@ -200,10 +200,10 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
                    py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& widths,
                    const std::string& activation, bool bias, const std::string& loss, bool first_order,
                    py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
-                   py::handle grad_theta, py::handle grad_lrs, int threads) {
+                   py::handle grad_theta, py::handle grad_lrs, int threads, bool all_step_losses) {
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_lrs, widths, activation, bias, loss,
-                                            first_order, kDLCPU);
+                                            first_order, all_step_losses, kDLCPU);
   py::gil_scoped_release release;
   if (call.is_f32) {
     pymaml::mlp_meta_step_cpu<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(), threads);
@@ -229,9 +229,9 @@ void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weight
                         const std::string& activation, bool bias, const std::string& loss, bool first_order,
                         py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
                         py::handle grad_theta, py::handle grad_lrs, py::handle workspace_obj, py::handle counter_obj,
-                        uintptr_t stream, int blocks, int threads_per_block) {
+                        uintptr_t stream, int blocks, int threads_per_block, bool all_step_losses) {
   const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_lrs, widths, activation, bias, loss,
-                                            first_order, kDLCUDA);
+                                            first_order, all_step_losses, kDLCUDA);
   if (blocks < 1 || threads_per_block < 32 || threads_per_block > 1024 || threads_per_block % 32) {
     throw py::value_error("blocks must be >= 1 and threads_per_block a multiple of 32 in [32, 1024]");
   }
@@ -320,18 +320,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"), py::arg("widths"),
         py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"), py::arg("meta_loss"),
         py::arg("task_losses"), py::arg("pre_losses"), py::arg("step_losses"), py::arg("grad_theta"),
-        py::arg("grad_lrs") = py::none(), py::arg("threads") = 1,
+        py::arg("grad_lrs") = py::none(), py::arg("threads") = 1, py::arg("all_step_losses") = true,
         "The fused MAML meta-step of an MLP over a batch of tasks, written into the output buffers.\n"
         "Inner loop θ_{s+1} = θ_s − lrs[s] ⊙ ∇L_support(θ_s); loss Σ_s step_weights[s-1] L_query(θ_s);\n"
         "exact meta-gradient through Hessian-vector products unless first_order. Means over tasks,\n"
-        "except task_losses and pre_losses. Results do not depend on `threads`.");
+        "except task_losses and pre_losses. Results do not depend on `threads`. all_step_losses=False\n"
+        "skips L_query(θ_s) where step_weights[s-1] is zero (their step_losses are NaN).");
 #if defined(PYMAML_WITH_CUDA)
   m.def("mlp_meta_step_cuda", &mlp_meta_step_cuda, py::kw_only(), py::arg("theta"), py::arg("lrs"),
         py::arg("step_weights"), py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"),
         py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"),
         py::arg("meta_loss"), py::arg("task_losses"), py::arg("pre_losses"), py::arg("step_losses"),
         py::arg("grad_theta"), py::arg("grad_lrs"), py::arg("workspace"), py::arg("counter"), py::arg("stream"),
-        py::arg("blocks"), py::arg("threads_per_block") = 128,
+        py::arg("blocks"), py::arg("threads_per_block") = 128, py::arg("all_step_losses") = true,
         "mlp_meta_step on CUDA buffers: one kernel launch on `stream` (a cudaStream_t as an integer).");
   m.def("mlp_meta_step_cuda_workspace", &mlp_meta_step_cuda_workspace, py::kw_only(), py::arg("widths"),
         py::arg("bias"), py::arg("tasks"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"),

@@ -80,6 +80,23 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @needs_extension
+def test_skipped_step_losses_are_nan_and_change_nothing_else():
+    """all_step_losses=False skips L_query(θ_s) where w_s = 0; those entries come back NaN."""
+    from pymaml.ops.mlp_meta_step import fused_forward
+
+    arguments = list(op_arguments(steps=3, dtype=torch.float64))
+    arguments[2] = torch.tensor([0.0, 0.7, 1.0], dtype=torch.float64)
+    every = fused_forward(*arguments)
+    skipped = fused_forward(*arguments, all_step_losses=False)
+    assert torch.isnan(skipped[3][0]) and torch.equal(skipped[3][1:], every[3][1:])
+    assert not torch.isnan(every[3]).any()
+    for index in (0, 1, 2, 4, 5):
+        assert torch.equal(skipped[index], every[index])
+    # The public op always returns every step loss; a learnable step weight gets its gradient.
+    assert not torch.isnan(mlp_meta_step(*arguments)[3]).any()
+
+
+@needs_extension
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_reused_workspace_is_not_poisoned_by_a_diverged_call(bias, activation):

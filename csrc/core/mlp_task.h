@@ -668,6 +668,9 @@ struct MetaStepShape {
   int query_points;     // K_q
   bool first_order;
   bool lr_grad;         // also compute ∂/∂α_s
+  // Compute L_query(θ_s) for every s (the step weights' gradients). When false, the steps whose
+  // weight is zero are skipped and their step_losses entries are NaN: nothing needs them.
+  bool all_step_losses = true;
 };
 
 // The meta-step of one task, in the padded parameter layout (PP values per vector).
@@ -715,6 +718,10 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
   }
   T total = 0;
   for (int step = 1; step < S; ++step) {
+    if (!m.all_step_losses && step_weights[step - 1] == T(0)) {
+      if (g.rank() == 0) step_losses[step - 1] = T(NAN);
+      continue;
+    }
     const T loss = mlp_loss_at(g, s, theta_at(step), ws.WTs + step * WS, query_y, Kq, query, ws);
     if (g.rank() == 0) step_losses[step - 1] = loss;
     total += step_weights[step - 1] * loss;

@@ -156,7 +156,7 @@ class CppBackend(Backend):
         layout, params, lrs, step_weights = self._arguments(model, config, batch, inner_lr, step_weights)
         meta_loss, task_losses, pre_losses, *_ = mlp_meta_step_from_parts(
             params, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
-            config.first_order, lrs.requires_grad,
+            config.first_order, lrs.requires_grad, all_step_losses=False,
         )
         return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
 
@@ -173,7 +173,7 @@ class CppBackend(Backend):
             theta = _flatten_dense_tensors(params)
             meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = fused_forward(
                 theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
-                config.first_order, lrs.requires_grad,
+                config.first_order, lrs.requires_grad, all_step_losses=step_weights.requires_grad,
             )
             for p, grad in zip(params, _unflatten_dense_tensors(grad_theta, params)):
                 if p.grad is None:

@@ -89,7 +89,7 @@ def mlp_meta_step_torch(
 
 
 def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-               first_order, lr_grad):
+               first_order, lr_grad, all_step_losses=True):
     tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
     empty = theta.new_empty
     meta_loss, task_losses, pre_losses = empty(()), empty(tasks), empty(tasks)
@@ -102,6 +102,7 @@ def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y,
         first_order=first_order, meta_loss=_capsule(meta_loss), task_losses=_capsule(task_losses),
         pre_losses=_capsule(pre_losses), step_losses=_capsule(step_losses), grad_theta=_capsule(grad_theta),
         grad_lrs=_capsule(grad_lrs) if lr_grad else None, threads=torch.get_num_threads(),
+        all_step_losses=all_step_losses,
     )
     return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
 
@@ -115,7 +116,7 @@ _CUDA_COUNTERS: dict = {}  # per (device, stream): the kernel's int32 completion
 
 
 def _fused_cuda(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                first_order, lr_grad):
+                first_order, lr_grad, all_step_losses=True):
     """One launch of the CUDA kernel on the current torch stream; the workspace comes from torch's allocator."""
     device = theta.device
     if loss == "cross_entropy":
@@ -142,7 +143,7 @@ def _fused_cuda(theta, lrs, step_weights, support_x, support_y, query_x, query_y
         activation=activation, bias=bias, loss=loss, first_order=first_order, meta_loss=meta_loss,
         task_losses=task_losses, pre_losses=pre_losses, step_losses=step_losses, grad_theta=grad_theta,
         grad_lrs=grad_lrs if lr_grad else None, workspace=workspace, counter=_CUDA_COUNTERS[key],
-        stream=stream.cuda_stream, blocks=blocks,
+        stream=stream.cuda_stream, blocks=blocks, all_step_losses=all_step_losses,
     )
     return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
 
@@ -153,15 +154,17 @@ def cuda_kernel_available() -> bool:
 
 
 def fused_forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                  first_order, lr_grad):
+                  first_order, lr_grad, all_step_losses=True):
     """The op's outputs, computed by the fused kernel for the tensors' device, or by the twin
-    where the extension (or its CUDA launcher) is missing. No autograd."""
+    where the extension (or its CUDA launcher) is missing. No autograd. all_step_losses=False
+    lets the kernel skip the query losses of steps with weight zero (step_losses then holds NaN
+    there), for callers that do not differentiate with respect to the step weights."""
     arguments = (theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
                  first_order, lr_grad)
     if theta.device.type == "cpu" and extension() is not None:
-        return _fused_cpu(*arguments)
+        return _fused_cpu(*arguments, all_step_losses)
     if theta.device.type == "cuda" and cuda_kernel_available():
-        return _fused_cuda(*arguments)
+        return _fused_cuda(*arguments, all_step_losses)
     return mlp_meta_step_torch(*arguments)
 
 
@@ -214,10 +217,10 @@ class _EagerMlpMetaStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                first_order, lr_grad, *theta_parts):
+                first_order, lr_grad, all_step_losses, *theta_parts):
         theta = theta_parts[0].reshape(-1) if len(theta_parts) == 1 else torch.cat([p.reshape(-1) for p in theta_parts])
         output = fused_forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
-                          loss, first_order, lr_grad)
+                               loss, first_order, lr_grad, all_step_losses)
         _, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = output
         ctx.lr_grad = lr_grad
         ctx.shapes = [p.shape for p in theta_parts]
@@ -233,7 +236,7 @@ class _EagerMlpMetaStep(torch.autograd.Function):
         else:
             parts = tuple(g.view(shape) for g, shape in
                           zip(grad_theta.split([shape.numel() for shape in ctx.shapes]), ctx.shapes))
-        return (grad_lrs, grad_step_weights, *([None] * 10), *parts)
+        return (grad_lrs, grad_step_weights, *([None] * 11), *parts)
 
 
 def mlp_meta_step(
@@ -248,13 +251,15 @@ def mlp_meta_step(
 def mlp_meta_step_from_parts(
     theta_parts: list[Tensor], lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor,
     query_x: Tensor, query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool,
-    lr_grad: bool,
+    lr_grad: bool, all_step_losses: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """mlp_meta_step with θ the concatenation of the flattened theta_parts (a model's parameters in
-    nn.Sequential order); the gradient reaches each part."""
+    nn.Sequential order); the gradient reaches each part. all_step_losses: see fused_forward (it
+    must stay True where step_weights requires grad)."""
     if torch.compiler.is_compiling():
         theta = torch.cat([p.reshape(-1) for p in theta_parts])
         return mlp_meta_step_op(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
                                 bias, loss, first_order, lr_grad)
     return _EagerMlpMetaStep.apply(lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
-                                   loss, first_order, lr_grad, *theta_parts)
+                                   loss, first_order, lr_grad, all_step_losses or step_weights.requires_grad,
+                                   *theta_parts)
