@@ -3,8 +3,9 @@
 Providers: the pymaml backends (cpp, func, reference) through MAML.meta_gradient (the
 meta-gradient into .grad; for cpp without an autograd graph), `cpp-autograd` (the same kernel
 through maml(...).loss.backward()), and `compile`, torch.compile of the vmapped meta-gradient
-assigned to .grad (its compile time is recorded apart in extra_info). Each meta_gradient case
-starts with zero_grad; `train_step` adds a fused Adam step. The batch is sampled before timing. Run: pytest bench --benchmark-only --benchmark-json=FILE, then
+assigned to .grad (its compile time is recorded apart in extra_info). Every provider leaves this
+batch's meta-gradient in .grad, replacing what was there (meta_gradient(accumulate=False), or
+zero_grad then backward); `train_step` adds a fused Adam step. The batch is sampled before timing. Run: pytest bench --benchmark-only --benchmark-json=FILE, then
 python bench/summarize.py FILE. With --benchmark-disable each case runs once (CI's smoke test).
 """
 
@@ -73,8 +74,7 @@ def provider_step(provider, model, batch, steps, first_order):
         maml = pymaml.MAML(model, inner_lr=0.01, inner_steps=steps, first_order=first_order, backend=provider)
 
         def step(batch):
-            model.zero_grad(set_to_none=True)
-            maml.meta_gradient(*batch)
+            maml.meta_gradient(*batch, accumulate=False)
 
         step(batch)
     return step, time.perf_counter() - began

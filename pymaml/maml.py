@@ -212,14 +212,18 @@ class MAML(nn.Module):
         backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
         return backend.meta_step(self.module, self.config, batch, self.inner_lr, self.step_weights)
 
-    def meta_gradient(self, support_x, support_y, query_x, query_y) -> MetaOutput:
-        """One meta-step that accumulates the meta-gradient into the .grad of the model's
-        parameters (and of learned step sizes), exactly as `self(...).loss.backward()` does, and
-        returns its output with the loss detached. The fused backends write the gradients without
-        building an autograd graph over the parameters, which is cheaper for small models;
-        parameter hooks do not run on that path."""
+    def meta_gradient(self, support_x, support_y, query_x, query_y, *, accumulate: bool = True) -> MetaOutput:
+        """One meta-step that adds the meta-gradient to the .grad of the model's parameters (and
+        of learned step sizes), exactly as `self(...).loss.backward()` does, and returns its
+        output with the loss detached. accumulate=False replaces the .grad instead (as
+        zero_grad(set_to_none=True) before it would). The fused backends write the gradients
+        without building an autograd graph over the parameters, which is cheaper for small
+        models; parameter hooks do not run on that path."""
         backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
-        return backend.meta_gradient(self.module, self.config, batch, self.inner_lr, self.step_weights)
+        if not accumulate and self.inner_lrs is not None:
+            for p in self.inner_lrs.parameters() if isinstance(self.inner_lrs, nn.ParameterList) else [self.inner_lrs]:
+                p.grad = None
+        return backend.meta_gradient(self.module, self.config, batch, self.inner_lr, self.step_weights, accumulate)
 
     def _checked_batch(self, support_x, support_y, query_x, query_y):
         """The backend for the model's device and the validated batch."""

@@ -128,8 +128,7 @@ def train(config: SinusoidConfig) -> TrainResult:
                disable=not config.progress, desc=f"meta-train [{maml.backend}]", smoothing=0.05)
     for iteration in bar:
         batch = tasks.sample(config.meta_batch, config.shots)
-        optimizer.zero_grad(set_to_none=True)
-        out = maml.meta_gradient(*batch.tasks)
+        out = maml.meta_gradient(*batch.tasks, accumulate=False)
         optimizer.step()
         loss = out.loss.item()
         losses.append(loss)

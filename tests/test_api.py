@@ -50,6 +50,9 @@ def test_meta_gradient_accumulates_what_backward_gives(backend, learn_inner_lr):
     assert set(expected) == {name for name, _ in twin_maml.named_parameters()}
     for name, p in twin_maml.named_parameters():
         assert relative_error(p.grad - 1, expected[name]) <= TOLERANCE[torch.float64], name
+    twin_maml.meta_gradient(*batch, accumulate=False)  # replaces what is there
+    for name, p in twin_maml.named_parameters():
+        assert relative_error(p.grad, expected[name]) <= TOLERANCE[torch.float64], name
 
 
 @pytest.mark.parametrize("backend", USABLE)

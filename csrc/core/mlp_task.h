@@ -679,35 +679,38 @@ struct MetaStepShape {
 //   Reverse chain: v_S = w_S ∇L_query(θ_S); for s = S−1..0:
 //     ∂/∂α_s = −g_s ⊙ v_{s+1};  v_s = v_{s+1} − H_s(α_s ⊙ v_{s+1}) + w_s ∇L_query(θ_s)  (w_0 = 0;
 //     first order drops the H_s term). The task's meta-gradient is v_0.
-// theta0 and lrs ([S, PP]) are padded; step_weights holds w_1..w_S. Outputs: the task loss, the
+// theta0 and lrs ([S, PP]) are padded, WT0 is null or θ_0's transposed weights; step_weights
+// holds w_1..w_S. Outputs: the task loss, the
 // query loss at θ_0, L_query(θ_s) for s = 1..S (the step weights' gradients), v_0 and the
 // [S, PP] step-size gradients (padded).
 template <class T, class G>
-PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape& m, const T* theta0, const T* lrs,
-                              const T* step_weights, const T* support_x, Targets<T> support_y, const T* query_x,
-                              Targets<T> query_y, T* workspace, T* task_loss, T* pre_loss, T* step_losses,
-                              T* grad_theta, T* grad_lrs) {
+PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape& m, const T* theta0, const T* WT0,
+                              const T* lrs, const T* step_weights, const T* support_x, Targets<T> support_y,
+                              const T* query_x, Targets<T> query_y, T* workspace, T* task_loss, T* pre_loss,
+                              T* step_losses, T* grad_theta, T* grad_lrs) {
   const int64_t PP = s.num_padded_params, WS = s.wt_size;
   const int S = m.steps, Ks = m.support_points, Kq = m.query_points, K = Ks > Kq ? Ks : Kq;
   const TaskWorkspace<T> ws(workspace, s, K, S);
   auto theta_at = [&](int step) { return step == 0 ? theta0 : ws.thetas + int64_t(step - 1) * PP; };
   load_input(g, s, query_x, Kq, ws.Xq);
   if (S > 0) load_input(g, s, support_x, Ks, ws.Xs);
-  transpose_weights(g, s, theta0, ws.WTs);
+  // θ_0 is every task's: a launcher may pass its transposed weights, computed once.
+  auto WT_at = [&](int step) -> const T* { return step == 0 && WT0 != nullptr ? WT0 : ws.WTs + step * WS; };
+  if (WT0 == nullptr) transpose_weights(g, s, theta0, ws.WTs);
   const Pass<T> query = ws.pass(s, K, S, ws.Xq);
   if (S == 0) {
-    mlp_gradient(g, s, theta0, ws.WTs, query_y, Kq, query, ws, grad_theta);
+    mlp_gradient(g, s, theta0, WT_at(0), query_y, Kq, query, ws, grad_theta);
     if (g.rank() == 0) *pre_loss = *task_loss = ws.cell[0];
     g.sync();
     return;
   }
-  const T pre = mlp_loss_at(g, s, theta0, ws.WTs, query_y, Kq, query, ws);
+  const T pre = mlp_loss_at(g, s, theta0, WT_at(0), query_y, Kq, query, ws);
   if (g.rank() == 0) *pre_loss = pre;
   // Inner loop; pass `step` keeps the support activations and δs at θ_step for its HVP.
   for (int step = 0; step < S; ++step) {
     const T* theta = theta_at(step);
     T* grad = ws.grads + step * PP;
-    mlp_gradient(g, s, theta, ws.WTs + step * WS, support_y, Ks, ws.pass(s, K, step, ws.Xs), ws, grad);
+    mlp_gradient(g, s, theta, WT_at(step), support_y, Ks, ws.pass(s, K, step, ws.Xs), ws, grad);
     g.sync();
     const T* lr = lrs + step * PP;
     T* next = ws.thetas + step * PP;
@@ -722,13 +725,13 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
       if (g.rank() == 0) step_losses[step - 1] = T(NAN);
       continue;
     }
-    const T loss = mlp_loss_at(g, s, theta_at(step), ws.WTs + step * WS, query_y, Kq, query, ws);
+    const T loss = mlp_loss_at(g, s, theta_at(step), WT_at(step), query_y, Kq, query, ws);
     if (g.rank() == 0) step_losses[step - 1] = loss;
     total += step_weights[step - 1] * loss;
   }
   // The reverse chain, with v in grad_theta: v_S = w_S ∇L_query(θ_S).
   T* v = grad_theta;
-  mlp_gradient(g, s, theta_at(S), ws.WTs + S * WS, query_y, Kq, query, ws, v);
+  mlp_gradient(g, s, theta_at(S), WT_at(S), query_y, Kq, query, ws, v);
   g.sync();
   const T last = ws.cell[0];
   if (g.rank() == 0) {
@@ -747,7 +750,7 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
     const int step = at + 1;
     const T w = step < S ? step_weights[step - 1] : T(0);
     if (w != T(0)) {  // v_step = v_{step+1} − H_step u + w_step ∇L_query(θ_step)
-      mlp_gradient(g, s, theta_at(step), ws.WTs + step * WS, query_y, Kq, query, ws, ws.qg);
+      mlp_gradient(g, s, theta_at(step), WT_at(step), query_y, Kq, query, ws, ws.qg);
       g.sync();
       PYMAML_SIMD
       for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] += w * ws.qg[p];
@@ -765,7 +768,7 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
       for (int64_t p = g.rank(); p < PP; p += g.size()) ws.u[p] = -lr[p] * v[p];
       g.sync();
       transpose_weights(g, s, ws.u, ws.UT);
-      mlp_hvp_from_pass(g, s, theta_at(at), ws.WTs + at * WS, ws.u, ws.UT, Ks, ws.pass(s, K, at, ws.Xs), ws, v, true);
+      mlp_hvp_from_pass(g, s, theta_at(at), WT_at(at), ws.u, ws.UT, Ks, ws.pass(s, K, at, ws.Xs), ws, v, true);
     }
     g.sync();
   }

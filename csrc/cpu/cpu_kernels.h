@@ -18,6 +18,7 @@ struct TaskArgs {
   const MetaStepShape* shape;
   const MetaBatch<T>* batch;
   const T* theta_padded;  // [PP]
+  const T* wt0;           // θ_0's transposed weights (transpose_weights)
   const T* lrs_padded;    // [S, PP]
   int task;
   T* workspace;

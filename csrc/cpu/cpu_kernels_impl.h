@@ -18,7 +18,7 @@ void run_task(const TaskArgs<T>& a) {
                              labels ? b.support_labels + int64_t(t) * m.support_points : nullptr};
   const Targets<T> query_y{labels ? nullptr : b.query_values + int64_t(t) * m.query_points * nL,
                            labels ? b.query_labels + int64_t(t) * m.query_points : nullptr};
-  meta_step_task(SerialGroup{}, s, m, a.theta_padded, a.lrs_padded, b.step_weights,
+  meta_step_task(SerialGroup{}, s, m, a.theta_padded, a.wt0, a.lrs_padded, b.step_weights,
                  b.support_x + int64_t(t) * m.support_points * n0, support_y,
                  b.query_x + int64_t(t) * m.query_points * n0, query_y, a.workspace, a.task_loss, a.pre_loss,
                  a.step_losses, a.grad_theta, a.grad_lrs);

@@ -108,6 +108,8 @@ void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const Me
   T* workspace = cached_workspace<T>(spec, points, S, size_t(threads) * workspace_size);
   std::vector<T> theta_padded(PP), lrs_padded(size_t(S) * PP);
   to_padded(g, spec, batch.theta, theta_padded.data());
+  std::vector<T> wt0(spec.wt_size);
+  transpose_weights(g, spec, theta_padded.data(), wt0.data());
   for (int step = 0; step < S; ++step) to_padded(g, spec, batch.lrs + int64_t(step) * P, lrs_padded.data() + step * PP);
   // Every padded slot of a task's meta-gradient is written, so it starts uninitialized.
   const std::unique_ptr<T[]> task_grads(new T[size_t(tasks) * PP]);
@@ -116,7 +118,7 @@ void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const Me
 
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int t = 0; t < tasks; ++t) {
-    TaskArgs<T> args{&spec, &shape, &batch, theta_padded.data(), lrs_padded.data(), t,
+    TaskArgs<T> args{&spec, &shape, &batch, theta_padded.data(), wt0.data(), lrs_padded.data(), t,
                      workspace + thread_index() * workspace_size, result.task_losses + t,
                      result.pre_losses + t, task_step_losses.data() + int64_t(t) * std::max(S, 1),
                      task_grads.get() + int64_t(t) * PP,

@@ -52,7 +52,7 @@ __global__ void meta_step_kernel(MlpSpec s, MetaStepShape m, MetaBatch<T> b, Met
                                labels ? b.support_labels + int64_t(t) * m.support_points : nullptr};
     const Targets<T> query_y{labels ? nullptr : b.query_values + int64_t(t) * m.query_points * nL,
                              labels ? b.query_labels + int64_t(t) * m.query_points : nullptr};
-    meta_step_task(g, s, m, theta, lrs, b.step_weights, b.support_x + int64_t(t) * m.support_points * n0, support_y,
+    meta_step_task(g, s, m, theta, static_cast<const T*>(nullptr), lrs, b.step_weights, b.support_x + int64_t(t) * m.support_points * n0, support_y,
                    b.query_x + int64_t(t) * m.query_points * n0, query_y, block_base, r.task_losses + t,
                    r.pre_losses + t, out + PP + (m.lr_grad ? int64_t(S) * PP : 0), out,
                    m.lr_grad ? out + PP : nullptr);

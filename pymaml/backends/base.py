@@ -78,12 +78,14 @@ class Backend:
 
     def meta_gradient(
         self, model: nn.Module, config: MetaConfig, batch: TaskBatch, inner_lr: InnerLR,
-        step_weights: torch.Tensor | None,
+        step_weights: torch.Tensor | None, accumulate: bool = True,
     ) -> MetaOutput:
-        """meta_step followed by loss.backward(): the meta-gradient is accumulated into the .grad
-        of the model's parameters (and of learned step sizes or weights); the loss comes back
-        detached. Backends that compute the gradient inside the forward pass override this to
-        skip the autograd graph."""
+        """meta_step followed by loss.backward(): the meta-gradient is added to the .grad of the
+        model's parameters (and of learned step sizes or weights), or replaces the model's
+        .grad when not accumulate; the loss comes back detached. Backends that compute the
+        gradient inside the forward pass override this to skip the autograd graph."""
+        if not accumulate:
+            model.zero_grad(set_to_none=True)
         out = self.meta_step(model, config, batch, inner_lr, step_weights)
         out.loss.backward()
         out.loss = out.loss.detach()
