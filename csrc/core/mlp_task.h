@@ -203,6 +203,7 @@ PYMAML_UNROLL
       }
     }
   }
+PYMAML_PRAGMA(GCC unroll 2)
   for (int k = 0; k < Kd; ++k) {
     Panel b[NP];
 PYMAML_UNROLL
