@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <sstream>
@@ -84,6 +85,10 @@ struct MetaStepCall {
   bool is_f32 = true;
   std::vector<std::unique_ptr<ArrayArg>> arrays;  // theta, lrs, step_weights, sx, sy, qx, qy, outputs...
   std::unique_ptr<ArrayArg> grad_lrs;
+  // grad_theta given as a list of buffers (the parameters' own .grad): the launcher writes into
+  // `gathered` and scatter_grad copies it out.
+  std::vector<std::unique_ptr<ArrayArg>> grad_parts;
+  mutable std::vector<unsigned char> gathered;
 
   const ArrayArg& operator[](size_t i) const { return *arrays[i]; }
 
@@ -99,12 +104,37 @@ struct MetaStepCall {
   template <class T>
   pymaml::MetaResult<T> result() const {
     const MetaStepCall& a = *this;
-    return {a[7].data<T>(), a[8].data<T>(), a[9].data<T>(), a[10].data<T>(), a[11].data<T>(),
+    T* grad_theta = grad_parts.size() == 1 ? grad_parts[0]->data<T>() : reinterpret_cast<T*>(gathered.data());
+    return {a[7].data<T>(), a[8].data<T>(), a[9].data<T>(), a[10].data<T>(), grad_theta,
             grad_lrs ? grad_lrs->data<T>() : nullptr};
+  }
+
+  template <class T>
+  void scatter_grad() const {
+    if (grad_parts.size() == 1) return;
+    const T* flat = reinterpret_cast<const T*>(gathered.data());
+    for (const auto& part : grad_parts) {
+      std::copy_n(flat, part->numel(), part->data<T>());
+      flat += part->numel();
+    }
   }
 };
 
-MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*>>& buffers, py::handle grad_lrs_obj,
+// grad_theta: one buffer of P values, or a list of buffers whose sizes add up to P (in order).
+void take_grad_parts(py::handle object, DLDeviceType device, MetaStepCall& call) {
+  if (py::isinstance<py::list>(object) || py::isinstance<py::tuple>(object)) {
+    int index = 0;
+    for (py::handle part : object) {
+      call.grad_parts.push_back(std::make_unique<ArrayArg>(part, "grad_theta[" + std::to_string(index++) + "]", device));
+    }
+    if (call.grad_parts.empty()) throw py::value_error("grad_theta must not be an empty list");
+  } else {
+    call.grad_parts.push_back(std::make_unique<ArrayArg>(object, "grad_theta", device));
+  }
+}
+
+MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*>>& buffers, py::handle grad_theta_obj,
+                             py::handle grad_lrs_obj,
                              const std::vector<int>& widths, const std::string& activation, bool bias,
                              const std::string& loss, bool first_order, bool all_step_losses, DLDeviceType device) {
   MetaStepCall call;
@@ -116,6 +146,7 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
   }
   for (const auto& [object, name] : buffers) call.arrays.push_back(std::make_unique<ArrayArg>(object, name, device));
   if (!grad_lrs_obj.is_none()) call.grad_lrs = std::make_unique<ArrayArg>(grad_lrs_obj, "grad_lrs", device);
+  take_grad_parts(grad_theta_obj, device, call);
   const MetaStepCall& a = call;
   const ArrayArg &theta = a[0], &lrs = a[1], &step_weights = a[2], &support_x = a[3], &support_y = a[4];
   const ArrayArg &query_x = a[5], &query_y = a[6];
@@ -163,13 +194,27 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
     support_y.require_shape({tasks, Ks, outputs}, "[tasks, support points, outputs]");
     query_y.require_shape({tasks, Kq, outputs}, "[tasks, query points, outputs]");
   }
-  for (size_t i : {1, 2, 3, 5, 7, 8, 9, 10, 11}) a[i].require_dtype(real, "it must match theta");
-  const ArrayArg &meta_loss = a[7], &task_losses = a[8], &pre_losses = a[9], &step_losses = a[10], &grad_theta = a[11];
+  for (size_t i : {1, 2, 3, 5, 7, 8, 9, 10}) a[i].require_dtype(real, "it must match theta");
+  const ArrayArg &meta_loss = a[7], &task_losses = a[8], &pre_losses = a[9], &step_losses = a[10];
   if (meta_loss.numel() != 1) throw py::value_error("meta_loss must hold exactly one value");
   task_losses.require_shape({tasks}, "one loss per task");
   pre_losses.require_shape({tasks}, "one loss per task");
   step_losses.require_shape({S}, "one loss per inner step");
-  grad_theta.require_shape({P}, "the flattened MLP parameters");
+  if (call.grad_parts.size() == 1) {
+    call.grad_parts[0]->require_shape({P}, "the flattened MLP parameters");
+  } else {
+    int64_t total = 0;
+    for (const auto& part : call.grad_parts) total += part->numel();
+    if (total != P) {
+      throw py::value_error("the grad_theta buffers hold " + std::to_string(total) + " values; the MLP has " +
+                            std::to_string(P) + " parameters");
+    }
+    call.gathered.resize(size_t(P) * (real.bits / 8));
+  }
+  for (const auto& part : call.grad_parts) {
+    part->require_dtype(real, "it must match theta");
+    if (part->device_id() != theta.device_id()) throw py::value_error(part->name() + " is not on theta's device");
+  }
   if (call.grad_lrs) {
     call.grad_lrs->require_dtype(real, "it must match theta");
     call.grad_lrs->require_shape({S, P}, "[steps, parameters]");
@@ -193,8 +238,7 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
 #define PYMAML_META_STEP_BUFFERS                                                                          \
   {{theta, "theta"}, {lrs, "lrs"}, {step_weights, "step_weights"}, {support_x, "support_x"},             \
    {support_y, "support_y"}, {query_x, "query_x"}, {query_y, "query_y"}, {meta_loss, "meta_loss"},       \
-   {task_losses, "task_losses"}, {pre_losses, "pre_losses"}, {step_losses, "step_losses"},               \
-   {grad_theta, "grad_theta"}}
+   {task_losses, "task_losses"}, {pre_losses, "pre_losses"}, {step_losses, "step_losses"}}
 
 void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
                    py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& widths,
@@ -202,13 +246,15 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
                    py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
                    py::handle grad_theta, py::handle grad_lrs, int threads, bool all_step_losses) {
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
-  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_lrs, widths, activation, bias, loss,
-                                            first_order, all_step_losses, kDLCPU);
+  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
+                                            loss, first_order, all_step_losses, kDLCPU);
   py::gil_scoped_release release;
   if (call.is_f32) {
     pymaml::mlp_meta_step_cpu<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(), threads);
+    call.scatter_grad<float>();
   } else {
     pymaml::mlp_meta_step_cpu<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(), threads);
+    call.scatter_grad<double>();
   }
 }
 
@@ -230,8 +276,9 @@ void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weight
                         py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
                         py::handle grad_theta, py::handle grad_lrs, py::handle workspace_obj, py::handle counter_obj,
                         uintptr_t stream, int blocks, int threads_per_block, bool all_step_losses) {
-  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_lrs, widths, activation, bias, loss,
-                                            first_order, all_step_losses, kDLCUDA);
+  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
+                                            loss, first_order, all_step_losses, kDLCUDA);
+  if (call.grad_parts.size() != 1) throw py::value_error("grad_theta must be one buffer of CUDA memory");
   if (blocks < 1 || threads_per_block < 32 || threads_per_block > 1024 || threads_per_block % 32) {
     throw py::value_error("blocks must be >= 1 and threads_per_block a multiple of 32 in [32, 1024]");
   }

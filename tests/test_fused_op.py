@@ -80,6 +80,24 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @needs_extension
+def test_gradient_into_a_list_of_buffers():
+    """grad_theta may be the parameters' own buffers (sizes adding up to P, in order)."""
+    from pymaml.ops.mlp_meta_step import _fused_cpu
+
+    arguments = op_arguments(widths=(3, 5, 2), steps=2)
+    whole = _fused_cpu(*arguments)
+    sizes = [15, 5, 10, 2]
+    parts = [torch.full((n,), float("nan"), dtype=torch.float64) for n in sizes]
+    out = _fused_cpu(*arguments, True, parts)
+    assert out[4] is None
+    assert torch.equal(torch.cat(parts), whole[4])
+    with pytest.raises(ValueError, match="hold 31 values; the MLP has 32 parameters"):
+        _fused_cpu(*arguments, True, [torch.empty(n, dtype=torch.float64) for n in [15, 5, 10, 1]])
+    with pytest.raises(TypeError, match=r"grad_theta\[1\] has dtype float32"):
+        _fused_cpu(*arguments, True, [torch.empty(15, dtype=torch.float64), torch.empty(17)])
+
+
+@needs_extension
 def test_skipped_step_losses_are_nan_and_change_nothing_else():
     """all_step_losses=False skips L_query(θ_s) where w_s = 0; those entries come back NaN."""
     from pymaml.ops.mlp_meta_step import fused_forward

@@ -15,7 +15,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .. import functional
 from .._extension import EXTENSION_ERROR, extension
-from ..ops.mlp_meta_step import fused_forward, mlp_meta_step_from_parts
+from ..ops.mlp_meta_step import _fused_cpu, fused_forward, mlp_meta_step_from_parts
 from ..schedule import step_size
 from ..state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
@@ -71,6 +71,15 @@ def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
         return None, "the fused kernel takes Linear layers that all have a bias or all have none"
     activation = activations.pop() if activations else "none"
     return MlpLayout(widths, activation, biases.pop(), linears), None
+
+
+def _grads_writable(params) -> bool:
+    """Whether every parameter has a .grad the kernel may overwrite: contiguous, of its shape and dtype."""
+    for p in params:
+        grad = p.grad
+        if grad is None or grad.shape != p.shape or grad.dtype != p.dtype or not grad.is_contiguous():
+            return False
+    return True
 
 
 class CppBackend(Backend):
@@ -168,19 +177,24 @@ class CppBackend(Backend):
         if torch.compiler.is_compiling():
             return super().meta_gradient(model, config, batch, inner_lr, step_weights, accumulate)
         layout, params, lrs, step_weights = self._arguments(model, config, batch, inner_lr, step_weights)
+        arguments = (lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
+                     config.first_order, lrs.requires_grad)
         with torch.no_grad():
             # torch's C++ flatten/unflatten of a parameter list (as DDP uses): about 10 µs less
             # here than cat, split and view from Python.
             theta = _flatten_dense_tensors(params)
-            meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = fused_forward(
-                theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
-                config.first_order, lrs.requires_grad, all_step_losses=step_weights.requires_grad,
-            )
-            for p, grad in zip(params, _unflatten_dense_tensors(grad_theta, params)):
-                if p.grad is None or not accumulate:
-                    p.grad = grad
-                else:
-                    p.grad += grad
+            if not accumulate and theta.device.type == "cpu" and self.name == "cpp" and _grads_writable(params):
+                # The kernel writes each parameter's gradient into its existing .grad.
+                meta_loss, task_losses, pre_losses, step_losses, _, grad_lrs = _fused_cpu(
+                    theta, *arguments, step_weights.requires_grad, [p.grad for p in params])
+            else:
+                meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = fused_forward(
+                    theta, *arguments, all_step_losses=step_weights.requires_grad)
+                for p, grad in zip(params, _unflatten_dense_tensors(grad_theta, params)):
+                    if p.grad is None or not accumulate:
+                        p.grad = grad
+                    else:
+                        p.grad += grad
         if lrs.requires_grad:
             torch.autograd.backward(lrs, grad_lrs)
         if step_weights.requires_grad:

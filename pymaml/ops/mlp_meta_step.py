@@ -89,18 +89,22 @@ def mlp_meta_step_torch(
 
 
 def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-               first_order, lr_grad, all_step_losses=True):
+               first_order, lr_grad, all_step_losses=True, grad_out=None):
+    """grad_out: tensors (contiguous, θ's dtype, sizes adding up to P) for the meta-gradient to be
+    written into, in place of a new grad_theta, which is then returned as None."""
     tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
     empty = theta.new_empty
     meta_loss, task_losses, pre_losses = empty(()), empty(tasks), empty(tasks)
-    step_losses, grad_theta, grad_lrs = empty(steps), empty(params), empty(steps if lr_grad else 0, params)
+    step_losses, grad_lrs = empty(steps), empty(steps if lr_grad else 0, params)
+    grad_theta = empty(params) if grad_out is None else None
+    grad_capsules = _capsule(grad_theta) if grad_out is None else [to_dlpack(g) for g in grad_out]
     # DLPack capsules rather than the tensors: the binding then skips 12 Python calls of __dlpack__.
     extension().mlp_meta_step(
         theta=_capsule(theta), lrs=_capsule(lrs), step_weights=_capsule(step_weights),
         support_x=_capsule(support_x), support_y=_capsule(support_y), query_x=_capsule(query_x),
         query_y=_capsule(query_y), widths=widths, activation=activation, bias=bias, loss=loss,
         first_order=first_order, meta_loss=_capsule(meta_loss), task_losses=_capsule(task_losses),
-        pre_losses=_capsule(pre_losses), step_losses=_capsule(step_losses), grad_theta=_capsule(grad_theta),
+        pre_losses=_capsule(pre_losses), step_losses=_capsule(step_losses), grad_theta=grad_capsules,
         grad_lrs=_capsule(grad_lrs) if lr_grad else None, threads=torch.get_num_threads(),
         all_step_losses=all_step_losses,
     )
