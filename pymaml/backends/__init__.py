@@ -11,13 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import cpp, func, reference
+from . import cpp, func, reference, triton
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (cpp.CUDA_BACKEND, cpp.BACKEND, func.BACKEND, reference.BACKEND)
+    b.name: b for b in (cpp.CUDA_BACKEND, triton.BACKEND, cpp.BACKEND, func.BACKEND, reference.BACKEND)
 }
-AUTO_ORDER: tuple[str, ...] = ("cuda", "cpp", "func", "reference")
+# On CUDA tensors `cuda` comes before `triton`: neither has been timed on a GPU yet
+# (bench/gpu_check.py times both; the faster one belongs first).
+AUTO_ORDER: tuple[str, ...] = ("cuda", "triton", "cpp", "func", "reference")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ def resolve(name: str, model: nn.Module, config: MetaConfig, device: torch.devic
     skipped = []
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        reason = backend.unavailable_reason() or backend.unsupported_reason(model, config, device)
+        reason = (backend.unavailable_reason() or backend.unsupported_reason(model, config, device)
+                  or backend.auto_skip_reason(device))
         if reason is None:
             because = f" (skipped: {'; '.join(skipped)})" if skipped else ""
             return backend, f"auto picked {candidate!r} on {device}{because}"

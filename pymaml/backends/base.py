@@ -63,6 +63,10 @@ class Backend:
         """None if this backend can run in this process, else why not (missing extension, no GPU, ...)."""
         return None
 
+    def auto_skip_reason(self, device: torch.device) -> str | None:
+        """Why `auto` passes over this backend on `device` even where it could run, or None."""
+        return None
+
     def unsupported_reason(self, model: nn.Module, config: MetaConfig, device: torch.device) -> str | None:
         """None if this backend computes `config` for `model` on `device`, else why not (naming the layer)."""
         raise NotImplementedError

@@ -15,7 +15,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .. import functional
 from .._extension import EXTENSION_ERROR, extension
-from ..ops.mlp_meta_step import _fused_cpu, fused_forward, mlp_meta_step_from_parts
+from ..ops.mlp_meta_step import NATIVE_IMPLEMENTATION, FusedImplementation, _fused_cpu, mlp_meta_step_from_parts
 from ..schedule import step_size
 from ..state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
@@ -118,6 +118,10 @@ class CppBackend(Backend):
             self._constants[key] = value
         return self._constants[key]
 
+    def implementation(self) -> FusedImplementation:
+        """The kernel behind pymaml::mlp_meta_step this backend calls."""
+        return NATIVE_IMPLEMENTATION
+
     def unavailable_reason(self):
         return None if extension() is not None else EXTENSION_ERROR
 
@@ -165,7 +169,7 @@ class CppBackend(Backend):
         layout, params, lrs, step_weights = self._arguments(model, config, batch, inner_lr, step_weights)
         meta_loss, task_losses, pre_losses, *_ = mlp_meta_step_from_parts(
             params, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
-            config.first_order, lrs.requires_grad, all_step_losses=False,
+            config.first_order, lrs.requires_grad, all_step_losses=False, implementation=self.implementation(),
         )
         return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
 
@@ -188,7 +192,7 @@ class CppBackend(Backend):
                 meta_loss, task_losses, pre_losses, step_losses, _, grad_lrs = _fused_cpu(
                     theta, *arguments, step_weights.requires_grad, [p.grad for p in params])
             else:
-                meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = fused_forward(
+                meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = self.implementation().forward(
                     theta, *arguments, all_step_losses=step_weights.requires_grad)
                 for p, grad in zip(params, _unflatten_dense_tensors(grad_theta, params)):
                     if p.grad is None or not accumulate:

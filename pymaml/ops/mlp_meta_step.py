@@ -15,6 +15,9 @@ Targets are [T, K, n_L] floats for "mse" and [T, K] int64 labels for "cross_entr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
@@ -191,26 +194,39 @@ def mlp_meta_step_op(
                          loss, first_order, lr_grad)
 
 
-@mlp_meta_step_op.register_fake
-def _(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-      first_order, lr_grad):
+def meta_step_fake(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
+                   first_order, lr_grad):
+    """The op's output shapes (the fake kernel of every implementation of the schema)."""
     tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
     return (theta.new_empty(()), theta.new_empty(tasks), theta.new_empty(tasks), theta.new_empty(steps),
             theta.new_empty(params), theta.new_empty(steps if lr_grad else 0, params))
 
 
-def _setup_context(ctx, inputs, output):
+def meta_step_setup_context(ctx, inputs, output):
     _, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = output
     ctx.lr_grad = inputs[-1]
     ctx.save_for_backward(grad_theta, grad_lrs, step_losses)
     ctx.mark_non_differentiable(task_losses, pre_losses, step_losses, grad_theta, grad_lrs)
 
 
-def _backward(ctx, grad_meta_loss, *_non_differentiable):
+def meta_step_backward(ctx, grad_meta_loss, *_non_differentiable):
     return (*_backward_formula(ctx.lr_grad, ctx.saved_tensors, grad_meta_loss), *([None] * 10))
 
 
-mlp_meta_step_op.register_autograd(_backward, setup_context=_setup_context)
+mlp_meta_step_op.register_fake(meta_step_fake)
+mlp_meta_step_op.register_autograd(meta_step_backward, setup_context=meta_step_setup_context)
+
+
+@dataclass(frozen=True)
+class FusedImplementation:
+    """One implementation of the pymaml::mlp_meta_step schema: `forward` gives the outputs without
+    autograd (eager), `op` is its registered torch.library op (under torch.compile)."""
+
+    forward: Callable
+    op: Callable
+
+
+NATIVE_IMPLEMENTATION = FusedImplementation(fused_forward, mlp_meta_step_op)
 
 
 class _EagerMlpMetaStep(torch.autograd.Function):
@@ -220,11 +236,11 @@ class _EagerMlpMetaStep(torch.autograd.Function):
     the gradient reaches each tensor without a cat node in the graph."""
 
     @staticmethod
-    def forward(ctx, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                first_order, lr_grad, all_step_losses, *theta_parts):
+    def forward(ctx, implementation, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
+                bias, loss, first_order, lr_grad, all_step_losses, *theta_parts):
         theta = theta_parts[0].reshape(-1) if len(theta_parts) == 1 else torch.cat([p.reshape(-1) for p in theta_parts])
-        output = fused_forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
-                               loss, first_order, lr_grad, all_step_losses)
+        output = implementation.forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths,
+                                        activation, bias, loss, first_order, lr_grad, all_step_losses=all_step_losses)
         _, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = output
         ctx.lr_grad = lr_grad
         ctx.shapes = [p.shape for p in theta_parts]
@@ -240,7 +256,7 @@ class _EagerMlpMetaStep(torch.autograd.Function):
         else:
             parts = tuple(g.view(shape) for g, shape in
                           zip(grad_theta.split([shape.numel() for shape in ctx.shapes]), ctx.shapes))
-        return (grad_lrs, grad_step_weights, *([None] * 11), *parts)
+        return (None, grad_lrs, grad_step_weights, *([None] * 11), *parts)
 
 
 def mlp_meta_step(
@@ -255,15 +271,17 @@ def mlp_meta_step(
 def mlp_meta_step_from_parts(
     theta_parts: list[Tensor], lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor,
     query_x: Tensor, query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool,
-    lr_grad: bool, all_step_losses: bool = True,
+    lr_grad: bool, all_step_losses: bool = True, implementation: FusedImplementation | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """mlp_meta_step with θ the concatenation of the flattened theta_parts (a model's parameters in
     nn.Sequential order); the gradient reaches each part. all_step_losses: see fused_forward (it
-    must stay True where step_weights requires grad)."""
+    must stay True where step_weights requires grad). implementation: the kernel (default: the
+    C++ core's, NATIVE_IMPLEMENTATION)."""
+    implementation = implementation or NATIVE_IMPLEMENTATION
     if torch.compiler.is_compiling():
         theta = torch.cat([p.reshape(-1) for p in theta_parts])
-        return mlp_meta_step_op(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
-                                bias, loss, first_order, lr_grad)
-    return _EagerMlpMetaStep.apply(lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
-                                   loss, first_order, lr_grad, all_step_losses or step_weights.requires_grad,
-                                   *theta_parts)
+        return implementation.op(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
+                                 bias, loss, first_order, lr_grad)
+    return _EagerMlpMetaStep.apply(implementation, lrs, step_weights, support_x, support_y, query_x, query_y, widths,
+                                   activation, bias, loss, first_order, lr_grad,
+                                   all_step_losses or step_weights.requires_grad, *theta_parts)
