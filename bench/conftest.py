@@ -5,6 +5,10 @@ import os
 import pytest
 import torch
 
+# JAX (a peer in bench/providers.py) reads its thread settings when it is first imported.
+if os.environ.get("PYMAML_BENCH_THREADS", "1") == "1":
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
 
 @pytest.fixture(autouse=True)
 def bench_threads(benchmark):
