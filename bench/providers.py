@@ -42,9 +42,16 @@ class Workload:
     tasks: int
     shots: int
     loss: str = "mse"
+    make_batch: Callable | None = None  # seed -> (support_x, support_y, query_x, query_y)
 
     def batch(self, seed: int = 0):
+        if self.make_batch is not None:
+            return self.make_batch(seed)
         return pymaml.data.Sinusoid(seed=seed).sample(self.tasks, self.shots).tasks
+
+    @property
+    def loss_fn(self):
+        return nn.functional.mse_loss if self.loss == "mse" else nn.functional.cross_entropy
 
 
 def sinusoid(steps: int, first_order: bool = False, tasks: int = 25) -> Workload:
@@ -56,6 +63,28 @@ def sinusoid(steps: int, first_order: bool = False, tasks: int = 25) -> Workload
 
     order = "first" if first_order else "second"
     return Workload(f"W1 sinusoid S={steps} {order} order", make_model, 0.01, steps, first_order, tasks, 10)
+
+
+def omniglot_mlp(steps: int, first_order: bool = False, tasks: int = 32) -> Workload:
+    """W2: the paper's non-convolutional Omniglot model without BatchNorm (784-256-128-64-64-5,
+    ReLU), 5-way 1-shot with 15 queries per class, on random images of the right shape."""
+    ways, shots, queries = 5, 1, 15
+
+    def make_model():
+        torch.manual_seed(0)
+        return pymaml.models.mlp((784, 256, 128, 64, 64, ways))
+
+    def make_batch(seed):
+        generator = torch.Generator().manual_seed(seed)
+        support_x = torch.rand(tasks, ways * shots, 784, generator=generator)
+        query_x = torch.rand(tasks, ways * queries, 784, generator=generator)
+        support_y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+        query_y = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+        return support_x, support_y, query_x, query_y
+
+    order = "first" if first_order else "second"
+    return Workload(f"W2 Omniglot MLP S={steps} {order} order", make_model, 0.4, steps, first_order, tasks, shots,
+                    "cross_entropy", make_batch)
 
 
 def oracle_meta_gradient(workload: Workload, batch) -> torch.Tensor:
@@ -133,7 +162,7 @@ class HigherProvider(Provider):
         model = workload.make_model()
         inner_optimizer = torch.optim.SGD(model.parameters(), lr=workload.inner_lr)
         meta_optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
-        loss_fn = nn.functional.mse_loss
+        loss_fn = workload.loss_fn
 
         def meta_gradient(batch):
             support_x, support_y, query_x, query_y = batch
@@ -172,7 +201,7 @@ class TorchOptProvider(Provider):
         names = [name for name, _ in model.named_parameters()]
         meta_optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
         inner_optimizer = torchopt.sgd(lr=workload.inner_lr)
-        loss_fn = nn.functional.mse_loss
+        loss_fn = workload.loss_fn
 
         def forward(params, x):
             return torch.func.functional_call(model, dict(zip(names, params)), (x,))
@@ -226,7 +255,7 @@ class Learn2LearnProvider(Provider):
         model = workload.make_model()
         maml = MAML(model, lr=workload.inner_lr, first_order=workload.first_order)
         meta_optimizer = torch.optim.Adam(maml.parameters(), lr=META_LR)
-        loss_fn = nn.functional.mse_loss
+        loss_fn = workload.loss_fn
 
         def meta_gradient(batch):
             support_x, support_y, query_x, query_y = batch
@@ -252,7 +281,7 @@ def _func_meta_gradient(model, workload):
     def meta_loss(params, sx, sy, qx, qy):
         losses = pymaml.functional.task_query_losses(
             model, params, {}, sx, sy, qx, qy, inner_lr=workload.inner_lr, inner_steps=workload.steps,
-            first_order=workload.first_order, loss_fn=pymaml.losses.mse)
+            first_order=workload.first_order, loss_fn=pymaml.losses.resolve_loss(workload.loss))
         return losses.mean()
 
     return torch.func.grad_and_value(meta_loss)
@@ -322,7 +351,11 @@ class JaxProvider(Provider):
             return x
 
         def loss(params, x, y):
-            return jnp.mean((forward(params, x) - y) ** 2)
+            if workload.loss == "mse":
+                return jnp.mean((forward(params, x) - y) ** 2)
+            logits = forward(params, x)
+            picked = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+            return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked)
 
         def task_loss(params, sx, sy, qx, qy):
             adapted = params
