@@ -54,15 +54,17 @@ class Workload:
         return nn.functional.mse_loss if self.loss == "mse" else nn.functional.cross_entropy
 
 
-def sinusoid(steps: int, first_order: bool = False, tasks: int = 25) -> Workload:
-    """W1: the paper's sinusoid (T=25, K=10+10, MLP 1-40-40-1 ReLU, α=0.01)."""
+def sinusoid(steps: int, first_order: bool = False, tasks: int = 25, width: int = 40) -> Workload:
+    """W1: the paper's sinusoid (T=25, K=10+10, MLP 1-40-40-1 ReLU, α=0.01); the scaling sweeps
+    vary T and the hidden width."""
 
     def make_model():
         torch.manual_seed(0)
-        return pymaml.models.sinusoid_mlp()
+        return pymaml.models.mlp((1, width, width, 1))
 
     order = "first" if first_order else "second"
-    return Workload(f"W1 sinusoid S={steps} {order} order", make_model, 0.01, steps, first_order, tasks, 10)
+    variant = "" if (tasks, width) == (25, 40) else f" T={tasks} width={width}"
+    return Workload(f"W1 sinusoid{variant} S={steps} {order} order", make_model, 0.01, steps, first_order, tasks, 10)
 
 
 def omniglot_mlp(steps: int, first_order: bool = False, tasks: int = 32) -> Workload:

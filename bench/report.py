@@ -1,5 +1,6 @@
 """Turns the cross-library benchmark's pytest-benchmark JSON into markdown tables (one per
-workload) and PNG charts (speed-up of pymaml's `cpp` over each provider; ms against S).
+workload, the W1 scaling sweeps, peak memory) and PNG charts (speed-up of pymaml's `cpp` over
+each provider, ms against S, ms against T and width, memory against S).
 
 python bench/report.py peers.json [--out bench/peers]   # writes peers.md and the PNGs there
 """
@@ -14,20 +15,74 @@ from collections import defaultdict
 from pathlib import Path
 
 
+SWEEP = re.compile(r"W1 sinusoid T=(\d+) width=(\d+) S=(\d+) second order")
+
+
 def load(path: str):
-    """{workload: {S: {provider: (median ms, oracle error, prepare s)}}}, and the run's metadata."""
+    """Timings {workload: {S: {provider: (median ms, oracle error, prepare s)}}}, W1 sweep points
+    {provider: {(T, S, width): ms}}, peak memory {S: {provider: (peak MB, after set-up MB)}},
+    and the run's metadata."""
     with open(path) as handle:
         data = json.load(handle)
     table: dict = defaultdict(lambda: defaultdict(dict))
+    sweep: dict = defaultdict(dict)
+    memory: dict = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         if "workload" not in info:
             continue
+        median = bench["stats"]["median"] * 1e3
         match = re.match(r"(.*) S=(\d+) (.*)", info["workload"])
-        workload, steps = f"{match.group(1)}, {match.group(3)}", int(match.group(2))
-        table[workload][steps][info["provider"]] = (bench["stats"]["median"] * 1e3, info.get("oracle_error"),
-                                                     info.get("prepare_seconds", 0.0))
-    return table, data
+        steps = int(match.group(2))
+        if "peak_rss_mb" in info:
+            memory[steps][info["provider"]] = (info["peak_rss_mb"], info["setup_rss_mb"])
+        elif SWEEP.match(info["workload"]):
+            tasks, width, steps = map(int, SWEEP.match(info["workload"]).groups())
+            sweep[info["provider"]][(tasks, steps, width)] = median
+        else:
+            workload = f"{match.group(1)}, {match.group(3)}"
+            table[workload][steps][info["provider"]] = (median, info.get("oracle_error"),
+                                                         info.get("prepare_seconds", 0.0))
+    base = table.get("W1 sinusoid, second order", {})
+    for steps, providers in base.items():
+        for provider, (median, _, _) in providers.items():
+            if provider in sweep:
+                sweep[provider][(25, steps, 40)] = median
+    return table, sweep, memory, data
+
+
+def sweep_markdown(sweep) -> list[str]:
+    lines = []
+    for title, axis, fixed in (("T (S=1, width 40)", 0, lambda k: k[1] == 1 and k[2] == 40),
+                               ("S (T=25, width 40)", 1, lambda k: k[0] == 25 and k[2] == 40),
+                               ("hidden width (T=25, S=1)", 2, lambda k: k[0] == 25 and k[1] == 1)):
+        values = sorted({k[axis] for points in sweep.values() for k in points if fixed(k)})
+        if len(values) < 2:
+            continue
+        lines += [f"### W1 second order, ms per training step against {title}", "",
+                  "| provider | " + " | ".join(str(v) for v in values) + " |", "|---|" + "---|" * len(values)]
+        for provider, points in sorted(sweep.items()):
+            cells = [next((f"{ms:.3f}" for k, ms in points.items() if fixed(k) and k[axis] == v), "—")
+                     for v in values]
+            lines.append(f"| {provider} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def memory_markdown(memory) -> list[str]:
+    if not memory:
+        return []
+    steps = sorted(memory)
+    lines = ["### W1 second order, peak resident memory (MB) of a training step, own process", "",
+             "| provider | " + " | ".join(f"S={s} peak | after set-up" for s in steps) + " |",
+             "|---|" + "---|---|" * len(steps)]
+    for provider in sorted({p for s in steps for p in memory[s]}):
+        cells = []
+        for s in steps:
+            peak, setup = memory[s].get(provider, (None, None))
+            cells += ["—", "—"] if peak is None else [f"{peak:.0f}", f"{setup:.0f}"]
+        lines.append(f"| {provider} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def markdown(table, data) -> str:
@@ -62,6 +117,49 @@ def markdown(table, data) -> str:
             lines.append(f"| {provider} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def sweep_and_memory_charts(sweep, memory, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if sweep:
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for axis, index, fixed, label in ((axes[0], 0, lambda k: k[1] == 1 and k[2] == 40, "tasks T (S=1, width 40)"),
+                                          (axes[1], 2, lambda k: k[0] == 25 and k[1] == 1, "hidden width (T=25, S=1)")):
+            for provider, points in sorted(sweep.items()):
+                xs = sorted(k[index] for k in points if fixed(k))
+                axis.plot(xs, [next(ms for k, ms in points.items() if fixed(k) and k[index] == x) for x in xs],
+                          marker="o", label=provider)
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            axis.set_xlabel(label)
+            axis.set_ylabel("ms per training step")
+            axis.legend(fontsize=7)
+        axes[0].set_title("W1 second order: ms against T")
+        axes[1].set_title("W1 second order: ms against width")
+        figure.tight_layout()
+        written.append(out / "w1_scaling.png")
+        figure.savefig(written[-1], dpi=110)
+        plt.close(figure)
+    if memory:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        steps = sorted(memory)
+        for provider in sorted({p for s in steps for p in memory[s]}):
+            xs = [s for s in steps if provider in memory[s]]
+            axis.plot(xs, [memory[s][provider][0] for s in xs], marker="o", label=provider)
+        axis.set_xlabel("inner steps S")
+        axis.set_ylabel("peak RSS (MB)")
+        axis.set_title("W1 second order: memory against S")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        written.append(out / "w1_memory.png")
+        figure.savefig(written[-1], dpi=110)
+        plt.close(figure)
+    return written
 
 
 def charts(table, out: Path) -> list[Path]:
@@ -108,11 +206,12 @@ def main(argv=None) -> None:
     parser.add_argument("json", help="pytest-benchmark JSON of bench/test_peers.py")
     parser.add_argument("--out", default="bench/peers", help="folder for peers.md and the charts")
     args = parser.parse_args(argv)
-    table, data = load(args.json)
+    table, sweep, memory, data = load(args.json)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "peers.md").write_text(markdown(table, data) + "\n")
-    for path in [out / "peers.md", *charts(table, out)]:
+    text = "\n".join([markdown(table, data), *sweep_markdown(sweep), *memory_markdown(memory)])
+    (out / "peers.md").write_text(text.rstrip() + "\n")
+    for path in [out / "peers.md", *charts(table, out), *sweep_and_memory_charts(sweep, memory, out)]:
         print(f"wrote {path}")
 
 

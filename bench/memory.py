@@ -1,0 +1,34 @@
+"""Peak memory of one provider on one workload, measured in a process of its own: the maximum
+resident set size after three training steps (and before the first, after imports and set-up),
+printed as JSON. bench/test_peers.py runs it for each provider.
+
+python bench/memory.py PROVIDER WORKLOAD STEPS    # WORKLOAD: w1 or w2
+"""
+
+import json
+import resource
+import sys
+
+import torch
+
+from providers import PROVIDERS, omniglot_mlp, sinusoid
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main(provider: str, workload_name: str, steps: int) -> None:
+    torch.set_num_threads(1)
+    workload = sinusoid(steps) if workload_name == "w1" else omniglot_mlp(steps)
+    built = PROVIDERS[provider].build(workload)
+    batch = built.convert(workload.batch(seed=1))
+    before = peak_rss_mb()
+    for _ in range(3):
+        built.train_step(batch)
+    print(json.dumps({"provider": provider, "workload": workload.name, "setup_rss_mb": before,
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
