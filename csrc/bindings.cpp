@@ -240,21 +240,96 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
    {support_y, "support_y"}, {query_x, "query_x"}, {query_y, "query_y"}, {meta_loss, "meta_loss"},       \
    {task_losses, "task_losses"}, {pre_losses, "pre_losses"}, {step_losses, "step_losses"}}
 
+// torch.optim.Adam's update (amsgrad and maximize off), applied in place to the parameters and
+// their moments right after the meta-gradient, so the gradient never returns to Python first:
+//   g += wd·p;  m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;
+//   p −= lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
+struct AdamArgs {
+  std::vector<std::unique_ptr<ArrayArg>> params, exp_avg, exp_avg_sq;
+  int64_t step = 0;
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+
+  template <class T>
+  void apply(const std::vector<std::unique_ptr<ArrayArg>>& grads) const {
+    const double bias1 = 1 - std::pow(beta1, double(step)), bias2_sqrt = std::sqrt(1 - std::pow(beta2, double(step)));
+    const T step_size = T(lr / bias1), b1 = T(beta1), b2 = T(beta2), e = T(eps), wd = T(weight_decay);
+    const T inverse_bias2_sqrt = T(1 / bias2_sqrt);
+    for (size_t i = 0; i < params.size(); ++i) {
+      T *p = params[i]->data<T>(), *m = exp_avg[i]->data<T>(), *v = exp_avg_sq[i]->data<T>();
+      const T* g = grads[i]->data<T>();
+      for (int64_t j = 0, n = params[i]->numel(); j < n; ++j) {
+        const T grad = g[j] + wd * p[j];
+        m[j] += (grad - m[j]) * (T(1) - b1);
+        v[j] = v[j] * b2 + (T(1) - b2) * grad * grad;
+        p[j] -= step_size * m[j] / (std::sqrt(v[j]) * inverse_bias2_sqrt + e);
+      }
+    }
+  }
+};
+
+std::vector<std::unique_ptr<ArrayArg>> buffer_list(py::handle object, const std::string& name) {
+  std::vector<std::unique_ptr<ArrayArg>> out;
+  int index = 0;
+  for (py::handle part : object) out.push_back(std::make_unique<ArrayArg>(part, name + "[" + std::to_string(index++) + "]"));
+  return out;
+}
+
+std::unique_ptr<AdamArgs> check_adam(const MetaStepCall& call, py::handle params, py::handle exp_avg,
+                                     py::handle exp_avg_sq, int64_t step, double lr, double beta1, double beta2,
+                                     double eps, double weight_decay) {
+  if (params.is_none()) return nullptr;
+  auto adam = std::make_unique<AdamArgs>();
+  adam->params = buffer_list(params, "adam_params");
+  adam->exp_avg = buffer_list(exp_avg, "adam_exp_avg");
+  adam->exp_avg_sq = buffer_list(exp_avg_sq, "adam_exp_avg_sq");
+  if (call.grad_parts.size() != adam->params.size() || adam->exp_avg.size() != adam->params.size() ||
+      adam->exp_avg_sq.size() != adam->params.size()) {
+    throw py::value_error("the Adam update needs grad_theta, adam_params, adam_exp_avg and adam_exp_avg_sq as lists of "
+                          "one buffer per parameter");
+  }
+  for (size_t i = 0; i < adam->params.size(); ++i) {
+    for (const ArrayArg* buffer : {adam->params[i].get(), adam->exp_avg[i].get(), adam->exp_avg_sq[i].get()}) {
+      buffer->require_dtype(call[0].dtype(), "it must match theta");
+      if (buffer->numel() != call.grad_parts[i]->numel()) {
+        throw py::value_error(buffer->name() + " holds " + std::to_string(buffer->numel()) + " values, its gradient " +
+                              std::to_string(call.grad_parts[i]->numel()));
+      }
+    }
+  }
+  if (step < 1) throw py::value_error("adam_step must be >= 1 (the step being taken), got " + std::to_string(step));
+  if (!(lr >= 0) || !(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1) || !(eps >= 0) || !(weight_decay >= 0)) {
+    throw py::value_error("invalid Adam hyperparameters");
+  }
+  adam->step = step;
+  adam->lr = lr;
+  adam->beta1 = beta1;
+  adam->beta2 = beta2;
+  adam->eps = eps;
+  adam->weight_decay = weight_decay;
+  return adam;
+}
+
 void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
                    py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& widths,
                    const std::string& activation, bool bias, const std::string& loss, bool first_order,
                    py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
-                   py::handle grad_theta, py::handle grad_lrs, int threads, bool all_step_losses) {
+                   py::handle grad_theta, py::handle grad_lrs, int threads, bool all_step_losses, py::handle adam_params,
+                   py::handle adam_exp_avg, py::handle adam_exp_avg_sq, int64_t adam_step, double adam_lr,
+                   double adam_beta1, double adam_beta2, double adam_eps, double adam_weight_decay) {
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
                                             loss, first_order, all_step_losses, kDLCPU);
+  const std::unique_ptr<AdamArgs> adam = check_adam(call, adam_params, adam_exp_avg, adam_exp_avg_sq, adam_step,
+                                                    adam_lr, adam_beta1, adam_beta2, adam_eps, adam_weight_decay);
   py::gil_scoped_release release;
   if (call.is_f32) {
     pymaml::mlp_meta_step_cpu<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(), threads);
     call.scatter_grad<float>();
+    if (adam) adam->apply<float>(call.grad_parts);
   } else {
     pymaml::mlp_meta_step_cpu<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(), threads);
     call.scatter_grad<double>();
+    if (adam) adam->apply<double>(call.grad_parts);
   }
 }
 
@@ -368,11 +443,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"), py::arg("meta_loss"),
         py::arg("task_losses"), py::arg("pre_losses"), py::arg("step_losses"), py::arg("grad_theta"),
         py::arg("grad_lrs") = py::none(), py::arg("threads") = 1, py::arg("all_step_losses") = true,
+        py::arg("adam_params") = py::none(), py::arg("adam_exp_avg") = py::none(),
+        py::arg("adam_exp_avg_sq") = py::none(), py::arg("adam_step") = 0, py::arg("adam_lr") = 0.0,
+        py::arg("adam_beta1") = 0.9, py::arg("adam_beta2") = 0.999, py::arg("adam_eps") = 1e-8,
+        py::arg("adam_weight_decay") = 0.0,
         "The fused MAML meta-step of an MLP over a batch of tasks, written into the output buffers.\n"
         "Inner loop θ_{s+1} = θ_s − lrs[s] ⊙ ∇L_support(θ_s); loss Σ_s step_weights[s-1] L_query(θ_s);\n"
         "exact meta-gradient through Hessian-vector products unless first_order. Means over tasks,\n"
         "except task_losses and pre_losses. Results do not depend on `threads`. all_step_losses=False\n"
-        "skips L_query(θ_s) where step_weights[s-1] is zero (their step_losses are NaN).");
+        "skips L_query(θ_s) where step_weights[s-1] is zero (their step_losses are NaN). With adam_params\n"
+        "(one buffer per parameter, grad_theta likewise) it then takes torch.optim.Adam's step in place.");
 #if defined(PYMAML_WITH_CUDA)
   m.def("mlp_meta_step_cuda", &mlp_meta_step_cuda, py::kw_only(), py::arg("theta"), py::arg("lrs"),
         py::arg("step_weights"), py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"),

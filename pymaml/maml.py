@@ -225,6 +225,19 @@ class MAML(nn.Module):
                 p.grad = None
         return backend.meta_gradient(self.module, self.config, batch, self.inner_lr, self.step_weights, accumulate)
 
+    def meta_train_step(self, support_x, support_y, query_x, query_y, optimizer: torch.optim.Optimizer) -> MetaOutput:
+        """One training step: the meta-gradient into .grad (replacing what was there) and
+        optimizer.step(). With torch.optim.Adam over exactly the model's parameters (no learned
+        step sizes), the `cpp` backend takes the Adam step inside the fused kernel call, updating
+        the parameters and the optimizer's state in place; the result is the same as
+        meta_gradient(..., accumulate=False) followed by optimizer.step()."""
+        if self.inner_lrs is not None:
+            out = self.meta_gradient(support_x, support_y, query_x, query_y, accumulate=False)
+            optimizer.step()
+            return out
+        backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
+        return backend.meta_train_step(self.module, self.config, batch, self.inner_lr, self.step_weights, optimizer)
+
     def _checked_batch(self, support_x, support_y, query_x, query_y):
         """The backend for the model's device and the validated batch."""
         reference_param = next(self.module.parameters())

@@ -157,3 +157,38 @@ print("ok", maml.backend)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok ")
+
+
+@pytest.mark.parametrize("options", [
+    dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1), dict(lr=1e-2, amsgrad=True),
+], ids=["adam", "adam-weight-decay", "amsgrad-not-fused"])
+@pytest.mark.parametrize("backend", USABLE)
+def test_meta_train_step_equals_meta_gradient_then_adam(backend, options):
+    """Three training steps: the same parameters, moments and step counts as meta_gradient
+    followed by torch.optim.Adam's own step (which the cpp backend fuses into the kernel call)."""
+    batches = [make_batch(4, 5, 3, 2, "mse", seed=seed) for seed in range(3)]
+    models, optimizers = [], []
+    for fused in (False, True):
+        model = make_mlp((3, 9, 2), "tanh")
+        maml = pymaml.MAML(model, inner_lr=0.2, inner_steps=2, backend=backend)
+        optimizer = torch.optim.Adam(maml.parameters(), **options)
+        if fused and backend == "cpp" and not options.get("amsgrad"):
+            optimizer.step = None  # the kernel must take the step itself
+        for batch in batches:
+            if fused:
+                out = maml.meta_train_step(*batch, optimizer)
+            else:
+                out = maml.meta_gradient(*batch, accumulate=False)
+                optimizer.step()
+            assert not out.loss.requires_grad
+        models.append(model)
+        optimizers.append(optimizer)
+    for (name, expected), actual in zip(models[0].named_parameters(), models[1].parameters()):
+        assert relative_error(actual, expected) <= TOLERANCE[torch.float64], name
+        assert relative_error(actual.grad, expected.grad) <= TOLERANCE[torch.float64], name
+    for expected, actual in zip(optimizers[0].state.values(), optimizers[1].state.values()):
+        assert set(expected) == set(actual)
+        for key in expected:
+            assert relative_error(torch.as_tensor(actual[key]), torch.as_tensor(expected[key])) <= 1e-10, key
+    # The optimizer's state stays usable by torch itself afterwards.
+    torch.optim.Adam.step(optimizers[1])

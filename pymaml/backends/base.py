@@ -95,6 +95,15 @@ class Backend:
         out.loss = out.loss.detach()
         return out
 
+    def meta_train_step(
+        self, model: nn.Module, config: MetaConfig, batch: TaskBatch, inner_lr: InnerLR,
+        step_weights: torch.Tensor | None, optimizer: torch.optim.Optimizer,
+    ) -> MetaOutput:
+        """meta_gradient(accumulate=False) then optimizer.step(); backends may fuse the two."""
+        out = self.meta_gradient(model, config, batch, inner_lr, step_weights, accumulate=False)
+        optimizer.step()
+        return out
+
     def adapt(
         self, model: nn.Module, config: MetaConfig, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
         inner_lr: InnerLR,

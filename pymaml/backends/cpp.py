@@ -12,6 +12,7 @@ import weakref
 import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.utils.dlpack import to_dlpack
 
 from .. import functional
 from .._extension import EXTENSION_ERROR, extension
@@ -71,6 +72,39 @@ def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
         return None, "the fused kernel takes Linear layers that all have a bias or all have none"
     activation = activations.pop() if activations else "none"
     return MlpLayout(widths, activation, biases.pop(), linears), None
+
+
+def _adam_fusable(optimizer, params) -> bool:
+    """Whether the kernel can take this optimizer's step: torch.optim.Adam itself, one group over
+    exactly these parameters in this order, plain-number hyperparameters, no amsgrad, maximize,
+    capturable, differentiable or decoupled weight decay, and every parameter's state either
+    empty or holding moments of its shape and one common step."""
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    if len(group["params"]) != len(params) or any(a is not b for a, b in zip(group["params"], params)):
+        return False
+    if any(group.get(flag) for flag in ("amsgrad", "maximize", "capturable", "differentiable",
+                                        "decoupled_weight_decay")):
+        return False
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not all(number(group[key]) for key in ("lr", "eps", "weight_decay")) or not all(map(number, group["betas"])):
+        return False
+    states = [optimizer.state.get(p) for p in params]
+    if all(not state for state in states):
+        return all(p.dtype == params[0].dtype and p.device.type == "cpu" for p in params)
+    steps = set()
+    for p, state in zip(params, states):
+        if not state or set(state) != {"step", "exp_avg", "exp_avg_sq"}:
+            return False
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = state[key]
+            if moment.shape != p.shape or moment.dtype != p.dtype or not moment.is_contiguous():
+                return False
+        steps.add(float(state["step"]))
+    return len(steps) == 1 and all(p.is_contiguous() for p in params)
 
 
 def _grads_writable(params) -> bool:
@@ -203,6 +237,43 @@ class CppBackend(Backend):
             torch.autograd.backward(lrs, grad_lrs)
         if step_weights.requires_grad:
             torch.autograd.backward(step_weights, step_losses)
+        return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
+
+    def meta_train_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights, optimizer):
+        """With a plain torch.optim.Adam over exactly the model's parameters, the kernel takes the
+        Adam step itself, in place on the parameters and the optimizer's own state (which stays
+        valid for optimizer.step() and state_dict()); otherwise meta_gradient then optimizer.step().
+        For the sinusoid MLP here that saves most of the ~55 µs of torch's fused Adam step."""
+        layout = self._layout(model)
+        params = layout.parameters()
+        if (self.name != "cpp" or torch.compiler.is_compiling() or not isinstance(inner_lr, (int, float))
+                or (step_weights is not None and step_weights.requires_grad)
+                or not _adam_fusable(optimizer, params)):
+            return super().meta_train_step(model, config, batch, inner_lr, step_weights, optimizer)
+        group = optimizer.param_groups[0]
+        states = [optimizer.state[p] for p in params]
+        if not states[0]:
+            for p, state in zip(params, states):
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        step = int(states[0]["step"]) + 1
+        layout, params, lrs, step_weights = self._arguments(model, config, batch, inner_lr, step_weights)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
+                    p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+            theta = _flatten_dense_tensors(params)
+            beta1, beta2 = group["betas"]
+            adam = dict(adam_params=[to_dlpack(p) for p in params],
+                        adam_exp_avg=[to_dlpack(state["exp_avg"]) for state in states],
+                        adam_exp_avg_sq=[to_dlpack(state["exp_avg_sq"]) for state in states],
+                        adam_step=step, adam_lr=group["lr"], adam_beta1=beta1, adam_beta2=beta2, adam_eps=group["eps"],
+                        adam_weight_decay=group["weight_decay"])
+            meta_loss, task_losses, pre_losses, *_ = _fused_cpu(
+                theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
+                config.first_order, False, False, [p.grad for p in params], adam)
+            torch._foreach_add_([state["step"] for state in states], 1.0)
         return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
 
     def adapt(self, model, config, support_x, support_y, steps, inner_lr):

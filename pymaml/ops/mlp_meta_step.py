@@ -92,9 +92,10 @@ def mlp_meta_step_torch(
 
 
 def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-               first_order, lr_grad, all_step_losses=True, grad_out=None):
+               first_order, lr_grad, all_step_losses=True, grad_out=None, adam=None):
     """grad_out: tensors (contiguous, θ's dtype, sizes adding up to P) for the meta-gradient to be
-    written into, in place of a new grad_theta, which is then returned as None."""
+    written into, in place of a new grad_theta, which is then returned as None. adam: the
+    binding's adam_* arguments (one buffer per grad_out tensor), to take an Adam step in place."""
     tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
     empty = theta.new_empty
     meta_loss, task_losses, pre_losses = empty(()), empty(tasks), empty(tasks)
@@ -109,7 +110,7 @@ def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y,
         first_order=first_order, meta_loss=_capsule(meta_loss), task_losses=_capsule(task_losses),
         pre_losses=_capsule(pre_losses), step_losses=_capsule(step_losses), grad_theta=grad_capsules,
         grad_lrs=_capsule(grad_lrs) if lr_grad else None, threads=torch.get_num_threads(),
-        all_step_losses=all_step_losses,
+        all_step_losses=all_step_losses, **(adam or {}),
     )
     return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
 
