@@ -146,9 +146,8 @@ class PymamlProvider(Provider):
             maml.meta_gradient(*batch, accumulate=False)
             return _flat_grads(model)
 
-        def train_step(batch):
-            maml.meta_gradient(*batch, accumulate=False)
-            optimizer.step()
+        def train_step(batch):  # cpp takes the Adam step inside its kernel call
+            maml.meta_train_step(*batch, optimizer)
 
         return Built(meta_gradient, train_step)
 
