@@ -2,7 +2,7 @@
 workload, the W1 scaling sweeps, peak memory) and PNG charts (speed-up of pymaml's `cpp` over
 each provider, ms against S, ms against T and width, memory against S).
 
-python bench/report.py peers.json [--out bench/peers]   # writes peers.md and the PNGs there
+python bench/report.py peers.json [peers-2-threads.json ...] [--out bench/peers]   # peers.md and PNGs
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from pathlib import Path
 SWEEP = re.compile(r"W1 sinusoid T=(\d+) width=(\d+) S=(\d+) second order")
 
 
-def load(path: str):
+def load(paths):
     """Timings {workload: {S: {provider: (median ms, oracle error, prepare s)}}}, W1 sweep points
     {provider: {(T, S, width): ms}}, peak memory {S: {provider: (peak MB, after set-up MB)}},
     and the run's metadata."""
-    with open(path) as handle:
-        data = json.load(handle)
+    data = {"benchmarks": []}
+    for path in [paths] if isinstance(paths, str) else paths:
+        with open(path) as handle:
+            run = json.load(handle)
+        data = {**run, "benchmarks": data["benchmarks"] + run["benchmarks"]}
     table: dict = defaultdict(lambda: defaultdict(dict))
     sweep: dict = defaultdict(dict)
     memory: dict = defaultdict(dict)
@@ -34,13 +37,14 @@ def load(path: str):
         median = bench["stats"]["median"] * 1e3
         match = re.match(r"(.*) S=(\d+) (.*)", info["workload"])
         steps = int(match.group(2))
+        threads = info.get("threads", 1)
         if "peak_rss_mb" in info:
             memory[steps][info["provider"]] = (info["peak_rss_mb"], info["setup_rss_mb"])
-        elif SWEEP.match(info["workload"]):
+        elif SWEEP.match(info["workload"]) and threads == 1:
             tasks, width, steps = map(int, SWEEP.match(info["workload"]).groups())
             sweep[info["provider"]][(tasks, steps, width)] = median
-        else:
-            workload = f"{match.group(1)}, {match.group(3)}"
+        elif not SWEEP.match(info["workload"]):
+            workload = f"{match.group(1)}, {match.group(3)}" + (f", {threads} threads" if threads != 1 else "")
             table[workload][steps][info["provider"]] = (median, info.get("oracle_error"),
                                                          info.get("prepare_seconds", 0.0))
     base = table.get("W1 sinusoid, second order", {})
@@ -89,9 +93,8 @@ def markdown(table, data) -> str:
     machine = data.get("machine_info", {})
     lines = [
         f"Machine: {machine.get('cpu', {}).get('brand_raw', platform.processor())}, "
-        f"{machine.get('cpu', {}).get('count', '?')} cores; {data.get('datetime', '')[:10]}; "
-        f"threads: {next(iter(data['benchmarks']), {}).get('extra_info', {}).get('threads', '?')}. "
-        "Median ms per training step (meta-gradient plus Adam); ratio = provider ÷ pymaml-cpp; "
+        f"{machine.get('cpu', {}).get('count', '?')} cores; {data.get('datetime', '')[:10]}; one thread unless a "
+        "table says otherwise. Median ms per training step (meta-gradient plus Adam); ratio = provider ÷ pymaml-cpp; "
         "every provider's meta-gradient matched the oracle (relative error ≤ 1e-4) before it was timed.",
         "",
     ]
@@ -203,7 +206,7 @@ def charts(table, out: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark JSON of bench/test_peers.py")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON of bench/test_peers.py (one per thread count)")
     parser.add_argument("--out", default="bench/peers", help="folder for peers.md and the charts")
     args = parser.parse_args(argv)
     table, sweep, memory, data = load(args.json)
