@@ -276,7 +276,7 @@ class Learn2LearnProvider(Provider):
         return Built(meta_gradient, train_step)
 
 
-def _func_meta_gradient(model, workload):
+def func_meta_gradient(model, workload):
     """The vmapped torch.func meta-gradient (grad_and_value of the mean query loss)."""
 
     def meta_loss(params, sx, sy, qx, qy):
@@ -298,7 +298,7 @@ class TorchFuncProvider(Provider):
     def build(self, workload):
         model = workload.make_model()
         meta_optimizer = torch.optim.Adam(model.parameters(), lr=META_LR, fused=True)
-        step = _func_meta_gradient(model, workload)
+        step = func_meta_gradient(model, workload)
         began = time.perf_counter()
         if self.compiled:
             torch._dynamo.reset()

@@ -16,6 +16,7 @@ import torch
 
 import pymaml
 from flops import meta_step_flops
+from providers import func_meta_gradient, sinusoid
 
 BACKENDS = [s.name for s in pymaml.available_backends() if s.usable and s.name != "cuda"]  # CPU benchmarks
 PROVIDERS = BACKENDS + (["cpp-autograd"] if "cpp" in BACKENDS else []) + ["compile"]
@@ -32,18 +33,7 @@ def sinusoid_setup(steps: int):
 
 def compiled_meta_gradient(model, steps: int, first_order: bool):
     """torch.compile of the func core's meta-gradient, as a step function that fills the .grad fields."""
-
-    def meta_gradient(params, sx, sy, qx, qy):
-        def meta_loss(p):
-            losses = pymaml.functional.task_query_losses(
-                model, p, {}, sx, sy, qx, qy, inner_lr=0.01, inner_steps=steps, first_order=first_order,
-                loss_fn=pymaml.losses.mse,
-            )
-            return losses.mean()
-
-        return torch.func.grad_and_value(meta_loss)(params)
-
-    compiled = torch.compile(meta_gradient)
+    compiled = torch.compile(func_meta_gradient(model, sinusoid(steps, first_order)))
 
     def step(batch):
         params = {name: p.detach() for name, p in model.named_parameters()}
