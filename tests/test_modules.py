@@ -123,3 +123,22 @@ def test_buffers_and_frozen_parameters():
         grad = torch.cat([p.grad.reshape(-1) for p in (model.hidden.weight, model.hidden.bias, model.out.weight, model.out.bias)])
         assert relative_error(out.loss.detach(), expected_loss) <= TOLERANCE[torch.float64]
         assert relative_error(grad, expected_grad) <= TOLERANCE[torch.float64]
+
+
+def test_conv4_shapes_and_parameter_counts():
+    omniglot = pymaml.models.Conv4()
+    assert omniglot(torch.rand(3, 1, 28, 28)).shape == (3, 5)
+    # 640 + 3 × 36,928 (convolutions) + 4 × 128 (BatchNorm) + 256 × 5 + 5 (head)
+    assert sum(p.numel() for p in omniglot.parameters()) == 113_221
+    mini = pymaml.models.Conv4(3, 5, hidden=32, image_size=84, strided=False)
+    assert mini(torch.rand(2, 3, 84, 84)).shape == (2, 5)
+    assert isinstance(mini[3], torch.nn.MaxPool2d) and mini[-1].in_features == 32 * 5 * 5
+    with pytest.raises(ValueError, match="too small"):
+        pymaml.models.Conv4(image_size=8, strided=False)
+
+
+def test_omniglot_mlp_layers():
+    model = pymaml.models.omniglot_mlp(ways=20)
+    assert [m.out_features for m in model if isinstance(m, torch.nn.Linear)] == [256, 128, 64, 64, 20]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in model) == 4
+    assert model(torch.rand(6, 1, 28, 28)).shape == (6, 20)
