@@ -84,8 +84,7 @@ def _adam_fusable(optimizer, params) -> bool:
     group = optimizer.param_groups[0]
     if len(group["params"]) != len(params) or any(a is not b for a, b in zip(group["params"], params)):
         return False
-    if any(group.get(flag) for flag in ("amsgrad", "maximize", "capturable", "differentiable",
-                                        "decoupled_weight_decay")):
+    if _adam_flags(group) != _FUSABLE_FLAGS:
         return False
     def number(value):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -107,6 +106,11 @@ def _adam_fusable(optimizer, params) -> bool:
     return len(steps) == 1 and all(p.is_contiguous() for p in params)
 
 
+def _adam_step_dtype(fused: bool) -> torch.dtype:
+    """The dtype torch.optim.Adam gives a new step counter (torch's _get_scalar_dtype)."""
+    return torch.float64 if not fused and torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def _grads_writable(params) -> bool:
     """Whether every parameter has a .grad the kernel may overwrite: contiguous, of its shape and dtype."""
     for p in params:
@@ -114,6 +118,50 @@ def _grads_writable(params) -> bool:
         if grad is None or grad.shape != p.shape or grad.dtype != p.dtype or not grad.is_contiguous():
             return False
     return True
+
+
+class _Plan:
+    """A native MlpPlan and what it was built from: the parameters (and their storage), the
+    gradient buffers it writes, the Adam state it updates and the settings it bakes in. A call
+    uses it only after `matches` confirms none of these changed."""
+
+    def __init__(self, native, settings, params, grads, adam_state):
+        self.native, self.settings, self.params, self.grads = native, settings, params, grads
+        self.data_ptrs = [p.data_ptr() for p in params]
+        self.adam_state = adam_state  # per parameter (exp_avg, exp_avg_sq, step), or None
+
+    def matches(self, settings, params, optimizer) -> bool:
+        if settings != self.settings or len(params) != len(self.params):
+            return False
+        for p, planned, pointer, grad in zip(params, self.params, self.data_ptrs, self.grads):
+            if p is not planned or p.data_ptr() != pointer or not p.requires_grad:
+                return False
+            if p.grad is not grad:
+                if p.grad is not None:
+                    return False
+                p.grad = grad  # zero_grad(set_to_none=True) between steps: hand the buffer back
+        if optimizer is None:
+            return True
+        groups = optimizer.param_groups
+        if len(groups) != 1 or _adam_flags(groups[0]) != _FUSABLE_FLAGS:
+            return False
+        group_params, state = groups[0]["params"], optimizer.state
+        if len(group_params) != len(params):
+            return False
+        for p, planned_p, (exp_avg, exp_avg_sq, step) in zip(group_params, params, self.adam_state):
+            entry = state.get(p)
+            if (p is not planned_p or entry is None or entry.get("exp_avg") is not exp_avg
+                    or entry.get("exp_avg_sq") is not exp_avg_sq or entry.get("step") is not step):
+                return False
+        return True
+
+
+_ADAM_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+_FUSABLE_FLAGS = (False, False, False, False, False)
+
+
+def _adam_flags(group) -> tuple:
+    return tuple(bool(group.get(flag)) for flag in _ADAM_FLAGS)
 
 
 class CppBackend(Backend):
@@ -125,6 +173,8 @@ class CppBackend(Backend):
         # cheap test that the Sequential was not edited), and constant step sizes and weights.
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._constants: dict = {}
+        # Native plans (see _plan): per model for meta_gradient, per optimizer for meta_train_step.
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _layout(self, model: nn.Module) -> MlpLayout:
         layers = tuple(map(id, model))
@@ -151,6 +201,66 @@ class CppBackend(Backend):
                 self._constants.clear()
             self._constants[key] = value
         return self._constants[key]
+
+    def _plan(self, model, config: MetaConfig, inner_lr, step_weights, optimizer=None) -> _Plan | None:
+        """The held native plan for this model (and Adam optimizer), built or rebuilt when anything
+        it holds changed; None where the call needs the general path (another backend name,
+        torch.compile, learned or scheduled step sizes, step weights, a callable loss, a non-Adam
+        or unfusable optimizer)."""
+        if (self.name != "cpp" or torch.compiler.is_compiling() or not isinstance(inner_lr, (int, float))
+                or step_weights is not None or not isinstance(config.loss, str)):
+            return None
+        layout = self._layout(model)
+        params = layout.parameters()
+        settings = (config, float(inner_lr))
+        owner = model if optimizer is None else optimizer
+        plan = self._plans.get(owner)
+        if plan is not None and plan.matches(settings, params, optimizer):
+            return plan
+        self._plans.pop(owner, None)
+        if not all(p.requires_grad for p in params) or params[0].device.type != "cpu":
+            return None
+        if any(not p.is_contiguous() or p.dtype != params[0].dtype for p in params):
+            return None
+        adam = None
+        if optimizer is not None:
+            if not _adam_fusable(optimizer, params):
+                return None
+            states = [optimizer.state[p] for p in params]
+            if not states[0]:
+                for p, state in zip(params, states):
+                    state["step"] = torch.zeros((), dtype=_adam_step_dtype(bool(optimizer.param_groups[0].get("fused"))))
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            if any(s["step"].device.type != "cpu" or s["step"].numel() != 1 for s in states):
+                return None
+            adam = [(s["exp_avg"], s["exp_avg_sq"], s["step"]) for s in states]
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype or not p.grad.is_contiguous():
+                    p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        grads = [p.grad for p in params]
+        native = extension().MlpPlan(
+            widths=layout.widths, activation=layout.activation, bias=layout.bias, loss=config.loss,
+            first_order=config.first_order, steps=config.inner_steps, inner_lr=float(inner_lr),
+            params=[p.detach() for p in params],
+            grads=grads, adam_exp_avg=None if adam is None else [a[0] for a in adam],
+            adam_exp_avg_sq=None if adam is None else [a[1] for a in adam],
+            adam_steps=None if adam is None else [a[2] for a in adam])
+        plan = self._plans[owner] = _Plan(native, settings, params, grads, adam)
+        return plan
+
+    def _run_plan(self, plan: _Plan, batch: TaskBatch, optimizer=None) -> MetaOutput:
+        losses = plan.params[0].new_empty(batch.support_x.shape[0] + 2)
+        capsules = [to_dlpack(t.contiguous()) for t in batch]
+        if optimizer is None:
+            plan.native.run(*capsules, to_dlpack(losses), torch.get_num_threads())
+        else:
+            group = optimizer.param_groups[0]
+            beta1, beta2 = group["betas"]
+            plan.native.run(*capsules, to_dlpack(losses), torch.get_num_threads(), group["lr"], beta1, beta2,
+                            group["eps"], group["weight_decay"])
+        return MetaOutput(losses[0], losses[2:], losses[1], self.name)
 
     def implementation(self) -> FusedImplementation:
         """The kernel behind pymaml::mlp_meta_step this backend calls."""
@@ -214,6 +324,10 @@ class CppBackend(Backend):
         and weights still receive theirs through autograd, from the op's gradients."""
         if torch.compiler.is_compiling():
             return super().meta_gradient(model, config, batch, inner_lr, step_weights, accumulate)
+        if not accumulate:
+            plan = self._plan(model, config, inner_lr, step_weights)
+            if plan is not None:
+                return self._run_plan(plan, batch)
         layout, params, lrs, step_weights = self._arguments(model, config, batch, inner_lr, step_weights)
         arguments = (lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
                      config.first_order, lrs.requires_grad)
@@ -244,37 +358,10 @@ class CppBackend(Backend):
         Adam step itself, in place on the parameters and the optimizer's own state (which stays
         valid for optimizer.step() and state_dict()); otherwise meta_gradient then optimizer.step().
         For the sinusoid MLP here that saves most of the ~55 µs of torch's fused Adam step."""
-        layout = self._layout(model)
-        params = layout.parameters()
-        if (self.name != "cpp" or torch.compiler.is_compiling() or not isinstance(inner_lr, (int, float))
-                or (step_weights is not None and step_weights.requires_grad)
-                or not _adam_fusable(optimizer, params)):
+        plan = self._plan(model, config, inner_lr, step_weights, optimizer)
+        if plan is None:
             return super().meta_train_step(model, config, batch, inner_lr, step_weights, optimizer)
-        group = optimizer.param_groups[0]
-        states = [optimizer.state[p] for p in params]
-        if not states[0]:
-            for p, state in zip(params, states):
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        step = int(states[0]["step"]) + 1
-        layout, params, lrs, step_weights = self._arguments(model, config, batch, inner_lr, step_weights)
-        with torch.no_grad():
-            for p in params:
-                if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
-                    p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-            theta = _flatten_dense_tensors(params)
-            beta1, beta2 = group["betas"]
-            adam = dict(adam_params=[to_dlpack(p) for p in params],
-                        adam_exp_avg=[to_dlpack(state["exp_avg"]) for state in states],
-                        adam_exp_avg_sq=[to_dlpack(state["exp_avg_sq"]) for state in states],
-                        adam_step=step, adam_lr=group["lr"], adam_beta1=beta1, adam_beta2=beta2, adam_eps=group["eps"],
-                        adam_weight_decay=group["weight_decay"])
-            meta_loss, task_losses, pre_losses, *_ = _fused_cpu(
-                theta, lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
-                config.first_order, False, False, [p.grad for p in params], adam)
-            torch._foreach_add_([state["step"] for state in states], 1.0)
-        return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
+        return self._run_plan(plan, batch, optimizer)
 
     def adapt(self, model, config, support_x, support_y, steps, inner_lr):
         return functional.adapt(

@@ -1,0 +1,159 @@
+"""The cpp backend's held native plan (pymaml._C.MlpPlan): the parameter, gradient and Adam
+buffers are checked once, so every call must notice when any of them changed and stay exact."""
+
+import copy
+
+import pytest
+import torch
+
+import pymaml
+from helpers import TOLERANCE, make_batch, make_mlp, relative_error
+from pymaml._extension import extension
+from pymaml.backends.cpp import BACKEND as CPP
+
+pytestmark = pytest.mark.skipif(extension() is None, reason="the compiled extension is not built")
+
+BATCHES = [make_batch(4, 5, 3, 2, "mse", seed=seed) for seed in range(4)]
+
+
+def twins(dtype=torch.float64, **adam):
+    """Two identical MAMLs with Adam: the first steps through the plan, the second through
+    meta_gradient on a fresh batch copy and torch's own Adam (the general path)."""
+    out = []
+    for backend in ("cpp", "func"):
+        model = make_mlp((3, 9, 2), "tanh").to(dtype)
+        maml = pymaml.MAML(model, inner_lr=0.2, inner_steps=2, backend=backend)
+        out.append((maml, torch.optim.Adam(maml.parameters(), **adam)))
+    out[1][0].module.load_state_dict(out[0][0].module.state_dict())
+    return out
+
+
+def train(pair, batch, dtype=torch.float64):
+    maml, optimizer = pair
+    batch = [t.to(dtype) if t.is_floating_point() else t for t in batch]
+    if maml.backend == "cpp":
+        return maml.meta_train_step(*batch, optimizer)
+    out = maml.meta_gradient(*batch, accumulate=False)
+    optimizer.step()
+    return out
+
+
+def assert_same(planned, general, tolerance=TOLERANCE[torch.float64]):
+    for (name, expected), actual in zip(general[0].module.named_parameters(), planned[0].module.parameters()):
+        assert relative_error(actual, expected) <= tolerance, name
+        assert relative_error(actual.grad, expected.grad) <= tolerance, name
+    for expected, actual in zip(general[1].state.values(), planned[1].state.values()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert relative_error(torch.as_tensor(actual[key]).double(), torch.as_tensor(expected[key]).double()) \
+                <= tolerance, key
+
+
+def test_plan_is_reused_and_matches_torch_adam():
+    planned, general = twins(lr=1e-2)
+    for batch in BATCHES:
+        out = train(planned, batch)
+        expected = train(general, batch)
+        assert relative_error(out.loss, expected.loss) <= TOLERANCE[torch.float64]
+        assert relative_error(out.task_losses, expected.task_losses) <= TOLERANCE[torch.float64]
+        assert relative_error(out.pre_adaptation_loss, expected.pre_adaptation_loss) <= TOLERANCE[torch.float64]
+    assert_same(planned, general)
+    assert len([plan for plan in CPP._plans.values() if plan.params[0] is planned[0].module[0].weight]) == 1
+
+
+@pytest.mark.parametrize("change", [
+    "zero_grad_to_none", "replace_parameter_data", "load_optimizer_state", "learning_rate", "torch_step_between",
+    "replace_layer", "replace_grad",
+])
+def test_plan_follows_changes(change):
+    planned, general = twins(lr=1e-2, weight_decay=0.01)
+    for index, batch in enumerate(BATCHES):
+        if index == 2:
+            for maml, optimizer in (planned, general):
+                model = maml.module
+                if change == "zero_grad_to_none":
+                    optimizer.zero_grad(set_to_none=True)
+                elif change == "replace_parameter_data":
+                    with torch.no_grad():
+                        model[0].weight.data = model[0].weight.data.clone() * 0.5
+                elif change == "load_optimizer_state":
+                    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+                elif change == "learning_rate":
+                    optimizer.param_groups[0]["lr"] = 3e-2
+                elif change == "torch_step_between":
+                    maml.meta_gradient(*batch, accumulate=False)
+                    torch.optim.Adam.step(optimizer)
+                elif change == "replace_layer":
+                    torch.manual_seed(5)
+                    model[2] = torch.nn.Linear(9, 2).double()
+                    optimizer.param_groups[0]["params"] = list(model.parameters())
+                elif change == "replace_grad":
+                    for p in model.parameters():
+                        p.grad = torch.full_like(p, 7.0)
+        train(planned, batch)
+        train(general, batch)
+    assert_same(planned, general)
+
+
+def test_plan_in_float32_and_meta_gradient_without_optimizer():
+    """float32 through the plan: each step's meta-gradient against the float64 oracle's at the
+    same parameters, within 4× the error of float32 on the general path there."""
+    planned, general = twins(torch.float32, lr=1e-2, fused=True)
+    for batch in BATCHES:
+        before = [p.detach().clone() for p in planned[0].module.parameters()]
+        with torch.no_grad():
+            for q, p in zip(general[0].module.parameters(), before):
+                q.copy_(p)
+        train(planned, batch, torch.float32)
+        train(general, batch, torch.float32)
+        exact = make_mlp((3, 9, 2), "tanh")
+        with torch.no_grad():
+            for q, p in zip(exact.parameters(), before):
+                q.copy_(p.double())
+        expected = torch.autograd.grad(pymaml.reference.meta_loss(exact, *batch, inner_lr=0.2, inner_steps=2),
+                                       list(exact.parameters()))
+        for p32, q32, g64 in zip(planned[0].module.parameters(), general[0].module.parameters(), expected):
+            assert relative_error(p32.grad, g64) <= 4 * relative_error(q32.grad, g64) + 1e-7
+    assert planned[1].state[planned[0].module[0].weight]["step"].dtype == torch.float32
+    assert int(planned[1].state[planned[0].module[0].weight]["step"]) == len(BATCHES)
+    model = make_mlp((3, 9, 2), "tanh")
+    maml = pymaml.MAML(model, inner_lr=0.2, inner_steps=2, backend="cpp")
+    for batch in BATCHES[:2]:  # the second call runs the plan built by the first
+        maml.meta_gradient(*batch, accumulate=False)
+        expected = torch.autograd.grad(pymaml.reference.meta_loss(model, *batch, inner_lr=0.2, inner_steps=2),
+                                       list(model.parameters()))
+        for p, g in zip(model.parameters(), expected):
+            assert relative_error(p.grad, g) <= TOLERANCE[torch.float64]
+
+
+def test_plan_rejects_bad_batches_and_counters():
+    planned, _ = twins(lr=1e-2)
+    train(planned, BATCHES[0])
+    maml, optimizer = planned
+    bad = list(BATCHES[1])
+    bad[2] = bad[2].clone()
+    bad[2][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="query_x contains NaN"):
+        maml.meta_train_step(*bad, optimizer)
+    with pytest.raises(ValueError, match="support_x must have shape"):
+        maml.meta_train_step(BATCHES[1][0][..., :2].contiguous(), *BATCHES[1][1:], optimizer)
+    optimizer.state[maml.module[0].weight]["step"] += 1
+    with pytest.raises(ValueError, match="step counters differ"):
+        maml.meta_train_step(*BATCHES[1], optimizer)
+
+
+def test_native_plan_argument_errors():
+    model = make_mlp((3, 9, 2), "tanh")
+    params = [p.detach() for p in model.parameters()]
+    grads = [torch.zeros_like(p) for p in params]
+    common = dict(widths=[3, 9, 2], activation="tanh", bias=True, loss="mse", first_order=False, steps=1,
+                  inner_lr=0.1)
+    with pytest.raises(ValueError, match="the params hold 36 values; the MLP has 56"):
+        extension().MlpPlan(**common, params=params[:2], grads=grads[:2])
+    with pytest.raises(ValueError, match="grads\\[1\\] holds 3 values"):
+        extension().MlpPlan(**common, params=params, grads=[grads[0], grads[0][0], *grads[2:]])
+    with pytest.raises(TypeError, match="grads\\[0\\] has dtype float32"):
+        extension().MlpPlan(**common, params=params, grads=[grads[0].float(), *grads[1:]])
+    plan = extension().MlpPlan(**common, params=params, grads=grads)
+    batch = make_batch(2, 3, 3, 2, "mse")
+    with pytest.raises(ValueError, match="losses must have shape \\(4,\\)"):
+        plan.run(*batch, torch.empty(3, dtype=torch.float64))
