@@ -4,12 +4,18 @@ from . import data, functional, models, reference
 from ._extension import build_info
 from .hvp import hvp
 from .backends import BackendStatus, MetaOutput, available_backends
+from .imaml import IMAML, IMAMLOutput
 from .maml import MAML, AdaptedModel
+from .reptile import Reptile, ReptileOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MAML",
+    "IMAML",
+    "IMAMLOutput",
+    "Reptile",
+    "ReptileOutput",
     "AdaptedModel",
     "BackendStatus",
     "MetaOutput",
