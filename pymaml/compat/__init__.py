@@ -1,0 +1,1 @@
+"""Drop-in replacements for other meta-learning libraries' APIs (pymaml.compat.learn2learn)."""
