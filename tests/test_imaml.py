@@ -227,3 +227,19 @@ def test_rejects_bad_arguments_and_inputs():
     with pytest.raises(FloatingPointError, match="inner loop diverged"):
         # φ − θ grows by a factor |1 − αλ| = 999 per step and overflows.
         pymaml.IMAML(model, 10.0, 120, 100.0, 2).meta_gradient(support_x, support_y, query_x, query_y)
+
+
+@pytest.mark.parametrize("fused", [
+    pytest.param(True, marks=pytest.mark.skipif(not HAS_EXTENSION, reason="pymaml._C is not built")),
+    False,
+])
+def test_float32_is_within_float32_rounding_of_float64(fused):
+    # I + H/λ is well conditioned here (λ = 2), so CG and the inner loop amplify rounding little.
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        model = make_mlp((3, 8, 2), "tanh", dtype)
+        batch = make_batch(3, 6, 3, 2, "mse", dtype)
+        out = pymaml.IMAML(model, 0.1, 10, reg_lambda=2.0, cg_steps=12, fused_hvp=fused).meta_gradient(*batch)
+        results[dtype] = (flat_grads(model), out.task_losses)
+    assert relative_error(*(results[dtype][0] for dtype in (torch.float32, torch.float64))) <= TOLERANCE[torch.float32]
+    assert relative_error(*(results[dtype][1] for dtype in (torch.float32, torch.float64))) <= TOLERANCE[torch.float32]
