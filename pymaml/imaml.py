@@ -175,12 +175,12 @@ class IMAML(nn.Module):
         positive definite: λ too small for a Hessian with negative eigenvalues) stops with a
         warning, and its residual shows how far it got."""
         names, lam = list(phi), self.reg_lambda
+        phi_shapes = {name: t[0] for name, t in phi.items()}
 
         def apply_a(v: torch.Tensor) -> torch.Tensor:
             hv = hvp(self.module, phi, support_x, support_y, _unflatten(v, phi_shapes), self.loss, fused=self.fused_hvp)
             return v + _flatten(hv, names) / lam
 
-        phi_shapes = {name: t[0] for name, t in phi.items()}
         x = torch.zeros_like(b)
         r, p = b.clone(), b.clone()
         rs = (r * r).sum(dim=1)
