@@ -17,3 +17,21 @@ def bench_threads(benchmark):
     benchmark.extra_info["threads"] = torch.get_num_threads()
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After a timed run, store its medians and rewrite bench/RESULTS.md's tables and the charts
+    (bench/report.py). Smoke runs (--benchmark-disable) write nothing; so does
+    PYMAML_BENCH_NO_REPORT=1."""
+    benchmark_session = getattr(session.config, "_benchmarksession", None)
+    if (benchmark_session is None or benchmark_session.disabled or not benchmark_session.benchmarks
+            or os.environ.get("PYMAML_BENCH_NO_REPORT") == "1"):
+        return
+    import report
+
+    output_json = session.config.hook.pytest_benchmark_generate_json(
+        config=session.config, benchmarks=benchmark_session.benchmarks, include_data=False,
+        machine_info=benchmark_session.get_machine_info(), commit_info={})
+    report.record_run(output_json, report.installed_versions())
+    for path in report.write_report():
+        print(f"\nbench/report.py wrote {path}")

@@ -1,220 +1,368 @@
-"""Turns the cross-library benchmark's pytest-benchmark JSON into markdown tables (one per
-workload, the W1 scaling sweeps, peak memory) and PNG charts (speed-up of pymaml's `cpp` over
-each provider, ms against S, ms against T and width, memory against S).
+"""The benchmark report: the generated section of bench/RESULTS.md and the charts in bench/results/.
 
-python bench/report.py peers.json [peers-2-threads.json ...] [--out bench/peers]   # peers.md and PNGs
+After every `pytest bench --benchmark-only` run, bench/conftest.py hands the run to `record_run`,
+which merges its medians into bench/results/cpu-<N>-threads.json (one file per thread count; a
+benchmark that ran again replaces its old entry, the others stay), and then calls
+`write_report`, which rewrites the part of bench/RESULTS.md between the two markers, and the PNG
+charts, from every stored run. By hand:
+
+    python bench/report.py                      # rewrite RESULTS.md and the charts from the stored runs
+    python bench/report.py run.json [more.json] # merge pytest-benchmark JSON files first
+
+Tables: one per workload, order, measure and thread count (rows: providers; columns: inner steps
+S; each median with its ratio to pymaml's fastest backend in the table), the W1 scaling sweeps,
+and peak memory. Charts: speed-up over each peer and ms against S per workload, ms against T and
+against width (W1), peak memory against S.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
 
+BENCH = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH / "results"
+RESULTS_MD = BENCH / "RESULTS.md"
+BEGIN = "<!-- begin: written by bench/report.py from bench/results/*.json; edit the code, not this text -->"
+END = "<!-- end: written by bench/report.py -->"
 
-SWEEP = re.compile(r"W1 sinusoid T=(\d+) width=(\d+) S=(\d+) second order")
+SWEEP = re.compile(r"W1 sinusoid T=(\d+) width=(\d+)")
+WORKLOAD = re.compile(r"(.*) S=(\d+) (.*)")
+METASTEP_GROUP = re.compile(r"(meta-gradient|train step) S=(\d+) (.*)")
+MEASURES = ("train step", "meta-gradient", "peak memory")
+RATIO_BASES = ("pymaml-cpp", "cpp", "pymaml-func", "func")  # the first present is the ratios' base
 
 
-def load(paths):
-    """Timings {workload: {S: {provider: (median ms, oracle error, prepare s)}}}, W1 sweep points
-    {provider: {(T, S, width): ms}}, peak memory {S: {provider: (peak MB, after set-up MB)}},
-    and the run's metadata."""
-    data = {"benchmarks": []}
-    for path in [paths] if isinstance(paths, str) else paths:
-        with open(path) as handle:
-            run = json.load(handle)
-        data = {**run, "benchmarks": data["benchmarks"] + run["benchmarks"]}
-    table: dict = defaultdict(lambda: defaultdict(dict))
-    sweep: dict = defaultdict(dict)
-    memory: dict = defaultdict(dict)
-    for bench in data["benchmarks"]:
-        info = bench.get("extra_info", {})
-        if "workload" not in info:
-            continue
-        median = bench["stats"]["median"] * 1e3
-        match = re.match(r"(.*) S=(\d+) (.*)", info["workload"])
-        steps = int(match.group(2))
-        threads = info.get("threads", 1)
+def normalize(bench: dict, date: str) -> dict | None:
+    """One pytest-benchmark entry as a flat record, or None for entries the report does not use."""
+    info = bench.get("extra_info", {})
+    record = dict(threads=info.get("threads", 1), provider=info.get("provider", bench["name"]), date=date,
+                  median_ms=bench["stats"]["median"] * 1e3, rounds=bench["stats"].get("rounds"),
+                  oracle_error=info.get("oracle_error"), prepare_seconds=info.get("prepare_seconds") or 0.0,
+                  gflops=info.get("gflops_per_second"))
+    if bench.get("group") == "peak":
+        return dict(record, workload="torch.mm 1024²", measure="peak", steps=0, order="")
+    if "workload" in info:
+        match = WORKLOAD.match(info["workload"])
+        if match is None:
+            return None
+        measure = info.get("measure") or ("peak memory" if "peak_rss_mb" in info else "train step")
+        record.update(workload=match.group(1), steps=int(match.group(2)), order=match.group(3), measure=measure)
         if "peak_rss_mb" in info:
-            memory[steps][info["provider"]] = (info["peak_rss_mb"], info["setup_rss_mb"])
-        elif SWEEP.match(info["workload"]) and threads == 1:
-            tasks, width, steps = map(int, SWEEP.match(info["workload"]).groups())
-            sweep[info["provider"]][(tasks, steps, width)] = median
-        elif not SWEEP.match(info["workload"]):
-            workload = f"{match.group(1)}, {match.group(3)}" + (f", {threads} threads" if threads != 1 else "")
-            table[workload][steps][info["provider"]] = (median, info.get("oracle_error"),
-                                                         info.get("prepare_seconds", 0.0))
-    base = table.get("W1 sinusoid, second order", {})
-    for steps, providers in base.items():
-        for provider, (median, _, _) in providers.items():
-            if provider in sweep:
-                sweep[provider][(25, steps, 40)] = median
-    return table, sweep, memory, data
+            record.update(peak_rss_mb=info["peak_rss_mb"], setup_rss_mb=info.get("setup_rss_mb"))
+        return record
+    match = METASTEP_GROUP.match(bench.get("group") or "")
+    if match is None:
+        return None
+    return dict(record, workload="W1 sinusoid, pymaml backends", measure=match.group(1), steps=int(match.group(2)),
+                order=match.group(3))
 
 
-def sweep_markdown(sweep) -> list[str]:
+def record_run(output_json: dict, versions: dict | None = None, results_dir: Path = RESULTS_DIR) -> list[Path]:
+    """Merge one run (pytest-benchmark's JSON) into the stored results, per thread count."""
+    date = output_json.get("datetime", "")[:10]
+    machine = output_json.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    description = f"{cpu.get('brand_raw') or machine.get('processor') or machine.get('machine', '?')}, " \
+                  f"{cpu.get('count', '?')} cores, {cpu.get('arch_string_raw', machine.get('machine', ''))}"
+    by_threads: dict = defaultdict(dict)
+    for bench in output_json.get("benchmarks", []):
+        record = normalize(bench, date)
+        if record is not None:
+            by_threads[record["threads"]][bench["fullname"]] = record
+    results_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for threads, records in by_threads.items():
+        path = results_dir / f"cpu-{threads}-threads.json"
+        stored = json.loads(path.read_text()) if path.exists() else {"benchmarks": {}}
+        stored["benchmarks"].update(records)
+        stored["machine"] = description
+        stored["versions"] = versions or stored.get("versions", {})
+        path.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+def load_records(results_dir: Path = RESULTS_DIR) -> tuple[list[dict], dict]:
+    records, meta = [], {}
+    for path in sorted(results_dir.glob("cpu-*-threads.json")):
+        stored = json.loads(path.read_text())
+        records += stored["benchmarks"].values()
+        meta[path.stem] = {"machine": stored.get("machine"), "versions": stored.get("versions", {})}
+    return records, meta
+
+
+def _ratio_base(columns: dict) -> str | None:
+    present = {provider for entries in columns.values() for provider in entries}
+    return next((base for base in RATIO_BASES if base in present), None)
+
+
+def timing_tables(records: list[dict]) -> dict:
+    """{(threads, title, measure): {S: {provider: record}}} for the timed workloads (sweeps apart)."""
+    tables: dict = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if r["measure"] in ("train step", "meta-gradient") and not SWEEP.match(r["workload"]):
+            tables[(r["threads"], f"{r['workload']}, {r['order']}", r["measure"])][r["steps"]][r["provider"]] = r
+    return tables
+
+
+def sweep_points(records: list[dict]) -> dict:
+    """{threads: {provider: {(T, S, width): ms}}}: the W1 sweeps, plus the W1 table's T=25 width-40 points."""
+    sweep: dict = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        match = SWEEP.match(r["workload"])
+        if match and r["measure"] == "train step":
+            tasks, width = map(int, match.groups())
+            sweep[r["threads"]][r["provider"]][(tasks, r["steps"], width)] = r["median_ms"]
+    for r in records:
+        if (r["workload"] == "W1 sinusoid" and r["order"] == "second order" and r["measure"] == "train step"
+                and r["provider"] in sweep.get(r["threads"], {})):
+            sweep[r["threads"]][r["provider"]][(25, r["steps"], 40)] = r["median_ms"]
+    return sweep
+
+
+def memory_tables(records: list[dict]) -> dict:
+    tables: dict = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if r["measure"] == "peak memory" and "peak_rss_mb" in r:
+            tables[(r["threads"], f"{r['workload']}, {r['order']}")][r["steps"]][r["provider"]] = r
+    return tables
+
+
+def _threads_label(threads: int) -> str:
+    return "1 thread" if threads == 1 else f"{threads} threads"
+
+
+def timing_markdown(tables: dict) -> list[str]:
     lines = []
-    for title, axis, fixed in (("T (S=1, width 40)", 0, lambda k: k[1] == 1 and k[2] == 40),
-                               ("S (T=25, width 40)", 1, lambda k: k[0] == 25 and k[2] == 40),
-                               ("hidden width (T=25, S=1)", 2, lambda k: k[0] == 25 and k[1] == 1)):
-        values = sorted({k[axis] for points in sweep.values() for k in points if fixed(k)})
-        if len(values) < 2:
-            continue
-        lines += [f"### W1 second order, ms per training step against {title}", "",
-                  "| provider | " + " | ".join(str(v) for v in values) + " |", "|---|" + "---|" * len(values)]
-        for provider, points in sorted(sweep.items()):
-            cells = [next((f"{ms:.3f}" for k, ms in points.items() if fixed(k) and k[axis] == v), "—")
-                     for v in values]
-            lines.append(f"| {provider} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return lines
-
-
-def memory_markdown(memory) -> list[str]:
-    if not memory:
-        return []
-    steps = sorted(memory)
-    lines = ["### W1 second order, peak resident memory (MB) of a training step, own process", "",
-             "| provider | " + " | ".join(f"S={s} peak | after set-up" for s in steps) + " |",
-             "|---|" + "---|---|" * len(steps)]
-    for provider in sorted({p for s in steps for p in memory[s]}):
-        cells = []
-        for s in steps:
-            peak, setup = memory[s].get(provider, (None, None))
-            cells += ["—", "—"] if peak is None else [f"{peak:.0f}", f"{setup:.0f}"]
-        lines.append(f"| {provider} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def markdown(table, data) -> str:
-    machine = data.get("machine_info", {})
-    lines = [
-        f"Machine: {machine.get('cpu', {}).get('brand_raw', platform.processor())}, "
-        f"{machine.get('cpu', {}).get('count', '?')} cores; {data.get('datetime', '')[:10]}; one thread unless a "
-        "table says otherwise. Median ms per training step (meta-gradient plus Adam); ratio = provider ÷ pymaml-cpp; "
-        "every provider's meta-gradient matched the oracle (relative error ≤ 1e-4) before it was timed.",
-        "",
-    ]
-    for workload, by_steps in table.items():
-        steps = sorted(by_steps)
-        providers = sorted({p for s in steps for p in by_steps[s]},
-                           key=lambda p: by_steps[steps[0]].get(p, (float("inf"),))[0])
-        lines.append(f"### {workload}")
-        lines.append("")
-        lines.append("| provider | " + " | ".join(f"S={s} ms | ÷ cpp" for s in steps) + " |")
-        lines.append("|---|" + "---|---|" * len(steps))
+    order = sorted(tables, key=lambda k: (k[0], not k[1].startswith("W1 sinusoid, s"), k[1],
+                                           MEASURES.index(k[2]) if k[2] in MEASURES else 9))
+    for key in order:
+        threads, title, measure = key
+        columns = tables[key]
+        steps = sorted(columns)
+        base = _ratio_base(columns)
+        providers = sorted({p for s in steps for p in columns[s]},
+                           key=lambda p: min((columns[s][p]["median_ms"] for s in steps if p in columns[s])))
+        lines += [f"#### {title}: {measure}, {_threads_label(threads)}", "",
+                  "| provider | " + " | ".join(f"S={s} ms | ÷ {base}" for s in steps) + " |",
+                  "|---|" + "---|---|" * len(steps)]
         for provider in providers:
             cells = []
             for s in steps:
-                entry = by_steps[s].get(provider)
-                base = by_steps[s].get("pymaml-cpp")
+                entry, reference = columns[s].get(provider), columns[s].get(base)
+                if entry is None:
+                    cells += ["—", "—"]
+                    continue
+                extra = f" (+{entry['prepare_seconds']:.1f} s compile)" if entry["prepare_seconds"] > 0.05 else ""
+                if entry.get("gflops"):
+                    extra += f" ({entry['gflops']:.0f} GFLOP/s)"
+                ratio = f"{entry['median_ms'] / reference['median_ms']:.1f}" if reference else "—"
+                cells += [f"{entry['median_ms']:.3f}{extra}", ratio]
+            lines.append(f"| {provider} | " + " | ".join(cells) + " |")
+        errors = [r["oracle_error"] for s in steps for r in columns[s].values() if r.get("oracle_error") is not None]
+        dates = sorted({r["date"] for s in steps for r in columns[s].values()})
+        note = f"Measured {', '.join(dates)}."
+        if errors:
+            note += f" Meta-gradients against the float64 oracle before timing: relative errors {min(errors):.0e} " \
+                    f"to {max(errors):.0e}."
+        lines += ["", note, ""]
+    return lines
+
+
+def sweep_markdown(sweep: dict) -> list[str]:
+    lines = []
+    axes = (("T (S=1, width 40)", 0, lambda k: k[1] == 1 and k[2] == 40),
+            ("S (T=25, width 40)", 1, lambda k: k[0] == 25 and k[2] == 40),
+            ("hidden width (T=25, S=1)", 2, lambda k: k[0] == 25 and k[1] == 1))
+    for threads in sorted(sweep):
+        for title, axis, fixed in axes:
+            values = sorted({k[axis] for points in sweep[threads].values() for k in points if fixed(k)})
+            if len(values) < 2:
+                continue
+            lines += [f"#### W1 second order, ms per training step against {title}, {_threads_label(threads)}", "",
+                      "| provider | " + " | ".join(str(v) for v in values) + " |", "|---|" + "---|" * len(values)]
+            for provider, points in sorted(sweep[threads].items()):
+                cells = [next((f"{ms:.3f}" for k, ms in points.items() if fixed(k) and k[axis] == v), "—")
+                         for v in values]
+                lines.append(f"| {provider} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+def memory_markdown(tables: dict) -> list[str]:
+    lines = []
+    for (threads, title), columns in sorted(tables.items()):
+        steps = sorted(columns)
+        lines += [f"#### {title}: peak resident memory (MB), each provider in its own process, "
+                  f"{_threads_label(threads)}", "",
+                  "| provider | " + " | ".join(f"S={s} peak | growth" for s in steps) + " |",
+                  "|---|" + "---|---|" * len(steps)]
+        for provider in sorted({p for s in steps for p in columns[s]}):
+            cells = []
+            for s in steps:
+                entry = columns[s].get(provider)
                 if entry is None:
                     cells += ["—", "—"]
                 else:
-                    ratio = f"{entry[0] / base[0]:.1f}" if base else "—"
-                    prepare = f" (+{entry[2]:.1f} s compile)" if entry[2] and entry[2] > 0.05 else ""
-                    cells += [f"{entry[0]:.3f}{prepare}", ratio]
+                    growth = entry["peak_rss_mb"] - entry["setup_rss_mb"] if entry.get("setup_rss_mb") else None
+                    cells += [f"{entry['peak_rss_mb']:.0f}", "—" if growth is None else f"{growth:.0f}"]
             lines.append(f"| {provider} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+        lines += ["", "Growth: peak minus the process's resident memory after set-up (model, data, imports).", ""]
+    return lines
 
 
-def sweep_and_memory_charts(sweep, memory, out: Path) -> list[Path]:
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def charts(tables: dict, sweep: dict, memory: dict, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    if sweep:
+    for (threads, title, measure), columns in sorted(tables.items()):
+        if threads != 1 or measure != "train step" or len(columns) < 1:
+            continue
+        steps = sorted(columns)
+        base = _ratio_base(columns)
+        figure, (speedup, against_s) = plt.subplots(1, 2, figsize=(11, 4))
+        providers = sorted({p for s in steps for p in columns[s]} - {base})
+        width = 0.8 / max(len(steps), 1)
+        for i, s in enumerate(steps):
+            reference = columns[s].get(base)
+            values = [columns[s][p]["median_ms"] / reference["median_ms"] if reference and p in columns[s] else 0
+                      for p in providers]
+            speedup.bar([j + i * width for j in range(len(providers))], values, width, label=f"S={s}")
+        speedup.set_xticks([j + width * (len(steps) - 1) / 2 for j in range(len(providers))])
+        speedup.set_xticklabels(providers, rotation=40, ha="right", fontsize=8)
+        speedup.set_yscale("log")
+        speedup.set_ylabel(f"provider ms ÷ {base} ms")
+        speedup.set_title(f"{title}: speed-up of {base}", fontsize=9)
+        speedup.legend()
+        for provider in providers + [base]:
+            xs = [s for s in steps if provider in columns[s]]
+            against_s.plot(xs, [columns[s][provider]["median_ms"] for s in xs], marker="o", label=provider)
+        against_s.set_yscale("log")
+        against_s.set_xlabel("inner steps S")
+        against_s.set_ylabel("ms per training step")
+        against_s.set_title("ms against S", fontsize=9)
+        against_s.legend(fontsize=7)
+        figure.tight_layout()
+        written.append(out / f"{_slug(title)}_train_step.png")
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+    points = sweep.get(1, {})
+    if points:
         figure, axes = plt.subplots(1, 2, figsize=(11, 4))
         for axis, index, fixed, label in ((axes[0], 0, lambda k: k[1] == 1 and k[2] == 40, "tasks T (S=1, width 40)"),
                                           (axes[1], 2, lambda k: k[0] == 25 and k[1] == 1, "hidden width (T=25, S=1)")):
-            for provider, points in sorted(sweep.items()):
-                xs = sorted(k[index] for k in points if fixed(k))
-                axis.plot(xs, [next(ms for k, ms in points.items() if fixed(k) and k[index] == x) for x in xs],
+            for provider, by_point in sorted(points.items()):
+                xs = sorted(k[index] for k in by_point if fixed(k))
+                axis.plot(xs, [next(ms for k, ms in by_point.items() if fixed(k) and k[index] == x) for x in xs],
                           marker="o", label=provider)
             axis.set_xscale("log")
             axis.set_yscale("log")
             axis.set_xlabel(label)
             axis.set_ylabel("ms per training step")
             axis.legend(fontsize=7)
-        axes[0].set_title("W1 second order: ms against T")
-        axes[1].set_title("W1 second order: ms against width")
+        axes[0].set_title("W1 second order: ms against T", fontsize=9)
+        axes[1].set_title("W1 second order: ms against width", fontsize=9)
         figure.tight_layout()
         written.append(out / "w1_scaling.png")
-        figure.savefig(written[-1], dpi=110)
+        figure.savefig(written[-1], dpi=100)
         plt.close(figure)
-    if memory:
+    for (threads, title), columns in sorted(memory.items()):
+        if threads != 1:
+            continue
         figure, axis = plt.subplots(figsize=(6, 4))
-        steps = sorted(memory)
-        for provider in sorted({p for s in steps for p in memory[s]}):
-            xs = [s for s in steps if provider in memory[s]]
-            axis.plot(xs, [memory[s][provider][0] for s in xs], marker="o", label=provider)
+        steps = sorted(columns)
+        for provider in sorted({p for s in steps for p in columns[s]}):
+            xs = [s for s in steps if provider in columns[s] and columns[s][provider].get("setup_rss_mb")]
+            axis.plot(xs, [columns[s][provider]["peak_rss_mb"] - columns[s][provider]["setup_rss_mb"] for s in xs],
+                      marker="o", label=provider)
         axis.set_xlabel("inner steps S")
-        axis.set_ylabel("peak RSS (MB)")
-        axis.set_title("W1 second order: memory against S")
+        axis.set_ylabel("peak RSS growth over set-up (MB)")
+        axis.set_title(f"{title}: memory against S", fontsize=9)
         axis.legend(fontsize=7)
         figure.tight_layout()
-        written.append(out / "w1_memory.png")
-        figure.savefig(written[-1], dpi=110)
+        written.append(out / f"{_slug(title)}_memory.png")
+        figure.savefig(written[-1], dpi=100)
         plt.close(figure)
     return written
 
 
-def charts(table, out: Path) -> list[Path]:
-    import matplotlib
+def generated_section(records: list[dict], meta: dict, chart_paths: list[Path], folder: Path) -> str:
+    lines = [BEGIN, "", "## Benchmark tables", ""]
+    for name, info in sorted(meta.items()):
+        versions = ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items()))
+        lines.append(f"- `{name}`: {info['machine']}; latest run's versions: {versions or 'not recorded'}.")
+    lines += ["", "Medians of pytest-benchmark rounds. A ratio is the provider's median over the median of the "
+              "pymaml backend named in the column, measured in the same run.", ""]
+    if chart_paths:
+        links = [f"[{p.stem}]({Path(os.path.relpath(p, folder)).as_posix()})" for p in chart_paths]
+        lines += ["Charts: " + ", ".join(links), ""]
+    peak = [r for r in records if r["measure"] == "peak"]
+    for r in peak:
+        lines += [f"A 1024² `torch.mm` reaches {r['gflops']:.1f} GFLOP/s ({_threads_label(r['threads'])}, "
+                  f"{r['date']}).", ""]
+    lines += timing_markdown(timing_tables(records))
+    lines += sweep_markdown(sweep_points(records))
+    lines += memory_markdown(memory_tables(records))
+    return "\n".join(lines + [END])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    written = []
-    for workload, by_steps in table.items():
-        slug = re.sub(r"[^a-z0-9]+", "_", workload.lower()).strip("_")
-        steps = sorted(by_steps)
-        figure, (speedup, against_s) = plt.subplots(1, 2, figsize=(11, 4))
-        providers = sorted({p for s in steps for p in by_steps[s]} - {"pymaml-cpp"})
-        width = 0.8 / max(len(steps), 1)
-        for i, s in enumerate(steps):
-            base = by_steps[s].get("pymaml-cpp")
-            values = [by_steps[s][p][0] / base[0] if base and p in by_steps[s] else 0 for p in providers]
-            speedup.bar([j + i * width for j in range(len(providers))], values, width, label=f"S={s}")
-        speedup.set_xticks([j + width * (len(steps) - 1) / 2 for j in range(len(providers))])
-        speedup.set_xticklabels(providers, rotation=40, ha="right")
-        speedup.set_yscale("log")
-        speedup.set_ylabel("provider ms ÷ pymaml-cpp ms")
-        speedup.set_title(f"{workload}: speed-up of pymaml-cpp")
-        speedup.legend()
-        for provider in providers + ["pymaml-cpp"]:
-            xs = [s for s in steps if provider in by_steps[s]]
-            against_s.plot(xs, [by_steps[s][provider][0] for s in xs], marker="o", label=provider)
-        against_s.set_yscale("log")
-        against_s.set_xlabel("inner steps S")
-        against_s.set_ylabel("ms per training step")
-        against_s.set_title("ms against S")
-        against_s.legend(fontsize=7)
-        figure.tight_layout()
-        path = out / f"{slug}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
-    return written
+def write_report(results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> list[Path]:
+    """Rewrite the generated section of RESULTS.md and the charts from the stored runs."""
+    records, meta = load_records(results_dir)
+    if not records:
+        return []
+    chart_paths = charts(timing_tables(records), sweep_points(records), memory_tables(records), results_dir)
+    section = generated_section(records, meta, chart_paths, results_md.parent)
+    text = results_md.read_text() if results_md.exists() else "# Measured results\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    results_md.write_text(text)
+    return [results_md, *chart_paths]
+
+
+def installed_versions() -> dict:
+    """Versions of Python, pymaml (with its git commit where known), torch and the peers."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("pymaml", "torch", "learn2learn", "higher", "torchopt", "jax", "jaxlib", "optax"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        if commit:
+            versions["pymaml"] = f"{versions.get('pymaml', '?')} ({commit})"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return versions
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON of bench/test_peers.py (one per thread count)")
-    parser.add_argument("--out", default="bench/peers", help="folder for peers.md and the charts")
+    parser.add_argument("json", nargs="*", help="pytest-benchmark JSON files to merge into the stored runs first")
     args = parser.parse_args(argv)
-    table, sweep, memory, data = load(args.json)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = "\n".join([markdown(table, data), *sweep_markdown(sweep), *memory_markdown(memory)])
-    (out / "peers.md").write_text(text.rstrip() + "\n")
-    for path in [out / "peers.md", *charts(table, out), *sweep_and_memory_charts(sweep, memory, out)]:
+    for path in args.json:
+        record_run(json.loads(Path(path).read_text()))
+    for path in write_report():
         print(f"wrote {path}")
 
 

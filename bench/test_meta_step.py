@@ -5,8 +5,9 @@ meta-gradient into .grad; for cpp without an autograd graph), `cpp-autograd` (th
 through maml(...).loss.backward()), and `compile`, torch.compile of the vmapped meta-gradient
 assigned to .grad (its compile time is recorded apart in extra_info). Every provider leaves this
 batch's meta-gradient in .grad, replacing what was there (meta_gradient(accumulate=False), or
-zero_grad then backward); `train_step` adds a fused Adam step. The batch is sampled before timing. Run: pytest bench --benchmark-only --benchmark-json=FILE, then
-python bench/summarize.py FILE. With --benchmark-disable each case runs once (CI's smoke test).
+zero_grad then backward); `train_step` adds a fused Adam step. The batch is sampled before timing.
+Run: pytest bench --benchmark-only (bench/report.py then rewrites the tables in bench/RESULTS.md).
+With --benchmark-disable each case runs once (CI's smoke test).
 """
 
 import time
