@@ -67,7 +67,8 @@ def test_differentiating_the_backward_again_raises():
 
 @needs_extension
 def test_results_do_not_depend_on_the_thread_count():
-    arguments = op_arguments(widths=(4, 17, 9, 3), tasks=13, steps=3, dtype=torch.float32)
+    # About 31 MFLOP: enough work for the launcher to use both threads (one per ~2 MFLOP).
+    arguments = op_arguments(widths=(4, 64, 48, 3), tasks=13, steps=3, shots=8, dtype=torch.float32)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
