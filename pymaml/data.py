@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -62,3 +65,328 @@ class Sinusoid:
     def function(x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         """A·sin(x − φ) for x [T, K, 1] and per-task A, φ [T]."""
         return amplitude[:, None, None] * torch.sin(x - phase[:, None, None])
+
+
+class FewShotBatch(NamedTuple):
+    """N-way few-shot classification tasks.
+
+    support_x [T, N·K, C, H, W] and query_x [T, N·Q, C, H, W]: floating images (uint8 datasets
+    scaled to [0, 1]), grouped by label: the first K (or Q) points have label 0, the next label 1, ...
+    support_y [T, N·K] and query_y [T, N·Q]: int64 labels 0..N−1, relabelled per task.
+    classes [T, N]: the dataset label behind each task label; rotations [T, N]: the rotation in
+    degrees (counter-clockwise) applied to that class's images.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    classes: torch.Tensor
+    rotations: torch.Tensor
+
+    @property
+    def tasks(self):
+        """The four tensors MAML takes: (support_x, support_y, query_x, query_y)."""
+        return self.support_x, self.support_y, self.query_x, self.query_y
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class FewShot:
+    """N-way K-shot tasks drawn from a class-indexed image set.
+
+    dataset: an object with `images` and `labels` (pymaml.data.Omniglot, for one) or a pair
+        (images, labels). images: [M, C, H, W] or [M, H, W], a tensor or numpy array, uint8
+        (scaled to [0, 1] when sampled) or floating (used as it is); labels: [M] integers.
+    ways N, shots K, queries Q: each task draws N distinct classes, then K + Q distinct images of
+        each (K support, Q query); every class needs at least K + Q images.
+    rotations: None, or rotations in degrees (multiples of 90, e.g. (0, 90, 180, 270)) that make
+        every (class, rotation) pair a class of its own, as is standard for Omniglot; rotations by
+        90 or 270 degrees need square images.
+    seed: task i is drawn from a generator seeded with (seed, i) alone, so `batch([i])` gives the
+        same task whenever it is asked for and `sample` gives the same sequence for the same seed.
+    dtype, device: of the images returned; the image array is moved to `device` once.
+
+    The images are held in one array and gathered per batch with one indexing operation; nothing
+    is read from disk here. `sample(tasks)` returns the next `tasks` tasks (indices next_task,
+    next_task + 1, ...) and advances `next_task` (set it to resume a run).
+    """
+
+    def __init__(self, dataset, ways: int, shots: int, queries: int, rotations=None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.ways = _positive_int("ways", ways)
+        self.shots = _positive_int("shots", shots)
+        self.queries = _positive_int("queries", queries)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        self.seed, self.dtype = seed, dtype
+        images, labels = (dataset.images, dataset.labels) if hasattr(dataset, "images") else dataset
+        images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        if images.dim() != 4:
+            raise ValueError(f"images must be [M, C, H, W] or [M, H, W], got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(f"images must be uint8 or floating, got {images.dtype}")
+        if labels.shape != (images.shape[0],) or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be {images.shape[0]} integers (one per image), got {labels.dtype} "
+                             f"of shape {tuple(labels.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("the dataset has no images")
+        if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+            raise ValueError("images contain NaN or Inf")
+        self.rotations = self._check_rotations(rotations, images.shape)
+        # Images sorted by class: class c holds images order[offsets[c] : offsets[c] + counts[c]].
+        self.class_labels, counts = torch.unique(labels, sorted=True, return_counts=True)
+        order = torch.argsort(labels, stable=True)
+        self.counts = counts
+        self.offsets = torch.cumsum(counts, 0) - counts
+        self.max_count = int(counts.max())
+        self.positions = torch.arange(self.max_count)
+        needed = self.shots + self.queries
+        short = [(label, count) for label, count in zip(self.class_labels.tolist(), counts.tolist()) if count < needed]
+        if short:
+            listed = ", ".join(f"{label} ({count})" for label, count in short[:5])
+            raise ValueError(f"{len(short)} classes have fewer than shots + queries = {needed} images, e.g. "
+                             f"class (images): {listed}")
+        self.num_classes = len(self.counts) * len(self.rotations)
+        if self.ways > self.num_classes:
+            raise ValueError(f"ways={self.ways} exceeds the {self.num_classes} classes of the dataset "
+                             f"({len(self.counts)} labels × {len(self.rotations)} rotations)")
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.images = images.index_select(0, order).contiguous().to(self.device)
+        self.next_task = 0
+
+    @staticmethod
+    def _check_rotations(rotations, shape) -> tuple[int, ...]:
+        if rotations is None:
+            return (0,)
+        rotations = tuple(rotations)
+        if not rotations or len(set(rotations)) != len(rotations) or any(
+                isinstance(r, bool) or not isinstance(r, int) or r % 90 for r in rotations):
+            raise ValueError(f"rotations must be distinct multiples of 90 degrees, got {rotations!r}")
+        if any(r % 180 for r in rotations) and shape[-1] != shape[-2]:
+            raise ValueError(f"rotations by 90 or 270 degrees need square images, got {shape[-2]}×{shape[-1]}")
+        return rotations
+
+    def _task_generator(self, index: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"{self.seed}:{index}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+    def _draw_task(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task `index`: its N (label, rotation) pair numbers [N] and image rows [N, K + Q] of self.images."""
+        generator = self._task_generator(index)
+        pairs = torch.randperm(self.num_classes, generator=generator)[: self.ways]
+        label_ids = pairs // len(self.rotations)
+        # K + Q distinct images per class: the first K + Q of a random order of its images (random
+        # keys, those past the class's image count pushed to the end).
+        keys = torch.rand(self.ways, self.max_count, generator=generator, dtype=torch.float64)
+        keys.masked_fill_(self.positions >= self.counts[label_ids, None], 2.0)
+        picks = keys.argsort(dim=1)[:, : self.shots + self.queries]
+        return pairs, picks + self.offsets[label_ids, None]
+
+    def batch(self, indices) -> FewShotBatch:
+        """The tasks with these indices (integers), in that order."""
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise ValueError("batch needs at least one task index")
+        tasks, per_class, rotations = len(indices), self.shots + self.queries, len(self.rotations)
+        drawn = [self._draw_task(index) for index in indices]
+        pairs = torch.cat([pair for pair, _ in drawn])                     # [T·N]
+        rows = torch.cat([row for _, row in drawn]).to(self.device)        # [T·N, K + Q]
+        turns = pairs % rotations
+        # index_select, and one gather per rotation, are ~20× faster than boolean-mask indexing
+        # here (1623·20 images of 28×28: 0.06 ms against 1.4 ms for 2560 images).
+        if rotations == 1 and self.rotations[0] % 360 == 0:
+            x = self.images.index_select(0, rows.reshape(-1))
+        else:
+            x = torch.empty((rows.numel(), *self.images.shape[1:]), dtype=self.images.dtype, device=self.device)
+            offsets = torch.arange(per_class, device=self.device)
+            for position, degrees in enumerate(self.rotations):
+                which = (turns == position).nonzero().squeeze(1).to(self.device)
+                if which.numel():
+                    block = self.images.index_select(0, rows[which].reshape(-1))
+                    if degrees % 360:
+                        block = torch.rot90(block, k=degrees // 90, dims=(-2, -1))
+                    x.index_copy_(0, (which[:, None] * per_class + offsets).reshape(-1), block)
+        x = x.reshape(tasks, self.ways, per_class, *self.images.shape[1:])
+        support = self._to_float(x[:, :, : self.shots].reshape(tasks, self.ways * self.shots, *x.shape[3:]))
+        query = self._to_float(x[:, :, self.shots:].reshape(tasks, self.ways * self.queries, *x.shape[3:]))
+        label_ids = torch.arange(self.ways, device=self.device)
+        support_y = label_ids.repeat_interleave(self.shots).expand(tasks, -1).contiguous()
+        query_y = label_ids.repeat_interleave(self.queries).expand(tasks, -1).contiguous()
+        classes = self.class_labels[pairs // rotations].reshape(tasks, self.ways)
+        degrees = torch.tensor(self.rotations)[turns].reshape(tasks, self.ways)
+        return FewShotBatch(support, support_y, query, query_y, classes, degrees)
+
+    def _to_float(self, images: torch.Tensor) -> torch.Tensor:
+        converted = images.to(self.dtype)
+        return converted.div_(255) if images.dtype == torch.uint8 else converted
+
+    def sample(self, tasks: int) -> FewShotBatch:
+        """The next `tasks` tasks."""
+        _positive_int("tasks", tasks)
+        start, self.next_task = self.next_task, self.next_task + tasks
+        return self.batch(range(start, start + tasks))
+
+
+OMNIGLOT_FOLDERS = ("images_background", "images_evaluation")
+
+
+class Omniglot:
+    """The Omniglot characters (Lake et al. 2015) as a class-indexed image set for FewShot.
+
+    Reads the layout of the dataset's two archives (images_background.zip and
+    images_evaluation.zip from https://github.com/brendenlake/omniglot, folder python/),
+    unzipped into `root`:
+
+        root/images_background/<alphabet>/<character>/<drawing>.png   30 alphabets, 964 characters
+        root/images_evaluation/<alphabet>/<character>/<drawing>.png   20 alphabets, 659 characters
+
+    Characters are ordered by folder (background, then evaluation), then alphabet, then
+    character name (Python string order); each character is one class (label = its position
+    in the split) and its drawings are read in file-name order. Splits:
+        "train": the first `train_characters` (1200) characters, the usual meta-training split
+                 (all 964 background characters and the first 236 evaluation ones);
+        "test": the other 423 characters;
+        "all", "background", "evaluation": every character, or those of one folder.
+    "train", "test" and "all" need both folders; "background" and "evaluation" only their own.
+
+    The 105×105 drawings are decoded with Pillow, converted to grayscale and resized to
+    image_size × image_size with Lanczos filtering; invert=True (default) makes strokes 255 and
+    the background 0, as in Finn et al.'s code. `images` [M, 1, S, S] uint8, `labels` [M] int64,
+    `class_names` ["<folder>/<alphabet>/<character>", ...].
+
+    cache=True keeps the decoded, resized drawings of every character present in
+    root/pymaml_omniglot_<S>px.pt (torch.save of uint8 tensors, about 25 MB for S = 28), so later
+    loads skip the PNGs; it is rebuilt when the characters or drawings on disk change.
+    """
+
+    SPLITS = ("train", "test", "all", "background", "evaluation")
+    CACHE_VERSION = 1
+
+    def __init__(self, root, split: str = "train", image_size: int = 28, invert: bool = True, cache: bool = True,
+                 train_characters: int = 1200):
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown Omniglot split {split!r}; use one of {self.SPLITS}")
+        self.image_size = _positive_int("image_size", image_size)
+        train_characters = _positive_int("train_characters", train_characters)
+        self.root = Path(root)
+        self.split = split
+        needed = (split,) if split in ("background", "evaluation") else ("background", "evaluation")
+        missing = [f"images_{name}" for name in needed if not (self.root / f"images_{name}").is_dir()]
+        if missing:
+            raise FileNotFoundError(self._missing_message(missing))
+        present = [folder for folder in OMNIGLOT_FOLDERS if (self.root / folder).is_dir()]
+        names, images, counts = self._load(self._list_characters(present), [f"images_{name}" for name in needed], cache)
+        if split == "train":
+            keep = range(0, min(train_characters, len(names)))
+        elif split == "test":
+            keep = range(min(train_characters, len(names)), len(names))
+        else:
+            keep = range(len(names))
+        if not keep:
+            raise ValueError(f"the {split!r} split is empty: {len(names)} characters under {self.root} and "
+                             f"train_characters={train_characters}")
+        starts = [0] + torch.cumsum(torch.tensor(counts), 0).tolist()
+        self.class_names = [names[c] for c in keep]
+        self.images = torch.cat([images[starts[c]:starts[c + 1]] for c in keep]).unsqueeze(1)
+        if invert:
+            self.images = 255 - self.images
+        self.labels = torch.repeat_interleave(torch.arange(len(keep)), torch.tensor([counts[c] for c in keep]))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _missing_message(self, missing) -> str:
+        zips = [name for name in missing if (self.root / f"{name}.zip").is_file()]
+        hint = f" ({', '.join(z + '.zip' for z in zips)} found there: unzip it in place)" if zips else ""
+        return (f"Omniglot data not found: {', '.join(missing)} missing under {self.root}{hint}. Download "
+                f"images_background.zip and images_evaluation.zip from https://github.com/brendenlake/omniglot "
+                f"(folder python/) and unzip them into {self.root}, giving\n"
+                f"  {self.root}/images_background/<alphabet>/<character>/<drawing>.png\n"
+                f"  {self.root}/images_evaluation/<alphabet>/<character>/<drawing>.png")
+
+    def _list_characters(self, folders) -> list[tuple[str, list[str]]]:
+        """[("<folder>/<alphabet>/<character>", [png file names, sorted]), ...] in class order."""
+        listing = []
+        for folder in folders:
+            for alphabet in sorted(p.name for p in (self.root / folder).iterdir() if p.is_dir()):
+                for character in sorted(p.name for p in (self.root / folder / alphabet).iterdir() if p.is_dir()):
+                    name = f"{folder}/{alphabet}/{character}"
+                    files = sorted(f.name for f in (self.root / name).iterdir() if f.suffix.lower() == ".png")
+                    if not files:
+                        raise ValueError(f"Omniglot: no PNG drawings in {self.root / name}")
+                    listing.append((name, files))
+        if not listing:
+            raise FileNotFoundError(f"Omniglot: no <alphabet>/<character>/ folders under {self.root}/{folders}")
+        return listing
+
+    @property
+    def cache_path(self) -> Path:
+        return self.root / f"pymaml_omniglot_{self.image_size}px.pt"
+
+    def _load(self, listing, folders, cache: bool):
+        """Names, the stacked uint8 drawings [M, S, S] (not inverted) and the drawing counts of the
+        characters of `folders`; the cache holds every character in `listing` (all present)."""
+        cached = self._read_cache() if cache else None
+        if cached is None or list(cached["files"].items()) != listing:
+            cached = self._decode_all(listing)
+            if cache:
+                self._write_cache(cached)
+        names, images, counts, start = [], [], [], 0
+        for name, files in listing:
+            if name.split("/", 1)[0] in folders:
+                names.append(name)
+                images.append(cached["images"][start:start + len(files)])
+                counts.append(len(files))
+            start += len(files)
+        if not names:
+            raise FileNotFoundError(f"Omniglot: no <alphabet>/<character>/ folders under {self.root}/{folders}")
+        return names, torch.cat(images), counts
+
+    def _decode_all(self, listing) -> dict:
+        from PIL import Image
+
+        size = (self.image_size, self.image_size)
+        drawings = []
+        for name, files in listing:
+            for file in files:
+                with Image.open(self.root / name / file) as image:
+                    gray = image.convert("L")
+                    if gray.size != size:
+                        gray = gray.resize(size, Image.LANCZOS)
+                    drawings.append(torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).reshape(size))
+        return {"version": self.CACHE_VERSION, "image_size": self.image_size, "files": dict(listing),
+                "images": torch.stack(drawings)}
+
+    def _read_cache(self):
+        if not self.cache_path.is_file():
+            return None
+        try:
+            cached = torch.load(self.cache_path, weights_only=True)
+        except Exception as error:
+            warnings.warn(f"Omniglot: ignoring the unreadable cache {self.cache_path} ({error}); decoding the PNGs")
+            return None
+        if cached.get("version") != self.CACHE_VERSION or cached.get("image_size") != self.image_size:
+            return None
+        return cached
+
+    def _write_cache(self, cached: dict) -> None:
+        partial = self.cache_path.with_name(self.cache_path.name + ".partial")
+        try:
+            torch.save(cached, partial)
+            partial.replace(self.cache_path)
+        except OSError as error:
+            warnings.warn(f"Omniglot: could not write the cache {self.cache_path} ({error}); the PNGs will be "
+                          f"decoded again next time")
