@@ -74,7 +74,7 @@ class FewShotBatch(NamedTuple):
     scaled to [0, 1]), grouped by label: the first K (or Q) points have label 0, the next label 1, ...
     support_y [T, N·K] and query_y [T, N·Q]: int64 labels 0..N−1, relabelled per task.
     classes [T, N]: the dataset label behind each task label; rotations [T, N]: the rotation in
-    degrees (counter-clockwise) applied to that class's images.
+    degrees (counter-clockwise) applied to that class's images; both on the CPU.
     """
 
     support_x: torch.Tensor
@@ -111,8 +111,8 @@ class FewShot:
         same task whenever it is asked for and `sample` gives the same sequence for the same seed.
     dtype, device: of the images returned; the image array is moved to `device` once.
 
-    The images are held in one array and gathered per batch with one indexing operation; nothing
-    is read from disk here. `sample(tasks)` returns the next `tasks` tasks (indices next_task,
+    The images are held in one array and gathered per batch with one index_select (one per
+    rotation); nothing is read from disk here. `sample(tasks)` returns the next `tasks` tasks (indices next_task,
     next_task + 1, ...) and advances `next_task` (set it to resume a run).
     """
 
@@ -142,7 +142,7 @@ class FewShot:
         if images.is_floating_point() and not bool(torch.isfinite(images).all()):
             raise ValueError("images contain NaN or Inf")
         self.rotations = self._check_rotations(rotations, images.shape)
-        # Images sorted by class: class c holds images order[offsets[c] : offsets[c] + counts[c]].
+        # self.images is sorted by class: class c holds rows offsets[c] .. offsets[c] + counts[c] - 1.
         self.class_labels, counts = torch.unique(labels, sorted=True, return_counts=True)
         order = torch.argsort(labels, stable=True)
         self.counts = counts
