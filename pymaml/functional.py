@@ -2,7 +2,8 @@
 
 torch.func.vmap maps one task's inner loop over the leading task dimension; torch.func.grad
 gives the inner gradients. Ordinary autograd then differentiates through both, so the
-meta-gradient is exact (second order) unless first_order detaches the inner gradients.
+meta-gradient is exact (second order) unless first_order detaches the inner gradients; that is the
+`func` backend's second_order="graph" mode (pymaml.reverse_chain is its memory-efficient one).
 Parameters and fixed state are shared by all tasks (not batched); see pymaml.state for how
 buffers and normalization layers are treated, and pymaml.decomposed_norms for why those layers
 are recomputed from primitives here.
@@ -19,8 +20,16 @@ from .losses import LossFn
 from .schedule import InnerLR, step_size
 
 
-def _loss_function(model: nn.Module, fixed: dict, loss_fn: LossFn):
+def loss_function(model: nn.Module, fixed: dict, loss_fn: LossFn, decompose_norms: bool = True):
+    """One task's loss as a function of the adapted parameters: (params, x, y) -> scalar.
+
+    decompose_norms=False keeps torch's own normalization kernels, whose first derivatives under
+    vmap are right (only their second derivatives are not; pymaml.decomposed_norms): for values
+    and gradients that are not differentiated again, at a fraction of the decomposition's memory."""
+
     def loss_at(params, x, y):
+        if not decompose_norms:
+            return loss_fn(functional_call(model, (params, fixed), (x,)), y)
         with DecomposedNorms():
             prediction = functional_call(model, (params, fixed), (x,))
         return loss_fn(prediction, y)
@@ -59,7 +68,7 @@ def task_query_losses(
 ) -> torch.Tensor:
     """Query loss of each task after `inner_steps` SGD steps on its support set, shape [T];
     Σ_{s=1..S} w_s L_query(θ_s) when step weights w are given."""
-    loss_at = _loss_function(model, fixed, loss_fn)
+    loss_at = loss_function(model, fixed, loss_fn)
 
     def one_task(sx, sy, qx, qy):
         thetas = _inner_loop(loss_at, params, sx, sy, inner_lr, inner_steps, first_order)
@@ -72,7 +81,7 @@ def task_query_losses(
 
 def query_losses_at(model, params, fixed, query_x, query_y, *, loss_fn: LossFn) -> torch.Tensor:
     """Query loss of each task at the shared, unadapted parameters, shape [T]."""
-    loss_at = _loss_function(model, fixed, loss_fn)
+    loss_at = loss_function(model, fixed, loss_fn)
     return vmap(loss_at, in_dims=(None, 0, 0))(params, query_x, query_y)
 
 
@@ -89,7 +98,7 @@ def adapt(
     loss_fn: LossFn,
 ) -> dict[str, torch.Tensor]:
     """Per-task adapted parameters, each with a leading task dimension T."""
-    loss_at = _loss_function(model, fixed, loss_fn)
+    loss_at = loss_function(model, fixed, loss_fn)
 
     def one_task(sx, sy):
         return _inner_loop(loss_at, params, sx, sy, inner_lr, steps, first_order)[-1]

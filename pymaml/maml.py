@@ -102,6 +102,16 @@ class MAML(nn.Module):
     step_weights: None (the loss is the query loss after the last step) or S numbers w_1..w_S
         for MAML++'s multi-step loss Σ_s w_s L_query(θ_s).
     check_inputs: check shapes, dtypes, devices, NaN and Inf of every meta-batch (cheap; on by default).
+    second_order: how the `func` backend computes the meta-gradient (first or second order; the
+        result is the same). "memory_efficient" (default): the reverse chain of
+        pymaml.reverse_chain, which keeps only the per-step weights θ_s of task_chunk tasks at a
+        time, O(task_chunk · (S·|θ| + one forward's activations)) memory whatever the number of
+        tasks; its meta-loss can be differentiated once (create_graph=True raises). "graph": one
+        autograd graph over the whole inner loop of every task, memory growing with S and T;
+        the meta-loss can be differentiated again. `reference` always builds the graph; the fused
+        backends (cpp, cuda, triton) always run their own graph-free reverse chain; both ignore it.
+    task_chunk: tasks per chunk of the memory-efficient mode (None: its default, 8); the
+        docstring of pymaml.reverse_chain says how to pick it from a memory budget.
     """
 
     LEARN_INNER_LR_MODES = (None, "scalar", "per_layer_per_step", "per_parameter")
@@ -117,6 +127,8 @@ class MAML(nn.Module):
         learn_inner_lr: str | None = None,
         step_weights=None,
         check_inputs: bool = True,
+        second_order: str = "memory_efficient",
+        task_chunk: int | None = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -134,7 +146,8 @@ class MAML(nn.Module):
         if learn_inner_lr not in self.LEARN_INNER_LR_MODES:
             raise ValueError(f"learn_inner_lr must be one of {self.LEARN_INNER_LR_MODES}, got {learn_inner_lr!r}")
         self.module = model
-        self.config = MetaConfig(_check_steps("inner_steps", inner_steps), bool(first_order), loss)
+        self.config = MetaConfig(_check_steps("inner_steps", inner_steps), bool(first_order), loss,
+                                 second_order, task_chunk)
         self.base_inner_lr = float(inner_lr)
         self.learn_inner_lr = learn_inner_lr
         params = adapted_parameters(model)
@@ -274,5 +287,5 @@ class MAML(nn.Module):
         return (
             f"inner_lr={self.base_inner_lr}, inner_steps={self.config.inner_steps}, "
             f"first_order={self.config.first_order}, loss={loss}, backend={self.requested_backend!r}, "
-            f"learn_inner_lr={self.learn_inner_lr!r}"
+            f"learn_inner_lr={self.learn_inner_lr!r}, second_order={self.config.second_order!r}"
         )

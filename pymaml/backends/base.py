@@ -21,14 +21,34 @@ class TaskBatch(NamedTuple):
     query_y: torch.Tensor
 
 
+SECOND_ORDER_MODES = ("memory_efficient", "graph")
+
+
 @dataclass(frozen=True)
 class MetaConfig:
     """What a meta-step computes, independent of how. The step sizes and step weights, which may
-    be learned tensors, travel beside it (see Backend.meta_step)."""
+    be learned tensors, travel beside it (see Backend.meta_step).
+
+    second_order and task_chunk choose how the `func` backend computes the meta-gradient (the
+    result is the same): "memory_efficient" (default) runs the reverse chain of
+    pymaml.reverse_chain, O(task_chunk · S · |θ|) memory, task_chunk tasks at a time (None: its
+    default); "graph" differentiates one autograd graph over the whole inner loop of all tasks.
+    The other backends ignore both: `reference` always builds the graph, and the fused backends
+    (cpp, cuda, triton) always run their own reverse chain, which keeps no graph either.
+    """
 
     inner_steps: int
     first_order: bool
     loss: str | LossFn
+    second_order: str = "memory_efficient"
+    task_chunk: int | None = None
+
+    def __post_init__(self):
+        if self.second_order not in SECOND_ORDER_MODES:
+            raise ValueError(f"second_order must be one of {SECOND_ORDER_MODES}, got {self.second_order!r}")
+        chunk = self.task_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"task_chunk must be None or an integer >= 1, got {chunk!r}")
 
     @property
     def loss_fn(self) -> LossFn:

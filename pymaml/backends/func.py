@@ -1,10 +1,16 @@
-"""Backend `func`: the batched torch.func core (pymaml.functional); any nn.Module, any device."""
+"""Backend `func`: the batched torch.func core for any nn.Module, any device.
+
+config.second_order picks how the meta-gradient is computed: "memory_efficient" (default) runs the
+reverse chain of pymaml.reverse_chain (no graph across inner steps, tasks in chunks), "graph"
+differentiates the vmapped inner loop of pymaml.functional with ordinary autograd (one graph over
+every step of every task; the only mode whose meta-loss can be differentiated twice).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .. import functional
+from .. import functional, reverse_chain
 from ..state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
@@ -17,17 +23,13 @@ class FuncBackend(Backend):
 
     def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
         params, fixed = adapted_parameters(model), fixed_state(model)
-        losses = functional.task_query_losses(
-            model,
-            params,
-            fixed,
-            *batch,
-            inner_lr=inner_lr,
-            inner_steps=config.inner_steps,
-            first_order=config.first_order,
-            loss_fn=config.loss_fn,
-            step_weights=step_weights,
-        )
+        options = dict(inner_lr=inner_lr, inner_steps=config.inner_steps, first_order=config.first_order,
+                       loss_fn=config.loss_fn, step_weights=step_weights)
+        if config.second_order == "memory_efficient":
+            loss, losses, pre = reverse_chain.meta_losses(model, params, fixed, *batch, task_chunk=config.task_chunk,
+                                                          **options)
+            return MetaOutput(loss, losses.detach(), pre.mean(), self.name)
+        losses = functional.task_query_losses(model, params, fixed, *batch, **options)
         with torch.no_grad():
             pre = functional.query_losses_at(
                 model, params, fixed, batch.query_x, batch.query_y, loss_fn=config.loss_fn
