@@ -1,4 +1,7 @@
-"""Command line: `pymaml sinusoid ...` and `pymaml backends`."""
+"""Command line: `pymaml sinusoid ...` and `pymaml backends`.
+
+`torchrun --nproc_per_node N -m pymaml sinusoid ...` splits every meta-batch over N processes.
+"""
 
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from . import distributed
     from .sinusoid import SinusoidConfig, run, summary
 
     if args.threads is not None:
@@ -84,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
     )
-    report = run(config, args.out)
-    print(summary(report))
-    print(f"wrote {args.out / 'report.json'} and {args.out / report['figure']}")
+    # Under torchrun: one process per rank, gloo (the sinusoid model lives on the CPU); without
+    # it a single-process context and nothing else changes.
+    with distributed.init(device="cpu") as context:
+        report = run(config, args.out, context)
+    if report is not None:
+        print(summary(report))
+        print(f"wrote {args.out / 'report.json'} and {args.out / report['figure']}")
     return 0
 
 
