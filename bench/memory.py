@@ -2,7 +2,7 @@
 resident set size (VmHWM) after three training steps (and before the first, after imports and
 set-up), printed as JSON. bench/test_peers.py runs it for each provider.
 
-python bench/memory.py PROVIDER WORKLOAD STEPS    # WORKLOAD: w1 or w2
+python bench/memory.py PROVIDER WORKLOAD STEPS    # WORKLOAD: w1, w2 or w3
 """
 
 import json
@@ -11,7 +11,9 @@ import sys
 
 import torch
 
-from providers import PROVIDERS, omniglot_mlp, sinusoid
+from providers import PROVIDERS, omniglot_conv4, omniglot_mlp, sinusoid
+
+WORKLOADS = {"w1": sinusoid, "w2": omniglot_mlp, "w3": omniglot_conv4}
 
 
 def peak_rss_mb() -> float:
@@ -29,14 +31,16 @@ def peak_rss_mb() -> float:
 
 def main(provider: str, workload_name: str, steps: int) -> None:
     torch.set_num_threads(1)
-    workload = sinusoid(steps) if workload_name == "w1" else omniglot_mlp(steps)
+    if workload_name not in WORKLOADS:
+        raise SystemExit(f"unknown workload {workload_name!r}; choose one of {sorted(WORKLOADS)}")
+    workload = WORKLOADS[workload_name](steps)
     built = PROVIDERS[provider].build(workload)
     batch = built.convert(workload.batch(seed=1))
     before = peak_rss_mb()
     for _ in range(3):
         built.train_step(batch)
     print(json.dumps({"provider": provider, "workload": workload.name, "setup_rss_mb": before,
-                      "peak_rss_mb": peak_rss_mb()}))
+                      "peak_rss_mb": peak_rss_mb(), "prepare_seconds": built.prepare_seconds}))
 
 
 if __name__ == "__main__":

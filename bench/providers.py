@@ -2,11 +2,14 @@
 examples write MAML, behind one interface.
 
 A provider is built for a workload (model factory, inner step size, S, order) and gives:
-  - `meta_gradient(batch)`: the meta-gradient as one flat float64 tensor in nn.Sequential order
-    (checked against pymaml's oracle before anything is timed);
+  - `meta_gradient(batch)`: the meta-gradient as one flat float64 tensor in
+    `model.parameters()` order (checked against pymaml's oracle before anything is timed);
   - `train_step(batch)`: meta-gradient plus an Adam step of the meta-parameters, the unit the
-    benchmark times.
-Peers that are not installed are reported with the reason (`unavailable_reason`).
+    benchmark times;
+  - `meta_gradient_step(batch)`: the provider's meta-gradient alone (no optimizer step, no
+    conversion), the other measure.
+Peers that are not installed are reported with the reason (`unavailable_reason`), models a
+provider cannot run with the layer that stops it (`unsupported_reason`).
 
 Peers: learn2learn (`MAML`, `clone()`/`adapt()`), higher (`innerloop_ctx`), TorchOpt (functional
 API: `torchopt.sgd`, `apply_updates`), torch.func (eager), torch.compile of it, JAX
@@ -89,13 +92,52 @@ def omniglot_mlp(steps: int, first_order: bool = False, tasks: int = 32) -> Work
                     "cross_entropy", make_batch)
 
 
-def oracle_meta_gradient(workload: Workload, batch) -> torch.Tensor:
-    """pymaml's oracle (a Python loop over tasks with autograd), in float64."""
-    model = workload.make_model().double()
-    batch64 = [t.double() if t.is_floating_point() else t for t in batch]
-    loss = pymaml.reference.meta_loss(model, *batch64, inner_lr=workload.inner_lr, inner_steps=workload.steps,
+def omniglot_conv4(steps: int, first_order: bool = False, tasks: int = 32) -> Workload:
+    """W3: the paper's Omniglot Conv4 (4 × [3×3 conv stride 2, BatchNorm on batch statistics,
+    ReLU], linear head; 113,221 parameters), 5-way 1-shot with 15 queries per class, on random
+    images [T, N·K, 1, 28, 28]."""
+    ways, shots, queries = 5, 1, 15
+
+    def make_model():
+        torch.manual_seed(0)
+        return pymaml.models.Conv4(in_channels=1, ways=ways)
+
+    def make_batch(seed):
+        generator = torch.Generator().manual_seed(seed)
+        support_x = torch.rand(tasks, ways * shots, 1, 28, 28, generator=generator)
+        query_x = torch.rand(tasks, ways * queries, 1, 28, 28, generator=generator)
+        support_y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+        query_y = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+        return support_x, support_y, query_x, query_y
+
+    order = "first" if first_order else "second"
+    return Workload(f"W3 Omniglot Conv4 S={steps} {order} order", make_model, 0.4, steps, first_order, tasks, shots,
+                    "cross_entropy", make_batch)
+
+
+def oracle_meta_gradient(workload: Workload, batch, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """pymaml's oracle (a Python loop over tasks with autograd), in float64 unless asked otherwise."""
+    model = workload.make_model().to(dtype)
+    batch = [t.to(dtype) if t.is_floating_point() else t for t in batch]
+    loss = pymaml.reference.meta_loss(model, *batch, inner_lr=workload.inner_lr, inner_steps=workload.steps,
                                       first_order=workload.first_order, loss=workload.loss)
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    return torch.cat([g.double().reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+
+_ORACLES: dict[tuple, tuple[torch.Tensor, float]] = {}
+
+
+def oracle_check(workload: Workload, seed: int) -> tuple[torch.Tensor, float]:
+    """The float64 oracle's meta-gradient on `workload.batch(seed)` and the relative error of the
+    float32 oracle against it (the rounding error float32 itself brings to this workload),
+    computed once per process for every provider (W3's float64 oracle takes seconds)."""
+    key = (workload.name, workload.tasks, workload.shots, seed)
+    if key not in _ORACLES:
+        batch = workload.batch(seed)
+        exact = oracle_meta_gradient(workload, batch)
+        float32_error = ((oracle_meta_gradient(workload, batch, torch.float32) - exact).norm() / exact.norm()).item()
+        _ORACLES[key] = exact, float32_error
+    return _ORACLES[key]
 
 
 def _flat_grads(model: nn.Module) -> torch.Tensor:
@@ -111,6 +153,10 @@ class Provider:
             return f"{self.module} is not installed (bash bench/install_peers.sh)"
         return None
 
+    def unsupported_reason(self, workload: Workload) -> str | None:
+        """None if this provider runs `workload`'s model, else why not (naming the layer)."""
+        return None
+
     def build(self, workload: Workload) -> "Built":
         raise NotImplementedError
 
@@ -123,6 +169,7 @@ def _same(batch):
 class Built:
     meta_gradient: Callable  # torch batch -> flat float64 gradient
     train_step: Callable  # converted batch -> None
+    meta_gradient_step: Callable  # converted batch -> the provider's own gradient, nothing more
     prepare_seconds: float = 0.0
     convert: Callable = _same  # torch batch -> the provider's own arrays, done before timing
 
@@ -136,20 +183,28 @@ class PymamlProvider(Provider):
         status = {s.name: s for s in pymaml.available_backends()}[self.backend]
         return None if status.usable else status.reason
 
+    def unsupported_reason(self, workload):
+        config = pymaml.backends.MetaConfig(workload.steps, workload.first_order, workload.loss)
+        return pymaml.backends.get_backend(self.backend).unsupported_reason(
+            workload.make_model(), config, torch.device("cpu"))
+
     def build(self, workload):
         model = workload.make_model()
         maml = pymaml.MAML(model, inner_lr=workload.inner_lr, inner_steps=workload.steps,
                            first_order=workload.first_order, loss=workload.loss, backend=self.backend)
         optimizer = torch.optim.Adam(maml.parameters(), lr=META_LR, fused=True)
 
-        def meta_gradient(batch):
+        def meta_gradient_step(batch):
             maml.meta_gradient(*batch, accumulate=False)
+
+        def meta_gradient(batch):
+            meta_gradient_step(batch)
             return _flat_grads(model)
 
         def train_step(batch):  # cpp takes the Adam step inside its kernel call
             maml.meta_train_step(*batch, optimizer)
 
-        return Built(meta_gradient, train_step)
+        return Built(meta_gradient, train_step, meta_gradient_step)
 
 
 class HigherProvider(Provider):
@@ -165,7 +220,7 @@ class HigherProvider(Provider):
         meta_optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
         loss_fn = workload.loss_fn
 
-        def meta_gradient(batch):
+        def meta_gradient_step(batch):
             support_x, support_y, query_x, query_y = batch
             meta_optimizer.zero_grad()
             tasks = support_x.shape[0]
@@ -181,13 +236,16 @@ class HigherProvider(Provider):
                             p.grad = g if p.grad is None else p.grad + g
                     else:
                         query_loss.backward()
+
+        def meta_gradient(batch):
+            meta_gradient_step(batch)
             return _flat_grads(model)
 
         def train_step(batch):
-            meta_gradient(batch)
+            meta_gradient_step(batch)
             meta_optimizer.step()
 
-        return Built(meta_gradient, train_step)
+        return Built(meta_gradient, train_step, meta_gradient_step)
 
 
 class TorchOptProvider(Provider):
@@ -207,7 +265,7 @@ class TorchOptProvider(Provider):
         def forward(params, x):
             return torch.func.functional_call(model, dict(zip(names, params)), (x,))
 
-        def meta_gradient(batch):
+        def meta_gradient_step(batch):
             support_x, support_y, query_x, query_y = batch
             meta_optimizer.zero_grad()
             tasks = support_x.shape[0]
@@ -220,13 +278,16 @@ class TorchOptProvider(Provider):
                     updates, state = inner_optimizer.update(grads, state, inplace=False)
                     params = torchopt.apply_updates(params, updates, inplace=False)
                 (loss_fn(forward(params, query_x[t]), query_y[t]) / tasks).backward()
+
+        def meta_gradient(batch):
+            meta_gradient_step(batch)
             return _flat_grads(model)
 
         def train_step(batch):
-            meta_gradient(batch)
+            meta_gradient_step(batch)
             meta_optimizer.step()
 
-        return Built(meta_gradient, train_step)
+        return Built(meta_gradient, train_step, meta_gradient_step)
 
 
 def _learn2learn_maml():
@@ -258,7 +319,7 @@ class Learn2LearnProvider(Provider):
         meta_optimizer = torch.optim.Adam(maml.parameters(), lr=META_LR)
         loss_fn = workload.loss_fn
 
-        def meta_gradient(batch):
+        def meta_gradient_step(batch):
             support_x, support_y, query_x, query_y = batch
             meta_optimizer.zero_grad()
             tasks = support_x.shape[0]
@@ -267,13 +328,16 @@ class Learn2LearnProvider(Provider):
                 for _ in range(workload.steps):
                     learner.adapt(loss_fn(learner(support_x[t]), support_y[t]))
                 (loss_fn(learner(query_x[t]), query_y[t]) / tasks).backward()
+
+        def meta_gradient(batch):
+            meta_gradient_step(batch)
             return _flat_grads(model)
 
         def train_step(batch):
-            meta_gradient(batch)
+            meta_gradient_step(batch)
             meta_optimizer.step()
 
-        return Built(meta_gradient, train_step)
+        return Built(meta_gradient, train_step, meta_gradient_step)
 
 
 def func_meta_gradient(model, workload):
@@ -304,26 +368,111 @@ class TorchFuncProvider(Provider):
             torch._dynamo.reset()
             step = torch.compile(step)
 
-        def meta_gradient(batch):
+        def meta_gradient_step(batch):
             params = {name: p.detach() for name, p in model.named_parameters()}
             grads, _ = step(params, *batch)
             for name, p in model.named_parameters():
                 p.grad = grads[name]
+
+        def meta_gradient(batch):
+            meta_gradient_step(batch)
             return _flat_grads(model)
 
         def train_step(batch):
-            meta_gradient(batch)
+            meta_gradient_step(batch)
             meta_optimizer.step()
 
-        built = Built(meta_gradient, train_step)
+        built = Built(meta_gradient, train_step, meta_gradient_step)
         if self.compiled:
             meta_gradient(workload.batch())  # compiles
             built.prepare_seconds = time.perf_counter() - began
         return built
 
 
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _jax_layer_reason(index: int, layer: nn.Module) -> str | None:
+    """None if `_jax_layer` converts this layer of an nn.Sequential, else why not."""
+    kind = f"layer {index} ({type(layer).__name__})"
+    if isinstance(layer, nn.Conv2d):
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            return f"{kind} pads with padding={layer.padding!r}, padding_mode={layer.padding_mode!r}; " \
+                   "the JAX provider converts explicit zero padding only"
+        return None
+    if isinstance(layer, nn.MaxPool2d):
+        if layer.ceil_mode or layer.return_indices:
+            return f"{kind} uses ceil_mode or return_indices, which the JAX provider does not convert"
+        return None
+    if isinstance(layer, (nn.Linear, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Flatten,
+                          nn.BatchNorm1d, nn.BatchNorm2d)):
+        return None
+    return f"{kind} is not converted to JAX (Linear, Conv2d, BatchNorm1d/2d, MaxPool2d, Flatten, " \
+           "ReLU, Tanh, Sigmoid, Identity)"
+
+
+def _jax_layer(layer: nn.Module):
+    """The layer as a function (its parameters in `layer.parameters()` order, x) -> y on one
+    task's batch; activations and weights keep torch's NCHW and OIHW layouts between layers."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    if isinstance(layer, nn.Linear):
+        if layer.bias is None:
+            return lambda p, x: x @ p[0].T
+        return lambda p, x: x @ p[0].T + p[1]
+    if isinstance(layer, nn.Conv2d):
+        stride, padding, dilation = _pair(layer.stride), _pair(layer.padding), _pair(layer.dilation)
+
+        def conv(p, x):
+            # XLA's CPU convolutions run in NHWC/HWIO: on W3 a step took half the time of the
+            # same convolution in NCHW/OIHW (1.04 s against 2.02 s at T=4, S=1, one thread).
+            y = lax.conv_general_dilated(x.transpose(0, 2, 3, 1), p[0].transpose(2, 3, 1, 0), window_strides=stride,
+                                         padding=[(k, k) for k in padding], rhs_dilation=dilation,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=layer.groups).transpose(0, 3, 1, 2)
+            return y + p[1][None, :, None, None] if layer.bias is not None else y
+
+        return conv
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        # Batch statistics (biased variance) in training mode or without running statistics, as
+        # torch and pymaml's inner loop do; otherwise the running statistics, as constants.
+        batch_statistics = layer.training or layer.running_mean is None
+        running = None if batch_statistics else (jnp.asarray(layer.running_mean.numpy()),
+                                                 jnp.asarray(layer.running_var.numpy()))
+
+        def batch_norm(p, x):
+            axes = (0,) + tuple(range(2, x.ndim))
+            shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+            if batch_statistics:
+                mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
+            else:
+                mean, var = running
+            y = (x - mean.reshape(shape)) / jnp.sqrt(var.reshape(shape) + layer.eps)
+            return y * p[0].reshape(shape) + p[1].reshape(shape) if layer.affine else y
+
+        return batch_norm
+    if isinstance(layer, nn.MaxPool2d):
+        kernel, padding, dilation = _pair(layer.kernel_size), _pair(layer.padding), _pair(layer.dilation)
+        stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
+        return lambda p, x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 1) + kernel, (1, 1) + stride,
+                                              ((0, 0), (0, 0)) + tuple((k, k) for k in padding),
+                                              window_dilation=(1, 1) + dilation)
+    if isinstance(layer, nn.Flatten):
+        def flatten(p, x):
+            start, end = layer.start_dim % x.ndim, layer.end_dim % x.ndim
+            return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
+
+        return flatten
+    activation = {nn.ReLU: jax.nn.relu, nn.Tanh: jnp.tanh, nn.Sigmoid: jax.nn.sigmoid, nn.Identity: lambda x: x}
+    return lambda p, x, f=activation[type(layer)]: f(x)
+
+
 class JaxProvider(Provider):
-    """JAX: the whole training step (vmapped meta-gradient and optax Adam) under one jit."""
+    """JAX: the whole training step (vmapped meta-gradient and optax Adam) under one jit, on a
+    forward pass converted layer by layer from the torch model (weights copied)."""
 
     name, module = "jax", "jax"
 
@@ -333,22 +482,36 @@ class JaxProvider(Provider):
                 return f"{package} is not installed (bash bench/install_peers.sh)"
         return None
 
+    def unsupported_reason(self, workload):
+        model = workload.make_model()
+        if not isinstance(model, nn.Sequential):
+            return f"the JAX provider converts nn.Sequential models only, not {type(model).__name__}"
+        for index, layer in enumerate(model):
+            if next(layer.children(), None) is not None:
+                return f"layer {index} ({type(layer).__name__}) has sub-modules; the JAX provider converts flat models"
+            reason = _jax_layer_reason(index, layer)
+            if reason is not None:
+                return reason
+        return None
+
     def build(self, workload):
         import jax
         import jax.numpy as jnp
         import numpy as np
         import optax
 
+        reason = self.unsupported_reason(workload)
+        if reason is not None:
+            raise ValueError(reason)
         model = workload.make_model()
-        linears = [m for m in model if isinstance(m, nn.Linear)]
-        params = [(jnp.asarray(m.weight.detach().numpy()), jnp.asarray(m.bias.detach().numpy())) for m in linears]
+        layers = [_jax_layer(layer) for layer in model]
+        # One tuple per layer, in model.parameters() order.
+        params = [tuple(jnp.asarray(p.detach().numpy()) for p in layer.parameters(recurse=False)) for layer in model]
         alpha, steps, first_order = workload.inner_lr, workload.steps, workload.first_order
 
         def forward(params, x):
-            for i, (w, b) in enumerate(params):
-                x = x @ w.T + b
-                if i < len(params) - 1:
-                    x = jax.nn.relu(x)
+            for layer, p in zip(layers, params):
+                x = layer(p, x)
             return x
 
         def loss(params, x, y):
@@ -383,10 +546,13 @@ class JaxProvider(Provider):
         def as_arrays(batch):
             return [jnp.asarray(t.numpy()) for t in batch]
 
+        def meta_gradient_step(batch):
+            return jax.block_until_ready(gradient(state["params"], *batch))
+
         def meta_gradient(batch):
-            grads = gradient(state["params"], *as_arrays(batch))
+            grads = meta_gradient_step(as_arrays(batch))
             return torch.from_numpy(np.concatenate([np.asarray(a, np.float64).reshape(-1)
-                                                    for w, b in grads for a in (w, b)]))
+                                                    for layer in grads for a in layer]))
 
         def train_step(batch):
             state["params"], state["opt"] = jitted_step(state["params"], state["opt"], *batch)
@@ -394,7 +560,7 @@ class JaxProvider(Provider):
 
         began = time.perf_counter()
         jax.block_until_ready(jitted_step(state["params"], state["opt"], *as_arrays(workload.batch())))  # compiles
-        return Built(meta_gradient, train_step, time.perf_counter() - began, as_arrays)
+        return Built(meta_gradient, train_step, meta_gradient_step, time.perf_counter() - began, as_arrays)
 
 
 PROVIDERS: dict[str, Provider] = {
