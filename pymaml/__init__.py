@@ -1,6 +1,6 @@
 """pymaml: fused, exact MAML meta-gradients for PyTorch."""
 
-from . import data, functional, models, reference
+from . import compat, data, distributed, functional, models, reference
 from ._extension import build_info
 from .hvp import hvp
 from .backends import BackendStatus, MetaOutput, available_backends
@@ -21,7 +21,9 @@ __all__ = [
     "MetaOutput",
     "available_backends",
     "build_info",
+    "compat",
     "data",
+    "distributed",
     "functional",
     "hvp",
     "models",

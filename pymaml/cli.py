@@ -1,6 +1,6 @@
-"""Command line: `pymaml sinusoid ...` and `pymaml backends`.
+"""Command line: `pymaml sinusoid ...`, `pymaml omniglot ...` and `pymaml backends`.
 
-`torchrun --nproc_per_node N -m pymaml sinusoid ...` splits every meta-batch over N processes.
+`torchrun --nproc_per_node N -m pymaml sinusoid|omniglot ...` splits every meta-batch over N processes.
 """
 
 from __future__ import annotations
@@ -51,8 +51,61 @@ def _parser() -> argparse.ArgumentParser:
     sinusoid.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     sinusoid.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    from .omniglot import DEFAULT_ITERATIONS as OMNIGLOT_ITERATIONS
+
+    omniglot = commands.add_parser("omniglot", help="meta-train and evaluate the paper's Omniglot Conv4 classifier",
+                                   description="Defaults are the paper's: 5-way α=0.4, 1 step (3 at test), "
+                                               "meta-batch 32; 20-way α=0.1, 5 steps, meta-batch 16.")
+    omniglot.add_argument("--root", type=Path, required=True,
+                          help="folder holding images_background/ and images_evaluation/ (unzipped)")
+    omniglot.add_argument("--ways", type=_positive_int, default=5)
+    omniglot.add_argument("--shots", type=_positive_int, default=1)
+    omniglot.add_argument("--queries", type=_positive_int, default=None,
+                          help="query images per class (default: as many as --shots, as in the paper's code)")
+    omniglot.add_argument("--iterations", type=_non_negative_int, default=OMNIGLOT_ITERATIONS)
+    omniglot.add_argument("--meta-batch", type=_positive_int, default=None, help="default: 32 (5-way), 16 (20-way)")
+    omniglot.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (5-way), 0.1 (20-way)")
+    omniglot.add_argument("--inner-steps", type=_non_negative_int, default=None, help="default: 1 (5-way), 5 (20-way)")
+    omniglot.add_argument("--test-steps", type=_non_negative_int, default=None, help="default: 3 (5-way), 5 (20-way)")
+    omniglot.add_argument("--meta-lr", type=float, default=1e-3)
+    omniglot.add_argument("--first-order", action="store_true")
+    omniglot.add_argument("--backend", default="auto")
+    omniglot.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    omniglot.add_argument("--seed", type=int, default=0)
+    omniglot.add_argument("--eval-tasks", type=_positive_int, default=600)
+    omniglot.add_argument("--image-size", type=_positive_int, default=28)
+    omniglot.add_argument("--train-characters", type=_positive_int, default=1200,
+                          help="the first N characters are the meta-training split, the rest the test split")
+    omniglot.add_argument("--out", type=Path, default=Path("runs/omniglot"), help="folder for report.json")
+    omniglot.add_argument("--checkpoint", type=Path, default=None,
+                          help="save here every --checkpoint-every iterations, and resume from it if present")
+    omniglot.add_argument("--checkpoint-every", type=_positive_int, default=1000)
+    omniglot.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    omniglot.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     commands.add_parser("backends", help="list the backends and how the extension was built")
     return parser
+
+
+def _omniglot(args) -> int:
+    from . import distributed
+    from .omniglot import OmniglotConfig, run, summary
+
+    with distributed.init(device=args.device) as context:
+        device = str(context.device)
+        config = OmniglotConfig(
+            root=str(args.root), ways=args.ways, shots=args.shots, queries=args.queries, iterations=args.iterations,
+            meta_batch=args.meta_batch, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
+            test_steps=args.test_steps, meta_lr=args.meta_lr, first_order=args.first_order, backend=args.backend,
+            device=device, seed=args.seed, eval_tasks=args.eval_tasks, image_size=args.image_size,
+            train_characters=args.train_characters,
+            checkpoint=str(args.checkpoint) if args.checkpoint else None, checkpoint_every=args.checkpoint_every,
+            progress=not args.no_progress)
+        report = run(config, args.out, context)
+    if report is not None:
+        print(summary(report))
+        print(f"wrote {args.out / 'report.json'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.command == "omniglot":
+        return _omniglot(args)
     config = SinusoidConfig(
         iterations=args.iterations,
         meta_batch=args.meta_batch,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -150,6 +151,22 @@ class DistributedContext:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def load_on_main(path, load, context: DistributedContext):
+    """`load(path)` on rank 0 when the file exists, its result sent to every rank (None where there
+    is no file), so the other ranks need neither the file nor a shared file system. A ValueError
+    that `load` raises on rank 0 (a refused checkpoint) is raised on every rank."""
+    state, error = None, None
+    if context.is_main and path is not None and Path(path).exists():
+        try:
+            state = load(path)
+        except ValueError as refused:
+            error = str(refused)
+    state, error = context.broadcast_object((state, error))
+    if error is not None:
+        raise ValueError(error)
+    return state
 
 
 def launched() -> bool:

@@ -7,6 +7,10 @@ meta-batch 32. 20-way: α=0.1, five inner steps, meta-batch 16. Evaluation adapt
 steps (5-way) or five (20-way) on tasks from the other 423 characters, and reports the mean query
 accuracy over 600 tasks with its 95% interval. As in the paper's code, every class of a task
 has as many query images as support images unless --queries says otherwise.
+
+Under torchrun every rank draws the same meta-batch and computes the meta-gradient of its shard
+of the tasks; the all-reduce (pymaml.distributed) gives every rank the whole batch's. Rank 0
+alone shows the progress bar, writes checkpoints, evaluates and reports.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tqdm import tqdm
 from . import __version__
 from ._extension import build_info
 from .data import FewShot, Omniglot
+from .distributed import DistributedContext, DistributedMAML, load_on_main
 from .maml import MAML
 from .models import Conv4
 from .sinusoid import save_checkpoint
@@ -54,6 +59,7 @@ class OmniglotConfig:
     meta_lr: float = 1e-3
     first_order: bool = False
     backend: str = "auto"
+    device: str = "cpu"
     seed: int = 0
     eval_tasks: int = 600
     image_size: int = 28
@@ -96,20 +102,24 @@ def load_checkpoint(path: Path, config: OmniglotConfig) -> dict:
 
 def make_maml(config: OmniglotConfig) -> MAML:
     torch.manual_seed(config.seed)
-    model = Conv4(in_channels=1, ways=config.ways, image_size=config.image_size)
+    model = Conv4(in_channels=1, ways=config.ways, image_size=config.image_size).to(config.device)
     return MAML(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, first_order=config.first_order,
                 loss="cross_entropy", backend=config.backend)
 
 
-def train(config: OmniglotConfig, dataset: Omniglot) -> TrainResult:
-    """Meta-train; resumes from config.checkpoint when it exists."""
+def train(config: OmniglotConfig, dataset: Omniglot, context: DistributedContext | None = None) -> TrainResult:
+    """Meta-train; resumes from config.checkpoint when it exists. context: see pymaml.sinusoid.train."""
+    context = DistributedContext() if context is None else context
+    context.check_same("the omniglot settings", (config.trajectory(), config.iterations, config.backend))
     maml = make_maml(config)
+    trainer = DistributedMAML(maml, context) if context.is_distributed else None
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
-    tasks = FewShot(dataset, config.ways, config.shots, config.queries, rotations=ROTATIONS, seed=config.seed)
+    tasks = FewShot(dataset, config.ways, config.shots, config.queries, rotations=ROTATIONS, seed=config.seed,
+                    device=config.device)
     start = 0
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
-    if checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, config)
+    state = load_on_main(checkpoint, lambda path: load_checkpoint(path, config), context)
+    if state is not None:
         maml.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         tasks.next_task = int(state["next_task"])
@@ -122,20 +132,27 @@ def train(config: OmniglotConfig, dataset: Omniglot) -> TrainResult:
     losses: list[float] = []
     running = math.nan
     began = time.perf_counter()
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not config.progress,
-               desc=f"meta-train [{maml.backend}]", smoothing=0.05)
+    ranks = f", {context.world_size} ranks" if context.is_distributed else ""
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
+               disable=not (config.progress and context.is_main), desc=f"meta-train [{maml.backend}{ranks}]",
+               smoothing=0.05)
+    saves = checkpoint is not None and context.is_main
     for iteration in bar:
-        out = maml.meta_train_step(*tasks.sample(config.meta_batch).tasks, optimizer)
+        batch = tasks.sample(config.meta_batch).tasks
+        if trainer is None:
+            out = maml.meta_train_step(*batch, optimizer)
+        else:
+            out = trainer.meta_train_step(*context.shard(batch), optimizer)
         loss = out.loss.item()
         losses.append(loss)
         running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
         done = iteration + 1
-        if checkpoint is not None and done % config.checkpoint_every == 0:
+        if saves and done % config.checkpoint_every == 0:
             save_checkpoint(checkpoint, snapshot(done))
     seconds = time.perf_counter() - began
     done = max(start, config.iterations)
-    if checkpoint is not None:
+    if saves:
         save_checkpoint(checkpoint, snapshot(done))
     return TrainResult(maml, done, start, running, seconds, losses)
 
@@ -143,7 +160,7 @@ def train(config: OmniglotConfig, dataset: Omniglot) -> TrainResult:
 def evaluate(maml: MAML, config: OmniglotConfig, dataset: Omniglot, chunk: int = 50) -> dict:
     """Query accuracy per held-out task after config.test_steps steps; mean and 95% interval in %."""
     tasks = FewShot(dataset, config.ways, config.shots, config.queries, rotations=ROTATIONS,
-                    seed=config.seed + 1_000_003)
+                    seed=config.seed + 1_000_003, device=config.device)
     accuracies = []
     with torch.no_grad():
         for first in range(0, config.eval_tasks, chunk):
@@ -157,15 +174,20 @@ def evaluate(maml: MAML, config: OmniglotConfig, dataset: Omniglot, chunk: int =
     return {"accuracy": per_task.mean().item(), "ci95": interval, "tasks": count}
 
 
-def run(config: OmniglotConfig, out_dir: Path) -> dict:
-    """Load the data, train, evaluate, and write report.json into out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def run(config: OmniglotConfig, out_dir: Path, context: DistributedContext | None = None) -> dict | None:
+    """Load the data, train, evaluate, and write report.json into out_dir; with a distributed
+    context rank 0 alone evaluates and writes (the other ranks return None)."""
+    context = DistributedContext() if context is None else context
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train_set = Omniglot(config.root, "train", image_size=config.image_size, train_characters=config.train_characters)
     test_set = Omniglot(config.root, "test", image_size=config.image_size, train_characters=config.train_characters)
     loaded = time.perf_counter()
-    result = train(config, train_set)
+    result = train(config, train_set, context)
     trained = time.perf_counter()
+    if not context.is_main:
+        return None
     evaluation = evaluate(result.maml, config, test_set)
     paper = PAPER_ACCURACY.get((config.ways, config.shots))
     report = {
@@ -185,6 +207,8 @@ def run(config: OmniglotConfig, out_dir: Path) -> dict:
         "paper_maml_accuracy": None if paper is None else {"accuracy": paper[0], "ci95": paper[1]},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "world_size": context.world_size,
+        "distributed_backend": context.backend,
         "pymaml": __version__,
         "build": build_info(),
     }
@@ -196,7 +220,9 @@ def run(config: OmniglotConfig, out_dir: Path) -> dict:
 def summary(report: dict) -> str:
     config, evaluation, paper = report["config"], report["evaluation"], report["paper_maml_accuracy"]
     lines = [
-        f"backend: {report['backend']} ({report['backend_choice']})",
+        f"backend: {report['backend']} ({report['backend_choice']})"
+        + (f"; meta-batch split over {report['world_size']} ranks ({report['distributed_backend']})"
+           if report.get("world_size", 1) > 1 else ""),
         f"{report['iterations']} iterations, {report['ms_per_iteration']:.1f} ms each; wall time "
         f"{report['seconds']['total']:.1f} s",
         f"{config['ways']}-way {config['shots']}-shot, {evaluation['tasks']} held-out tasks, "

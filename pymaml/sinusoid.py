@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import __version__
 from ._extension import build_info
 from .data import Sinusoid
-from .distributed import DistributedContext, DistributedMAML
+from .distributed import DistributedContext, DistributedMAML, load_on_main
 from .maml import MAML
 from .models import sinusoid_mlp
 
@@ -94,21 +94,6 @@ def load_checkpoint(path: Path, config: SinusoidConfig) -> dict:
     return state
 
 
-def _load_on_main(checkpoint: Path | None, config: SinusoidConfig, context: DistributedContext) -> dict | None:
-    """Rank 0 reads the checkpoint (if it exists) and every rank gets its state, so the other
-    ranks need neither the file nor a shared file system; a refused checkpoint fails every rank."""
-    state, error = None, None
-    if context.is_main and checkpoint is not None and checkpoint.exists():
-        try:
-            state = load_checkpoint(checkpoint, config)
-        except ValueError as refused:
-            error = str(refused)
-    state, error = context.broadcast_object((state, error))
-    if error is not None:
-        raise ValueError(error)
-    return state
-
-
 def train(config: SinusoidConfig, context: DistributedContext | None = None) -> TrainResult:
     """Meta-train the sinusoid model; resumes from config.checkpoint when it exists.
 
@@ -133,7 +118,7 @@ def train(config: SinusoidConfig, context: DistributedContext | None = None) -> 
     tasks = Sinusoid(seed=config.seed)
     start = 0
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
-    state = _load_on_main(checkpoint, config, context)
+    state = load_on_main(checkpoint, lambda path: load_checkpoint(path, config), context)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -47,3 +47,34 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="differ from this run's"):
         train(config_for(tmp_path / "data", iterations=5, checkpoint=str(checkpoint), inner_lr=0.2), data)
+
+
+COMMAND = ["omniglot", "--ways", "5", "--shots", "1", "--iterations", "3", "--meta-batch", "4", "--eval-tasks", "6",
+           "--image-size", "14", "--train-characters", "4", "--first-order", "--threads", "1", "--no-progress"]
+
+
+def test_command_end_to_end_and_under_torchrun(tmp_path):
+    """`pymaml omniglot` in this process, then split over 2 torchrun processes: the same training
+    losses, one report from rank 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pymaml import cli
+
+    write_tree(tmp_path / "data")
+    assert cli.main([*COMMAND, "--root", str(tmp_path / "data"), "--out", str(tmp_path / "one")]) == 0
+    single = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert single["world_size"] == 1 and single["iterations"] == 3
+    repository = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repository), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "pymaml", *COMMAND, "--root", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    split = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert split["world_size"] == 2 and split["distributed_backend"] == "gloo"
+    assert abs(split["final_running_loss"] - single["final_running_loss"]) <= 1e-5 * abs(single["final_running_loss"])
+    assert result.stdout.count("paper (MAML, Table 1)") == 1
