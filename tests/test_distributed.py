@@ -106,7 +106,7 @@ def _torchrun(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
                *arguments]
     path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
