@@ -64,6 +64,31 @@ def _validate_inputs(inputs: dict[str, torch.Tensor], loss, dtype: torch.dtype, 
                 _check_finite(name, tensor)
 
 
+def _adapted_names(model: nn.Module, adapt) -> frozenset[str] | None:
+    """The names of the parameters the inner loop adapts (None: all of them)."""
+    if adapt is None:
+        return None
+    names = list(adapted_parameters(model))
+    if callable(adapt):
+        parameters = adapted_parameters(model)
+        chosen = {name for name in names if adapt(name, parameters[name])}
+    else:
+        requested = [adapt] if isinstance(adapt, str) else list(adapt)
+        if not all(isinstance(item, str) for item in requested):
+            raise TypeError(f"adapt must be parameter or module names, or a predicate (name, parameter) -> bool, "
+                            f"got {adapt!r}")
+        chosen = set()
+        for item in requested:
+            matched = {name for name in names if name == item or name.startswith(item + ".")}
+            if not matched:
+                raise ValueError(f"adapt names {item!r}, which is neither a trainable parameter nor a module holding "
+                                 f"one; the model's trainable parameters are {names}")
+            chosen |= matched
+    if not chosen:
+        raise ValueError("adapt selects no parameter: the inner loop would have nothing to adapt")
+    return None if len(chosen) == len(names) else frozenset(chosen)
+
+
 def _check_steps(name: str, steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {steps!r}")
@@ -110,6 +135,11 @@ class MAML(nn.Module):
         autograd graph over the whole inner loop of every task, memory growing with S and T;
         the meta-loss can be differentiated again. `reference` always builds the graph; the fused
         backends (cpp, cuda, triton) always run their own graph-free reverse chain; both ignore it.
+    adapt: which parameters the inner loop adapts; None adapts all of them. Parameter or module
+        names (a module name stands for all its parameters), or a predicate (name, parameter) ->
+        bool. The others stay at θ in the inner loop (ANIL adapts the head only) and still get
+        exact meta-gradients. Every backend runs it as a step size of zero for those parameters
+        (the fused kernels through their per-parameter step sizes).
     task_chunk: tasks per chunk of the memory-efficient mode (None: its default, 8); the
         docstring of pymaml.reverse_chain says how to pick it from a memory budget.
     """
@@ -129,6 +159,7 @@ class MAML(nn.Module):
         check_inputs: bool = True,
         second_order: str = "memory_efficient",
         task_chunk: int | None = None,
+        adapt=None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -146,6 +177,7 @@ class MAML(nn.Module):
         if learn_inner_lr not in self.LEARN_INNER_LR_MODES:
             raise ValueError(f"learn_inner_lr must be one of {self.LEARN_INNER_LR_MODES}, got {learn_inner_lr!r}")
         self.module = model
+        self.adapted_names = _adapted_names(model, adapt)
         self.config = MetaConfig(_check_steps("inner_steps", inner_steps), bool(first_order), loss,
                                  second_order, task_chunk)
         self.base_inner_lr = float(inner_lr)
@@ -202,15 +234,24 @@ class MAML(nn.Module):
 
     @property
     def inner_lr(self):
-        """The step sizes the inner loop uses: a number, or per step {parameter name: α} (pymaml.schedule)."""
-        if self.inner_lrs is None:
+        """The step sizes the inner loop uses: a number, or per step {parameter name: α}
+        (pymaml.schedule); α is 0 for the parameters that `adapt` leaves out."""
+        if self.inner_lrs is None and self.adapted_names is None:
             return self.base_inner_lr
         names = list(adapted_parameters(self.module))
-        if self.learn_inner_lr == "scalar":
-            return [{name: self.inner_lrs for name in names}]
-        if self.learn_inner_lr == "per_parameter":
-            return [dict(zip(names, self.inner_lrs))]
-        return [{name: self.inner_lrs[step, j] for j, name in enumerate(names)} for step in range(self.inner_lrs.shape[0])]
+        if self.inner_lrs is None:
+            schedule = [{name: self.base_inner_lr for name in names}]
+        elif self.learn_inner_lr == "scalar":
+            schedule = [{name: self.inner_lrs for name in names}]
+        elif self.learn_inner_lr == "per_parameter":
+            schedule = [dict(zip(names, self.inner_lrs))]
+        else:
+            schedule = [{name: self.inner_lrs[step, j] for j, name in enumerate(names)}
+                        for step in range(self.inner_lrs.shape[0])]
+        if self.adapted_names is not None:
+            schedule = [{name: alpha if name in self.adapted_names else 0.0 for name, alpha in entry.items()}
+                        for entry in schedule]
+        return schedule
 
     @property
     def inner_steps(self) -> int:
@@ -288,4 +329,5 @@ class MAML(nn.Module):
             f"inner_lr={self.base_inner_lr}, inner_steps={self.config.inner_steps}, "
             f"first_order={self.config.first_order}, loss={loss}, backend={self.requested_backend!r}, "
             f"learn_inner_lr={self.learn_inner_lr!r}, second_order={self.config.second_order!r}"
+            + ("" if self.adapted_names is None else f", adapt={sorted(self.adapted_names)}")
         )

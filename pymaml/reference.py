@@ -4,7 +4,8 @@ For each task t: θ_0 = θ, θ_{s+1} = θ_s - α_s ∇L(support_t; θ_s) for s <
 loss is L(query_t; θ_S), or Σ_{s=1..S} w_s L(query_t; θ_s) with step weights w (MAML++'s
 multi-step loss). The meta-loss is the mean over tasks. With first_order=True the inner
 gradients are taken without a graph, so the H_s terms of the meta-gradient vanish. α_s is a
-number or learned per step and parameter (pymaml.schedule).
+number or learned per step and parameter (pymaml.schedule). With `adapt` (a set of parameter
+names) only those parameters take inner steps; the others stay at θ (ANIL).
 """
 
 from __future__ import annotations
@@ -22,21 +23,25 @@ def _loss_at(model, params, fixed, loss_fn, x, y):
     return loss_fn(functional_call(model, (params, fixed), (x,)), y)
 
 
-def adapt_task(model, params, fixed, loss_fn, x, y, inner_lr, steps, first_order):
+def adapt_task(model, params, fixed, loss_fn, x, y, inner_lr, steps, first_order, adapt=None):
     """S plain SGD steps on one task's support set, differentiable unless first_order."""
-    return adapt_task_steps(model, params, fixed, loss_fn, x, y, inner_lr, steps, first_order)[-1]
+    return adapt_task_steps(model, params, fixed, loss_fn, x, y, inner_lr, steps, first_order, adapt)[-1]
 
 
-def adapt_task_steps(model, params, fixed, loss_fn, x, y, inner_lr: InnerLR, steps, first_order):
-    """[θ_0, θ_1, ..., θ_S] for one task."""
+def adapt_task_steps(model, params, fixed, loss_fn, x, y, inner_lr: InnerLR, steps, first_order, adapt=None):
+    """[θ_0, θ_1, ..., θ_S] for one task; only the parameters named in `adapt` move (all if None)."""
     thetas = [dict(params)]
     for step in range(steps):
         theta = thetas[-1]
+        moving = [name for name in theta if adapt is None or name in adapt]
         loss = _loss_at(model, theta, fixed, loss_fn, x, y)
         grads = torch.autograd.grad(
-            loss, list(theta.values()), create_graph=not first_order, materialize_grads=True
+            loss, [theta[name] for name in moving], create_graph=not first_order, materialize_grads=True
         )
-        thetas.append({name: w - step_size(inner_lr, step, name) * g for (name, w), g in zip(theta.items(), grads)})
+        updated = dict(theta)
+        for name, g in zip(moving, grads):
+            updated[name] = theta[name] - step_size(inner_lr, step, name) * g
+        thetas.append(updated)
     return thetas
 
 
@@ -53,6 +58,7 @@ def task_query_losses(
     loss: str | LossFn = "mse",
     params: dict[str, torch.Tensor] | None = None,
     step_weights: torch.Tensor | None = None,
+    adapt=None,
 ) -> torch.Tensor:
     """Query loss of each task after adaptation (weighted over steps if step_weights is given), shape [T]."""
     loss_fn = resolve_loss(loss)
@@ -61,7 +67,7 @@ def task_query_losses(
     losses = []
     for t in range(support_x.shape[0]):
         thetas = adapt_task_steps(
-            model, params, fixed, loss_fn, support_x[t], support_y[t], inner_lr, inner_steps, first_order
+            model, params, fixed, loss_fn, support_x[t], support_y[t], inner_lr, inner_steps, first_order, adapt
         )
         if step_weights is None or inner_steps == 0:
             losses.append(_loss_at(model, thetas[-1], fixed, loss_fn, query_x[t], query_y[t]))
