@@ -140,7 +140,8 @@ class MAML(nn.Module):
         bool. The others stay at θ in the inner loop (ANIL adapts the head only) and still get
         exact meta-gradients. Every backend runs it as a step size of zero for those parameters
         (the fused kernels through their per-parameter step sizes).
-    task_chunk: tasks per chunk of the memory-efficient mode (None: its default, 8); the
+    task_chunk: tasks per chunk of the memory-efficient mode (None: the largest chunk whose estimated
+        memory fits pymaml.reverse_chain.DEFAULT_CHUNK_BYTES, at most T); the
         docstring of pymaml.reverse_chain says how to pick it from a memory budget.
     """
 

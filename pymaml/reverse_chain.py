@@ -27,8 +27,8 @@ gradient, and A the activation memory of one task's query gradient or support HV
 (it grows with the points per task and the model's activation sizes; measure it as the growth of
 one meta-step with task_chunk=1). To fit a budget M, take C = M / ((S + 5)·|θ|·b + A). C = 1 is
 the smallest footprint; larger chunks run fewer, larger batched operations, which is faster up to
-a point (on a GPU, where launches cost more, usually further). The default, DEFAULT_TASK_CHUNK,
-comes from the figures below.
+a point (on a GPU, where launches cost more, usually further). The default (default_task_chunk)
+estimates A from the model's activation sizes and fits DEFAULT_CHUNK_BYTES.
 """
 
 from __future__ import annotations
@@ -43,12 +43,51 @@ from .functional import loss_function
 from .losses import LossFn
 from .schedule import InnerLR, step_size
 
-# Tasks per chunk when none is given. On the paper's Omniglot Conv4 (5-way 1-shot, 15 queries,
-# fp32, one CPU thread) A is about 30-55 MB per task and |θ|·b 0.45 MB. Growth of one meta-step
-# of T = 32 at S = 5 / 10 (VmHWM): chunk 1: 41 MB, 2: 113 / 117 MB, 4: 231 / 238 MB, 8: 417 /
-# 476 MB, against 644 MB for the reference at S = 5; seconds per meta-step at S = 5: chunk 1: 3.6,
-# 2: 2.8, 4: 2.2, 8: 1.9, 32: 3.2, graph mode 3.6-4.3 (bench/test_memory_efficient.py).
-DEFAULT_TASK_CHUNK = 2
+# Without task_chunk, the chunk is the largest whose estimated footprint C·((S + 5)·|θ| + 4·F)·b
+# stays within DEFAULT_CHUNK_BYTES (at most T), F being the numbers one forward of a task's query
+# set produces in the model's leaf modules (kept activations, their tangents and gradients: about
+# four copies). On the paper's Omniglot Conv4 (5-way 1-shot, 15 queries, fp32, one CPU thread) the
+# estimate is 61-65 MiB per task at S = 1-10 (A measured 30-55 MB), which gives C = 2. Growth of
+# one meta-step of T = 32 at S = 5 / 10 (VmHWM): chunk 1: 41 MB, 2: 113 / 117 MB, 4: 231 / 238 MB,
+# 8: 417 / 476 MB, against 644 MB for the reference at S = 5; seconds per meta-step at S = 5: chunk
+# 1: 3.6, 2: 2.8, 4: 2.2, 8: 1.9, 32: 3.2, graph mode 3.6-4.3 (bench/test_memory_efficient.py).
+# Small models get one chunk: on the sinusoid MLP (T = 25, S = 1) chunks of 2 took 42 ms a
+# meta-step, one chunk 5 ms (the graph mode 2 ms).
+DEFAULT_CHUNK_BYTES = 160 * 2**20
+_FORWARD_NUMBERS: dict = {}
+
+
+def forward_numbers(model: nn.Module, params: dict, fixed: dict, x: Tensor) -> int:
+    """How many numbers the leaf modules of `model` output on one task's inputs x (cached per model
+    and input shape)."""
+    key = (id(model), tuple(x.shape), x.dtype, x.device)
+    if key not in _FORWARD_NUMBERS:
+        counted = [0]
+
+        def count(module, inputs, output):
+            if isinstance(output, Tensor):
+                counted[0] += output.numel()
+
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        handles = [m.register_forward_hook(count) for m in leaves]
+        try:
+            with torch.no_grad():
+                torch.func.functional_call(model, ({k: v.detach() for k, v in params.items()}, fixed), (x,))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(_FORWARD_NUMBERS) > 64:
+            _FORWARD_NUMBERS.clear()
+        _FORWARD_NUMBERS[key] = counted[0]
+    return _FORWARD_NUMBERS[key]
+
+
+def default_task_chunk(model, params, fixed, query_x: Tensor, inner_steps: int) -> int:
+    """The largest chunk within DEFAULT_CHUNK_BYTES by the estimate above, at least 1, at most T."""
+    numbers = sum(p.numel() for p in params.values())
+    per_task = ((inner_steps + 5) * numbers + 4 * forward_numbers(model, params, fixed, query_x[0]))
+    per_task *= query_x.element_size()
+    return max(1, min(query_x.shape[0], DEFAULT_CHUNK_BYTES // max(per_task, 1)))
 
 
 @dataclass
@@ -265,12 +304,12 @@ def meta_losses(
     The meta-loss is differentiable with respect to params, the step-size tensors of inner_lr and
     step_weights (where they require grad and grad mode is on); its backward gives the exact
     meta-gradient (module docstring) but cannot itself be differentiated. task_chunk: tasks per
-    vmapped chunk (default DEFAULT_TASK_CHUNK); see the module docstring for the memory it takes."""
+    vmapped chunk (default: default_task_chunk); see the module docstring for the memory it takes."""
     tasks = support_x.shape[0]
     if tasks == 0:
         raise ValueError("the meta-batch has no tasks")
     if task_chunk is None:
-        task_chunk = DEFAULT_TASK_CHUNK
+        task_chunk = default_task_chunk(model, params, fixed, query_x, inner_steps)
     if isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1:
         raise ValueError(f"task_chunk must be an integer >= 1, got {task_chunk!r}")
     names = tuple(params)

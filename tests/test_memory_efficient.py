@@ -205,3 +205,20 @@ def test_loss_without_forward_mode_derivative_falls_back_to_reverse_over_reverse
 
     maml = make_maml(make_mlp((3, 6, 2), "tanh"), inner_lr=0.2, inner_steps=2, loss=huber)
     assert_matches_oracle(maml, make_batch(3, 4, 3, 2, "mse"))
+
+
+def test_default_task_chunk_fits_the_budget():
+    """Conv4 with 75 query images a task: about 61-65 MiB estimated per task, so 2 tasks a chunk;
+    the sinusoid MLP: the whole meta-batch in one chunk."""
+    from pymaml.reverse_chain import default_task_chunk, forward_numbers
+    from pymaml.state import adapted_parameters, fixed_state
+
+    conv = pymaml.models.Conv4()
+    params, fixed = adapted_parameters(conv), fixed_state(conv)
+    query = torch.zeros(32, 75, 1, 28, 28)
+    # conv/BN/ReLU outputs of 64×14×14, 64×7×7, 64×4×4, 64×2×2, the flattened 256 and 5 logits, per image
+    assert forward_numbers(conv, params, fixed, query[0]) == 75 * (3 * 64 * (196 + 49 + 16 + 4) + 256 + 5)
+    assert [default_task_chunk(conv, params, fixed, query, steps) for steps in (1, 5, 10)] == [2, 2, 2]
+    assert default_task_chunk(conv, params, fixed, query[:1], 5) == 1
+    mlp = pymaml.models.mlp((1, 40, 40, 1))
+    assert default_task_chunk(mlp, adapted_parameters(mlp), {}, torch.zeros(25, 10, 1), 5) == 25
