@@ -206,6 +206,6 @@ def test_w1_peak_memory(benchmark, request, provider, steps):
 def test_w3_peak_memory(benchmark, request, provider, steps):
     if smoke(request) and (steps > 1 or not provider.startswith("pymaml")):
         pytest.skip("smoke mode measures W3's memory for pymaml at S=1 only (5-15 s a process for the "
-                    "torch peers, minutes for JAX)")
+                    "torch peers, about a minute for JAX)")
     skip_slow_w3(request, provider, steps)
     run_memory(benchmark, request, provider, "w3", omniglot_conv4(steps))
