@@ -1,6 +1,6 @@
 """pymaml: fused, exact MAML meta-gradients for PyTorch."""
 
-from . import compat, data, distributed, functional, models, reference
+from . import compat, data, distributed, functional, models, nn, reference
 from ._extension import build_info
 from .hvp import hvp
 from .backends import BackendStatus, MetaOutput, available_backends
@@ -27,5 +27,6 @@ __all__ = [
     "functional",
     "hvp",
     "models",
+    "nn",
     "reference",
 ]

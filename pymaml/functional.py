@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 
 from .decomposed_norms import DecomposedNorms
 from .losses import LossFn
+from .nn import inner_step
 from .schedule import InnerLR, step_size
 
 
@@ -43,7 +44,8 @@ def _inner_loop(loss_at, params, x, y, inner_lr: InnerLR, steps: int, first_orde
     thetas = [params]
     for step in range(steps):
         theta = thetas[-1]
-        g = support_grad(theta, x, y)
+        with inner_step(step):
+            g = support_grad(theta, x, y)
         thetas.append({
             name: w - step_size(inner_lr, step, name) * (g[name].detach() if first_order else g[name])
             for name, w in theta.items()
@@ -73,8 +75,13 @@ def task_query_losses(
     def one_task(sx, sy, qx, qy):
         thetas = _inner_loop(loss_at, params, sx, sy, inner_lr, inner_steps, first_order)
         if step_weights is None or inner_steps == 0:
-            return loss_at(thetas[-1], qx, qy)
-        return sum(step_weights[s] * loss_at(theta, qx, qy) for s, theta in enumerate(thetas[1:]))
+            with inner_step(inner_steps):
+                return loss_at(thetas[-1], qx, qy)
+        total = 0.0
+        for step, theta in enumerate(thetas[1:], start=1):
+            with inner_step(step):
+                total = total + step_weights[step - 1] * loss_at(theta, qx, qy)
+        return total
 
     return vmap(one_task)(support_x, support_y, query_x, query_y)
 
@@ -106,11 +113,13 @@ def adapt(
     return vmap(one_task)(support_x, support_y)
 
 
-def batched_forward(model: nn.Module, task_params: dict[str, torch.Tensor], fixed: dict, x: torch.Tensor):
-    """The model's output for each task's inputs under that task's parameters: x [T, K, ...] -> [T, K, ...]."""
+def batched_forward(model: nn.Module, task_params: dict[str, torch.Tensor], fixed: dict, x: torch.Tensor,
+                    step: int = 0):
+    """The model's output for each task's inputs under that task's parameters: x [T, K, ...] -> [T, K, ...];
+    `step`: the inner step those parameters come from (pymaml.nn.inner_step)."""
 
     def one_task(p, xt):
-        with DecomposedNorms():
+        with DecomposedNorms(), inner_step(step):
             return functional_call(model, (p, fixed), (xt,))
 
     return vmap(one_task)(task_params, x)

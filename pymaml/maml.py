@@ -98,17 +98,18 @@ def _check_steps(name: str, steps) -> int:
 class AdaptedModel:
     """Per-task adapted weights (`params`, each [T, ...]); calling it maps x [T, K, ...] to [T, K, ...]."""
 
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], fixed: dict):
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], fixed: dict, steps: int = 0):
         self.model = model
         self.params = params
         self.fixed = fixed
+        self.steps = steps  # the inner steps taken: the step index of per-step layers (pymaml.nn)
         self.num_tasks = next(iter(params.values())).shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.num_tasks:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [T={self.num_tasks}, K, features...], got {shape}")
-        return functional.batched_forward(self.model, self.params, self.fixed, x)
+        return functional.batched_forward(self.model, self.params, self.fixed, x, self.steps)
 
 
 class MAML(nn.Module):
@@ -322,7 +323,7 @@ class MAML(nn.Module):
                 raise ValueError("support_x has no points per task; adaptation needs at least one")
         backend = self._resolve(device)
         params = backend.adapt(self.module, self.config, support_x, support_y, steps, self.inner_lr)
-        return AdaptedModel(self.module, params, fixed_state(self.module))
+        return AdaptedModel(self.module, params, fixed_state(self.module), steps)
 
     def extra_repr(self) -> str:
         loss = self.config.loss if isinstance(self.config.loss, str) else getattr(self.config.loss, "__name__", "callable")

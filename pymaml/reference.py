@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .losses import LossFn, resolve_loss
+from .nn import inner_step
 from .schedule import InnerLR, step_size
 from .state import adapted_parameters, fixed_state
 
@@ -34,7 +35,8 @@ def adapt_task_steps(model, params, fixed, loss_fn, x, y, inner_lr: InnerLR, ste
     for step in range(steps):
         theta = thetas[-1]
         moving = [name for name in theta if adapt is None or name in adapt]
-        loss = _loss_at(model, theta, fixed, loss_fn, x, y)
+        with inner_step(step):
+            loss = _loss_at(model, theta, fixed, loss_fn, x, y)
         grads = torch.autograd.grad(
             loss, [theta[name] for name in moving], create_graph=not first_order, materialize_grads=True
         )
@@ -70,9 +72,13 @@ def task_query_losses(
             model, params, fixed, loss_fn, support_x[t], support_y[t], inner_lr, inner_steps, first_order, adapt
         )
         if step_weights is None or inner_steps == 0:
-            losses.append(_loss_at(model, thetas[-1], fixed, loss_fn, query_x[t], query_y[t]))
+            with inner_step(inner_steps):
+                losses.append(_loss_at(model, thetas[-1], fixed, loss_fn, query_x[t], query_y[t]))
         else:
-            query_losses = [_loss_at(model, theta, fixed, loss_fn, query_x[t], query_y[t]) for theta in thetas[1:]]
+            query_losses = []
+            for step, theta in enumerate(thetas[1:], start=1):
+                with inner_step(step):
+                    query_losses.append(_loss_at(model, theta, fixed, loss_fn, query_x[t], query_y[t]))
             losses.append(sum(w * loss for w, loss in zip(step_weights, query_losses)))
     return torch.stack(losses)
 

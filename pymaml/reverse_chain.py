@@ -41,6 +41,7 @@ from torch.func import grad, grad_and_value, jvp, vmap
 
 from .functional import loss_function
 from .losses import LossFn
+from .nn import inner_step
 from .schedule import InnerLR, step_size
 
 # Without task_chunk, the chunk is the largest whose estimated footprint C·((S + 5)·|θ| + 4·F)·b
@@ -169,7 +170,8 @@ def _chunk(plan: _Plan, params, alphas, step_weights, sx, sy, qx, qy, alpha_want
     loss_at, steps = plan.loss_at, plan.steps
     thetas = [params]
     for step in range(steps):
-        g = _batched(grad(loss_at), step == 0)(thetas[-1], sx, sy)
+        with inner_step(step):
+            g = _batched(grad(loss_at), step == 0)(thetas[-1], sx, sy)
         thetas.append({name: w - _alpha(plan, alphas, step, name) * g[name] for name, w in thetas[-1].items()})
     pre = _batched(loss_at, True)(params, qx, qy)
     weighted = steps > 0 and step_weights is not None
@@ -178,10 +180,16 @@ def _chunk(plan: _Plan, params, alphas, step_weights, sx, sy, qx, qy, alpha_want
     weight = (lambda s: step_weights[s - 1]) if weighted else (lambda s: 1.0)
 
     if not gradients:
-        task_losses = sum(weight(s) * _batched(loss_at, s == 0)(thetas[s], qx, qy) for s in scored)
+        task_losses = 0.0
+        for s in scored:
+            with inner_step(s):
+                task_losses = task_losses + weight(s) * _batched(loss_at, s == 0)(thetas[s], qx, qy)
         return task_losses, pre, None
 
-    query_grad = lambda s: _batched(grad_and_value(loss_at), s == 0)(thetas[s], qx, qy)  # noqa: E731
+    def query_grad(s):
+        with inner_step(s):
+            return _batched(grad_and_value(loss_at), s == 0)(thetas[s], qx, qy)
+
     g_query, loss_s = query_grad(steps)
     v = {name: weight(steps) * g for name, g in g_query.items()}
     task_losses = weight(steps) * loss_s
@@ -196,9 +204,11 @@ def _chunk(plan: _Plan, params, alphas, step_weights, sx, sy, qx, qy, alpha_want
         needs_g = any(alpha_wanted[i] for i in (plan.step_sizes[step][n] for n in plan.names) if isinstance(i, int))
         if not plan.first_order:
             u = {name: _alpha(plan, alphas, step, name) * v[name] for name in plan.names}
-            g, hessian_u = _gradient_and_hvp(plan, theta, u, sx, sy, step == 0)
+            with inner_step(step):
+                g, hessian_u = _gradient_and_hvp(plan, theta, u, sx, sy, step == 0)
         elif needs_g:
-            g, hessian_u = _batched(grad(loss_at), step == 0)(theta, sx, sy), None
+            with inner_step(step):
+                g, hessian_u = _batched(grad(loss_at), step == 0)(theta, sx, sy), None
         else:
             g, hessian_u = None, None
         if needs_g:
