@@ -175,36 +175,56 @@ class Built:
 
 
 class PymamlProvider(Provider):
+    """A pymaml backend through MAML.meta_gradient / meta_train_step; the GPU backends (`cuda`,
+    `triton`) run the model and the batch on the current CUDA device."""
+
+    GPU_BACKENDS = ("cuda", "triton")
+
     def __init__(self, backend: str):
         self.backend = backend
         self.name = f"pymaml-{backend}"
+        self.device = torch.device("cuda" if backend in self.GPU_BACKENDS else "cpu")
 
     def unavailable_reason(self):
         status = {s.name: s for s in pymaml.available_backends()}[self.backend]
-        return None if status.usable else status.reason
+        if not status.usable:
+            return status.reason
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return None
 
     def unsupported_reason(self, workload):
         config = pymaml.backends.MetaConfig(workload.steps, workload.first_order, workload.loss)
-        return pymaml.backends.get_backend(self.backend).unsupported_reason(
-            workload.make_model(), config, torch.device("cpu"))
+        return pymaml.backends.get_backend(self.backend).unsupported_reason(workload.make_model(), config,
+                                                                            self.device)
 
     def build(self, workload):
-        model = workload.make_model()
+        model = workload.make_model().to(self.device)
         maml = pymaml.MAML(model, inner_lr=workload.inner_lr, inner_steps=workload.steps,
                            first_order=workload.first_order, loss=workload.loss, backend=self.backend)
         optimizer = torch.optim.Adam(maml.parameters(), lr=META_LR, fused=True)
+        on_device = self.device.type == "cuda"
+
+        def synchronize():
+            if on_device:
+                torch.cuda.synchronize()
+
+        def convert(batch):
+            return [t.to(self.device) for t in batch]
 
         def meta_gradient_step(batch):
             maml.meta_gradient(*batch, accumulate=False)
+            synchronize()
 
         def meta_gradient(batch):
-            meta_gradient_step(batch)
-            return _flat_grads(model)
+            meta_gradient_step(convert(batch))
+            return _flat_grads(model).cpu()
 
         def train_step(batch):  # cpp takes the Adam step inside its kernel call
             maml.meta_train_step(*batch, optimizer)
+            synchronize()
 
-        return Built(meta_gradient, train_step, meta_gradient_step)
+        return Built(meta_gradient, train_step, meta_gradient_step, convert=convert)
 
 
 class HigherProvider(Provider):
@@ -572,7 +592,8 @@ class JaxProvider(Provider):
 
 PROVIDERS: dict[str, Provider] = {
     p.name: p for p in (
-        PymamlProvider("cpp"), PymamlProvider("func"), PymamlProvider("reference"), Learn2LearnProvider(),
+        PymamlProvider("cpp"), PymamlProvider("cuda"), PymamlProvider("triton"), PymamlProvider("func"),
+        PymamlProvider("reference"), Learn2LearnProvider(),
         HigherProvider(), TorchOptProvider(), TorchFuncProvider(compiled=False), TorchFuncProvider(compiled=True),
         JaxProvider(),
     )
