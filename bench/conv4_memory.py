@@ -4,7 +4,7 @@ process of its own: 5-way 1-shot, 15 queries per class, T = 32 tasks of random 2
 set-up and after the meta-step. Set-up is the imports, the model, the batch and a warm-up
 meta-step of the same provider on one task with one query per class: the library code that the
 first call pages in (about 95 MB of torch for the func paths) and the allocator's first pools then
-count as set-up, not as the meta-step's growth. bench/test_memory_efficient.py runs it.
+count as set-up, not as the meta-step's growth. bench/test_conv4_memory.py runs it.
 
 python bench/conv4_memory.py PROVIDER STEPS [TASK_CHUNK]
 PROVIDER: reference (the oracle's graph), func-graph (second_order="graph"), func (memory-efficient)

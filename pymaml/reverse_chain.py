@@ -51,7 +51,7 @@ from .schedule import InnerLR, step_size
 # estimate is 61-65 MiB per task at S = 1-10 (A measured 30-55 MB), which gives C = 2. Growth of
 # one meta-step of T = 32 at S = 5 / 10 (VmHWM): chunk 1: 41 MB, 2: 113 / 117 MB, 4: 231 / 238 MB,
 # 8: 417 / 476 MB, against 644 MB for the reference at S = 5; seconds per meta-step at S = 5: chunk
-# 1: 3.6, 2: 2.8, 4: 2.2, 8: 1.9, 32: 3.2, graph mode 3.6-4.3 (bench/test_memory_efficient.py).
+# 1: 3.6, 2: 2.8, 4: 2.2, 8: 1.9, 32: 3.2, graph mode 3.6-4.3 (bench/test_conv4_memory.py).
 # Small models get one chunk: on the sinusoid MLP (T = 25, S = 1) chunks of 2 took 42 ms a
 # meta-step, one chunk 5 ms (the graph mode 2 ms).
 DEFAULT_CHUNK_BYTES = 160 * 2**20

@@ -6,7 +6,7 @@
 Peak memory is measured per provider in a process of its own (bench/conv4_memory.py: VmHWM after
 set-up and after the meta-step; the growth is peak − setup). Figures are kept in extra_info and
 never asserted. Smoke mode (--benchmark-disable) runs S = 1 only. Run:
-pytest bench/test_memory_efficient.py --benchmark-only --benchmark-json=FILE
+pytest bench/test_conv4_memory.py --benchmark-only --benchmark-json=FILE
 """
 
 import json
