@@ -1,6 +1,7 @@
 """Peak memory of one provider on one workload, measured in a process of its own: the peak
 resident set size (VmHWM) after three training steps (and before the first, after imports and
-set-up), printed as JSON. bench/test_peers.py runs it for each provider.
+set-up), printed as JSON; where CUDA is in use, also torch.cuda.max_memory_allocated over the
+steps (gpu_peak_mb) and before them (gpu_setup_mb). bench/test_peers.py runs it for each provider.
 
 python bench/memory.py PROVIDER WORKLOAD STEPS    # WORKLOAD: w1, w2 or w3
 """
@@ -36,11 +37,20 @@ def main(provider: str, workload_name: str, steps: int) -> None:
     workload = WORKLOADS[workload_name](steps)
     built = PROVIDERS[provider].build(workload)
     batch = built.convert(workload.batch(seed=1))
+    gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+    measured = {}
+    if gpu:
+        torch.cuda.synchronize()
+        measured["gpu_setup_mb"] = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
     before = peak_rss_mb()
     for _ in range(3):
         built.train_step(batch)
+    if gpu:
+        torch.cuda.synchronize()
+        measured["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps({"provider": provider, "workload": workload.name, "setup_rss_mb": before,
-                      "peak_rss_mb": peak_rss_mb(), "prepare_seconds": built.prepare_seconds}))
+                      "peak_rss_mb": peak_rss_mb(), "prepare_seconds": built.prepare_seconds, **measured}))
 
 
 if __name__ == "__main__":

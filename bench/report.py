@@ -54,6 +54,8 @@ def normalize(bench: dict, date: str) -> dict | None:
         record.update(workload=match.group(1), steps=int(match.group(2)), order=match.group(3), measure=measure)
         if "peak_rss_mb" in info:
             record.update(peak_rss_mb=info["peak_rss_mb"], setup_rss_mb=info.get("setup_rss_mb"))
+        if "gpu_peak_mb" in info:  # torch.cuda.max_memory_allocated of a provider on a GPU
+            record["gpu_peak_mb"] = info["gpu_peak_mb"]
         return record
     match = METASTEP_GROUP.match(bench.get("group") or "")
     if match is None:
@@ -210,7 +212,8 @@ def memory_markdown(tables: dict) -> list[str]:
                     cells += ["—", "—"]
                 else:
                     growth = entry["peak_rss_mb"] - entry["setup_rss_mb"] if entry.get("setup_rss_mb") else None
-                    cells += [f"{entry['peak_rss_mb']:.0f}", "—" if growth is None else f"{growth:.0f}"]
+                    gpu = f" (GPU {entry['gpu_peak_mb']:.0f})" if "gpu_peak_mb" in entry else ""
+                    cells += [f"{entry['peak_rss_mb']:.0f}{gpu}", "—" if growth is None else f"{growth:.0f}"]
             lines.append(f"| {provider} | " + " | ".join(cells) + " |")
         lines += ["", "Growth: peak minus the process's resident memory after set-up (model, data, imports).", ""]
     return lines

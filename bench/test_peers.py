@@ -191,7 +191,8 @@ def run_memory(benchmark, request, provider, workload_key, workload):
     benchmark.extra_info.update(provider=provider, workload=workload.name, measure="peak memory",
                                 oracle_error=None,  # the memory process does not check the gradient
                                 prepare_seconds=measured["prepare_seconds"], peak_rss_mb=measured["peak_rss_mb"],
-                                setup_rss_mb=measured["setup_rss_mb"])
+                                setup_rss_mb=measured["setup_rss_mb"],
+                                **{key: measured[key] for key in ("gpu_peak_mb", "gpu_setup_mb") if key in measured})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figure is the memory, kept in extra_info
 
 
