@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +28,9 @@ from . import __version__
 from ._extension import build_info
 from .data import FewShot, Omniglot
 from .distributed import DistributedContext, DistributedMAML, load_on_main
+from .jobs import TrainResult, TrajectorySettings, load_checkpoint, save_checkpoint
 from .maml import MAML
 from .models import Conv4
-from .sinusoid import save_checkpoint
 
 # Table 1 of the paper: MAML's accuracy on Omniglot, (ways, shots) -> (mean %, 95% interval %).
 PAPER_ACCURACY = {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)}
@@ -46,7 +46,7 @@ def paper_defaults(ways: int) -> dict:
 
 
 @dataclass
-class OmniglotConfig:
+class OmniglotConfig(TrajectorySettings):
     root: str
     ways: int = 5
     shots: int = 1
@@ -77,27 +77,6 @@ class OmniglotConfig:
                 setattr(self, name, value)
         if self.queries is None:
             self.queries = self.shots
-
-    def trajectory(self) -> dict:
-        return {name: getattr(self, name) for name in self.TRAJECTORY_FIELDS}
-
-
-@dataclass
-class TrainResult:
-    maml: MAML
-    iterations_done: int
-    resumed_from: int
-    final_loss: float
-    seconds: float
-    losses: list[float] = field(default_factory=list)
-
-
-def load_checkpoint(path: Path, config: OmniglotConfig) -> dict:
-    state = torch.load(path, weights_only=True)
-    if state.get("trajectory") != config.trajectory():
-        raise ValueError(f"checkpoint {path} was written with settings {state.get('trajectory')}, which differ from "
-                         f"this run's {config.trajectory()}; use another --checkpoint path")
-    return state
 
 
 def make_maml(config: OmniglotConfig) -> MAML:

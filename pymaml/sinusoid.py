@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from . import __version__
 from ._extension import build_info
 from .data import Sinusoid
 from .distributed import DistributedContext, DistributedMAML, load_on_main
+from .jobs import TrainResult, TrajectorySettings, load_checkpoint, save_checkpoint
 from .maml import MAML
 from .models import sinusoid_mlp
 
@@ -40,7 +40,7 @@ EVAL_SHOTS = (5, 10)
 
 
 @dataclass
-class SinusoidConfig:
+class SinusoidConfig(TrajectorySettings):
     iterations: int = DEFAULT_ITERATIONS
     meta_batch: int = 25
     shots: int = 10
@@ -58,40 +58,6 @@ class SinusoidConfig:
 
     # Settings that change the training trajectory; a checkpoint must agree on all of them.
     TRAJECTORY_FIELDS = ("meta_batch", "shots", "inner_lr", "inner_steps", "meta_lr", "first_order", "seed")
-
-    def trajectory(self) -> dict:
-        return {name: getattr(self, name) for name in self.TRAJECTORY_FIELDS}
-
-
-@dataclass
-class TrainResult:
-    maml: MAML
-    iterations_done: int
-    resumed_from: int
-    final_loss: float
-    seconds: float
-    losses: list[float] = field(default_factory=list)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash leaves either the old checkpoint or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: Path, config: SinusoidConfig) -> dict:
-    state = torch.load(path, weights_only=True)
-    if state.get("trajectory") != config.trajectory():
-        raise ValueError(
-            f"checkpoint {path} was written with settings {state.get('trajectory')}, "
-            f"which differ from this run's {config.trajectory()}; use another --checkpoint path"
-        )
-    return state
 
 
 def train(config: SinusoidConfig, context: DistributedContext | None = None) -> TrainResult:
