@@ -28,8 +28,8 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .decomposed_norms import DecomposedNorms
 from .hvp import hvp
-from .losses import NAMED_LOSSES, LossFn, resolve_loss
-from .maml import AdaptedModel, _check_steps, _validate_inputs
+from .losses import LossFn, resolve_loss
+from .maml import AdaptedModel, _check_model_and_loss, _check_steps, _validate_inputs
 from .state import adapted_parameters, fixed_state
 
 
@@ -104,17 +104,7 @@ class IMAML(nn.Module):
         check_inputs: bool = True,
     ):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        params = adapted_parameters(model)
-        if not params:
-            raise ValueError("the model has no parameters that require grad; iMAML has nothing to adapt")
-        devices = {p.device for p in model.parameters()}
-        dtypes = {p.dtype for p in params.values()}
-        if len(devices) != 1 or len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(f"the model's parameters must share one device and one floating dtype, got {devices} and {dtypes}")
-        if not (callable(loss) or loss in NAMED_LOSSES):
-            raise ValueError(f"unknown loss {loss!r}; use one of {sorted(NAMED_LOSSES)} or a callable")
+        _check_model_and_loss(model, loss, "iMAML")
         if fused_hvp not in (None, True, False):
             raise ValueError(f"fused_hvp must be None, True or False, got {fused_hvp!r}")
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:

@@ -64,6 +64,22 @@ def _validate_inputs(inputs: dict[str, torch.Tensor], loss, dtype: torch.dtype, 
                 _check_finite(name, tensor)
 
 
+def _check_model_and_loss(model, loss, algorithm: str) -> None:
+    """What every meta-learner checks of its model and loss: an nn.Module with parameters to adapt,
+    on one device in one floating dtype, and a known or callable loss."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    params = adapted_parameters(model)
+    if not params:
+        raise ValueError(f"the model has no parameters that require grad; {algorithm} has nothing to adapt")
+    devices = {p.device for p in model.parameters()}
+    dtypes = {p.dtype for p in params.values()}
+    if len(devices) != 1 or len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"the model's parameters must share one device and one floating dtype, got {devices} and {dtypes}")
+    if not (callable(loss) or loss in NAMED_LOSSES):
+        raise ValueError(f"unknown loss {loss!r}; use one of {sorted(NAMED_LOSSES)} or a callable")
+
+
 def _adapted_names(model: nn.Module, adapt) -> frozenset[str] | None:
     """The names of the parameters the inner loop adapts (None: all of them)."""
     if adapt is None:
@@ -164,18 +180,9 @@ class MAML(nn.Module):
         adapt=None,
     ):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not adapted_parameters(model):
-            raise ValueError("the model has no parameters that require grad; MAML has nothing to adapt")
-        devices = {p.device for p in model.parameters()}
-        dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
-        if len(devices) != 1 or len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(f"the model's parameters must share one device and one floating dtype, got {devices} and {dtypes}")
+        _check_model_and_loss(model, loss, "MAML")
         if not isinstance(inner_lr, (int, float)) or isinstance(inner_lr, bool) or not math.isfinite(inner_lr):
             raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
-        if not (callable(loss) or loss in NAMED_LOSSES):
-            raise ValueError(f"unknown loss {loss!r}; use one of {sorted(NAMED_LOSSES)} or a callable")
         if learn_inner_lr not in self.LEARN_INNER_LR_MODES:
             raise ValueError(f"learn_inner_lr must be one of {self.LEARN_INNER_LR_MODES}, got {learn_inner_lr!r}")
         self.module = model

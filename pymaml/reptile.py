@@ -19,8 +19,8 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from .decomposed_norms import DecomposedNorms
-from .losses import NAMED_LOSSES, LossFn, resolve_loss
-from .maml import AdaptedModel, _check_steps, _validate_inputs
+from .losses import LossFn, resolve_loss
+from .maml import AdaptedModel, _check_model_and_loss, _check_steps, _validate_inputs
 from .state import adapted_parameters, fixed_state
 
 
@@ -71,17 +71,7 @@ class Reptile(nn.Module):
         check_inputs: bool = True,
     ):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        params = adapted_parameters(model)
-        if not params:
-            raise ValueError("the model has no parameters that require grad; Reptile has nothing to adapt")
-        devices = {p.device for p in model.parameters()}
-        dtypes = {p.dtype for p in params.values()}
-        if len(devices) != 1 or len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(f"the model's parameters must share one device and one floating dtype, got {devices} and {dtypes}")
-        if not (callable(loss) or loss in NAMED_LOSSES):
-            raise ValueError(f"unknown loss {loss!r}; use one of {sorted(NAMED_LOSSES)} or a callable")
+        _check_model_and_loss(model, loss, "Reptile")
         self.inner_steps = _check_steps("inner_steps", inner_steps)
         if self.inner_steps < 1:
             raise ValueError("inner_steps must be >= 1: with no inner step the Reptile direction is zero")
