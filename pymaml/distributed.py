@@ -155,17 +155,21 @@ class DistributedContext:
 
 def load_on_main(path, load, context: DistributedContext):
     """`load(path)` on rank 0 when the file exists, its result sent to every rank (None where there
-    is no file), so the other ranks need neither the file nor a shared file system. A ValueError
-    that `load` raises on rank 0 (a refused checkpoint) is raised on every rank."""
-    state, error = None, None
+    is no file), so the other ranks need neither the file nor a shared file system. An error of
+    `load` on rank 0 is raised on every rank (a ValueError, a refused checkpoint, as a ValueError;
+    any other, a damaged file say, as a RuntimeError), never leaving the others waiting."""
+    state, error, refused = None, None, False
     if context.is_main and path is not None and Path(path).exists():
         try:
             state = load(path)
-        except ValueError as refused:
-            error = str(refused)
-    state, error = context.broadcast_object((state, error))
+        except Exception as failure:  # every rank must reach the broadcast below
+            if not context.is_distributed:
+                raise
+            refused = isinstance(failure, ValueError)
+            error = str(failure) if refused else f"{type(failure).__name__}: {failure}"
+    state, error, refused = context.broadcast_object((state, error, refused))
     if error is not None:
-        raise ValueError(error)
+        raise ValueError(error) if refused else RuntimeError(error)
     return state
 
 
@@ -273,25 +277,42 @@ def meta_gradient(maml: MAML, support_x, support_y, query_x, query_y, *,
     if not isinstance(support_x, torch.Tensor) or support_x.dim() == 0:
         raise TypeError("support_x must be a tensor with a leading task dimension")
     local_tasks = support_x.shape[0]
-    if local_tasks == 0:
-        raise ValueError(f"rank {context.rank} has no tasks; every rank needs at least one")
+    no_tasks = f"rank {context.rank} has no tasks; every rank needs at least one"
     if not context.is_distributed:
+        if local_tasks == 0:
+            raise ValueError(no_tasks)
         out = maml.meta_gradient(support_x, support_y, query_x, query_y, accumulate=accumulate)
         return DistributedMetaOutput(out.loss, out.task_losses, out.pre_adaptation_loss, out.backend, local_tasks, 1)
     context.require_process_group()
     params = _trained_parameters(maml)
     previous = [p.grad.detach().clone() if accumulate and p.grad is not None else None for p in params]
-    out = maml.meta_gradient(support_x, support_y, query_x, query_y, accumulate=False)
     like = params[0]
-    weight = float(local_tasks)
-    # One buffer, one all-reduce: n_r·∇L^(r) for every parameter, n_r·L^(r), n_r·L_pre^(r), n_r.
-    pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(like.dtype) for p in params]
-    pieces.append(torch.stack([out.loss.detach(), out.pre_adaptation_loss.detach()]).to(like.dtype))
-    buffer = torch.cat(pieces).mul_(weight)
-    buffer = torch.cat([buffer, torch.tensor([weight], dtype=like.dtype, device=like.device)])
+    failure = None
+    try:
+        if local_tasks == 0:
+            raise ValueError(no_tasks)
+        out = maml.meta_gradient(support_x, support_y, query_x, query_y, accumulate=False)
+    except Exception as error:  # the other ranks wait in the all-reduce: join it, then all raise
+        failure = error
+    weight = float(local_tasks) if failure is None else 0.0
+    # One buffer, one all-reduce: n_r·∇L^(r) for every parameter, n_r·L^(r), n_r·L_pre^(r), n_r, and
+    # the count of ranks that failed.
+    if failure is None:
+        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(like.dtype) for p in params]
+        pieces.append(torch.stack([out.loss.detach(), out.pre_adaptation_loss.detach()]).to(like.dtype))
+        buffer = torch.cat(pieces).mul_(weight)
+    else:
+        buffer = torch.zeros(sum(p.numel() for p in params) + 2, dtype=like.dtype, device=like.device)
+    buffer = torch.cat([buffer, torch.tensor([weight, float(failure is not None)], dtype=like.dtype,
+                                             device=like.device)])
     torch.distributed.all_reduce(buffer)
-    total = buffer[-1]
-    buffer = buffer[:-1] / total
+    failed_ranks = int(round(buffer[-1].item()))
+    if failure is not None:
+        raise failure
+    if failed_ranks:
+        raise RuntimeError(f"the meta-gradient failed on {failed_ranks} other rank(s), whose error says why")
+    total = buffer[-2]
+    buffer = buffer[:-2] / total
     num_tasks = int(round(total.item()))
     offset = 0
     for p, before in zip(params, previous):

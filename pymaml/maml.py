@@ -187,6 +187,8 @@ class MAML(nn.Module):
             raise ValueError(f"learn_inner_lr must be one of {self.LEARN_INNER_LR_MODES}, got {learn_inner_lr!r}")
         self.module = model
         self.adapted_names = _adapted_names(model, adapt)
+        # The trainable parameters that learned step sizes and `adapt` refer to, in order.
+        self._trainable_names = tuple(adapted_parameters(model))
         self.config = MetaConfig(_check_steps("inner_steps", inner_steps), bool(first_order), loss,
                                  second_order, task_chunk)
         self.base_inner_lr = float(inner_lr)
@@ -248,6 +250,11 @@ class MAML(nn.Module):
         if self.inner_lrs is None and self.adapted_names is None:
             return self.base_inner_lr
         names = list(adapted_parameters(self.module))
+        if tuple(names) != self._trainable_names:
+            raise RuntimeError(
+                f"the model's trainable parameters changed since this MAML was built (from "
+                f"{list(self._trainable_names)} to {names}); learned step sizes and adapt= are per parameter, "
+                f"so build a new MAML")
         if self.inner_lrs is None:
             schedule = [{name: self.base_inner_lr for name in names}]
         elif self.learn_inner_lr == "scalar":
@@ -278,8 +285,9 @@ class MAML(nn.Module):
     def meta_gradient(self, support_x, support_y, query_x, query_y, *, accumulate: bool = True) -> MetaOutput:
         """One meta-step that adds the meta-gradient to the .grad of the model's parameters (and
         of learned step sizes), exactly as `self(...).loss.backward()` does, and returns its
-        output with the loss detached. accumulate=False replaces the .grad instead (as
-        zero_grad(set_to_none=True) before it would). The fused backends write the gradients
+        output with the loss detached. accumulate=False replaces the .grad instead: the fused
+        backends overwrite existing .grad tensors in place (as after zero_grad(set_to_none=False)),
+        the others set new ones; missing ones are created. The fused backends write the gradients
         without building an autograd graph over the parameters, which is cheaper for small
         models; parameter hooks do not run on that path."""
         backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)

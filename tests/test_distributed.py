@@ -95,6 +95,26 @@ def _worker(out: Path) -> None:
     report = pymaml.sinusoid.run(SinusoidConfig(iterations=2, eval_tasks=4, eval_points=5, **SINUSOID),
                                  out / f"run-rank{context.rank}", context)
     results["report_is_none"] = report is None
+
+    # An error on one rank reaches every rank instead of leaving the others in a collective.
+    trainer = distributed.DistributedMAML(_maml(MODEL_SEED, dict(inner_steps=1)), context)
+    shard = list(trainer.shard(_batch(4, seed=3)))
+    if context.rank == 1:
+        shard[0] = shard[0].clone()
+        shard[0][0, 0, 0] = float("nan")
+    try:
+        trainer.meta_gradient(*shard)
+        results["nan_error"] = None
+    except (ValueError, RuntimeError) as error:
+        results["nan_error"] = f"{type(error).__name__}: {error}"
+    damaged = out / "damaged.pt"
+    if context.is_main:
+        damaged.write_bytes(b"not a checkpoint")
+    try:
+        distributed.load_on_main(damaged, lambda path: torch.load(path, weights_only=True), context)
+        results["damaged_error"] = None
+    except RuntimeError as error:
+        results["damaged_error"] = str(error)
     torch.save(results, out / f"rank{context.rank}.pt")
     context.close()
 
@@ -116,6 +136,15 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("distributed")
     _torchrun([__file__, str(out)], cwd=out)
     return out, [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+
+
+def test_an_error_on_one_rank_reaches_every_rank(ranks):
+    _, results = ranks
+    assert results[1]["nan_error"].startswith("ValueError: support_x contains NaN or Inf")
+    assert results[0]["nan_error"].startswith("RuntimeError: the meta-gradient failed on 1 other rank(s)")
+    # rank 0 could not read the damaged checkpoint; both ranks raise its error
+    assert results[0]["damaged_error"] == results[1]["damaged_error"]
+    assert results[0]["damaged_error"].split(":")[0] in ("UnpicklingError", "RuntimeError", "EOFError")
 
 
 @pytest.mark.parametrize("name", list(GRADIENT_CASES))

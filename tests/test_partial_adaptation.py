@@ -88,3 +88,11 @@ def test_adapt_errors():
     with pytest.raises(TypeError, match="adapt must be"):
         pymaml.MAML(model, adapt=[2])
     assert pymaml.MAML(model, adapt=lambda name, p: True).adapted_names is None  # all: plain MAML
+
+
+def test_trainable_parameters_changing_after_construction_is_an_error():
+    model = make_mlp((3, 8, 2), "tanh")
+    maml = pymaml.MAML(model, inner_lr=0.3, learn_inner_lr="per_layer_per_step")
+    model[0].weight.requires_grad_(False)  # the step sizes' columns would shift by one parameter
+    with pytest.raises(RuntimeError, match="trainable parameters changed since this MAML was built"):
+        maml.meta_gradient(*make_batch(2, 4, 3, 2, "mse"))

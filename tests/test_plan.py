@@ -2,6 +2,7 @@
 buffers are checked once, so every call must notice when any of them changed and stay exact."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -157,3 +158,41 @@ def test_native_plan_argument_errors():
     batch = make_batch(2, 3, 3, 2, "mse")
     with pytest.raises(ValueError, match="losses must have shape \\(4,\\)"):
         plan.run(*batch, torch.empty(3, dtype=torch.float64))
+
+
+def test_held_gradients_and_hooks_are_respected():
+    """A .grad set to None gets a new buffer (a tensor the caller kept is not overwritten); step
+    hooks and a step patched by an LR scheduler make meta_train_step call optimizer.step()."""
+    maml, optimizer = twins(lr=1e-2)[0]
+    train((maml, optimizer), BATCHES[0])
+    kept = [p.grad for p in maml.module.parameters()]
+    snapshot = [g.clone() for g in kept]
+    optimizer.zero_grad(set_to_none=True)
+    train((maml, optimizer), BATCHES[1])
+    assert all(torch.equal(g, s) for g, s in zip(kept, snapshot))
+    assert all(p.grad is not g for p, g in zip(maml.module.parameters(), kept))
+    calls = []
+    handle = optimizer.register_step_post_hook(lambda *args: calls.append(1))
+    train((maml, optimizer), BATCHES[2])
+    handle.remove()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    train((maml, optimizer), BATCHES[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scheduler warns when it sees no optimizer.step() first
+        scheduler.step()
+    assert calls == [1] and optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def test_repeated_and_swapped_layers():
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(3, 3).double()
+    tied = torch.nn.Sequential(shared, torch.nn.Tanh(), shared)
+    assert "repeats one (tied weights)" in pymaml.backends.cpp.mlp_layout(tied)[1]
+    model = make_mlp((3, 9, 2), "tanh")
+    maml = pymaml.MAML(model, inner_lr=0.2, inner_steps=2, backend="cpp")
+    batch = BATCHES[0]
+    maml.meta_gradient(*batch, accumulate=False)
+    model[1] = torch.nn.ReLU()  # same Linear parameters, another activation: the plan must not be reused
+    out = maml.meta_gradient(*batch, accumulate=False)
+    expected = pymaml.reference.meta_loss(model, *batch, inner_lr=0.2, inner_steps=2)
+    assert relative_error(out.loss, expected.detach()) <= TOLERANCE[torch.float64]

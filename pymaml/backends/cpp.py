@@ -51,6 +51,9 @@ def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     if not linears:
         return None, "the model has no nn.Linear layer"
+    tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
+    if len({id(m) for m in linears}) != len(linears) or len({id(t) for t in tensors}) != len(tensors):
+        return None, "the fused kernel takes each Linear layer and parameter once; this model repeats one (tied weights)"
     if len(linears) > MAX_LAYERS:
         return None, f"the fused kernel takes at most {MAX_LAYERS} Linear layers, got {len(linears)}"
     widths, activations, expect_linear = [linears[0].in_features], set(), True
@@ -82,6 +85,8 @@ def _adam_fusable(optimizer, params) -> bool:
     capturable, differentiable or decoupled weight decay, and every parameter's state either
     empty or holding moments of its shape and one common step."""
     if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    if not _adam_step_is_plain(optimizer):
         return False
     group = optimizer.param_groups[0]
     if len(group["params"]) != len(params) or any(a is not b for a, b in zip(group["params"], params)):
@@ -138,12 +143,12 @@ class _Plan:
         for p, planned, pointer, grad in zip(params, self.params, self.data_ptrs, self.grads):
             if p is not planned or p.data_ptr() != pointer or not p.requires_grad:
                 return False
-            if p.grad is not grad:
-                if p.grad is not None:
-                    return False
-                p.grad = grad  # zero_grad(set_to_none=True) between steps: hand the buffer back
+            if p.grad is not grad:  # replaced, or set to None: new buffers, which the caller may not hold
+                return False
         if optimizer is None:
             return True
+        if not _adam_step_is_plain(optimizer):
+            return False
         groups = optimizer.param_groups
         if len(groups) != 1 or _adam_flags(groups[0]) != _FUSABLE_FLAGS:
             return False
@@ -160,6 +165,16 @@ class _Plan:
 
 _ADAM_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
 _FUSABLE_FLAGS = (False, False, False, False, False)
+
+
+def _adam_step_is_plain(optimizer) -> bool:
+    """Whether optimizer.step() would do nothing but the Adam update: no step hooks of its own or
+    global ones, and no step replaced on the instance (as LR schedulers do to count steps)."""
+    from torch.optim import optimizer as optimizer_module
+
+    return not (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+                or optimizer_module._global_optimizer_pre_hooks or optimizer_module._global_optimizer_post_hooks
+                or "step" in vars(optimizer))
 
 
 def _adam_flags(group) -> tuple:
@@ -214,7 +229,7 @@ class CppBackend(Backend):
             return None
         layout = self._layout(model)
         params = layout.parameters()
-        settings = (config, float(inner_lr))
+        settings = (config, float(inner_lr), tuple(layout.widths), layout.activation, layout.bias)
         owner = model if optimizer is None else optimizer
         plan = self._plans.get(owner)
         if plan is not None and plan.matches(settings, params, optimizer):
