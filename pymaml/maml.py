@@ -72,6 +72,14 @@ def _check_model_and_loss(model, loss, algorithm: str) -> None:
     params = adapted_parameters(model)
     if not params:
         raise ValueError(f"the model has no parameters that require grad; {algorithm} has nothing to adapt")
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    tied = [names for names in names_of.values() if len(names) > 1]
+    if tied:
+        # torch 2.13's functional_call leaves such a model's parameter replaced by a plain tensor.
+        raise ValueError(f"the model uses one parameter under several names (tied weights: {tied[0]}); "
+                         f"{algorithm} does not support tied weights")
     devices = {p.device for p in model.parameters()}
     dtypes = {p.dtype for p in params.values()}
     if len(devices) != 1 or len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:

@@ -171,3 +171,9 @@ def test_adapted_model_rejects_wrong_task_count(regression):
     adapted = maml.adapt(batch[0], batch[1])
     with pytest.raises(ValueError, match=r"x must be \[T=3, K, features...\]"):
         adapted(batch[2][:2])
+
+
+def test_tied_weights_are_refused():
+    shared = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match=r"tied weights: \['0.weight', '2.weight'\]"):
+        pymaml.MAML(torch.nn.Sequential(shared, torch.nn.Tanh(), shared))
