@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
 from ._extension import build_info
 from .data import FewShot, Omniglot
 from .distributed import DistributedContext, DistributedMAML, load_on_main
-from .jobs import TrainResult, TrajectorySettings, load_checkpoint, save_checkpoint
+from .jobs import TrainResult, TrajectorySettings, load_checkpoint, train_loop
 from .maml import MAML
 from .models import Conv4
 
@@ -108,32 +107,15 @@ def train(config: OmniglotConfig, dataset: Omniglot, context: DistributedContext
         return {"model": maml.module.state_dict(), "optimizer": optimizer.state_dict(), "next_task": tasks.next_task,
                 "iteration": iteration, "trajectory": config.trajectory()}
 
-    losses: list[float] = []
-    running = math.nan
-    began = time.perf_counter()
-    ranks = f", {context.world_size} ranks" if context.is_distributed else ""
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
-               disable=not (config.progress and context.is_main), desc=f"meta-train [{maml.backend}{ranks}]",
-               smoothing=0.05)
-    saves = checkpoint is not None and context.is_main
-    for iteration in bar:
+    def step():
         batch = tasks.sample(config.meta_batch).tasks
         if trainer is None:
-            out = maml.meta_train_step(*batch, optimizer)
-        else:
-            out = trainer.meta_train_step(*context.shard(batch), optimizer)
-        loss = out.loss.item()
-        losses.append(loss)
-        running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
-        bar.set_postfix(loss=f"{running:.3f}", refresh=False)
-        done = iteration + 1
-        if saves and done % config.checkpoint_every == 0:
-            save_checkpoint(checkpoint, snapshot(done))
-    seconds = time.perf_counter() - began
-    done = max(start, config.iterations)
-    if saves:
-        save_checkpoint(checkpoint, snapshot(done))
-    return TrainResult(maml, done, start, running, seconds, losses)
+            return maml.meta_train_step(*batch, optimizer)
+        return trainer.meta_train_step(*context.shard(batch), optimizer)
+
+    return train_loop(maml, context, start=start, iterations=config.iterations, step=step, snapshot=snapshot,
+                      checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, progress=config.progress,
+                      smoothing=0.98)
 
 
 def evaluate(maml: MAML, config: OmniglotConfig, dataset: Omniglot, chunk: int = 50) -> dict:

@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
 from ._extension import build_info
 from .data import Sinusoid
 from .distributed import DistributedContext, DistributedMAML, load_on_main
-from .jobs import TrainResult, TrajectorySettings, load_checkpoint, save_checkpoint
+from .jobs import TrainResult, TrajectorySettings, load_checkpoint, train_loop
 from .maml import MAML
 from .models import sinusoid_mlp
 
@@ -100,34 +99,18 @@ def train(config: SinusoidConfig, context: DistributedContext | None = None) -> 
             "trajectory": config.trajectory(),
         }
 
-    losses: list[float] = []
-    running = math.nan
-    began = time.perf_counter()
-    ranks = f", {context.world_size} ranks" if context.is_distributed else ""
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
-               disable=not (config.progress and context.is_main), desc=f"meta-train [{maml.backend}{ranks}]",
-               smoothing=0.05)
-    saves = checkpoint is not None and context.is_main
-    for iteration in bar:
+    def step():
         batch = tasks.sample(config.meta_batch, config.shots)
         if trainer is None:
             out = maml.meta_gradient(*batch.tasks, accumulate=False)
         else:
             out = trainer.meta_gradient(*context.shard(batch.tasks), accumulate=False)
         optimizer.step()
-        loss = out.loss.item()
-        losses.append(loss)
-        running = loss if math.isnan(running) else 0.99 * running + 0.01 * loss
-        if iteration % 100 == 0:
-            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
-        done = iteration + 1
-        if saves and done % config.checkpoint_every == 0:
-            save_checkpoint(checkpoint, snapshot(done))
-    seconds = time.perf_counter() - began
-    done = max(start, config.iterations)
-    if saves:
-        save_checkpoint(checkpoint, snapshot(done))
-    return TrainResult(maml, done, start, running, seconds, losses)
+        return out
+
+    return train_loop(maml, context, start=start, iterations=config.iterations, step=step, snapshot=snapshot,
+                      checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, progress=config.progress,
+                      smoothing=0.99, postfix_every=100)
 
 
 def evaluate(maml: MAML, seed: int, tasks: int, points: int) -> dict:
