@@ -34,6 +34,8 @@ def _validate_inputs(inputs: dict[str, torch.Tensor], loss, dtype: torch.dtype, 
     if len(set(task_counts.values())) != 1:
         counts = ", ".join(f"{name}: {count}" for name, count in task_counts.items())
         raise ValueError(f"the task dimension (dim 0) differs between the inputs ({counts})")
+    if not next(iter(task_counts.values())):
+        raise ValueError(f"the meta-batch has no tasks: dim 0 (T) of {', '.join(task_counts)} is 0")
     names = list(inputs)
     for x_name, y_name in zip(names[0::2], names[1::2]):
         x, y = inputs[x_name], inputs[y_name]
@@ -249,7 +251,14 @@ class MAML(nn.Module):
     @property
     def backend_choice(self) -> str:
         """Why that backend was chosen."""
+        self._resolve(self._device())
         return self._resolved[self._last_device][1]
+
+    def __getstate__(self):
+        # A copy or an unpickled MAML chooses its backend again, in its own process, on first use.
+        state = super().__getstate__()
+        state["_resolved"] = {}
+        return state
 
     @property
     def inner_lr(self):
@@ -286,9 +295,15 @@ class MAML(nn.Module):
         return self.config.first_order
 
     def forward(self, support_x, support_y, query_x, query_y) -> MetaOutput:
-        """One meta-step over the tasks of the batch; see MetaOutput."""
+        """One meta-step over the tasks of the batch; see MetaOutput. Under torch.no_grad() every
+        backend returns the same losses with no graph (the inner loop's gradients are still taken)."""
         backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
-        return backend.meta_step(self.module, self.config, batch, self.inner_lr, self.step_weights)
+        if torch.is_grad_enabled():
+            return backend.meta_step(self.module, self.config, batch, self.inner_lr, self.step_weights)
+        with torch.enable_grad():
+            out = backend.meta_step(self.module, self.config, batch, self.inner_lr, self.step_weights)
+        out.loss = out.loss.detach()
+        return out
 
     def meta_gradient(self, support_x, support_y, query_x, query_y, *, accumulate: bool = True) -> MetaOutput:
         """One meta-step that adds the meta-gradient to the .grad of the model's parameters (and
@@ -297,12 +312,14 @@ class MAML(nn.Module):
         backends overwrite existing .grad tensors in place (as after zero_grad(set_to_none=False)),
         the others set new ones; missing ones are created. The fused backends write the gradients
         without building an autograd graph over the parameters, which is cheaper for small
-        models; parameter hooks do not run on that path."""
-        backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
-        if not accumulate and self.inner_lrs is not None:
-            for p in self.inner_lrs.parameters() if isinstance(self.inner_lrs, nn.ParameterList) else [self.inner_lrs]:
-                p.grad = None
-        return backend.meta_gradient(self.module, self.config, batch, self.inner_lr, self.step_weights, accumulate)
+        models; parameter hooks do not run on that path. It computes the meta-gradient whatever
+        the grad mode (also under torch.no_grad()), on every backend."""
+        with torch.enable_grad():
+            backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
+            if not accumulate and self.inner_lrs is not None:
+                for p in self.inner_lrs.parameters() if isinstance(self.inner_lrs, nn.ParameterList) else [self.inner_lrs]:
+                    p.grad = None
+            return backend.meta_gradient(self.module, self.config, batch, self.inner_lr, self.step_weights, accumulate)
 
     def meta_train_step(self, support_x, support_y, query_x, query_y, optimizer: torch.optim.Optimizer) -> MetaOutput:
         """One training step: the meta-gradient into .grad (replacing what was there) and
@@ -314,8 +331,10 @@ class MAML(nn.Module):
             out = self.meta_gradient(support_x, support_y, query_x, query_y, accumulate=False)
             optimizer.step()
             return out
-        backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
-        return backend.meta_train_step(self.module, self.config, batch, self.inner_lr, self.step_weights, optimizer)
+        with torch.enable_grad():
+            backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
+            return backend.meta_train_step(self.module, self.config, batch, self.inner_lr, self.step_weights,
+                                           optimizer)
 
     def _checked_batch(self, support_x, support_y, query_x, query_y):
         """The backend for the model's device and the validated batch."""
@@ -330,6 +349,15 @@ class MAML(nn.Module):
                 raise ValueError("support_x has no points per task; the inner loop needs at least one")
             if query_x.shape[1] == 0:
                 raise ValueError("query_x has no points per task")
+        if torch.is_grad_enabled() and not backend.differentiates_inputs(self.config):
+            for name, tensor in (("support_x", support_x), ("support_y", support_y), ("query_x", query_x),
+                                 ("query_y", query_y)):
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    mode = f" with second_order={self.config.second_order!r}" if backend.name == "func" else ""
+                    raise ValueError(
+                        f"{name} requires grad, but backend {backend.name!r}{mode} gives no gradient to the inputs; "
+                        f"for gradients with respect to the meta-batch use backend='func' with "
+                        f"second_order='graph' or backend='reference', or pass {name}.detach()")
         return backend, TaskBatch(support_x, support_y, query_x, query_y)
 
     def adapt(self, support_x, support_y, steps: int | None = None) -> AdaptedModel:

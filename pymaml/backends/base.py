@@ -79,6 +79,17 @@ class Backend:
     # MAML skips its own scan.
     checks_finite_inputs: ClassVar[bool] = False
 
+    def __reduce__(self):
+        # Backends are per-process singletons holding native plans and caches keyed by model: a
+        # copy or a pickle refers to the backend by name, and the copy's models get plans of their own.
+        from . import get_backend
+
+        return get_backend, (self.name,)
+
+    def differentiates_inputs(self, config: MetaConfig) -> bool:
+        """Whether the meta-loss this backend returns carries gradients to inputs that require grad."""
+        return False
+
     def unavailable_reason(self) -> str | None:
         """None if this backend can run in this process, else why not (missing extension, no GPU, ...)."""
         return None

@@ -21,6 +21,11 @@ class FuncBackend(Backend):
     def unsupported_reason(self, model, config, device):
         return None
 
+    def differentiates_inputs(self, config):
+        """The graph mode differentiates through the inputs; the reverse chain gives only θ's,
+        the step sizes' and the step weights' gradients."""
+        return config.second_order == "graph"
+
     def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
         params, fixed = adapted_parameters(model), fixed_state(model)
         options = dict(inner_lr=inner_lr, inner_steps=config.inner_steps, first_order=config.first_order,

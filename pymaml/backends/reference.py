@@ -15,6 +15,9 @@ class ReferenceBackend(Backend):
     def unsupported_reason(self, model, config, device):
         return None
 
+    def differentiates_inputs(self, config):
+        return True
+
     def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
         options = dict(inner_lr=inner_lr, first_order=config.first_order, loss=config.loss)
         losses = reference.task_query_losses(
