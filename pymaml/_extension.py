@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 try:
@@ -11,6 +12,25 @@ try:
 except ImportError as error:  # built with PYMAML_NO_EXTENSION=1, or the build failed
     _C = None
     EXTENSION_ERROR = f"pymaml._C is not importable ({error}); reinstall without PYMAML_NO_EXTENSION=1"
+
+CPU_LEVEL_VARIABLE = "PYMAML_CPU_LEVEL"
+
+
+def _apply_cpu_level_variable() -> None:
+    """PYMAML_CPU_LEVEL=<level> runs the CPU kernels of that ISA level, as _C.set_cpu_level does;
+    a level this build or CPU lacks is an error at import rather than a silent fallback."""
+    level = os.environ.get(CPU_LEVEL_VARIABLE, "").strip()
+    if not level:
+        return
+    if _C is None:
+        raise ImportError(f"{CPU_LEVEL_VARIABLE}={level} is set but {EXTENSION_ERROR}")
+    try:
+        _C.set_cpu_level(level)
+    except ValueError as error:
+        raise ImportError(f"{CPU_LEVEL_VARIABLE}={level}: {error}") from None
+
+
+_apply_cpu_level_variable()
 
 
 def extension():
