@@ -29,9 +29,15 @@ def pytest_sessionfinish(session, exitstatus):
         return
     import report
 
+    import pymaml
+
+    machine_info = dict(benchmark_session.get_machine_info())
+    levels = pymaml.build_info().get("cpu_levels") or []
+    if levels:
+        machine_info["pymaml_cpu_level"] = levels[0]  # the best level this CPU runs
     output_json = session.config.hook.pytest_benchmark_generate_json(
         config=session.config, benchmarks=benchmark_session.benchmarks, include_data=False,
-        machine_info=benchmark_session.get_machine_info(), commit_info={})
+        machine_info=machine_info, commit_info={})
     report.record_run(output_json, report.installed_versions())
     for path in report.write_report():
         print(f"\nbench/report.py wrote {path}")

@@ -35,6 +35,7 @@ WORKLOAD = re.compile(r"(.*) S=(\d+) (.*)")
 METASTEP_GROUP = re.compile(r"(meta-gradient|train step) S=(\d+) (.*)")
 MEASURES = ("train step", "meta-gradient", "peak memory")
 RATIO_BASES = ("pymaml-cpp", "cpp", "pymaml-func", "func")  # the first present is the ratios' base
+LEVEL_ORDER = ("x86-64-v4", "x86-64-v3", "baseline")
 
 
 def normalize(bench: dict, date: str) -> dict | None:
@@ -64,13 +65,34 @@ def normalize(bench: dict, date: str) -> dict | None:
                 order=match.group(3))
 
 
-def record_run(output_json: dict, versions: dict | None = None, results_dir: Path = RESULTS_DIR) -> list[Path]:
-    """Merge one run (pytest-benchmark's JSON) into the stored results, per thread count."""
-    date = output_json.get("datetime", "")[:10]
-    machine = output_json.get("machine_info", {})
+def machine_description(machine: dict) -> str:
+    """The CPU a run measured: its name and family (machines of one name differ), cores,
+    architecture and the best ISA level of pymaml's CPU kernels there (conftest records it)."""
     cpu = machine.get("cpu", {})
-    description = f"{cpu.get('brand_raw') or machine.get('processor') or machine.get('machine', '?')}, " \
-                  f"{cpu.get('count', '?')} cores, {cpu.get('arch_string_raw', machine.get('machine', ''))}"
+    name = cpu.get("brand_raw") or machine.get("processor") or machine.get("machine", "?")
+    family = f" (family {cpu['family']})" if cpu.get("family") is not None else ""
+    level = f"best CPU level {machine['pymaml_cpu_level']}" if machine.get("pymaml_cpu_level") else ""
+    parts = [f"{name}{family}", f"{cpu.get('count', '?')} cores", cpu.get("arch_string_raw", machine.get("machine", "")),
+             level]
+    return ", ".join(part for part in parts if part)
+
+
+def machine_id(description: str) -> str:
+    """A short file-name part for a machine_description: its name, family and level."""
+    parts = description.split(", ")
+    level = [part.removeprefix("best CPU level ") for part in parts[1:] if part.startswith("best CPU level ")]
+    return _slug(" ".join(parts[:1] + level))
+
+
+def results_path(results_dir: Path, threads: int, description: str) -> Path:
+    """One file per machine and thread count: runs on different CPUs never overwrite each other."""
+    return results_dir / f"cpu-{threads}-threads-{machine_id(description)}.json"
+
+
+def record_run(output_json: dict, versions: dict | None = None, results_dir: Path = RESULTS_DIR) -> list[Path]:
+    """Merge one run (pytest-benchmark's JSON) into the stored results, per machine and thread count."""
+    date = output_json.get("datetime", "")[:10]
+    description = machine_description(output_json.get("machine_info", {}))
     by_threads: dict = defaultdict(dict)
     for bench in output_json.get("benchmarks", []):
         record = normalize(bench, date)
@@ -79,7 +101,7 @@ def record_run(output_json: dict, versions: dict | None = None, results_dir: Pat
     results_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for threads, records in by_threads.items():
-        path = results_dir / f"cpu-{threads}-threads.json"
+        path = results_path(results_dir, threads, description)
         stored = json.loads(path.read_text()) if path.exists() else {"benchmarks": {}}
         stored["benchmarks"].update(records)
         stored["machine"] = description
@@ -89,17 +111,23 @@ def record_run(output_json: dict, versions: dict | None = None, results_dir: Pat
     return written
 
 
-def load_records(results_dir: Path = RESULTS_DIR) -> tuple[list[dict], dict]:
-    records, meta = [], {}
-    for path in sorted(results_dir.glob("cpu-*-threads.json")):
+def load_records(results_dir: Path = RESULTS_DIR) -> dict[str, tuple[list[dict], dict]]:
+    """{machine: (records, {file stem: machine and versions})}, machines in name order."""
+    machines: dict = defaultdict(lambda: ([], {}))
+    for path in sorted(results_dir.glob("cpu-*-threads-*.json")):
         stored = json.loads(path.read_text())
+        records, meta = machines[stored.get("machine", "?")]
         records += stored["benchmarks"].values()
         meta[path.stem] = {"machine": stored.get("machine"), "versions": stored.get("versions", {})}
-    return records, meta
+    return dict(sorted(machines.items()))
 
 
 def _ratio_base(columns: dict) -> str | None:
+    """pymaml's backend in the table: its one CPU level (per_level_tables), or the first of RATIO_BASES."""
     present = {provider for entries in columns.values() for provider in entries}
+    levels = sorted(p for p in present if p.startswith("cpp@"))
+    if len(levels) == 1:
+        return levels[0]
     return next((base for base in RATIO_BASES if base in present), None)
 
 
@@ -113,17 +141,20 @@ def timing_tables(records: list[dict]) -> dict:
 
 
 def sweep_points(records: list[dict]) -> dict:
-    """{threads: {provider: {(T, S, width): ms}}}: the W1 sweeps, plus the W1 table's T=25 width-40 points."""
+    """{(threads, measure, suite): {provider: {(T, S, width): record}}}: the W1 sweeps (suite "" for
+    the peers', ", pymaml backends" for pymaml's own), plus the peers' W1 table's T=25 width-40 points."""
     sweep: dict = defaultdict(lambda: defaultdict(dict))
     for r in records:
         match = SWEEP.match(r["workload"])
-        if match and r["measure"] == "train step":
+        if match and r["measure"] in ("train step", "meta-gradient"):
             tasks, width = map(int, match.groups())
-            sweep[r["threads"]][r["provider"]][(tasks, r["steps"], width)] = r["median_ms"]
+            key = (r["threads"], r["measure"], r["workload"][match.end():])
+            sweep[key][r["provider"]][(tasks, r["steps"], width)] = r
     for r in records:
-        if (r["workload"] == "W1 sinusoid" and r["order"] == "second order" and r["measure"] == "train step"
-                and r["provider"] in sweep.get(r["threads"], {})):
-            sweep[r["threads"]][r["provider"]][(25, r["steps"], 40)] = r["median_ms"]
+        key = (r["threads"], r["measure"], "")
+        if (r["workload"] == "W1 sinusoid" and r["order"] == "second order" and key in sweep
+                and r["provider"] in sweep[key]):
+            sweep[key][r["provider"]][(25, r["steps"], 40)] = r
     return sweep
 
 
@@ -139,13 +170,26 @@ def _threads_label(threads: int) -> str:
     return "1 thread" if threads == 1 else f"{threads} threads"
 
 
+def per_level_tables(columns: dict) -> list[tuple[str, dict]]:
+    """A table whose providers include pymaml's CPU kernels at several ISA levels (providers
+    "cpp@<level>") as one table per level: that level's row beside every provider that is not a
+    level, with the ratios taken to that level. Other tables as they are, with no suffix."""
+    levels = sorted({p.split("@", 1)[1] for entries in columns.values() for p in entries if p.startswith("cpp@")},
+                    key=lambda level: LEVEL_ORDER.index(level) if level in LEVEL_ORDER else len(LEVEL_ORDER))
+    if not levels:
+        return [("", columns)]
+    return [(f", cpp at {level}",
+             {s: {p: r for p, r in entries.items() if "@" not in p or p == f"cpp@{level}"} for s, entries in columns.items()})
+            for level in levels]
+
+
 def timing_markdown(tables: dict) -> list[str]:
     lines = []
     order = sorted(tables, key=lambda k: (k[0], not k[1].startswith("W1 sinusoid, s"), k[1],
                                            MEASURES.index(k[2]) if k[2] in MEASURES else 9))
-    for key in order:
+    for key, suffix, columns in [(key, *split) for key in order for split in per_level_tables(tables[key])]:
         threads, title, measure = key
-        columns = tables[key]
+        title += suffix
         steps = sorted(columns)
         base = _ratio_base(columns)
         providers = sorted({p for s in steps for p in columns[s]},
@@ -177,22 +221,38 @@ def timing_markdown(tables: dict) -> list[str]:
 
 
 def sweep_markdown(sweep: dict) -> list[str]:
+    """One table per sweep axis; the width axis also gives GFLOP/s and each provider's worst
+    width's rate over its best's."""
     lines = []
     axes = (("T (S=1, width 40)", 0, lambda k: k[1] == 1 and k[2] == 40),
             ("S (T=25, width 40)", 1, lambda k: k[0] == 25 and k[2] == 40),
             ("hidden width (T=25, S=1)", 2, lambda k: k[0] == 25 and k[1] == 1))
-    for threads in sorted(sweep):
+    for (threads, measure, suite) in sorted(sweep):
+        providers = sweep[(threads, measure, suite)]
         for title, axis, fixed in axes:
-            values = sorted({k[axis] for points in sweep[threads].values() for k in points if fixed(k)})
+            values = sorted({k[axis] for points in providers.values() for k in points if fixed(k)})
             if len(values) < 2:
                 continue
-            lines += [f"#### W1 second order, ms per training step against {title}, {_threads_label(threads)}", "",
-                      "| provider | " + " | ".join(str(v) for v in values) + " |", "|---|" + "---|" * len(values)]
-            for provider, points in sorted(sweep[threads].items()):
-                cells = [next((f"{ms:.3f}" for k, ms in points.items() if fixed(k) and k[axis] == v), "—")
-                         for v in values]
+            rates = axis == 2 and any(r.get("gflops") for points in providers.values() for r in points.values())
+            lines += [f"#### W1{suite} second order, ms per {measure} against {title}, {_threads_label(threads)}", "",
+                      "| provider | " + " | ".join(str(v) for v in values) + (" | worst ÷ best GFLOP/s |" if rates else " |"),
+                      "|---|" + "---|" * (len(values) + rates)]
+            for provider, points in sorted(providers.items()):
+                chosen = {k[axis]: r for k, r in points.items() if fixed(k)}
+                cells = []
+                for v in values:
+                    r = chosen.get(v)
+                    cell = "—" if r is None else f"{r['median_ms']:.3f}"
+                    if r is not None and rates and r.get("gflops"):
+                        cell += f" ({r['gflops']:.0f})"
+                    cells.append(cell)
+                gflops = [r["gflops"] for r in chosen.values() if r.get("gflops")]
+                if rates:
+                    cells.append(f"{min(gflops) / max(gflops):.2f}" if len(gflops) > 1 else "—")
                 lines.append(f"| {provider} | " + " | ".join(cells) + " |")
             lines.append("")
+            if rates:
+                lines += ["GFLOP/s in brackets: the meta-step's counted FLOPs over its median.", ""]
     return lines
 
 
@@ -223,7 +283,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def charts(tables: dict, sweep: dict, memory: dict, out: Path) -> list[Path]:
+def charts(tables: dict, sweep: dict, memory: dict, out: Path, prefix: str) -> list[Path]:
+    """The PNG charts of one machine's runs, named `prefix`_<what>.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,10 +319,11 @@ def charts(tables: dict, sweep: dict, memory: dict, out: Path) -> list[Path]:
         against_s.set_title("ms against S", fontsize=9)
         against_s.legend(fontsize=7)
         figure.tight_layout()
-        written.append(out / f"{_slug(title)}_train_step.png")
+        written.append(out / f"{prefix}_{_slug(title)}_train_step.png")
         figure.savefig(written[-1], dpi=100)
         plt.close(figure)
-    points = sweep.get(1, {})
+    points = {provider: {k: r["median_ms"] for k, r in by_point.items()}
+              for provider, by_point in sweep.get((1, "train step", ""), {}).items()}
     if points:
         figure, axes = plt.subplots(1, 2, figsize=(11, 4))
         for axis, index, fixed, label in ((axes[0], 0, lambda k: k[1] == 1 and k[2] == 40, "tasks T (S=1, width 40)"),
@@ -278,7 +340,7 @@ def charts(tables: dict, sweep: dict, memory: dict, out: Path) -> list[Path]:
         axes[0].set_title("W1 second order: ms against T", fontsize=9)
         axes[1].set_title("W1 second order: ms against width", fontsize=9)
         figure.tight_layout()
-        written.append(out / "w1_scaling.png")
+        written.append(out / f"{prefix}_w1_scaling.png")
         figure.savefig(written[-1], dpi=100)
         plt.close(figure)
     for (threads, title), columns in sorted(memory.items()):
@@ -295,21 +357,21 @@ def charts(tables: dict, sweep: dict, memory: dict, out: Path) -> list[Path]:
         axis.set_title(f"{title}: memory against S", fontsize=9)
         axis.legend(fontsize=7)
         figure.tight_layout()
-        written.append(out / f"{_slug(title)}_memory.png")
+        written.append(out / f"{prefix}_{_slug(title)}_memory.png")
         figure.savefig(written[-1], dpi=100)
         plt.close(figure)
     return written
 
 
-def generated_section(records: list[dict], meta: dict, chart_paths: list[Path], folder: Path) -> str:
-    lines = [BEGIN, "", "## Benchmark tables", ""]
+def machine_section(machine: str, records: list[dict], meta: dict, chart_paths: list[Path], folder: Path) -> str:
+    lines = [f"### {machine}", ""]
     for name, info in sorted(meta.items()):
         versions = ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items()))
-        lines.append(f"- `{name}`: {info['machine']}; latest run's versions: {versions or 'not recorded'}.")
-    lines += ["", "Medians of pytest-benchmark rounds. A ratio is the provider's median over the median of the "
-              "pymaml backend named in the column, measured in the same run.", ""]
+        lines.append(f"- `{name}`: latest run's versions: {versions or 'not recorded'}.")
+    lines.append("")
     if chart_paths:
-        links = [f"[{p.stem}]({Path(os.path.relpath(p, folder)).as_posix()})" for p in chart_paths]
+        prefix = machine_id(machine) + "_"
+        links = [f"[{p.stem.removeprefix(prefix)}]({Path(os.path.relpath(p, folder)).as_posix()})" for p in chart_paths]
         lines += ["Charts: " + ", ".join(links), ""]
     peak = [r for r in records if r["measure"] == "peak"]
     for r in peak:
@@ -318,16 +380,24 @@ def generated_section(records: list[dict], meta: dict, chart_paths: list[Path], 
     lines += timing_markdown(timing_tables(records))
     lines += sweep_markdown(sweep_points(records))
     lines += memory_markdown(memory_tables(records))
-    return "\n".join(lines + [END])
+    return "\n".join(lines)
 
 
 def write_report(results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> list[Path]:
-    """Rewrite the generated section of RESULTS.md and the charts from the stored runs."""
-    records, meta = load_records(results_dir)
-    if not records:
+    """Rewrite the generated section of RESULTS.md and the charts from the stored runs, one part per machine."""
+    machines = load_records(results_dir)
+    if not machines:
         return []
-    chart_paths = charts(timing_tables(records), sweep_points(records), memory_tables(records), results_dir)
-    section = generated_section(records, meta, chart_paths, results_md.parent)
+    parts = [BEGIN, "", "## Benchmark tables", "",
+             "Medians of pytest-benchmark rounds, one part per machine. A ratio is the provider's median over the "
+             "median of the pymaml backend named in the column, measured in the same run on the same machine.", ""]
+    chart_paths = []
+    for machine, (records, meta) in machines.items():
+        paths = charts(timing_tables(records), sweep_points(records), memory_tables(records), results_dir,
+                       machine_id(machine))
+        parts.append(machine_section(machine, records, meta, paths, results_md.parent))
+        chart_paths += paths
+    section = "\n".join(parts + [END])
     text = results_md.read_text() if results_md.exists() else "# Measured results\n"
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
