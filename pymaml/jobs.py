@@ -110,6 +110,12 @@ def check_checkpoint_writable(path: Path) -> None:
     check_writable(path.parent, f"the checkpoint {path.name}")
 
 
+def check_checkpoint_on_main(path: Path | None, context: DistributedContext) -> None:
+    """check_checkpoint_writable on rank 0, its refusal raised on every rank; nothing without a path."""
+    if path is not None:
+        check_on_main(context, lambda: check_checkpoint_writable(path))
+
+
 def check_on_main(context: DistributedContext, check: Callable[[], None]) -> None:
     """`check()` on rank 0; its JobError is raised on every rank, so that no rank waits for rank 0."""
     error = None
@@ -208,8 +214,6 @@ def train_loop(maml: MAML, context: DistributedContext, *, start: int, iteration
     at the end, written by rank 0 alone."""
     if start > iterations:
         raise JobError(f"the run resumes at iteration {start}, past the {iterations} asked for")
-    if checkpoint is not None:
-        check_on_main(context, lambda: check_checkpoint_writable(checkpoint))
     losses: list[float] = []
     running = math.nan
     began = time.perf_counter()

@@ -26,8 +26,8 @@ from . import __version__
 from ._extension import build_info
 from .data import FewShot, Omniglot
 from .distributed import DistributedContext, DistributedMAML
-from .jobs import (TrainResult, TrajectorySettings, check_on_main, check_writable, finite_or_none,
-                   iterations_summary, resume, train_loop, write_report)
+from .jobs import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
+                   finite_or_none, iterations_summary, resume, train_loop, write_report)
 from .maml import MAML
 from .models import Conv4
 
@@ -89,13 +89,14 @@ def train(config: OmniglotConfig, dataset: Omniglot, context: DistributedContext
     """Meta-train; resumes from config.checkpoint when it exists. context: see pymaml.sinusoid.train."""
     context = DistributedContext() if context is None else context
     context.check_same("the omniglot settings", (config.trajectory(), config.iterations, config.backend))
+    checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    check_checkpoint_on_main(checkpoint, context)
     maml = make_maml(config)
     trainer = DistributedMAML(maml, context) if context.is_distributed else None
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
     tasks = FewShot(dataset, config.ways, config.shots, config.queries, rotations=ROTATIONS, seed=config.seed,
                     device=config.device)
     start = 0
-    checkpoint = Path(config.checkpoint) if config.checkpoint else None
     state = resume(checkpoint, config, context, job_keys=("next_task",))
     if state is not None:
         maml.module.load_state_dict(state["model"])

@@ -23,8 +23,8 @@ from . import __version__
 from ._extension import build_info
 from .data import Sinusoid
 from .distributed import DistributedContext, DistributedMAML
-from .jobs import (TrainResult, TrajectorySettings, check_on_main, check_writable, finite_or_none,
-                   iterations_summary, resume, train_loop, write_report)
+from .jobs import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
+                   finite_or_none, iterations_summary, resume, train_loop, write_report)
 from .maml import MAML
 from .models import sinusoid_mlp
 
@@ -71,6 +71,8 @@ def train(config: SinusoidConfig, context: DistributedContext | None = None) -> 
     """
     context = DistributedContext() if context is None else context
     context.check_same("the sinusoid settings", (config.trajectory(), config.iterations, config.backend))
+    checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    check_checkpoint_on_main(checkpoint, context)
     torch.manual_seed(config.seed)
     model = sinusoid_mlp()
     maml = MAML(
@@ -86,7 +88,6 @@ def train(config: SinusoidConfig, context: DistributedContext | None = None) -> 
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr, fused=True)
     tasks = Sinusoid(seed=config.seed)
     start = 0
-    checkpoint = Path(config.checkpoint) if config.checkpoint else None
     state = resume(checkpoint, config, context, job_keys=("task_generator",))
     if state is not None:
         model.load_state_dict(state["model"])
@@ -197,8 +198,8 @@ def plot(maml: MAML, evaluation: dict, path: Path, seed: int, examples: int = 3)
         axis.set_xlim(-5, 5)
         axis.set_ylim(-Y_LIMIT, Y_LIMIT)
         if left:
-            axis.text(0.02, 0.98, "diverged, clipped: " + ", ".join(left), transform=axis.transAxes, fontsize=7,
-                      va="top")
+            axis.text(0.02, 0.98, f"beyond ±{Y_LIMIT:g} or NaN, clipped: " + ", ".join(left),
+                      transform=axis.transAxes, fontsize=7, va="top")
     axes[0].legend(fontsize=7, loc="lower left")
     curve_axis = axes[-1]
     any_diverged = False
