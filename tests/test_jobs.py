@@ -262,3 +262,21 @@ def test_progress_bar_off_a_terminal_redraws_rarely(monkeypatch, capsys):
     assert f"{iterations}/{iterations}" in bar
     # the first and the last drawing, and one per NON_TERMINAL_REFRESH_SECONDS of clock readings
     assert 2 <= bar.count("\r") <= 2 + 2 * iterations / NON_TERMINAL_REFRESH_SECONDS
+
+
+def test_under_torchrun_a_damaged_checkpoint_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 reads the checkpoint; its refusal reaches rank 1, and each prints it and exits 1."""
+    import subprocess
+    import sys
+
+    checkpoint = tmp_path / "run.pt"
+    _damaged("random bytes", checkpoint)
+    repository = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repository), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "pymaml", *TINY_COMMAND, "--iterations", "2", "--checkpoint", str(checkpoint),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count(f"pymaml sinusoid: error: the checkpoint {checkpoint} is damaged") == 2, output
