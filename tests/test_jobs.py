@@ -96,6 +96,24 @@ def test_omniglot_unwritable_out_fails_before_training(unwritable_folder, no_tra
         run_omniglot(config, unwritable_folder)
 
 
+def test_omniglot_report_of_one_task_without_training_is_strict_json(tmp_path):
+    """One evaluation task has no interval and no iteration a running loss or a time: null, not NaN."""
+    from pymaml.omniglot import OmniglotConfig
+    from pymaml.omniglot import run as run_omniglot
+    from pymaml.omniglot import summary as omniglot_summary
+    from test_omniglot import write_tree
+
+    write_tree(tmp_path / "data")
+    config = OmniglotConfig(root=str(tmp_path / "data"), iterations=0, eval_tasks=1, image_size=14,
+                            train_characters=4, progress=False)
+    report = run_omniglot(config, tmp_path / "out")
+    written = strict_json((tmp_path / "out" / "report.json").read_text())
+    assert written["evaluation"]["ci95"] is None and written["evaluation"]["tasks"] == 1
+    assert written["final_running_loss"] is None and written["ms_per_iteration"] is None
+    text = omniglot_summary(report)
+    assert "0 iterations (the initial weights)" in text and "(no interval from one task)" in text
+
+
 def test_report_is_written_before_the_figure(tmp_path, monkeypatch):
     def failing_plot(*args, **kwargs):
         raise RuntimeError("no figure")
