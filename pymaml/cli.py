@@ -109,7 +109,19 @@ def _omniglot(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; a job that cannot start or resume as asked (pymaml.jobs.JobError: an
+    unwritable --out, a damaged checkpoint, ...) prints its message alone and returns 1."""
+    from .jobs import JobError
+
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except JobError as error:
+        print(f"pymaml {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _command(args) -> int:
     if args.command == "backends":
         import pymaml
 

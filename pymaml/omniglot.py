@@ -15,7 +15,6 @@ alone shows the progress bar, writes checkpoints, evaluates and reports.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,8 +25,9 @@ import torch
 from . import __version__
 from ._extension import build_info
 from .data import FewShot, Omniglot
-from .distributed import DistributedContext, DistributedMAML, load_on_main
-from .jobs import TrainResult, TrajectorySettings, load_checkpoint, train_loop
+from .distributed import DistributedContext, DistributedMAML
+from .jobs import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
+                   finite_or_none, iterations_summary, resume, train_loop, write_report)
 from .maml import MAML
 from .models import Conv4
 
@@ -89,14 +89,15 @@ def train(config: OmniglotConfig, dataset: Omniglot, context: DistributedContext
     """Meta-train; resumes from config.checkpoint when it exists. context: see pymaml.sinusoid.train."""
     context = DistributedContext() if context is None else context
     context.check_same("the omniglot settings", (config.trajectory(), config.iterations, config.backend))
+    checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    check_checkpoint_on_main(checkpoint, context)
     maml = make_maml(config)
     trainer = DistributedMAML(maml, context) if context.is_distributed else None
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
     tasks = FewShot(dataset, config.ways, config.shots, config.queries, rotations=ROTATIONS, seed=config.seed,
                     device=config.device)
     start = 0
-    checkpoint = Path(config.checkpoint) if config.checkpoint else None
-    state = load_on_main(checkpoint, lambda path: load_checkpoint(path, config), context)
+    state = resume(checkpoint, config, context, job_keys=("next_task",))
     if state is not None:
         maml.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -119,7 +120,8 @@ def train(config: OmniglotConfig, dataset: Omniglot, context: DistributedContext
 
 
 def evaluate(maml: MAML, config: OmniglotConfig, dataset: Omniglot, chunk: int = 50) -> dict:
-    """Query accuracy per held-out task after config.test_steps steps; mean and 95% interval in %."""
+    """Query accuracy per held-out task after config.test_steps steps; mean and 95% interval in %
+    (None for a single task)."""
     tasks = FewShot(dataset, config.ways, config.shots, config.queries, rotations=ROTATIONS,
                     seed=config.seed + 1_000_003, device=config.device)
     accuracies = []
@@ -131,16 +133,16 @@ def evaluate(maml: MAML, config: OmniglotConfig, dataset: Omniglot, chunk: int =
             accuracies.append((predictions == batch.query_y).double().mean(dim=1))
     per_task = torch.cat(accuracies) * 100
     count = per_task.numel()
-    interval = 1.96 * per_task.std().item() / math.sqrt(count) if count > 1 else math.nan
+    interval = 1.96 * per_task.std().item() / math.sqrt(count) if count > 1 else None
     return {"accuracy": per_task.mean().item(), "ci95": interval, "tasks": count}
 
 
 def run(config: OmniglotConfig, out_dir: Path, context: DistributedContext | None = None) -> dict | None:
     """Load the data, train, evaluate, and write report.json into out_dir; with a distributed
-    context rank 0 alone evaluates and writes (the other ranks return None)."""
+    context rank 0 alone evaluates and writes (the other ranks return None). That out_dir (and the
+    checkpoint's folder) can be written is checked before the training."""
     context = DistributedContext() if context is None else context
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    check_on_main(context, lambda: check_writable(out_dir, "report.json (--out)"))
     started = time.perf_counter()
     train_set = Omniglot(config.root, "train", image_size=config.image_size, train_characters=config.train_characters)
     test_set = Omniglot(config.root, "test", image_size=config.image_size, train_characters=config.train_characters)
@@ -158,12 +160,13 @@ def run(config: OmniglotConfig, out_dir: Path, context: DistributedContext | Non
         "backend_choice": result.maml.backend_choice,
         "iterations": result.iterations_done,
         "resumed_from": result.resumed_from,
-        "final_running_loss": result.final_loss,
+        "iterations_run": result.iterations_run,
+        "final_running_loss": finite_or_none(result.final_loss),
         "train_classes": train_set.num_classes * len(ROTATIONS),
         "test_classes": test_set.num_classes * len(ROTATIONS),
         "seconds": {"load": loaded - started, "train_loop": result.seconds, "evaluate": time.perf_counter() - trained,
                     "total": time.perf_counter() - started},
-        "ms_per_iteration": 1e3 * result.seconds / max(1, result.iterations_done - result.resumed_from),
+        "ms_per_iteration": result.ms_per_iteration,
         "evaluation": evaluation,
         "paper_maml_accuracy": None if paper is None else {"accuracy": paper[0], "ci95": paper[1]},
         "torch": torch.__version__,
@@ -173,8 +176,7 @@ def run(config: OmniglotConfig, out_dir: Path, context: DistributedContext | Non
         "pymaml": __version__,
         "build": build_info(),
     }
-    with open(out_dir / "report.json", "w") as handle:
-        json.dump(report, handle, indent=2)
+    write_report(out_dir / "report.json", report)
     return report
 
 
@@ -184,10 +186,10 @@ def summary(report: dict) -> str:
         f"backend: {report['backend']} ({report['backend_choice']})"
         + (f"; meta-batch split over {report['world_size']} ranks ({report['distributed_backend']})"
            if report.get("world_size", 1) > 1 else ""),
-        f"{report['iterations']} iterations, {report['ms_per_iteration']:.1f} ms each; wall time "
-        f"{report['seconds']['total']:.1f} s",
+        iterations_summary(report, 1),
         f"{config['ways']}-way {config['shots']}-shot, {evaluation['tasks']} held-out tasks, "
-        f"{config['test_steps']} steps: accuracy {evaluation['accuracy']:.2f}% ± {evaluation['ci95']:.2f}%",
+        f"{config['test_steps']} steps: accuracy {evaluation['accuracy']:.2f}%"
+        + (f" ± {evaluation['ci95']:.2f}%" if evaluation["ci95"] is not None else " (no interval from one task)"),
     ]
     if paper is not None:
         lines.append(f"paper (MAML, Table 1): {paper['accuracy']:.1f}% ± {paper['ci95']:.1f}%")
