@@ -279,7 +279,9 @@ struct AdamSettings {
 //   m  = lerp(m, g', 1−β1)                 (exp_avg.lerp_(grad, 1 − beta1))
 //   v  = v·β2 + ((1−β2)·g')·g'             (exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 − beta2))
 //   p  = p + (−lr/(1−β1^t))·m / (sqrt(v)/sqrt(1−β2^t) + eps)   (param.addcdiv_(exp_avg, denom, value=−step_size))
-// so that a float32 update equals torch's bit for bit but for rare double-rounding ties.
+// so that a float32 step gives torch's moments bit for bit (but for rare double-rounding ties in
+// multiply_add) and its parameters to an ulp (torch's float32 sqrt on the CPU, from its vector math
+// library, is not always correctly rounded).
 struct AdamArgs {
   std::vector<std::unique_ptr<ArrayArg>> params, exp_avg, exp_avg_sq;
 
