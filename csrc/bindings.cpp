@@ -685,7 +685,9 @@ PYBIND11_MODULE(_C, m) {
         "(one buffer per parameter, grad_theta likewise) it then takes torch.optim.Adam's step in place.");
   py::class_<MlpPlan>(m, "MlpPlan",
                       "A fused meta-step of one MLP whose parameter, gradient and optional Adam buffers (moments and\n"
-                      "torch's per-parameter step counters) are checked once and held; run() passes only the batch.")
+                      "torch's per-parameter step counters) are checked once and held; run() passes only the batch.\n"
+                      "The held buffers are not checked again: the caller must build a new plan when one of the\n"
+                      "tensors gets new storage or strides. Concurrent runs of one plan take turns.")
       .def(py::init<const std::vector<int>&, const std::string&, bool, const std::string&, bool, int, double,
                     py::handle, py::handle, py::handle, py::handle, py::handle>(),
            py::kw_only(), py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"),
