@@ -56,7 +56,9 @@ class ArrayArg {
                             " for this function (DLPack device type " + std::to_string(int(t.device.device_type)) + ")");
     }
     device_id_ = t.device.device_id;
-    if (t.strides != nullptr) {
+    // A buffer without elements has no layout to check (torch gives such tensors any strides);
+    // the callers' shape checks name what is missing.
+    if (t.strides != nullptr && numel() != 0) {
       int64_t expected = 1;
       for (int d = t.ndim - 1; d >= 0; --d) {
         if (t.shape[d] != 1 && t.strides[d] != expected) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -257,28 +258,56 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
    {support_y, "support_y"}, {query_x, "query_x"}, {query_y, "query_y"}, {meta_loss, "meta_loss"},       \
    {task_losses, "task_losses"}, {pre_losses, "pre_losses"}, {step_losses, "step_losses"}}
 
-// torch.optim.Adam's update (amsgrad and maximize off), applied in place to the parameters and
-// their moments right after the meta-gradient, so the gradient never returns to Python first:
-//   g += wd·p;  m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;
-//   p −= lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
-struct AdamArgs {
-  std::vector<std::unique_ptr<ArrayArg>> params, exp_avg, exp_avg_sq;
+// a·b + c rounded once, as torch's CPU kernels compute it (they use FMA): in float64 the product
+// of two floats is exact and the sum is rounded to float64 and then to float, which equals the
+// fused result except where that double rounding meets a tie. float64 rounds a·b and the sum apart.
+inline float multiply_add(float a, float b, float c) { return float(double(a) * double(b) + double(c)); }
+inline double multiply_add(double a, double b, double c) { return a * b + c; }
+
+// The hyperparameters of one Adam step; `step` is the step being taken (the counters plus one).
+struct AdamSettings {
   int64_t step = 0;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+};
+
+// torch.optim.Adam's update (amsgrad and maximize off), applied in place to the parameters and
+// their moments right after the meta-gradient, so the gradient never returns to Python first.
+// It follows torch's default CPU implementation (_single_tensor_adam, and the foreach one, which
+// runs the same tensor ops) operation by operation: the scalars in float64 as Python computes
+// them, each then rounded to the parameters' dtype where the tensor op takes it,
+//   g' = g + wd·p                          (grad.add(param, alpha=wd); only when wd != 0)
+//   m  = lerp(m, g', 1−β1)                 (exp_avg.lerp_(grad, 1 − beta1))
+//   v  = v·β2 + ((1−β2)·g')·g'             (exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 − beta2))
+//   p  = p + (−lr/(1−β1^t))·m / (sqrt(v)/sqrt(1−β2^t) + eps)   (param.addcdiv_(exp_avg, denom, value=−step_size))
+// so that a float32 step gives torch's moments bit for bit (but for rare double-rounding ties in
+// multiply_add) and its parameters to an ulp (torch's float32 sqrt on the CPU, from its vector math
+// library, is not always correctly rounded).
+struct AdamArgs {
+  std::vector<std::unique_ptr<ArrayArg>> params, exp_avg, exp_avg_sq;
 
   template <class T>
-  void apply(const std::vector<std::unique_ptr<ArrayArg>>& grads) const {
-    const double bias1 = 1 - std::pow(beta1, double(step)), bias2_sqrt = std::sqrt(1 - std::pow(beta2, double(step)));
-    const T step_size = T(lr / bias1), b1 = T(beta1), b2 = T(beta2), e = T(eps), wd = T(weight_decay);
-    const T inverse_bias2_sqrt = T(1 / bias2_sqrt);
+  void apply(const std::vector<std::unique_ptr<ArrayArg>>& grads, const AdamSettings& settings) const {
+    const double t = double(settings.step);
+    const double bias_correction1 = 1 - std::pow(settings.beta1, t);
+    const double bias_correction2 = 1 - std::pow(settings.beta2, t);
+    const double step_size = settings.lr / bias_correction1;
+    const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);  // Python's bc2 ** 0.5
+    const T neg_step_size = T(-step_size), sqrt_bias2 = T(bias_correction2_sqrt), eps = T(settings.eps);
+    const T weight_decay = T(settings.weight_decay), beta2 = T(settings.beta2), grad_weight2 = T(1 - settings.beta2);
+    // torch's lerp: start + w·(end − start) for |w| < 0.5, else end + (w − 1)·(end − start).
+    const T lerp_weight = T(1 - settings.beta1);
+    const bool small_weight = std::abs(lerp_weight) < T(0.5);
+    const T lerp_coefficient = small_weight ? lerp_weight : lerp_weight - T(1);
+    const bool decay = settings.weight_decay != 0;
     for (size_t i = 0; i < params.size(); ++i) {
       T *p = params[i]->data<T>(), *m = exp_avg[i]->data<T>(), *v = exp_avg_sq[i]->data<T>();
       const T* g = grads[i]->data<T>();
       for (int64_t j = 0, n = params[i]->numel(); j < n; ++j) {
-        const T grad = g[j] + wd * p[j];
-        m[j] += (grad - m[j]) * (T(1) - b1);
-        v[j] = v[j] * b2 + (T(1) - b2) * grad * grad;
-        p[j] -= step_size * m[j] / (std::sqrt(v[j]) * inverse_bias2_sqrt + e);
+        const T grad = decay ? multiply_add(p[j], weight_decay, g[j]) : g[j];
+        m[j] = multiply_add(lerp_coefficient, grad - m[j], small_weight ? m[j] : grad);
+        v[j] = multiply_add(grad_weight2 * grad, grad, v[j] * beta2);
+        const T denom = std::sqrt(v[j]) / sqrt_bias2 + eps;
+        p[j] = p[j] + neg_step_size * m[j] / denom;
       }
     }
   }
@@ -316,34 +345,24 @@ std::unique_ptr<AdamArgs> check_adam_buffers(const std::vector<std::unique_ptr<A
   return adam;
 }
 
-void set_adam_hyperparameters(AdamArgs& adam, int64_t step, double lr, double beta1, double beta2, double eps,
-                              double weight_decay) {
+AdamSettings adam_settings(int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay) {
   if (step < 1) throw py::value_error("adam_step must be >= 1 (the step being taken), got " + std::to_string(step));
   if (!(lr >= 0) || !(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1) || !(eps >= 0) || !(weight_decay >= 0)) {
     throw py::value_error("invalid Adam hyperparameters");
   }
-  adam.step = step;
-  adam.lr = lr;
-  adam.beta1 = beta1;
-  adam.beta2 = beta2;
-  adam.eps = eps;
-  adam.weight_decay = weight_decay;
-}
-
-std::unique_ptr<AdamArgs> check_adam(const MetaStepCall& call, py::handle params, py::handle exp_avg,
-                                     py::handle exp_avg_sq, int64_t step, double lr, double beta1, double beta2,
-                                     double eps, double weight_decay) {
-  if (params.is_none()) return nullptr;
-  auto adam = check_adam_buffers(call.grad_parts, call[0].dtype(), params, exp_avg, exp_avg_sq);
-  set_adam_hyperparameters(*adam, step, lr, beta1, beta2, eps, weight_decay);
-  return adam;
+  return AdamSettings{step, lr, beta1, beta2, eps, weight_decay};
 }
 
 // A meta-step of one MLP whose parameter, gradient and (optionally) Adam buffers are checked once
 // and then held, so that each call passes only the batch: θ is gathered from the parameters, the
 // meta-gradient scattered into the gradient buffers and, with Adam, the step taken in place and
-// the step counters advanced. α_s = inner_lr everywhere; the loss is L_query(θ_S). For the
-// sinusoid MLP this takes the Python side of a training step from about 90 µs to about 20.
+// the step counters advanced. α_s = inner_lr everywhere; the loss is L_query(θ_S).
+// The held buffers are DLPack views: their memory stays allocated while the plan lives, but a
+// tensor given new storage or strides (.data =, set_, share_memory_) no longer uses them, so the
+// caller checks every held tensor's data pointer, sizes and strides before each run
+// (pymaml.backends.cpp._Plan) and builds a new plan when one changed.
+// run() releases the GIL; concurrent runs of one plan take turns (they read and write the same
+// parameters, gradients and moments), and each has its own θ, losses and scratch buffers.
 class MlpPlan {
  public:
   MlpPlan(const std::vector<int>& widths, const std::string& activation, bool bias, const std::string& loss,
@@ -391,11 +410,8 @@ class MlpPlan {
       }
     }
     const size_t bytes = real_.bits / 8, P = size_t(spec_.num_params);
-    theta_.resize(P * bytes);
-    gathered_.resize(P * bytes);
     lrs_.resize(size_t(steps) * P * bytes);
     step_weights_.resize(size_t(steps) * bytes);
-    step_losses_.resize(size_t(steps) * bytes);
     if (is_f32()) {
       fill_constants<float>(inner_lr);
     } else {
@@ -414,17 +430,22 @@ class MlpPlan {
     const BatchShape batch = check_batch(spec_, real_, steps_, sx, sy, qx, qy, kDLCPU);
     out.require_dtype(real_, "it must match the parameters");
     out.require_shape({batch.tasks + 2}, "the meta-loss, the mean pre-adaptation loss and one loss per task");
-    if (adam_) {
-      set_adam_hyperparameters(*adam_, next_adam_step(), adam_lr, adam_beta1, adam_beta2, adam_eps,
-                               adam_weight_decay);
-    }
+    // The step is validated now and taken from the counters under the lock (a concurrent run may
+    // advance them first).
+    const AdamSettings adam = adam_ ? adam_settings(1, adam_lr, adam_beta1, adam_beta2, adam_eps, adam_weight_decay)
+                                    : AdamSettings{};
     const pymaml::MetaStepShape shape{steps_, batch.support_points, batch.query_points, first_order_, false, false};
-    py::gil_scoped_release release;
-    if (is_f32()) {
-      run_typed<float>(shape, batch.tasks, sx, sy, qx, qy, out.data<float>(), threads);
-    } else {
-      run_typed<double>(shape, batch.tasks, sx, sy, qx, qy, out.data<double>(), threads);
+    std::string error;
+    {
+      py::gil_scoped_release release;
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (is_f32()) {
+        error = run_typed<float>(shape, batch.tasks, sx, sy, qx, qy, out.data<float>(), threads, adam);
+      } else {
+        error = run_typed<double>(shape, batch.tasks, sx, sy, qx, qy, out.data<double>(), threads, adam);
+      }
     }
+    if (!error.empty()) throw py::value_error(error);
   }
 
  private:
@@ -438,39 +459,48 @@ class MlpPlan {
     if (steps_ > 0) weights[steps_ - 1] = T(1);
   }
 
-  template <class C>
   static double counter_value(const ArrayArg& counter) {
-    return double(*counter.data<C>());
+    return counter.is(kDLFloat, 32) ? double(*counter.data<float>()) : *counter.data<double>();
   }
 
-  // The Adam step to take: one more than the counters, which must agree.
-  int64_t next_adam_step() const {
-    auto value = [](const ArrayArg& c) { return c.is(kDLFloat, 32) ? counter_value<float>(c) : counter_value<double>(c); };
-    const double first = value(*counters_[0]);
+  // The Adam step to take: one more than the counters, which must agree; 0 and the reason if not.
+  int64_t next_adam_step(std::string& error) const {
+    const double first = counter_value(*counters_[0]);
     for (const auto& counter : counters_) {
-      if (value(*counter) != first) throw py::value_error("the parameters' Adam step counters differ");
+      if (counter_value(*counter) != first) {
+        error = "the parameters' Adam step counters differ";
+        return 0;
+      }
     }
-    if (!(first >= 0) || first != std::floor(first)) throw py::value_error("invalid Adam step counter");
+    if (!(first >= 0) || first != std::floor(first)) {
+      error = "invalid Adam step counter";
+      return 0;
+    }
     return int64_t(first) + 1;
   }
 
+  // The meta-step (and Adam step), without the GIL and holding the plan's lock: "" or the error.
   template <class T>
-  void run_typed(const pymaml::MetaStepShape& shape, int tasks, const ArrayArg& sx, const ArrayArg& sy,
-                 const ArrayArg& qx, const ArrayArg& qy, T* losses, int threads) {
+  std::string run_typed(const pymaml::MetaStepShape& shape, int tasks, const ArrayArg& sx, const ArrayArg& sy,
+                        const ArrayArg& qx, const ArrayArg& qy, T* losses, int threads, AdamSettings adam) {
+    std::string error;
+    if (adam_) {
+      adam.step = next_adam_step(error);
+      if (!error.empty()) return error;
+    }
     const bool labels = spec_.loss == pymaml::Loss::cross_entropy;
-    T* theta = reinterpret_cast<T*>(theta_.data());
-    for (const auto& param : params_) theta = std::copy_n(param->data<T>(), param->numel(), theta);
-    pre_losses_.resize(size_t(tasks) * sizeof(T));
-    T* pre = reinterpret_cast<T*>(pre_losses_.data());
-    const pymaml::MetaBatch<T> batch{tasks, reinterpret_cast<const T*>(theta_.data()),
-                                     reinterpret_cast<const T*>(lrs_.data()),
+    const size_t P = size_t(spec_.num_params);
+    std::vector<T> theta(P), pre(static_cast<size_t>(tasks)), step_losses(static_cast<size_t>(steps_));
+    std::vector<T> gathered(grads_.size() == 1 ? 0 : P);
+    T* cursor = theta.data();
+    for (const auto& param : params_) cursor = std::copy_n(param->data<T>(), param->numel(), cursor);
+    const pymaml::MetaBatch<T> batch{tasks, theta.data(), reinterpret_cast<const T*>(lrs_.data()),
                                      reinterpret_cast<const T*>(step_weights_.data()), sx.data<T>(),
                                      labels ? nullptr : sy.data<T>(), labels ? sy.data<int64_t>() : nullptr,
                                      qx.data<T>(), labels ? nullptr : qy.data<T>(),
                                      labels ? qy.data<int64_t>() : nullptr};
-    T* grad = grads_.size() == 1 ? grads_[0]->data<T>() : reinterpret_cast<T*>(gathered_.data());
-    const pymaml::MetaResult<T> result{losses, losses + 2, pre, reinterpret_cast<T*>(step_losses_.data()), grad,
-                                       nullptr};
+    T* grad = grads_.size() == 1 ? grads_[0]->data<T>() : gathered.data();
+    const pymaml::MetaResult<T> result{losses, losses + 2, pre.data(), step_losses.data(), grad, nullptr};
     pymaml::mlp_meta_step_cpu<T>(spec_, shape, batch, result, threads);
     T pre_sum = 0;
     for (int t = 0; t < tasks; ++t) pre_sum += pre[t];
@@ -483,15 +513,16 @@ class MlpPlan {
       }
     }
     if (adam_) {
-      adam_->apply<T>(grads_);
+      adam_->apply<T>(grads_, adam);
       for (const auto& counter : counters_) {
         if (counter->is(kDLFloat, 32)) {
-          *counter->data<float>() = float(adam_->step);
+          *counter->data<float>() = float(adam.step);
         } else {
-          *counter->data<double>() = double(adam_->step);
+          *counter->data<double>() = double(adam.step);
         }
       }
     }
+    return error;
   }
 
   pymaml::MlpSpec spec_;
@@ -500,7 +531,8 @@ class MlpPlan {
   DLDataType real_{};
   std::vector<std::unique_ptr<ArrayArg>> params_, grads_, counters_;
   std::unique_ptr<AdamArgs> adam_;
-  std::vector<unsigned char> theta_, gathered_, lrs_, step_weights_, step_losses_, pre_losses_;
+  std::vector<unsigned char> lrs_, step_weights_;
+  std::mutex mutex_;
 };
 
 void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
@@ -513,17 +545,21 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
                                             loss, first_order, all_step_losses, kDLCPU);
-  const std::unique_ptr<AdamArgs> adam = check_adam(call, adam_params, adam_exp_avg, adam_exp_avg_sq, adam_step,
-                                                    adam_lr, adam_beta1, adam_beta2, adam_eps, adam_weight_decay);
+  std::unique_ptr<AdamArgs> adam;
+  AdamSettings settings;
+  if (!adam_params.is_none()) {
+    adam = check_adam_buffers(call.grad_parts, call[0].dtype(), adam_params, adam_exp_avg, adam_exp_avg_sq);
+    settings = adam_settings(adam_step, adam_lr, adam_beta1, adam_beta2, adam_eps, adam_weight_decay);
+  }
   py::gil_scoped_release release;
   if (call.is_f32) {
     pymaml::mlp_meta_step_cpu<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(), threads);
     call.scatter_grad<float>();
-    if (adam) adam->apply<float>(call.grad_parts);
+    if (adam) adam->apply<float>(call.grad_parts, settings);
   } else {
     pymaml::mlp_meta_step_cpu<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(), threads);
     call.scatter_grad<double>();
-    if (adam) adam->apply<double>(call.grad_parts);
+    if (adam) adam->apply<double>(call.grad_parts, settings);
   }
 }
 
@@ -649,7 +685,9 @@ PYBIND11_MODULE(_C, m) {
         "(one buffer per parameter, grad_theta likewise) it then takes torch.optim.Adam's step in place.");
   py::class_<MlpPlan>(m, "MlpPlan",
                       "A fused meta-step of one MLP whose parameter, gradient and optional Adam buffers (moments and\n"
-                      "torch's per-parameter step counters) are checked once and held; run() passes only the batch.")
+                      "torch's per-parameter step counters) are checked once and held; run() passes only the batch.\n"
+                      "The held buffers are not checked again: the caller must build a new plan when one of the\n"
+                      "tensors gets new storage or strides. Concurrent runs of one plan take turns.")
       .def(py::init<const std::vector<int>&, const std::string&, bool, const std::string&, bool, int, double,
                     py::handle, py::handle, py::handle, py::handle, py::handle>(),
            py::kw_only(), py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"),

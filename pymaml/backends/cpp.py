@@ -127,40 +127,53 @@ def _grads_writable(params) -> bool:
     return True
 
 
+_DATA_PTR, _SIZE, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.size, torch.Tensor.stride
+
+
+def _storage_signature(tensors) -> tuple:
+    """Where each tensor's data lies and how it is laid out: its data pointer, sizes and strides
+    (what a native plan's held buffers stand for; list(map(...)) over the C methods keeps this
+    cheap)."""
+    return list(map(_DATA_PTR, tensors)), list(map(_SIZE, tensors)), list(map(_STRIDE, tensors))
+
+
 class _Plan:
-    """A native MlpPlan and what it was built from: the parameters (and their storage), the
-    gradient buffers it writes, the Adam state it updates and the settings it bakes in. A call
-    uses it only after `matches` confirms none of these changed."""
+    """A native MlpPlan and what it was built from: the parameters, the gradient buffers it
+    writes, the Adam state it updates and the settings it bakes in. The native plan holds DLPack
+    views of these tensors, whose memory stays allocated while it lives; a tensor that keeps its
+    identity but gets new storage or strides (.data =, set_, share_memory_, a transpose) no longer
+    uses that memory. So a call uses the plan only after `matches` confirms the same tensors, each
+    with the data pointer, sizes and strides it had when the plan was built."""
 
     def __init__(self, native, settings, params, grads, adam_state):
         self.native, self.settings, self.params, self.grads = native, settings, params, grads
-        self.data_ptrs = [p.data_ptr() for p in params]
         self.adam_state = adam_state  # per parameter (exp_avg, exp_avg_sq, step), or None
+        self.tensors = [*params, *grads, *(t for state in adam_state or () for t in state)]
+        self.signature = _storage_signature(self.tensors)
 
     def matches(self, settings, params, optimizer) -> bool:
         if settings != self.settings or len(params) != len(self.params):
             return False
-        for p, planned, pointer, grad in zip(params, self.params, self.data_ptrs, self.grads):
-            if p is not planned or p.data_ptr() != pointer or not p.requires_grad:
+        for p, planned, grad in zip(params, self.params, self.grads):
+            if p is not planned or not p.requires_grad:
                 return False
             if p.grad is not grad:  # replaced, or set to None: new buffers, which the caller may not hold
                 return False
-        if optimizer is None:
-            return True
-        if not _adam_step_is_plain(optimizer):
-            return False
-        groups = optimizer.param_groups
-        if len(groups) != 1 or _adam_flags(groups[0]) != _FUSABLE_FLAGS:
-            return False
-        group_params, state = groups[0]["params"], optimizer.state
-        if len(group_params) != len(params):
-            return False
-        for p, planned_p, (exp_avg, exp_avg_sq, step) in zip(group_params, params, self.adam_state):
-            entry = state.get(p)
-            if (p is not planned_p or entry is None or entry.get("exp_avg") is not exp_avg
-                    or entry.get("exp_avg_sq") is not exp_avg_sq or entry.get("step") is not step):
+        if optimizer is not None:
+            if not _adam_step_is_plain(optimizer):
                 return False
-        return True
+            groups = optimizer.param_groups
+            if len(groups) != 1 or _adam_flags(groups[0]) != _FUSABLE_FLAGS:
+                return False
+            group_params, state = groups[0]["params"], optimizer.state
+            if len(group_params) != len(params):
+                return False
+            for p, planned_p, (exp_avg, exp_avg_sq, step) in zip(group_params, params, self.adam_state):
+                entry = state.get(p)
+                if (p is not planned_p or entry is None or entry.get("exp_avg") is not exp_avg
+                        or entry.get("exp_avg_sq") is not exp_avg_sq or entry.get("step") is not step):
+                    return False
+        return _storage_signature(self.tensors) == self.signature
 
 
 _ADAM_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
@@ -257,13 +270,18 @@ class CppBackend(Backend):
                 if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype or not p.grad.is_contiguous():
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
         grads = [p.grad for p in params]
+        # Detached views: the plan's buffers keep their storage alive even if a tensor is later
+        # given new storage (the signature check then rebuilds the plan).
+        def views(tensors):
+            return [t.detach() for t in tensors]
+
         native = extension().MlpPlan(
             widths=layout.widths, activation=layout.activation, bias=layout.bias, loss=config.loss,
             first_order=config.first_order, steps=config.inner_steps, inner_lr=float(inner_lr),
-            params=[p.detach() for p in params],
-            grads=grads, adam_exp_avg=None if adam is None else [a[0] for a in adam],
-            adam_exp_avg_sq=None if adam is None else [a[1] for a in adam],
-            adam_steps=None if adam is None else [a[2] for a in adam])
+            params=views(params), grads=views(grads),
+            adam_exp_avg=None if adam is None else views(a[0] for a in adam),
+            adam_exp_avg_sq=None if adam is None else views(a[1] for a in adam),
+            adam_steps=None if adam is None else views(a[2] for a in adam))
         plan = self._plans[owner] = _Plan(native, settings, params, grads, adam)
         return plan
 
