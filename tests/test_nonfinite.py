@@ -178,6 +178,27 @@ def test_hvp_propagates_nonfinite_values_like_torch(cpu_level, activation, loss,
 
 
 @needs_extension
+@pytest.mark.parametrize("cpu_level", LEVELS, indirect=True)
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_a_nonfinite_call_leaves_no_trace(cpu_level, dtype_name):
+    """The CPU launcher keeps its workspace between calls of one layout (whatever the activation):
+    after NaN and Inf in it, a finite model of that layout gets the oracle's results. (A tanh call
+    with a NaN weight leaves NaN in padding lanes that a sigmoid call does not write.)"""
+    for placement in ("overflow", "inf-hidden-bias", "nan-weight"):
+        for activation in ("relu", "tanh"):
+            model, batch, options = meta_case(activation, "mse", dtype_name, placement, 2, False)
+            meta_results(model, batch, "cpp", options)
+    for activation in ("sigmoid", "relu"):
+        model, batch, options = meta_case(activation, "mse", dtype_name, "minus-inf-hidden-bias", 2, False)
+        _set(model[0].bias, 6, 0.25)
+        expected = meta_results(model, batch, "reference", options)
+        actual = meta_results(model, batch, "cpp", options)
+        for name in expected:
+            assert actual[name].isfinite().all(), name
+            assert_same_values(actual[name], expected[name], DTYPES[dtype_name], name)
+
+
+@needs_extension
 @pytest.mark.parametrize("tensor", ["support_x", "support_y", "query_x", "query_y"])
 @pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
 def test_nonfinite_data_is_still_rejected(tensor, value):

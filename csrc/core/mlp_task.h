@@ -163,7 +163,9 @@ PYMAML_HD T sum_over_points(const T* x, int K) {
 //   u, qg: PP each;  WTs: (S+1)·Σ (n_{l-1}+1)·pad(n_l) (the transposed weights of every θ_s);
 //   UT: one more;  point_sums: point_sum_slots(K)·PP (the partial sums over points, none for
 //   K <= kPointBlock).
-// That is O(S·(|θ| + K·width)) per task, and no graph. It must start zeroed: padding stays zero.
+// That is O(S·(|θ| + K·width)) per task, and no graph. It must start zeroed. After non-finite
+// values its padding lanes may hold NaN, which is harmless: no routine sums a padding lane into
+// a real value.
 template <class T>
 struct TaskWorkspace {
   T *passes, *RZ, *RA, *RD, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *u, *qg, *WTs, *UT, *point_sums;
@@ -566,7 +568,7 @@ PYMAML_HD void weight_products_in_order(const G& g, const MlpSpec& s, int K, int
     for (int o = g.rank(); o < ld_out; o += g.size()) bias[o] = T(0);
   } else if (s.bias) {
     T* bias = out + s.bias_offset(l);
-    // Σ_k d1[k, :] along contiguous rows, padding lanes (zero) included.
+    // Σ_k d1[k, :] along contiguous rows, padding lanes included (each lane its own sum).
     for (int o0 = g.rank() * kChunk; o0 < ld_out; o0 += g.size() * kChunk) {
       T sum[kChunk];
       PYMAML_SIMD
