@@ -2,8 +2,8 @@
 the float64 oracle at any number of points per task.
 
 The parameter gradients, the bias sums, the loss and the HVP's R-pass are sums over the K points
-of a task; summed in order, a float32 sum of K terms loses about √K·ε, which at K = 100,000 put
-the meta-gradient 1e-4 from float64. The kernels sum in blocks whose sums are added pairwise.
+of a task; summed in order, a float32 sum of K terms loses about √K·ε, too much at K = 100,000
+for the float32 tolerance. The kernels sum in blocks whose sums are added pairwise.
 The float64 cases check the blocked sums themselves (one block and a partial one; block counts
 that are and are not powers of two) at the float64 tolerance.
 """

@@ -26,7 +26,7 @@ PYMAML_HD double math_log(double x) { return ::log(x); }
 //   r where !(a <= 0), else exactly 0 (even for a NaN or infinite r); so a NaN unit passes r on.
 //   tanh, sigmoid: σ'(z) · r with σ' from a, as torch's tanh_backward and sigmoid_backward.
 // The selects compare a, never z, and are written as `a <= 0 ? 0 : r` so that a NaN takes the
-// r branch; with -fno-trapping-math they vectorize to a compare and a blend.
+// r branch; with -fno-trapping-math they vectorize to a compare and a bit mask.
 //
 // σ'(z) and σ''(z) of the activations with curvature, from a = σ(z): tanh: σ' = 1 - a², σ'' =
 // -2a σ'; sigmoid: σ' = a(1 - a), σ'' = σ'(1 - 2a). (ReLU and none have σ'' = 0 and take
@@ -120,9 +120,9 @@ struct Pass {
 
 // Sums over points are taken in blocks of kPointBlock points, each block in order, and the block
 // sums are added pairwise (a binary counter: partial sum j holds 2^j blocks). In order, a float32
-// sum of K terms loses about √K·ε of its size to rounding, which at K = 100,000 put the
-// meta-gradient 1e-4 from the float64 one; blocked, the loss grows with √kPointBlock + log2 K.
-// Up to kPointBlock points (the sinusoid's 10) the sum is the plain in-order one.
+// sum of K terms loses about √K·ε of its size to rounding, so that float32 results drift from
+// float64 as K grows; blocked, the loss grows with √kPointBlock + log2 K. Up to kPointBlock
+// points (the sinusoid's 10) the sum is the plain in-order one.
 constexpr int kPointBlock = 128;
 PYMAML_HD int point_blocks(int K) { return (K + kPointBlock - 1) / kPointBlock; }
 // The padded parameter vectors a blocked sum over K points needs: one per bit of the block count
