@@ -42,14 +42,17 @@ LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 
 
 # ---------------------------------------------------------------------------------------------
-# Elementwise helpers: σ, σ' and σ'' from z and a = σ(z).
+# Elementwise helpers: σ, σ' and σ'' from a = σ(z). NaN and Inf propagate as in torch: relu(NaN) =
+# NaN (tl.maximum may drop a NaN operand), and ReLU's backward is torch's threshold_backward on
+# the result, a select rather than a product: the incoming value where a is not <= 0 (NaN
+# included), else exactly 0 even for a NaN or infinite incoming value.
 
 
 @triton.jit
 def _activate(z, ACT: tl.constexpr):
     out = z
     if ACT == 1:
-        out = tl.maximum(z, 0.0)
+        out = tl.where(z < 0, 0.0, z)
     elif ACT == 2:  # tanh through exp(−2|z|): no overflow, full relative accuracy near 0
         e = tl.exp(-2.0 * tl.abs(z))
         out = tl.where(z >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
@@ -59,14 +62,24 @@ def _activate(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _slope(z, a, ACT: tl.constexpr):
-    out = tl.full(z.shape, 1.0, tl.float32)
-    if ACT == 1:
-        out = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
+def _slope(a, ACT: tl.constexpr):
+    """σ' of the activations with curvature (tanh, sigmoid); 1 otherwise."""
+    out = tl.full(a.shape, 1.0, tl.float32)
+    if ACT == 2:
         out = 1.0 - a * a
     elif ACT == 3:
         out = a * (1.0 - a)
+    return out
+
+
+@triton.jit
+def _slope_times(a, r, ACT: tl.constexpr):
+    """σ'(z) · r from a = σ(z)."""
+    out = r
+    if ACT == 1:
+        out = tl.where(a <= 0, 0.0, r)
+    elif ACT >= 2:
+        out = _slope(a, ACT) * r
     return out
 
 
@@ -146,6 +159,8 @@ def _store_flat_layer(flat, l: tl.constexpr, w, b, WIDTHS: tl.constexpr, PAD: tl
 
 # ---------------------------------------------------------------------------------------------
 # Per-point tiles [KB, PAD[l+1]] of a pass: Z, A, D (δ) and T (δ before the slope) per layer.
+# A, D and the HVP's tangents are stored zero outside the real points and units: the products
+# sum over those lanes, and a padding lane computed as 0 · NaN would make a real sum NaN.
 
 
 @triton.jit
@@ -153,6 +168,14 @@ def _point_ptrs(base, l: tl.constexpr, KB: tl.constexpr, PAD: tl.constexpr, UNIT
     rows = tl.arange(0, KB)[:, None]
     cols = tl.arange(0, PAD[l + 1])[None, :]
     return base + KB * UNIT_OFF[l] + rows * PAD[l + 1] + cols
+
+
+@triton.jit
+def _real(K, l: tl.constexpr, KB: tl.constexpr, PAD: tl.constexpr, WIDTHS: tl.constexpr):
+    """The real points and units of a layer-l tile [KB, PAD[l+1]]."""
+    rows = tl.arange(0, KB)[:, None]
+    cols = tl.arange(0, PAD[l + 1])[None, :]
+    return (rows < K) & (cols < WIDTHS[l + 1])
 
 
 @triton.jit
@@ -175,9 +198,9 @@ def _load_points(src, K, dst, KB: tl.constexpr, N: tl.constexpr, NP: tl.constexp
 
 
 @triton.jit
-def _forward(theta, x_tile, pz, pa, L: tl.constexpr, WIDTHS: tl.constexpr, PAD: tl.constexpr, W_OFF: tl.constexpr,
+def _forward(theta, x_tile, pz, pa, K, L: tl.constexpr, WIDTHS: tl.constexpr, PAD: tl.constexpr, W_OFF: tl.constexpr,
              B_OFF: tl.constexpr, KB: tl.constexpr, UNIT_OFF: tl.constexpr, ACT: tl.constexpr):
-    """z_l = a_{l-1} W_l^T + b_l, a_l = σ(z_l) (zero outside the real widths)."""
+    """z_l = a_{l-1} W_l^T + b_l, a_l = σ(z_l) (zero outside the real points and widths)."""
     for l in tl.static_range(L):
         h = _layer_input(x_tile, pa, l, KB, PAD, UNIT_OFF)
         w = _load_w(theta, l, PAD, W_OFF)
@@ -185,8 +208,7 @@ def _forward(theta, x_tile, pz, pa, L: tl.constexpr, WIDTHS: tl.constexpr, PAD: 
         z = tl.dot(h, tl.trans(w), input_precision=DOT_PRECISION) + b[None, :]
         tl.store(_point_ptrs(pz, l, KB, PAD, UNIT_OFF), z)
         if l < L - 1:
-            cols = tl.arange(0, PAD[l + 1])[None, :]
-            a = tl.where(cols < WIDTHS[l + 1], _activate(z, ACT), 0.0)
+            a = tl.where(_real(K, l, KB, PAD, WIDTHS), _activate(z, ACT), 0.0)
             tl.store(_point_ptrs(pa, l, KB, PAD, UNIT_OFF), a)
 
 
@@ -223,7 +245,7 @@ def _loss(pz, pd, y_ptr, K, WITH_DELTA: tl.constexpr, L: tl.constexpr, WIDTHS: t
 
 
 @triton.jit
-def _backward(theta, x_tile, pz, pa, pd, pt, grad, ACCUMULATE: tl.constexpr, WITH_GRAD: tl.constexpr,
+def _backward(theta, x_tile, pz, pa, pd, pt, grad, K, ACCUMULATE: tl.constexpr, WITH_GRAD: tl.constexpr,
               L: tl.constexpr, WIDTHS: tl.constexpr, PAD: tl.constexpr, W_OFF: tl.constexpr, B_OFF: tl.constexpr,
               KB: tl.constexpr, UNIT_OFF: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """From δ_L in the pass: δ_{l-1} = t ⊙ σ'(z_{l-1}), t = δ_l W_l (kept for σ''), and, when
@@ -237,9 +259,9 @@ def _backward(theta, x_tile, pz, pa, pd, pt, grad, ACCUMULATE: tl.constexpr, WIT
         if l > 0:
             w = _load_w(theta, l, PAD, W_OFF)
             t = tl.dot(delta, w, input_precision=DOT_PRECISION)
-            z = tl.load(_point_ptrs(pz, l - 1, KB, PAD, UNIT_OFF))
             a = tl.load(_point_ptrs(pa, l - 1, KB, PAD, UNIT_OFF))
-            tl.store(_point_ptrs(pd, l - 1, KB, PAD, UNIT_OFF), t * _slope(z, a, ACT))
+            real = _real(K, l - 1, KB, PAD, WIDTHS)
+            tl.store(_point_ptrs(pd, l - 1, KB, PAD, UNIT_OFF), tl.where(real, _slope_times(a, t, ACT), 0.0))
             tl.store(_point_ptrs(pt, l - 1, KB, PAD, UNIT_OFF), t)
 
 
@@ -261,9 +283,9 @@ def _hvp_add(theta, u, x_tile, pz, pa, pd, pt, rz_buf, ra_buf, rd_buf, out, K, L
             rz += tl.dot(ra_prev, tl.trans(_load_w(theta, l, PAD, W_OFF)), input_precision=DOT_PRECISION)
         tl.store(_point_ptrs(rz_buf, l, KB, PAD, UNIT_OFF), rz)
         if l < L - 1:
-            z = tl.load(_point_ptrs(pz, l, KB, PAD, UNIT_OFF))
             a = tl.load(_point_ptrs(pa, l, KB, PAD, UNIT_OFF))
-            tl.store(_point_ptrs(ra_buf, l, KB, PAD, UNIT_OFF), _slope(z, a, ACT) * rz)
+            ra = tl.where(_real(K, l, KB, PAD, WIDTHS), _slope_times(a, rz, ACT), 0.0)
+            tl.store(_point_ptrs(ra_buf, l, KB, PAD, UNIT_OFF), ra)
     rows = tl.arange(0, KB)[:, None]
     cols = tl.arange(0, PAD[L])[None, :]
     n: tl.constexpr = WIDTHS[L]
@@ -289,14 +311,13 @@ def _hvp_add(theta, u, x_tile, pz, pa, pd, pt, rz_buf, ra_buf, rd_buf, out, K, L
             gw += tl.dot(tl.trans(delta), ra_prev, input_precision=DOT_PRECISION)
             rt = tl.dot(r_delta, _load_w(theta, l, PAD, W_OFF), input_precision=DOT_PRECISION)
             rt += tl.dot(delta, _load_w(u, l, PAD, W_OFF), input_precision=DOT_PRECISION)
-            z = tl.load(_point_ptrs(pz, l - 1, KB, PAD, UNIT_OFF))
             a = tl.load(_point_ptrs(pa, l - 1, KB, PAD, UNIT_OFF))
-            slope = _slope(z, a, ACT)
-            r_prev = rt * slope
+            r_prev = _slope_times(a, rt, ACT)
             if ACT >= 2:  # σ'' ≠ 0
                 t = tl.load(_point_ptrs(pt, l - 1, KB, PAD, UNIT_OFF))
                 rz_prev = tl.load(_point_ptrs(rz_buf, l - 1, KB, PAD, UNIT_OFF))
-                r_prev += t * _curvature(a, slope, ACT) * rz_prev
+                r_prev += t * _curvature(a, _slope(a, ACT), ACT) * rz_prev
+            r_prev = tl.where(_real(K, l - 1, KB, PAD, WIDTHS), r_prev, 0.0)
             tl.store(_point_ptrs(rd_buf, l - 1, KB, PAD, UNIT_OFF), r_prev)
         _store_layer(out, l, gw, tl.sum(r_delta, axis=0), True, WIDTHS, PAD, W_OFF, B_OFF, HAS_BIAS)
 
@@ -347,22 +368,22 @@ def _mlp_meta_step_kernel(
     q_pass = passes + S * PASS
     qz, qa, qd, qt = q_pass, q_pass + KB * UNITS, q_pass + 2 * KB * UNITS, q_pass + 3 * KB * UNITS
     if S == 0:
-        _forward(thetas, xq, qz, qa, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
+        _forward(thetas, xq, qz, qa, query_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
         pre = _loss(qz, qd, qy, query_points, True, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
-        _backward(thetas, xq, qz, qa, qd, qt, v, False, True, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT,
-                  HAS_BIAS)
+        _backward(thetas, xq, qz, qa, qd, qt, v, query_points, False, True, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF,
+                  ACT, HAS_BIAS)
         task_loss = pre
     else:
-        _forward(thetas, xq, qz, qa, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
+        _forward(thetas, xq, qz, qa, query_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
         pre = _loss(qz, qd, qy, query_points, False, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
         # Inner loop; pass `step` keeps the support activations and δs at θ_step for its HVP.
         for step in range(0, S):
             theta = thetas + step * PW
             p = passes + step * PASS
-            _forward(theta, xs, p, p + KB * UNITS, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
+            _forward(theta, xs, p, p + KB * UNITS, support_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
             _loss(p, p + 2 * KB * UNITS, sy, support_points, True, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
-            _backward(theta, xs, p, p + KB * UNITS, p + 2 * KB * UNITS, p + 3 * KB * UNITS, grads + step * PW, False,
-                      True, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT, HAS_BIAS)
+            _backward(theta, xs, p, p + KB * UNITS, p + 2 * KB * UNITS, p + 3 * KB * UNITS, grads + step * PW,
+                      support_points, False, True, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT, HAS_BIAS)
             for l in tl.static_range(L):
                 lr_w, lr_b = _load_flat_layer(lrs_ptr + step * P, l, WIDTHS, PAD, FW_OFF, FB_OFF, HAS_BIAS)
                 w = _load_w(theta, l, PAD, W_OFF) - lr_w * _load_w(grads + step * PW, l, PAD, W_OFF)
@@ -372,17 +393,17 @@ def _mlp_meta_step_kernel(
         for step in range(1, S):
             weight = tl.load(step_weights_ptr + step - 1)
             if ALL_STEP_LOSSES or weight != 0.0:
-                _forward(thetas + step * PW, xq, qz, qa, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
+                _forward(thetas + step * PW, xq, qz, qa, query_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
                 loss = _loss(qz, qd, qy, query_points, False, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
                 task_loss += weight * loss
                 tl.store(step_out + step - 1, loss)
             else:
                 tl.store(step_out + step - 1, float("nan"))
         # v_S = w_S ∇L_query(θ_S)
-        _forward(thetas + S * PW, xq, qz, qa, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
+        _forward(thetas + S * PW, xq, qz, qa, query_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
         last = _loss(qz, qd, qy, query_points, True, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
-        _backward(thetas + S * PW, xq, qz, qa, qd, qt, v, False, True, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT,
-                  HAS_BIAS)
+        _backward(thetas + S * PW, xq, qz, qa, qd, qt, v, query_points, False, True, L, WIDTHS, PAD, W_OFF, B_OFF, KB,
+                  UNIT_OFF, ACT, HAS_BIAS)
         tl.store(step_out + S - 1, last)
         w_last = tl.load(step_weights_ptr + S - 1)
         task_loss += w_last * last
@@ -394,10 +415,11 @@ def _mlp_meta_step_kernel(
             if at + 1 < S:  # v_{at+1} += w_{at+1} ∇L_query(θ_{at+1})
                 weight = tl.load(step_weights_ptr + at)
                 if weight != 0.0:
-                    _forward(thetas + (at + 1) * PW, xq, qz, qa, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
+                    _forward(thetas + (at + 1) * PW, xq, qz, qa, query_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB,
+                             UNIT_OFF, ACT)
                     _loss(qz, qd, qy, query_points, True, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
-                    _backward(thetas + (at + 1) * PW, xq, qz, qa, qd, qt, qg, False, True, L, WIDTHS, PAD, W_OFF,
-                              B_OFF, KB, UNIT_OFF, ACT, HAS_BIAS)
+                    _backward(thetas + (at + 1) * PW, xq, qz, qa, qd, qt, qg, query_points, False, True, L, WIDTHS,
+                              PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT, HAS_BIAS)
                     for l in tl.static_range(L):
                         _store_layer(v, l, weight * _load_w(qg, l, PAD, W_OFF), weight * _load_b(qg, l, PAD, B_OFF),
                                      True, WIDTHS, PAD, W_OFF, B_OFF, HAS_BIAS)
@@ -483,9 +505,9 @@ def _mlp_hvp_kernel(
     else:
         y = y_ptr + t * points
     pz, pa, pd, pt = p, p + KB * UNITS, p + 2 * KB * UNITS, p + 3 * KB * UNITS
-    _forward(theta, x_tile, pz, pa, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
+    _forward(theta, x_tile, pz, pa, points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
     _loss(pz, pd, y, points, True, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
-    _backward(theta, x_tile, pz, pa, pd, pt, hv, False, False, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT,
+    _backward(theta, x_tile, pz, pa, pd, pt, hv, points, False, False, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT,
               HAS_BIAS)
     _hvp_add(theta, u, x_tile, pz, pa, pd, pt, r_buf, r_buf + KB * UNITS, r_buf + 2 * KB * UNITS, hv, points, L,
              WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT, LOSS, HAS_BIAS)

@@ -20,12 +20,20 @@ PYMAML_HD double math_exp(double x) { return ::exp(x); }
 PYMAML_HD float math_log(float x) { return ::logf(x); }
 PYMAML_HD double math_log(double x) { return ::log(x); }
 
-// σ'(z) and σ''(z), from z and a = σ(z). ReLU: σ' = [z > 0] (torch's convention at 0), σ'' = 0;
-// tanh: σ' = 1 - a², σ'' = -2a σ'; sigmoid: σ' = a(1 - a), σ'' = σ'(1 - 2a).
+// Non-finite values propagate as torch propagates them, so that a NaN or Inf in the weights
+// reaches the loss and the gradients exactly where autograd puts it:
+//   ReLU: relu(NaN) = NaN, and its backward is torch's threshold_backward on the result a:
+//   r where !(a <= 0), else exactly 0 (even for a NaN or infinite r); so a NaN unit passes r on.
+//   tanh, sigmoid: σ'(z) · r with σ' from a, as torch's tanh_backward and sigmoid_backward.
+// The selects compare a, never z, and are written as `a <= 0 ? 0 : r` so that a NaN takes the
+// r branch; with -fno-trapping-math they vectorize to a compare and a bit mask.
+//
+// σ'(z) and σ''(z) of the activations with curvature, from a = σ(z): tanh: σ' = 1 - a², σ'' =
+// -2a σ'; sigmoid: σ' = a(1 - a), σ'' = σ'(1 - 2a). (ReLU and none have σ'' = 0 and take
+// slope_times_row.)
 template <class T>
-PYMAML_HD T activation_slope(Activation act, T z, T a) {
+PYMAML_HD T activation_slope(Activation act, T a) {
   switch (act) {
-    case Activation::relu: return z > T(0) ? T(1) : T(0);
     case Activation::tanh: return T(1) - a * a;
     case Activation::sigmoid: return a * (T(1) - a);
     default: return T(1);
@@ -42,15 +50,16 @@ PYMAML_HD T activation_curvature(Activation act, T a, T slope) {
 }
 
 // Row-wise elementwise passes, with the switch on the activation outside the loops so that
-// each loop vectorizes. Callers pass the padded width where the padding lanes (zero) stay zero:
-// whole SIMD registers, no scalar tail.
+// each loop vectorizes. Callers pass the padded width where the padding lanes may be written:
+// whole SIMD registers, no scalar tail. Padding lanes carry no meaning (they are zero while
+// every value is finite, and may hold NaN when a real value is not); no routine sums over them.
 // a[i] = σ(z[i])
 template <class T>
 PYMAML_HD void activate_row(Activation act, int n, const T* z, T* a) {
   switch (act) {
     case Activation::relu:
       PYMAML_SIMD
-      for (int i = 0; i < n; ++i) a[i] = z[i] > T(0) ? z[i] : T(0);
+      for (int i = 0; i < n; ++i) a[i] = z[i] < T(0) ? T(0) : z[i];  // NaN stays NaN
       break;
     case Activation::tanh:
       for (int i = 0; i < n; ++i) a[i] = math_tanh(z[i]);
@@ -63,13 +72,13 @@ PYMAML_HD void activate_row(Activation act, int n, const T* z, T* a) {
   }
 }
 
-// out[i] = σ'(z[i]) · r[i]   (in place when out == r)
+// out[i] = σ'(z[i]) · r[i] from a = σ(z)   (in place when out == r)
 template <class T>
-PYMAML_HD void slope_times_row(Activation act, int n, const T* z, const T* a, const T* r, T* out) {
+PYMAML_HD void slope_times_row(Activation act, int n, const T* a, const T* r, T* out) {
   switch (act) {
     case Activation::relu:
       PYMAML_SIMD
-      for (int i = 0; i < n; ++i) out[i] = z[i] > T(0) ? r[i] : T(0);
+      for (int i = 0; i < n; ++i) out[i] = a[i] <= T(0) ? T(0) : r[i];
       break;
     case Activation::tanh:
       PYMAML_SIMD
@@ -87,14 +96,13 @@ PYMAML_HD void slope_times_row(Activation act, int n, const T* z, const T* a, co
 // R(δ) = R(t) σ'(z) + t σ''(z) R(z), in place over R(t) (rt), with t the back-propagated
 // product before the slope (δ = t σ'(z)).
 template <class T>
-PYMAML_HD void tangent_slope_row(Activation act, int n, int ld, const T* z, const T* a, const T* rz, const T* t,
-                                 T* rt) {
+PYMAML_HD void tangent_slope_row(Activation act, int n, int ld, const T* a, const T* rz, const T* t, T* rt) {
   if (act == Activation::relu || act == Activation::none) {  // σ'' = 0
-    slope_times_row(act, ld, z, a, rt, rt);
+    slope_times_row(act, ld, a, rt, rt);
     return;
   }
   for (int i = 0; i < n; ++i) {
-    const T slope = activation_slope(act, z[i], a[i]);
+    const T slope = activation_slope(act, a[i]);
     rt[i] = rt[i] * slope + t[i] * activation_curvature(act, a[i], slope) * rz[i];
   }
 }
@@ -110,17 +118,57 @@ struct Pass {
   const T* X;
 };
 
+// Sums over points are taken in blocks of kPointBlock points, each block in order, and the block
+// sums are added pairwise (a binary counter: partial sum j holds 2^j blocks). In order, a float32
+// sum of K terms loses about √K·ε of its size to rounding, so that float32 results drift from
+// float64 as K grows; blocked, the loss grows with √kPointBlock + log2 K. Up to kPointBlock
+// points (the sinusoid's 10) the sum is the plain in-order one.
+constexpr int kPointBlock = 128;
+PYMAML_HD int point_blocks(int K) { return (K + kPointBlock - 1) / kPointBlock; }
+// The padded parameter vectors a blocked sum over K points needs: one per bit of the block count
+// (the partial sums) and one for the block being summed; none for a single block.
+PYMAML_HD int point_sum_slots(int K) {
+  const int blocks = point_blocks(K);
+  if (blocks <= 1) return 0;
+  int bits = 0;
+  while (bits < 31 && (1 << bits) <= blocks) ++bits;
+  return bits + 1;
+}
+
+// Σ_{k < K} x[k], blocked and pairwise as above.
+template <class T>
+PYMAML_HD T sum_over_points(const T* x, int K) {
+  T partial[32];
+  const int blocks = point_blocks(K);
+  for (int b = 0; b < blocks; ++b) {
+    const int end = (b + 1) * kPointBlock < K ? (b + 1) * kPointBlock : K;
+    T sum = 0;
+    for (int k = b * kPointBlock; k < end; ++k) sum += x[k];
+    int j = 0;
+    for (; (b >> j) & 1; ++j) sum = partial[j] + sum;
+    partial[j] = sum;
+  }
+  T total = 0;
+  for (int j = 0; j < 32 && (blocks >> j) != 0; ++j) {
+    if ((blocks >> j) & 1) total = partial[j] + total;
+  }
+  return total;
+}
+
 // Scratch for one task. Sizes in elements of T, with K = max(support, query) points, U the
 // padded units of all layers and PP the padded parameter count:
 //   passes: S + 1 of 4·K·U + K each (one per inner step on the support set, kept for its HVP,
 //           and one for the query set);  RZ, RA, RD: K·U each (the HVP's tangents);
 //   Xs, Xq: K·pad(n_0) each;  rows: K;  cell: 2;  thetas (θ_1..θ_S), grads: S·PP each;
 //   u, qg: PP each;  WTs: (S+1)·Σ (n_{l-1}+1)·pad(n_l) (the transposed weights of every θ_s);
-//   UT: one more.
-// That is O(S·(|θ| + K·width)) per task, and no graph. It must start zeroed: padding stays zero.
+//   UT: one more;  point_sums: point_sum_slots(K)·PP (the partial sums over points, none for
+//   K <= kPointBlock).
+// That is O(S·(|θ| + K·width)) per task, and no graph. It must start zeroed. After non-finite
+// values its padding lanes may hold NaN, which is harmless: no routine sums a padding lane into
+// a real value.
 template <class T>
 struct TaskWorkspace {
-  T *passes, *RZ, *RA, *RD, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *u, *qg, *WTs, *UT;
+  T *passes, *RZ, *RA, *RD, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *u, *qg, *WTs, *UT, *point_sums;
   int64_t pass_size;
 
   PYMAML_HD_MEMBER static int64_t pass_elements(const MlpSpec& s, int K) { return 4 * int64_t(K) * s.total_units + K; }
@@ -128,7 +176,7 @@ struct TaskWorkspace {
   PYMAML_HD_MEMBER static int64_t size(const MlpSpec& s, int K, int S) {
     const int64_t PP = s.num_padded_params, act = int64_t(K) * s.total_units;
     return (int64_t(S) + 1) * pass_elements(s, K) + 3 * act + 2 * int64_t(K) * padded(s.widths[0]) + int64_t(K) + 2 +
-           2 * int64_t(S) * PP + 2 * PP + (int64_t(S) + 2) * s.wt_size;
+           2 * int64_t(S) * PP + 2 * PP + (int64_t(S) + 2) * s.wt_size + int64_t(point_sum_slots(K)) * PP;
   }
 
   PYMAML_HD_MEMBER TaskWorkspace(T* base, const MlpSpec& s, int K, int S) {
@@ -148,7 +196,8 @@ struct TaskWorkspace {
     u = p; p += PP;
     qg = p; p += PP;
     WTs = p; p += (int64_t(S) + 1) * s.wt_size;
-    UT = p;
+    UT = p; p += s.wt_size;
+    point_sums = p;
   }
 
   // Pass i (0..S) over the points whose padded inputs are X.
@@ -355,11 +404,12 @@ PYMAML_HD void transpose_weights(const G& g, const MlpSpec& s, const T* theta, T
   g.sync();
 }
 
-// C[r, j] = (C[r, j] if accumulate, else init[j]) + Σ_i a[r, i] W[j, i] for j < n: the product
-// with W's rows as dot products (see dot_layer). Rows of a and W are zero-padded to ld.
+// C[r, j] = (C[r, j] if accumulate, else init[j]) + Σ_{i < m} a[r, i] W[j, i] for j < n: the
+// product with W's rows as dot products (see dot_layer). Rows of a and W are padded to ld; the
+// padding lanes are left out of the sum (a 0 · NaN there would make a finite product NaN).
 template <class T, class G>
-PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int ld, const T* a, int64_t lda, const T* W, int64_t ldw, T* C,
-                             int64_t ldc, const T* init, bool accumulate) {
+PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int m, int ld, const T* a, int64_t lda, const T* W,
+                             int64_t ldw, T* C, int64_t ldc, const T* init, bool accumulate) {
   for (int idx = g.rank(); idx < R * n; idx += g.size()) {
     const int r = idx / n, j = idx - r * n;
     const T* x = a + r * lda;
@@ -368,10 +418,19 @@ PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int ld, const T* a, int64
     static_assert(kChunk == 16, "the lane sum below is written for 16 lanes");
     typedef T Panel __attribute__((vector_size(sizeof(T) * kChunk)));
     Panel acc{}, xa, wa;
-    for (int i = 0; i < ld; i += kChunk) {
+    const int full = m / kChunk * kChunk;
+    for (int i = 0; i < full; i += kChunk) {
       __builtin_memcpy(&xa, x + i, sizeof(Panel));
       __builtin_memcpy(&wa, w + i, sizeof(Panel));
       acc += xa * wa;
+    }
+    if (full < ld) {  // the last panel, its padding lanes selected out
+      typedef decltype(xa < wa) Lanes;
+      Lanes lane;
+      for (int i = 0; i < kChunk; ++i) lane[i] = i;
+      __builtin_memcpy(&xa, x + full, sizeof(Panel));
+      __builtin_memcpy(&wa, w + full, sizeof(Panel));
+      acc += lane < m - full ? xa * wa : Panel{};
     }
     typedef T Half __attribute__((vector_size(sizeof(T) * kChunk / 2)));
     typedef T Quarter __attribute__((vector_size(sizeof(T) * kChunk / 4)));
@@ -381,7 +440,7 @@ PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int ld, const T* a, int64
     const T sum = (q[0] + q[2]) + (q[1] + q[3]);
 #else
     T sum = 0;
-    for (int i = 0; i < ld; ++i) sum += x[i] * w[i];
+    for (int i = 0; i < m; ++i) sum += x[i] * w[i];
 #endif
     C[r * ldc + j] = (accumulate ? C[r * ldc + j] : init[j]) + sum;
   }
@@ -409,7 +468,7 @@ PYMAML_HD void forward_product(const G& g, const MlpSpec& s, int l, int K, const
                                T* z, bool accumulate) {
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
   if (dot_layer(s, l)) {
-    gemm_rows_dot(g, K, n_out, ld_in, in, int64_t(ld_in), theta + s.padded_offset[l], int64_t(ld_in), z,
+    gemm_rows_dot(g, K, n_out, n_in, ld_in, in, int64_t(ld_in), theta + s.padded_offset[l], int64_t(ld_in), z,
                   int64_t(ld_out), theta + s.bias_offset(l), accumulate);
   } else {
     const T* wt = l == 1 ? theta + s.padded_offset[1] : WT + s.wt_offset[l];
@@ -475,9 +534,7 @@ PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, bool 
   }
   g.sync();
   if (g.rank() == 0) {
-    T total = 0;
-    for (int k = 0; k < K; ++k) total += ws.row_loss[k];
-    ws.cell[0] = total;
+    ws.cell[0] = sum_over_points(ws.row_loss, K);
   }
   g.sync();
 }
@@ -485,10 +542,10 @@ PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, bool 
 // Layer l's block of a padded parameter vector `out`: W[o, :] = Σ_k d1[k, o] in1[k, :] (+ Σ_k
 // d2[k, o] in2[k, :] when d2 is given), and the bias = Σ_k d1[k, o] when the MLP has biases;
 // added to `out` when accumulate. Layer 1 is stored transposed and takes the same sums as
-// W^T[i, :] = Σ_k in1[k, i] d1[k, :].
+// W^T[i, :] = Σ_k in1[k, i] d1[k, :]. The sums over k run in order (weight_products blocks them).
 template <class T, class G>
-PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const T* d1, const T* in1, const T* d2,
-                               const T* in2, T* out, bool accumulate) {
+PYMAML_HD void weight_products_in_order(const G& g, const MlpSpec& s, int K, int l, const T* d1, const T* in1,
+                                        const T* d2, const T* in2, T* out, bool accumulate) {
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
   T* W = out + s.padded_offset[l];
   if (l == 1) {
@@ -511,7 +568,7 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
     for (int o = g.rank(); o < ld_out; o += g.size()) bias[o] = T(0);
   } else if (s.bias) {
     T* bias = out + s.bias_offset(l);
-    // Σ_k d1[k, :] along contiguous rows, padding lanes (zero) included.
+    // Σ_k d1[k, :] along contiguous rows, padding lanes included (each lane its own sum).
     for (int o0 = g.rank() * kChunk; o0 < ld_out; o0 += g.size() * kChunk) {
       T sum[kChunk];
       PYMAML_SIMD
@@ -527,18 +584,67 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
   }
 }
 
+// weight_products_in_order over all K points, as blocks of kPointBlock points whose sums are
+// added pairwise (see kPointBlock) when K is larger than one block. point_sums holds
+// point_sum_slots(K) padded vectors; only layer l's block [padded_offset[l], bias_offset(l) +
+// pad(n_l)) of each is used.
+template <class T, class G>
+PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const T* d1, const T* in1, const T* d2,
+                               const T* in2, T* out, bool accumulate, T* point_sums) {
+  const int blocks = point_blocks(K);
+  if (blocks <= 1) {
+    weight_products_in_order(g, s, K, l, d1, in1, d2, in2, out, accumulate);
+    return;
+  }
+  const int64_t PP = s.num_padded_params, begin = s.padded_offset[l];
+  const int64_t size = s.bias_offset(l) + padded(s.out(l)) - begin;
+  const int64_t ld_in = padded(s.in(l)), ld_out = padded(s.out(l));
+  const int current = point_sum_slots(K) - 1;  // slots 0..current-1 hold partial sums of 2^j blocks
+  T* block = point_sums + current * PP;
+  for (int b = 0; b < blocks; ++b) {
+    const int k0 = b * kPointBlock, points = K - k0 < kPointBlock ? K - k0 : kPointBlock;
+    weight_products_in_order(g, s, points, l, d1 + k0 * ld_out, in1 + k0 * ld_in, d2 ? d2 + k0 * ld_out : nullptr,
+                             in2 ? in2 + k0 * ld_in : nullptr, block, false);
+    g.sync();
+    int j = 0;
+    for (; (b >> j) & 1; ++j) {  // carry: block += partial sum j
+      const T* partial = point_sums + j * PP + begin;
+      T* sum = block + begin;
+      PYMAML_SIMD
+      for (int64_t i = g.rank(); i < size; i += g.size()) sum[i] = partial[i] + sum[i];
+      g.sync();
+    }
+    T* partial = point_sums + j * PP + begin;
+    const T* sum = block + begin;
+    PYMAML_SIMD
+    for (int64_t i = g.rank(); i < size; i += g.size()) partial[i] = sum[i];
+    g.sync();
+  }
+  T* target = out + begin;
+  for (int64_t i = g.rank(); i < size; i += g.size()) {
+    T total = 0;
+    for (int j = 0; j < current; ++j) {
+      if ((blocks >> j) & 1) total = point_sums[j * PP + begin + i] + total;
+    }
+    target[i] = accumulate ? target[i] + total : total;
+  }
+  g.sync();
+}
+
 // Back-propagation from δ_L in the pass: δ_{l-1} = t ⊙ σ'(z_{l-1}) with t = δ_l W_l (kept in
 // the pass for activations with curvature), and, when grad is not null, gW_l = δ_l^T a_{l-1},
 // gb_l = Σ_k δ_l into it.
 template <class T, class G>
-PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K, const Pass<T>& pass, T* grad) {
+PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K, const Pass<T>& pass, T* grad,
+                             T* point_sums) {
   const bool curvature = has_curvature(s.activation);
   for (int l = s.layers; l >= 1; --l) {
     const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
     const T* in = layer_input(s, pass, K, l);
     const T* delta = TaskWorkspace<T>::layer(pass.D, s, K, l);
     if (grad) {
-      weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad, false);
+      weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad, false,
+                      point_sums);
     }
     if (l > 1) {
       T* prev = TaskWorkspace<T>::layer(pass.D, s, K, l - 1);
@@ -546,10 +652,9 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K,
       gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
                 product, int64_t(ld_in), static_cast<const T*>(nullptr), false);
       g.sync();
-      const T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_in;
-        slope_times_row(s.activation, ld_in, z + row, in + row, product + row, prev + row);
+        slope_times_row(s.activation, ld_in, in + row, product + row, prev + row);
       }
     }
     g.sync();
@@ -563,7 +668,7 @@ PYMAML_HD void mlp_gradient(const G& g, const MlpSpec& s, const T* theta, const 
                             const Pass<T>& pass, const TaskWorkspace<T>& ws, T* grad) {
   mlp_forward(g, s, theta, WT, K, pass);
   mlp_loss(g, s, y, K, true, pass, ws);
-  mlp_backward(g, s, theta, K, pass, grad);
+  mlp_backward(g, s, theta, K, pass, grad, ws.point_sums);
 }
 
 template <class T, class G>
@@ -595,12 +700,11 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
     }
     g.sync();
     if (l < s.layers) {
-      const T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l);
       const T* a = TaskWorkspace<T>::layer(pass.A, s, K, l);
       T* ra = TaskWorkspace<T>::layer(ws.RA, s, K, l);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_out;
-        slope_times_row(s.activation, ld_out, z + row, a + row, rz + row, ra + row);
+        slope_times_row(s.activation, ld_out, a + row, rz + row, ra + row);
       }
       g.sync();
     }
@@ -630,7 +734,7 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
     const T* delta = TaskWorkspace<T>::layer(pass.D, s, K, l);
     const T* r_delta = TaskWorkspace<T>::layer(ws.RD, s, K, l);
     const T* r_in = l == 1 ? nullptr : TaskWorkspace<T>::layer(ws.RA, s, K, l - 1);
-    weight_products(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv, accumulate);
+    weight_products(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv, accumulate, ws.point_sums);
     if (l > 1) {
       T* r_prev = TaskWorkspace<T>::layer(ws.RD, s, K, l - 1);
       gemm_rows(g, K, n_out, ld_in, r_delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
@@ -638,12 +742,11 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
       gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), u + s.padded_offset[l], int64_t(ld_in), r_prev,
                 int64_t(ld_in), static_cast<const T*>(nullptr), true);
       g.sync();
-      const T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l - 1);
       const T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l - 1);
       const T* t = TaskWorkspace<T>::layer(pass.Dt, s, K, l - 1);
       for (int k = g.rank(); k < K; k += g.size()) {
         const int64_t row = int64_t(k) * ld_in;
-        tangent_slope_row(s.activation, n_in, ld_in, z + row, in + row, rz + row, t + row, r_prev + row);
+        tangent_slope_row(s.activation, n_in, ld_in, in + row, rz + row, t + row, r_prev + row);
       }
     }
     g.sync();
