@@ -127,14 +127,20 @@ def _grads_writable(params) -> bool:
     return True
 
 
-_DATA_PTR, _SIZE, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.size, torch.Tensor.stride
+_DATA_PTR, _SIZE, _IS_CONTIGUOUS = torch.Tensor.data_ptr, torch.Tensor.size, torch.Tensor.is_contiguous
 
 
 def _storage_signature(tensors) -> tuple:
-    """Where each tensor's data lies and how it is laid out: its data pointer, sizes and strides
-    (what a native plan's held buffers stand for; list(map(...)) over the C methods keeps this
-    cheap)."""
-    return list(map(_DATA_PTR, tensors)), list(map(_SIZE, tensors)), list(map(_STRIDE, tensors))
+    """Where each tensor's data lies and its sizes (what a native plan's held buffers stand for);
+    list(map(...)) over the C methods keeps this cheap."""
+    return list(map(_DATA_PTR, tensors)), list(map(_SIZE, tensors))
+
+
+def _laid_out_as_planned(tensors, signature) -> bool:
+    """Whether the tensors still have the planned data pointers and sizes and are contiguous: a
+    plan holds only contiguous buffers, and same sizes and contiguous means the same strides
+    (but for dimensions of size 1, where a stride addresses nothing)."""
+    return _storage_signature(tensors) == signature and all(map(_IS_CONTIGUOUS, tensors))
 
 
 class _Plan:
@@ -173,7 +179,7 @@ class _Plan:
                 if (p is not planned_p or entry is None or entry.get("exp_avg") is not exp_avg
                         or entry.get("exp_avg_sq") is not exp_avg_sq or entry.get("step") is not step):
                     return False
-        return _storage_signature(self.tensors) == self.signature
+        return _laid_out_as_planned(self.tensors, self.signature)
 
 
 _ADAM_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
