@@ -27,6 +27,8 @@
 constexpr int kVectorBytes = 64, kVectorRegisters = 32;
 #elif defined(__AVX__)
 constexpr int kVectorBytes = 32, kVectorRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int kVectorBytes = 16, kVectorRegisters = 32;  // NEON: 32 × 128-bit
 #else
 constexpr int kVectorBytes = 16, kVectorRegisters = 16;
 #endif

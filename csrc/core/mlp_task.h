@@ -219,16 +219,25 @@ struct Targets {
 };
 
 #if !defined(__CUDACC__)
-// The register-blocked product: for RB rows r and NP kChunk-wide column panels p,
-// C[r, p] = (C[r, p] if accumulate, else init[p] or 0) + Σ_k a(r, k) B[k, p], with
-// a(r, k) = a[r·ars + k·acs]; all RB·NP accumulators stay in registers across the k loop, so
-// each B panel is loaded once per k for RB rows and each a(r, k) broadcast once for NP panels.
+// Lanes of T in one vector register of the unit's ISA level; kChunk is a multiple of it.
+template <class T>
+constexpr int vector_lanes() { return kVectorBytes / int(sizeof(T)) > 0 ? kVectorBytes / int(sizeof(T)) : 1; }
+static_assert(kChunk % (kVectorBytes / int(sizeof(float))) == 0 && kChunk % (kVectorBytes / int(sizeof(double))) == 0,
+              "padded rows must hold whole vector registers");
+
+// The register-blocked product: for RB rows r and NP column panels p, each one vector register
+// of T wide (vector_lanes<T>() columns), C[r, p] = (C[r, p] if accumulate, else init[p] or 0)
+// + Σ_k a(r, k) B[k, p], with a(r, k) = a[r·ars + k·acs]; all RB·NP accumulators stay in
+// registers across the k loop, so each B panel is loaded once per k for RB rows and each
+// a(r, k) broadcast once for NP panels. Every output is the same k-ordered sum whatever the
+// tile shape, so results do not depend on how the rows and columns are blocked.
 template <class T, int RB, int NP>
 PYMAML_NOINLINE void gemm_tile(int Kd, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
                                int64_t ldc, const T* init, bool accumulate) {
+  constexpr int lanes = vector_lanes<T>();
 #if !defined(__GNUC__) || defined(__clang__)
   for (int r = 0; r < RB; ++r) {
-    for (int j = 0; j < NP * kChunk; ++j) {
+    for (int j = 0; j < NP * lanes; ++j) {
       T acc = accumulate ? C[r * ldc + j] : (init ? init[j] : T(0));
       for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * acs] * B[int64_t(k) * ldb + j];
       C[r * ldc + j] = acc;
@@ -236,17 +245,18 @@ PYMAML_NOINLINE void gemm_tile(int Kd, const T* a, int64_t ars, int64_t acs, con
   }
 #else
   // GCC vector extensions keep the accumulators in registers (plain arrays were spilled to the
-  // stack on every k) and lower to the vector width of the unit's ISA level.
-  typedef T Panel __attribute__((vector_size(sizeof(T) * kChunk)));
+  // stack on every k). A panel is exactly one register: wider vector types have no machine mode
+  // below AVX-512 and GCC lowers them through the stack.
+  typedef T Panel __attribute__((vector_size(lanes * sizeof(T))));
   Panel acc[RB][NP];
 PYMAML_UNROLL
   for (int r = 0; r < RB; ++r) {
 PYMAML_UNROLL
     for (int p = 0; p < NP; ++p) {
       if (accumulate) {
-        __builtin_memcpy(&acc[r][p], C + r * ldc + p * kChunk, sizeof(Panel));
+        __builtin_memcpy(&acc[r][p], C + r * ldc + p * lanes, sizeof(Panel));
       } else if (init) {
-        __builtin_memcpy(&acc[r][p], init + p * kChunk, sizeof(Panel));
+        __builtin_memcpy(&acc[r][p], init + p * lanes, sizeof(Panel));
       } else {
         acc[r][p] = Panel{};
       }
@@ -256,7 +266,7 @@ PYMAML_PRAGMA(GCC unroll 2)
   for (int k = 0; k < Kd; ++k) {
     Panel b[NP];
 PYMAML_UNROLL
-    for (int p = 0; p < NP; ++p) __builtin_memcpy(&b[p], B + int64_t(k) * ldb + p * kChunk, sizeof(Panel));
+    for (int p = 0; p < NP; ++p) __builtin_memcpy(&b[p], B + int64_t(k) * ldb + p * lanes, sizeof(Panel));
 PYMAML_UNROLL
     for (int r = 0; r < RB; ++r) {
       const T scale = a[r * ars + k * acs];
@@ -267,21 +277,22 @@ PYMAML_UNROLL
 PYMAML_UNROLL
   for (int r = 0; r < RB; ++r) {
 PYMAML_UNROLL
-    for (int p = 0; p < NP; ++p) __builtin_memcpy(C + r * ldc + p * kChunk, &acc[r][p], sizeof(Panel));
+    for (int p = 0; p < NP; ++p) __builtin_memcpy(C + r * ldc + p * lanes, &acc[r][p], sizeof(Panel));
   }
 #endif
 }
 
-// The tile shape for NP panels: as many rows (at most kMaxTileRows) as the vector registers
-// hold beside the NP panels of B and a broadcast. AVX-512 float: 8 rows × 3 panels; AVX2 float:
-// 6 rows × 1 panel (2 registers each); 40×40 products ran at 160-200 GFLOP/s here with 8 × 3.
-constexpr int kMaxTileRows = 8, kMaxTilePanels = 4;
+// The tile shape for NP one-register panels: as many rows (at most kMaxTileRows) as the vector
+// registers hold beside the NP panels of B and the broadcast a(r, k): RB·NP + NP + 1 registers.
+// kMaxTilePanels, the widest tile, keeps the accumulators near the most the registers hold:
+// with 32 registers (AVX-512, NEON) 8 rows × 3 or 6 × 4 panels; with 16 (AVX2, SSE2) 6 × 2.
+constexpr int kMaxTileRows = 8;
 template <class T>
 constexpr int tile_rows(int NP) {
-  const int per_panel = int(sizeof(T)) * kChunk / kVectorBytes > 0 ? int(sizeof(T)) * kChunk / kVectorBytes : 1;
-  const int budget = (kVectorRegisters - NP * per_panel - 1) / (NP * per_panel);
+  const int budget = (kVectorRegisters - NP - 1) / NP;
   return budget < 1 ? 1 : (budget > kMaxTileRows ? kMaxTileRows : budget);
 }
+constexpr int kMaxTilePanels = kVectorRegisters >= 32 ? 4 : 2;
 
 template <class T, int NP>
 static inline void gemm_tile_rows(int rows, int Kd, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
@@ -313,13 +324,14 @@ PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t a
     C[r * ldc + j] = acc;
   }
 #else
-  const int panels = N / kChunk;
+  constexpr int lanes = vector_lanes<T>();
+  const int panels = N / lanes;
   for (int p0 = 0; p0 < panels; p0 += kMaxTilePanels) {
     const int np = panels - p0 < kMaxTilePanels ? panels - p0 : kMaxTilePanels;
-    const int most = np == 1 ? tile_rows<T>(1) : np == 2 ? tile_rows<T>(2) : np == 3 ? tile_rows<T>(3) : tile_rows<T>(4);
+    const int most = tile_rows<T>(np);
     const int blocks = (R + most - 1) / most;
     const int base = R / (blocks > 0 ? blocks : 1), extra = R - base * blocks;  // the first `extra` blocks get one more
-    const int64_t column = int64_t(p0) * kChunk;
+    const int64_t column = int64_t(p0) * lanes;
     const T* init_p = init ? init + column : nullptr;
     for (int block = g.rank(); block < blocks; block += g.size()) {
       const int r0 = block * base + (block < extra ? block : extra);
@@ -329,9 +341,9 @@ PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t a
       const T* bb = B + column;
       switch (np) {
         case 1: gemm_tile_rows<T, 1>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
-        case 2: gemm_tile_rows<T, 2>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
-        case 3: gemm_tile_rows<T, 3>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
-        default: gemm_tile_rows<T, 4>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
+        case 2: gemm_tile_rows<T, (kMaxTilePanels < 2 ? kMaxTilePanels : 2)>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
+        case 3: gemm_tile_rows<T, (kMaxTilePanels < 3 ? kMaxTilePanels : 3)>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
+        default: gemm_tile_rows<T, kMaxTilePanels>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
       }
     }
   }
@@ -384,8 +396,10 @@ PYMAML_HD void transpose_weights(const G& g, const MlpSpec& s, const T* theta, T
     T* wt = WT + s.wt_offset[l];
     int o_tiled = 0;
 #if defined(PYMAML_VECTOR_TRANSPOSE)
-    const int i_tiled = n_in / 8 * 8;
-    o_tiled = n_out / 8 * 8;
+    // 8-lane rows of T that fit one vector register; wider ones would go through the stack.
+    const bool vector_tiles = sizeof(T) * 8 <= size_t(kVectorBytes);
+    const int i_tiled = vector_tiles ? n_in / 8 * 8 : 0;
+    o_tiled = vector_tiles ? n_out / 8 * 8 : 0;
     for (int o0 = 0; o0 < o_tiled; o0 += 8) {
       for (int i0 = 0; i0 < i_tiled; i0 += 8) {
         transpose_tile8(W + int64_t(o0) * ld_in + i0, int64_t(ld_in), wt + int64_t(i0) * ld_out + o0, int64_t(ld_out));
@@ -416,27 +430,40 @@ PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int m, int ld, const T* a
     const T* w = W + j * ldw;
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
     static_assert(kChunk == 16, "the lane sum below is written for 16 lanes");
-    typedef T Panel __attribute__((vector_size(sizeof(T) * kChunk)));
-    Panel acc{}, xa, wa;
+    // 16 partial sums, lane j over i ≡ j (mod 16), in one-register vectors (see gemm_tile),
+    // then added pairwise: halves, quarters, and (q0 + q2) + (q1 + q3).
+    constexpr int lanes = vector_lanes<T>(), vectors = kChunk / lanes;
+    typedef T Lane __attribute__((vector_size(lanes * sizeof(T))));
+    Lane acc[vectors];
+PYMAML_UNROLL
+    for (int v = 0; v < vectors; ++v) acc[v] = Lane{};
     const int full = m / kChunk * kChunk;
     for (int i = 0; i < full; i += kChunk) {
-      __builtin_memcpy(&xa, x + i, sizeof(Panel));
-      __builtin_memcpy(&wa, w + i, sizeof(Panel));
-      acc += xa * wa;
+PYMAML_UNROLL
+      for (int v = 0; v < vectors; ++v) {
+        Lane xa, wa;
+        __builtin_memcpy(&xa, x + i + v * lanes, sizeof(Lane));
+        __builtin_memcpy(&wa, w + i + v * lanes, sizeof(Lane));
+        acc[v] += xa * wa;
+      }
     }
     if (full < ld) {  // the last panel, its padding lanes selected out
-      typedef decltype(xa < wa) Lanes;
-      Lanes lane;
-      for (int i = 0; i < kChunk; ++i) lane[i] = i;
-      __builtin_memcpy(&xa, x + full, sizeof(Panel));
-      __builtin_memcpy(&wa, w + full, sizeof(Panel));
-      acc += lane < m - full ? xa * wa : Panel{};
+      typedef decltype(Lane{} < Lane{}) Mask;
+      Mask lane;
+      for (int i = 0; i < lanes; ++i) lane[i] = i;
+PYMAML_UNROLL
+      for (int v = 0; v < vectors; ++v) {
+        Lane xa, wa;
+        __builtin_memcpy(&xa, x + full + v * lanes, sizeof(Lane));
+        __builtin_memcpy(&wa, w + full + v * lanes, sizeof(Lane));
+        acc[v] += lane < m - full - v * lanes ? xa * wa : Lane{};
+      }
     }
-    typedef T Half __attribute__((vector_size(sizeof(T) * kChunk / 2)));
-    typedef T Quarter __attribute__((vector_size(sizeof(T) * kChunk / 4)));
-    const Half h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-    const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    T part[kChunk];
+    __builtin_memcpy(part, acc, sizeof(part));
+    T h[kChunk / 2], q[kChunk / 4];
+    for (int j = 0; j < kChunk / 2; ++j) h[j] = part[j] + part[j + kChunk / 2];
+    for (int j = 0; j < kChunk / 4; ++j) q[j] = h[j] + h[j + kChunk / 4];
     const T sum = (q[0] + q[2]) + (q[1] + q[3]);
 #else
     T sum = 0;
