@@ -285,7 +285,7 @@ PYMAML_UNROLL
 // The tile shape for NP one-register panels: as many rows (at most kMaxTileRows) as the vector
 // registers hold beside the NP panels of B and the broadcast a(r, k): RB·NP + NP + 1 registers.
 // kMaxTilePanels, the widest tile, keeps the accumulators near the most the registers hold:
-// with 32 registers (AVX-512, NEON) 8 rows × 3 or 6 × 4 panels; with 16 (AVX2, SSE2) 6 × 2.
+// with 32 registers (AVX-512) 8 rows × 3 or 6 × 4 panels; with 16 (AVX2, SSE2, NEON) 6 × 2.
 constexpr int kMaxTileRows = 8;
 template <class T>
 constexpr int tile_rows(int NP) {
