@@ -4,13 +4,16 @@ Supported: exactly what the kernel computes, nothing that merely looks like it. 
 nn.Sequential itself (not a subclass) of nn.Linear layers (all with bias or all without) with one
 kind of activation between them (nn.ReLU, nn.Tanh, nn.Sigmoid or nn.Identity, the classes
 themselves) and none after the last; float32 or float64; loss "mse" or "cross_entropy"; every
-parameter trainable. Refused, with the reason (auto then falls back to `func`; an explicit
-backend="cpp" raises): subclasses of these modules, a forward or __call__ set on an instance,
+parameter trainable. Refused, with the reason (auto then falls back to `func`, or to `reference`
+for hooks torch.func cannot run; an explicit backend="cpp" raises): subclasses of these
+modules, a forward or __call__ set on an instance,
 parametrizations (torch.nn.utils.parametrize), module hooks of any kind that run in a forward
 or backward pass (forward, forward pre-, backward and backward pre-hooks, on a layer, on the
 Sequential or registered globally), hooks on a parameter (register_hook or
 register_post_accumulate_grad_hook: the kernel computes every gradient itself, so they would not
 run), parameters or buffers beyond the Linear layers' weights and biases, and tied layers.
+Accepted, since they leave the computation as it is: state-dict and load hooks, hooks since
+removed, nn.ReLU(inplace=True), non-contiguous parameters, Module.compile().
 
 A model can change after the backend was chosen. Every call re-checks it cheaply (the hook
 dicts, the class, the instance attributes, the parameters and buffers of each module; see
@@ -50,8 +53,9 @@ GLOBAL_HOOKS = (("_global_forward_hooks", "register_module_forward_hook"),
                 ("_global_forward_pre_hooks", "register_module_forward_pre_hook"),
                 ("_global_backward_hooks", "register_module_full_backward_hook"),
                 ("_global_backward_pre_hooks", "register_module_full_backward_pre_hook"))
-# Instance attributes through which calling a module would run something other than its class's forward.
-CALL_OVERRIDES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl", "_compiled_call_impl")
+# Instance attributes through which calling a module would run something other than its class's
+# forward. (Module.compile() sets _compiled_call_impl to a compiled _call_impl: the same computation.)
+CALL_OVERRIDES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl")
 
 
 def global_hook_reason() -> str | None:
