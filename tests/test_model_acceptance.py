@@ -2,8 +2,10 @@
 (with the reason in maml.backend_choice) and an explicit fused backend raise, naming the layer.
 Models that change after the backend was chosen raise on the next call."""
 
+import gc
 import re
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -514,3 +516,17 @@ def test_hvp_of_an_mlp_without_biases_beside_biases_says_so():
     params, v, x, y = hvp_inputs(model)
     with pytest.raises(RuntimeError, match=r"layer 2 \(Linear\) has no bias but layer 0 has one"):
         pymaml.hvp(model, params, x, y, v, fused=True)
+
+
+@needs_extension
+def test_the_backend_does_not_keep_a_model_alive():
+    model = mlp()
+    maml = pymaml.MAML(model, backend="cpp", **OPTIONS)
+    maml.meta_gradient(*BATCH, accumulate=False)
+    maml(*BATCH)
+    params, v, x, y = hvp_inputs(model)
+    pymaml.hvp(model, params, x, y, v, fused=True)
+    alive = weakref.ref(model)
+    del model, maml
+    gc.collect()
+    assert alive() is None

@@ -126,28 +126,28 @@ class MlpLayout:
     names: the parameters' names in the model, in nn.Sequential order (weight, then bias, per layer).
     """
 
-    def __init__(self, widths: list[int], activation: str, bias: bool, linears: list[nn.Linear],
-                 model: nn.Module | None = None, names: list[str] | None = None):
+    def __init__(self, widths: list[int], activation: str, bias: bool, linears: list[nn.Linear], model: nn.Module,
+                 names: list[str]):
         self.widths, self.activation, self.bias, self.linears = widths, activation, bias, linears
         self._tables = [layer._parameters for layer in linears]
         self.num_params = sum(m * n + (n if bias else 0) for m, n in zip(widths[:-1], widths[1:]))
         self.names = names
-        if model is not None:
-            # What `unchanged` compares, gathered so that each comparison runs as one C loop.
-            self._layers = tuple(model._modules.values())
-            modules = (model, *self._layers)
-            self._modules, self._types = modules, tuple(map(type, modules))
-            # A forward set on an instance adds an entry to its __dict__.
-            self._instance_dicts = tuple(map(vars, modules))
-            self._instance_sizes = tuple(map(len, self._instance_dicts))
-            # Dicts that must stay empty: every module's hooks and buffers, the layers' submodules
-            # (a parametrization registers one), the Sequential's own parameters, and the global
-            # module hooks (torch adds to and removes from all of these in place).
-            self._empty_dicts = (
-                *(getattr(m, attribute) for m in modules for attribute, _ in MODULE_HOOKS),
-                *(m._buffers for m in modules), *(m._modules for m in self._layers), model._parameters,
-                *(getattr(torch_module, attribute) for attribute, _ in GLOBAL_HOOKS))
-            self._param_ids = tuple(map(id, self.parameters()))  # ids: == on tensors compares values
+        # What `unchanged` compares, gathered so that each comparison runs as one C loop. Nothing
+        # here refers to the model itself: the caches that hold a layout are weak in the model.
+        self._layers = tuple(model._modules.values())
+        self._types = tuple(map(type, self._layers))
+        modules = (model, *self._layers)
+        # A forward set on an instance adds an entry to its __dict__.
+        self._instance_dicts = tuple(map(vars, modules))
+        self._instance_sizes = tuple(map(len, self._instance_dicts))
+        # Dicts that must stay empty: every module's hooks and buffers, the layers' submodules (a
+        # parametrization registers one), the Sequential's own parameters, and the global module
+        # hooks (torch adds to and removes from all of these in place).
+        self._empty_dicts = (
+            *(getattr(m, attribute) for m in modules for attribute, _ in MODULE_HOOKS),
+            *(m._buffers for m in modules), *(m._modules for m in self._layers), model._parameters,
+            *(getattr(torch_module, attribute) for attribute, _ in GLOBAL_HOOKS))
+        self._params = tuple(self.parameters())
 
     def parameters(self) -> list[torch.Tensor]:
         """The parameters in nn.Sequential order, read from the layers' parameter dicts (0.6 µs here
@@ -160,13 +160,13 @@ class MlpLayout:
         or parameter beyond a weight and a bias per Linear, and the same parameter objects; with
         `trainable`, also every parameter trainable and without hooks (what parameter_reason
         checks). False means: run the full acceptance again (the model may still qualify)."""
-        if (any(self._empty_dicts) or tuple(model._modules.values()) != self._layers
-                or tuple(map(type, self._modules)) != self._types
+        if (any(self._empty_dicts) or type(model) is not nn.Sequential or tuple(model._modules.values()) != self._layers
+                or tuple(map(type, self._layers)) != self._types
                 or tuple(map(len, self._instance_dicts)) != self._instance_sizes
                 or tuple(map(len, self._tables)) != _TWO_PER_LAYER[:len(self._tables)]):
             return False
         params = self.parameters()
-        if tuple(map(id, params)) != self._param_ids:
+        if len(params) != len(self._params) or not all(map(operator.is_, params, self._params)):
             return False
         if trainable and (not all(map(_REQUIRES_GRAD, params)) or any(map(_GRADIENT_HOOKS, params))
                           or any(map(_ACCUMULATE_HOOKS, params))):
