@@ -185,6 +185,8 @@ REFUSED = {
     "linear-extra-parameter": (lambda: with_attribute(lambda m: m[0].register_parameter(
         "gain", nn.Parameter(torch.ones(5, dtype=torch.float64)))), r"layer 0 \(Linear\) holds parameters \['gain'\]"),
     "linear-instance-forward": (lambda: instance_forward(0), r"layer 0 \(Linear\) has its own forward set on the instance"),
+    "linear-instance-call": (lambda: with_attribute(lambda m: setattr(m[2], "__call__", lambda x: 2 * x)),
+                             r"layer 2 \(Linear\) has its own __call__ set on the instance"),
     "activation-instance-forward": (lambda: instance_forward(1), r"layer 1 \(Tanh\) has its own forward set on the instance"),
     "sequential-instance-forward": (sequential_forward, r"the nn.Sequential has its own forward set on the instance"),
     "sequential-parameter": (lambda: with_attribute(lambda m: setattr(m, "gain", nn.Parameter(torch.ones(2, dtype=torch.float64)))),
@@ -233,21 +235,28 @@ def test_auto_falls_back_with_the_reason_and_matches_the_oracle(refused):
     assert_backend_matches_oracle(model, BATCH, "auto", **OPTIONS)
 
 
-def test_global_hooks_are_refused():
+GLOBAL_HOOKS = {
+    "register_module_forward_hook": (lambda module, inputs, output: None, "func"),
+    "register_module_forward_pre_hook": (lambda module, inputs: None, "func"),
+    "register_module_full_backward_hook": (lambda module, grad_input, grad_output: None, "reference"),
+    "register_module_full_backward_pre_hook": (lambda module, grad_output: None, "reference"),
+}
+
+
+@pytest.mark.parametrize("register", sorted(GLOBAL_HOOKS))
+def test_global_hooks_are_refused(register):
     model = mlp()
-    hooks = torch.nn.modules.module
-    for register in (hooks.register_module_forward_hook, hooks.register_module_forward_pre_hook):
-        hook = (lambda mod, i, o: o) if register is hooks.register_module_forward_hook else (lambda mod, i: None)
-        handle = register(hook)
-        try:
-            why = get_backend("cpp").unsupported_reason(model, CONFIG, torch.device("cpu"))
-            assert why is not None and register.__name__ in why
-            assert pymaml.MAML(model, **OPTIONS).backend == "func"
-            if HAS_EXTENSION:
-                with pytest.raises(RuntimeError, match=register.__name__):
-                    pymaml.MAML(model, backend="cpp", **OPTIONS)
-        finally:
-            handle.remove()
+    hook, fallback = GLOBAL_HOOKS[register]
+    handle = getattr(torch.nn.modules.module, register)(hook)
+    try:
+        why = get_backend("cpp").unsupported_reason(model, CONFIG, torch.device("cpu"))
+        assert why is not None and register in why
+        assert pymaml.MAML(model, **OPTIONS).backend == fallback
+        if HAS_EXTENSION:
+            with pytest.raises(RuntimeError, match=register):
+                pymaml.MAML(model, backend="cpp", **OPTIONS)
+    finally:
+        handle.remove()
     assert mlp_layout(model)[0] is not None
 
 
