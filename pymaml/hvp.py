@@ -11,6 +11,24 @@ from .losses import LossFn, resolve_loss
 from .state import fixed_state
 
 
+def _check_shapes(model: nn.Module, params: dict[str, torch.Tensor], v: dict[str, torch.Tensor], tasks: int) -> None:
+    """Every entry of params and v is [T, *shape] of the model's parameter or buffer of that name."""
+    known = dict(model.named_parameters())
+    known.update(model.named_buffers())
+    for name in params:
+        if name not in known:
+            raise ValueError(f"params names {name!r}, which is neither a parameter nor a buffer of the model; "
+                             f"its parameters are {[n for n, _ in model.named_parameters()]}")
+        expected = (tasks, *known[name].shape)
+        for kind, tensors in (("params", params), ("v", v)):
+            tensor = tensors[name]
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{kind}[{name!r}] must be a torch.Tensor, got {type(tensor).__name__}")
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{kind}[{name!r}] must be [T, *{name}.shape] = {list(expected)}, "
+                                 f"got {list(tensor.shape)}")
+
+
 def hvp(
     model: nn.Module,
     params: dict[str, torch.Tensor],
@@ -25,20 +43,22 @@ def hvp(
 
     fused: None uses the fused C++ kernel for supported MLPs on the CPU when no input requires grad
     (its result is not differentiable), and torch.func's forward-over-reverse otherwise; True
-    insists on the kernel (error if it cannot run); False always uses torch.func.
+    insists on the kernel (error if it cannot run); False always uses torch.func. The kernel
+    takes exactly the MLPs the `cpp` backend takes (see pymaml.backends.cpp: no subclasses,
+    module hooks or parametrizations), checked on every call.
     """
     from ._extension import EXTENSION_ERROR, extension
-    from .backends.cpp import mlp_layout
+    from .backends.cpp import current_mlp_layout
 
     if params.keys() != v.keys():
         raise ValueError(f"params and v must have the same names; got {sorted(params)} and {sorted(v)}")
     tasks = {t.shape[0] for t in [*params.values(), *v.values(), x, y]}
     if len(tasks) != 1:
         raise ValueError(f"params, v, x and y must share the leading task dimension, got sizes {sorted(tasks)}")
-    layout, reason = mlp_layout(model)
-    names = [name for name, _ in model.named_parameters()]
-    if layout is not None and list(params) != names:
-        layout, reason = None, "the fused kernel needs every parameter of the MLP, in order"
+    _check_shapes(model, params, v, tasks.pop())
+    layout, reason = current_mlp_layout(model)
+    if layout is not None and list(params) != layout.names:
+        layout, reason = None, f"the fused kernel needs every parameter of the MLP, in order ({layout.names})"
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in [*params.values(), *v.values(), x])
     if x.device.type != "cpu" or extension() is None or not isinstance(loss, str):
         reason = reason or (EXTENSION_ERROR if extension() is None else "the fused kernel needs a CPU tensor and a named loss")
@@ -48,6 +68,7 @@ def hvp(
     if fused is not False and layout is not None and not differentiable:
         from .ops import mlp_hvp
 
+        names = layout.names
         flatten = lambda tensors: torch.cat([tensors[n].reshape(x.shape[0], -1) for n in names], dim=1)  # noqa: E731
         flat = mlp_hvp(flatten(params), flatten(v), x, y, layout.widths, layout.activation, layout.bias, loss)
         out, offset = {}, 0

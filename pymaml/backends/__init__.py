@@ -2,6 +2,11 @@
 
 `auto` tries the backends in AUTO_ORDER, fastest first, and takes the first that is available
 in this process and supports the model and device. `reference` supports everything.
+
+A fused backend (cuda, triton, cpp) supports a model only where it computes exactly what the
+model computes (pymaml.backends.cpp says what that excludes: subclasses, hooks,
+parametrizations, extra parameters, ...); `auto` then passes over it and the reason appears in
+the choice's sentence (maml.backend_choice), while naming it explicitly raises that reason.
 """
 
 from __future__ import annotations

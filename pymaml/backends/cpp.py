@@ -1,17 +1,38 @@
 """Backend `cpp`: the fused C++ meta-step (pymaml::mlp_meta_step) for MLPs on the CPU.
 
-Supported: nn.Sequential of nn.Linear layers (all with bias or all without) with one kind of
-activation between them (ReLU, Tanh, Sigmoid or Identity) and none after the last; float32 or
-float64; loss "mse" or "cross_entropy"; every parameter trainable.
+Supported: exactly what the kernel computes, nothing that merely looks like it. The model is an
+nn.Sequential itself (not a subclass) of nn.Linear layers (all with bias or all without) with one
+kind of activation between them (nn.ReLU, nn.Tanh, nn.Sigmoid or nn.Identity, the classes
+themselves) and none after the last; float32 or float64; loss "mse" or "cross_entropy"; every
+parameter trainable. Refused, with the reason (auto then falls back to `func`, or to `reference`
+for hooks torch.func cannot run; an explicit backend="cpp" raises): subclasses of these
+modules, a forward or __call__ set on an instance,
+parametrizations (torch.nn.utils.parametrize), module hooks of any kind that run in a forward
+or backward pass (forward, forward pre-, backward and backward pre-hooks, on a layer, on the
+Sequential or registered globally), hooks on a parameter (register_hook or
+register_post_accumulate_grad_hook: the kernel computes every gradient itself, so they would not
+run), parameters or buffers beyond the Linear layers' weights and biases, and tied layers.
+Accepted, since they leave the computation as it is: state-dict and load hooks, hooks since
+removed, nn.ReLU(inplace=True), non-contiguous parameters, Module.compile().
+
+A model can change after the backend was chosen. Every call re-checks it cheaply (the hook
+dicts, the class, the instance attributes, the parameters and buffers of each module; see
+MlpLayout.unchanged) and runs the full acceptance again when anything moved. A model that no
+longer qualifies raises a RuntimeError naming the layer and the reason, for `auto` as for an
+explicit request: the choice is made once per MAML (maml.backend_choice records it), so a model
+changed that way needs a new MAML, whose `auto` then picks a backend that runs it.
 """
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.modules import module as torch_module
+from torch.nn.utils import parametrize
 from torch.utils.dlpack import to_dlpack
 
 from .. import functional
@@ -23,60 +44,245 @@ from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
 ACTIVATION_NAMES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "none"}
 MAX_LAYERS = 16
+FUSED_DTYPES = (torch.float32, torch.float64)
+
+# The hook dicts nn.Module._call_impl consults: if any is non-empty the call runs more than forward.
+MODULE_HOOKS = (("_forward_hooks", "a forward hook"), ("_forward_pre_hooks", "a forward pre-hook"),
+                ("_backward_hooks", "a backward hook"), ("_backward_pre_hooks", "a backward pre-hook"))
+GLOBAL_HOOKS = (("_global_forward_hooks", "register_module_forward_hook"),
+                ("_global_forward_pre_hooks", "register_module_forward_pre_hook"),
+                ("_global_backward_hooks", "register_module_full_backward_hook"),
+                ("_global_backward_pre_hooks", "register_module_full_backward_pre_hook"))
+# Instance attributes through which calling a module would run something other than its class's
+# forward. (Module.compile() sets _compiled_call_impl to a compiled _call_impl: the same computation.)
+CALL_OVERRIDES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl")
+
+
+def global_hook_reason() -> str | None:
+    """Why the fused kernels cannot run while global module hooks are registered, or None."""
+    for attribute, register in GLOBAL_HOOKS:
+        if getattr(torch_module, attribute):
+            return (f"a global module hook is registered (torch.nn.modules.module.{register}); it runs in "
+                    f"every module call, and the fused kernel makes none")
+    return None
+
+
+def _module_reason(module: nn.Module, what: str) -> str | None:
+    """Why `module` may compute more than its class's forward: a hook, or a call replaced on the instance."""
+    for attribute, kind in MODULE_HOOKS:
+        if getattr(module, attribute):
+            return f"{what} has {kind}, which the fused kernel does not run"
+    overridden = [name for name in CALL_OVERRIDES if name in vars(module)]
+    if overridden:
+        return f"{what} has its own {overridden[0]} set on the instance; the fused kernel computes the class's forward"
+    if parametrize.is_parametrized(module):
+        names = sorted(module.parametrizations.keys())
+        return (f"{what} has parametrized {', '.join(names)} (torch.nn.utils.parametrize); the fused kernel "
+                f"takes plain weights")
+    return None
+
+
+def _layer_reason(name: str, module: nn.Module) -> str | None:
+    """Why layer `name` of the Sequential is not exactly an nn.Linear or a supported activation."""
+    if module is None:
+        return f"layer {name} is None"
+    what = f"layer {name} ({type(module).__name__})"
+    reason = _module_reason(module, what)
+    if reason is not None:
+        return reason
+    kind = type(module)
+    if kind is not nn.Linear and kind not in ACTIVATION_NAMES:
+        for base in (nn.Linear, *ACTIVATION_NAMES):
+            if isinstance(module, base):
+                return (f"{what} is a subclass of nn.{base.__name__}; the fused kernel takes nn.{base.__name__} "
+                        f"itself (a subclass may compute something else)")
+        return (f"{what} is not supported by the fused MLP kernel "
+                f"(Linear with ReLU, Tanh, Sigmoid or Identity between)")
+    known = ("weight", "bias") if kind is nn.Linear else ()
+    extra = [key for key in module._parameters if key not in known]
+    if extra:
+        return f"{what} holds parameters {extra} beside its own; the fused kernel takes only a Linear's weight and bias"
+    if module._buffers:
+        return f"{what} holds buffers {list(module._buffers)}, which the fused kernel does not take"
+    if module._modules:
+        return f"{what} holds submodules {list(module._modules)}, which the fused kernel does not run"
+    if kind is nn.Linear:
+        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+        if weight is None:
+            return f"{what} has no weight"
+        if weight.dim() != 2:
+            return f"{what} has a weight of shape {tuple(weight.shape)}; a Linear weight is [out, in]"
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            return f"{what} has a bias of shape {tuple(bias.shape)} for a weight of shape {tuple(weight.shape)}"
+        for tensor in (weight, bias):
+            if tensor is not None and type(tensor) is not nn.Parameter:
+                return f"{what} holds a {type(tensor).__name__}, a subclass of nn.Parameter, which the fused kernel does not take"
+    return None
 
 
 class MlpLayout:
-    """Widths, activation and bias of a supported MLP, and its Linear layers."""
+    """Widths, activation and bias of a supported MLP, its Linear layers and what a call re-checks.
 
-    def __init__(self, widths: list[int], activation: str, bias: bool, linears: list[nn.Linear]):
+    names: the parameters' names in the model, in nn.Sequential order (weight, then bias, per layer).
+    """
+
+    def __init__(self, widths: list[int], activation: str, bias: bool, linears: list[nn.Linear], model: nn.Module,
+                 names: list[str]):
         self.widths, self.activation, self.bias, self.linears = widths, activation, bias, linears
         self._tables = [layer._parameters for layer in linears]
         self.num_params = sum(m * n + (n if bias else 0) for m, n in zip(widths[:-1], widths[1:]))
+        self.names = names
+        # What `unchanged` compares, gathered so that each comparison runs as one C loop. Nothing
+        # here refers to the model itself: the caches that hold a layout are weak in the model.
+        self._layers = tuple(model._modules.values())
+        self._types = tuple(map(type, self._layers))
+        modules = (model, *self._layers)
+        # A forward set on an instance adds an entry to its __dict__.
+        self._instance_dicts = tuple(map(vars, modules))
+        self._instance_sizes = tuple(map(len, self._instance_dicts))
+        # Dicts that must stay empty: every module's hooks and buffers, the layers' submodules (a
+        # parametrization registers one), the Sequential's own parameters, and the global module
+        # hooks (torch adds to and removes from all of these in place).
+        self._empty_dicts = (
+            *(getattr(m, attribute) for m in modules for attribute, _ in MODULE_HOOKS),
+            *(m._buffers for m in modules), *(m._modules for m in self._layers), model._parameters,
+            *(getattr(torch_module, attribute) for attribute, _ in GLOBAL_HOOKS))
+        self._params = tuple(self.parameters())
 
     def parameters(self) -> list[torch.Tensor]:
         """The parameters in nn.Sequential order, read from the layers' parameter dicts (0.6 µs here
         for three layers, against 4 µs through Module attribute access)."""
         return [t for table in self._tables for t in (table["weight"], table.get("bias")) if t is not None]
 
+    def unchanged(self, model: nn.Module, trainable: bool = True) -> bool:
+        """Whether `model` still computes what this layout describes: the same layers, of the same
+        classes, with no hook, no new instance attribute (such as a forward), no buffer, submodule
+        or parameter beyond a weight and a bias per Linear, and the same parameter objects; with
+        `trainable`, also every parameter trainable and without hooks (what parameter_reason
+        checks). False means: run the full acceptance again (the model may still qualify)."""
+        if (any(self._empty_dicts) or type(model) is not nn.Sequential or tuple(model._modules.values()) != self._layers
+                or tuple(map(type, self._layers)) != self._types
+                or tuple(map(len, self._instance_dicts)) != self._instance_sizes
+                or tuple(map(len, self._tables)) != _TWO_PER_LAYER[:len(self._tables)]):
+            return False
+        params = self.parameters()
+        if len(params) != len(self._params) or not all(map(operator.is_, params, self._params)):
+            return False
+        if trainable and (not all(map(_REQUIRES_GRAD, params)) or any(map(_GRADIENT_HOOKS, params))
+                          or any(map(_ACCUMULATE_HOOKS, params))):
+            return False
+        return True
+
+
+_TWO_PER_LAYER = (2,) * MAX_LAYERS  # a Linear's parameter dict holds weight and bias (None without one)
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_GRADIENT_HOOKS = operator.attrgetter("_backward_hooks")
+_ACCUMULATE_HOOKS = operator.attrgetter("_post_accumulate_grad_hooks")
+
 
 def mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
-    """The model's layout, or None and the reason it is not a supported MLP (naming the layer)."""
-    if not isinstance(model, nn.Sequential):
+    """The model's layout, or None and the reason it is not exactly a supported MLP (naming the
+    layer). It checks the model's structure, not its parameters' trainability or hooks
+    (parameter_reason)."""
+    reason = global_hook_reason()
+    if reason is not None:
+        return None, reason
+    if type(model) is not nn.Sequential:
+        if isinstance(model, nn.Sequential):
+            return None, (f"the model is {type(model).__name__}, a subclass of nn.Sequential; the fused kernel "
+                          f"takes nn.Sequential itself (a subclass may compute something else)")
         return None, f"the fused kernel takes an nn.Sequential MLP, got {type(model).__name__}"
-    layers = list(model)
-    for index, module in enumerate(layers):
-        if not isinstance(module, nn.Linear) and type(module) not in ACTIVATION_NAMES:
-            return None, (f"layer {index} ({type(module).__name__}) is not supported by the fused MLP kernel "
-                          f"(Linear with ReLU, Tanh, Sigmoid or Identity between)")
-    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    reason = _module_reason(model, "the nn.Sequential")
+    if reason is not None:
+        return None, reason
+    if model._parameters:
+        return None, (f"the nn.Sequential holds parameters {list(model._parameters)} of its own; the fused kernel "
+                      f"takes only its Linear layers' weights and biases")
+    if model._buffers:
+        return None, f"the nn.Sequential holds buffers {list(model._buffers)}, which the fused kernel does not take"
+    named = list(model._modules.items())
+    for name, module in named:
+        reason = _layer_reason(name, module)
+        if reason is not None:
+            return None, reason
+    layers = [module for _, module in named]
+    linears = [(name, m) for name, m in named if type(m) is nn.Linear]
     if not linears:
         return None, "the model has no nn.Linear layer"
-    tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
-    if len({id(m) for m in linears}) != len(linears) or len({id(t) for t in tensors}) != len(tensors):
+    tensors = [t for _, m in linears for t in (m.weight, m.bias) if t is not None]
+    if len({id(m) for _, m in linears}) != len(linears) or len({id(t) for t in tensors}) != len(tensors):
         return None, "the fused kernel takes each Linear layer and parameter once; this model repeats one (tied weights)"
     if len(linears) > MAX_LAYERS:
         return None, f"the fused kernel takes at most {MAX_LAYERS} Linear layers, got {len(linears)}"
-    widths, activations, expect_linear = [linears[0].in_features], set(), True
-    for index, module in enumerate(layers):
-        if isinstance(module, nn.Linear):
+    widths, activations, expect_linear = [linears[0][1].weight.shape[1]], set(), True
+    for index, (name, module) in enumerate(named):
+        if type(module) is nn.Linear:
+            fan_out, fan_in = module.weight.shape
             if not expect_linear:
-                return None, f"layer {index} (Linear) follows another Linear without an activation between them"
-            if module.in_features != widths[-1]:
-                return None, f"layer {index} (Linear) takes {module.in_features} inputs after a layer of {widths[-1]}"
-            widths.append(module.out_features)
+                return None, f"layer {name} (Linear) follows another Linear without an activation between them"
+            if fan_in != widths[-1]:
+                return None, f"layer {name} (Linear) takes {fan_in} inputs after a layer of {widths[-1]}"
+            widths.append(fan_out)
             expect_linear = False
         else:
             if expect_linear or index == len(layers) - 1:
-                return None, f"layer {index} ({type(module).__name__}) must stand between two Linear layers"
+                return None, f"layer {name} ({type(module).__name__}) must stand between two Linear layers"
             activations.add(ACTIVATION_NAMES[type(module)])
             expect_linear = True
     if len(activations) > 1:
         return None, f"the fused kernel takes one kind of activation, got {sorted(activations)}"
-    biases = {m.bias is not None for m in linears}
-    if len(biases) > 1:
-        return None, "the fused kernel takes Linear layers that all have a bias or all have none"
+    with_bias = [name for name, m in linears if m.bias is not None]
+    if with_bias and len(with_bias) != len(linears):
+        without = [name for name, m in linears if m.bias is None]
+        return None, (f"layer {without[0]} (Linear) has no bias but layer {with_bias[0]} has one; the fused kernel "
+                      f"takes Linear layers that all have a bias or all have none")
+    names = [f"{name}.{key}" for name, m in linears for key in ("weight", "bias") if m._parameters.get(key) is not None]
+    named_tensors = dict(zip(names, tensors))
+    for name, tensor in named_tensors.items():
+        if tensor.dtype not in FUSED_DTYPES:
+            return None, f"parameter {name} is {tensor.dtype}; the fused kernel takes float32 or float64 parameters"
+        if tensor.dtype != tensors[0].dtype:
+            return None, (f"parameter {name} is {tensor.dtype} but {names[0]} is {tensors[0].dtype}; the fused kernel "
+                          f"takes parameters all of one dtype")
+    if len({t.device for t in tensors}) > 1:
+        return None, f"the model's parameters lie on several devices ({sorted({str(t.device) for t in tensors})})"
     activation = activations.pop() if activations else "none"
-    return MlpLayout(widths, activation, biases.pop(), linears), None
+    return MlpLayout(widths, activation, bool(with_bias), [m for _, m in linears], model, names), None
+
+
+_ACCEPTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def current_mlp_layout(model: nn.Module) -> tuple[MlpLayout | None, str | None]:
+    """mlp_layout(model), remembered per model and reused while MlpLayout.unchanged holds."""
+    try:
+        cached = _ACCEPTED.get(model)
+    except TypeError:  # a model that cannot be weakly referenced
+        return mlp_layout(model)
+    if cached is not None and cached.unchanged(model, trainable=False):
+        return cached, None
+    layout, reason = mlp_layout(model)
+    if layout is None:
+        _ACCEPTED.pop(model, None)
+    else:
+        _ACCEPTED[model] = layout
+    return layout, reason
+
+
+def parameter_reason(layout: MlpLayout) -> str | None:
+    """Why the fused meta-step cannot train these parameters: a frozen one (the kernel adapts every
+    parameter), or one with a hook (the kernel computes every gradient itself, inner and outer,
+    without autograd, so a gradient hook or a post-accumulate-grad hook would not run)."""
+    for name, p in zip(layout.names, layout.parameters()):
+        if not p.requires_grad:
+            return f"parameter {name} is frozen (requires_grad=False); the fused kernel adapts every parameter"
+        if p._backward_hooks:
+            return (f"parameter {name} has a gradient hook (register_hook); the fused kernel computes its "
+                    f"gradients without autograd, so the hook would not run")
+        if p._post_accumulate_grad_hooks:
+            return (f"parameter {name} has a post-accumulate-grad hook; the fused kernel writes .grad without "
+                    f"autograd, so the hook would not run")
+    return None
 
 
 def _adam_fusable(optimizer, params) -> bool:
@@ -205,22 +411,27 @@ class CppBackend(Backend):
     checks_finite_inputs = True  # the binding scans x and y before the kernel runs
 
     def __init__(self):
-        # Per model: its layout, checked against the identity of its layers on every call (a
-        # cheap test that the Sequential was not edited), and constant step sizes and weights.
+        # Per model: its layout, re-checked on every call (see _layout), and constant step sizes and weights.
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._constants: dict = {}
         # Native plans (see _plan): per model for meta_gradient, per optimizer for meta_train_step.
         self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _layout(self, model: nn.Module) -> MlpLayout:
-        layers = tuple(map(id, model))
+        """The model's layout, re-checked on every call: MlpLayout.unchanged where nothing moved,
+        else the full acceptance (mlp_layout and parameter_reason); raises if the model no longer
+        qualifies."""
         cached = self._layouts.get(model)
-        if cached is None or cached[0] != layers:
-            layout, reason = mlp_layout(model)
-            if layout is None:
-                raise RuntimeError(f"backend 'cpp' cannot run this model: {reason}")
-            cached = self._layouts[model] = (layers, layout)
-        return cached[1]
+        if cached is not None and cached.unchanged(model):
+            return cached
+        self._layouts.pop(model, None)
+        layout, reason = self._accept(model)
+        if reason is not None:
+            raise RuntimeError(
+                f"backend {self.name!r} cannot run this model: {reason}. If the model changed after the MAML was "
+                f"built, build a new one: backend='auto' then picks a backend that runs it")
+        self._layouts[model] = layout
+        return layout
 
     def _constant(self, kind: str, like: torch.Tensor, steps: int, num_params: int, inner_lr: float = 0.0):
         """Tensors that only depend on the shapes, built once and reused: kind "lrs" is α = inner_lr
@@ -315,22 +526,20 @@ class CppBackend(Backend):
             return f"the fused C++ kernel runs on the CPU, not on {device}"
         if not isinstance(config.loss, str):
             return "the fused kernel supports loss='mse' or 'cross_entropy', not a callable"
+        return self._accept(model)[1]
+
+    def _accept(self, model: nn.Module) -> tuple[MlpLayout | None, str | None]:
+        """The layout of a model this backend computes exactly, or None and why not (naming the
+        layer or parameter); the device and the loss aside."""
         layout, reason = mlp_layout(model)
-        if layout is None:
-            return reason
-        params = list(model.parameters())
-        if any(not p.requires_grad for p in params):
-            return "the fused kernel adapts every parameter; the model has frozen ones"
-        if params[0].dtype not in (torch.float32, torch.float64):
-            return f"the fused kernel supports float32 and float64, not {params[0].dtype}"
-        return None
+        if reason is None:
+            reason = parameter_reason(layout)
+        return (layout, None) if reason is None else (None, reason)
 
     def _arguments(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights):
         """The layout, the parameters and the fused op's step sizes [S, P] and step weights [S]."""
         layout = self._layout(model)
         params = layout.parameters()
-        if not all(p.requires_grad for p in params):
-            raise RuntimeError("backend 'cpp' adapts every parameter; the model now has frozen ones")
         width = layout.widths[0]
         if batch.support_x.dim() != 3 or batch.support_x.shape[2] != width:
             raise ValueError(f"support_x must be [T, K, {width}] for this MLP, got {tuple(batch.support_x.shape)}")

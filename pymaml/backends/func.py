@@ -15,11 +15,30 @@ from ..state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
 
+def _hook_reason(model) -> str | None:
+    """Why torch.func would not compute what the oracle computes: a module backward hook (its
+    autograd.Function cannot run under torch.func's transforms), or a gradient hook on a trainable
+    parameter (the inner loop differentiates functional copies of the parameters, so the hook
+    would change the final meta-gradient only, not the inner steps' gradients as in the oracle)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+        return "a global module backward hook is registered, which torch.func's transforms cannot run"
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            return f"module {name or '(the model)'} has a backward hook, which torch.func's transforms cannot run"
+    for name, p in model.named_parameters():
+        if p.requires_grad and p._backward_hooks:
+            return (f"parameter {name} has a gradient hook (register_hook); torch.func's inner loop would not run it "
+                    f"on the inner steps' gradients")
+    return None
+
+
 class FuncBackend(Backend):
     name = "func"
 
     def unsupported_reason(self, model, config, device):
-        return None
+        return _hook_reason(model)
 
     def differentiates_inputs(self, config):
         """The graph mode differentiates through the inputs; the reverse chain gives only θ's,

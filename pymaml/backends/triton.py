@@ -1,6 +1,10 @@
 """Backend `triton`: the fused meta-step as one Triton kernel launch (pymaml.kernels), for the
 MLPs the `cpp` backend takes, in float32, on CUDA tensors.
 
+It accepts exactly the models `cpp` accepts (see pymaml.backends.cpp: no subclasses, hooks or
+parametrizations, only the Linear layers' weights and biases) and re-checks them on every call
+the same way; then the kernel's own limits on widths and dtype apply.
+
 Under TRITON_INTERPRET=1 (set before pymaml.kernels is first imported) the kernel runs on CPU
 tensors through Triton's interpreter; the tests use that to check it against the oracle.
 `auto` never picks the interpreter.
@@ -14,7 +18,7 @@ import os
 import torch
 
 from .base import MetaConfig
-from .cpp import CppBackend, mlp_layout
+from .cpp import CppBackend
 
 
 def interpreting() -> bool:
@@ -41,13 +45,16 @@ class TritonBackend(CppBackend):
         device = torch.device(device)
         if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
             return f"the Triton kernel runs on CUDA tensors, not on {device}"
-        reason = super().unsupported_reason(model, config, torch.device("cpu"))
-        if reason is not None:
-            return reason
-        from ..kernels.mlp_meta_step import unsupported_reason
+        return super().unsupported_reason(model, config, torch.device("cpu"))
 
-        layout, _ = mlp_layout(model)
-        return unsupported_reason(layout.widths, next(model.parameters()).dtype)
+    def _accept(self, model):
+        """cpp's acceptance, then the Triton kernel's limits on widths and dtype."""
+        layout, reason = super()._accept(model)
+        if reason is None:
+            from ..kernels.mlp_meta_step import unsupported_reason
+
+            reason = unsupported_reason(layout.widths, layout.parameters()[0].dtype)
+        return (layout, None) if reason is None else (None, reason)
 
     def auto_skip_reason(self, device) -> str | None:
         if torch.device(device).type != "cuda":
