@@ -14,6 +14,13 @@ import pymaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _copy_checkout(destination: Path) -> Path:
+    """A copy of the checkout without its build outputs, so that pip builds there and not in the checkout."""
+    shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.so", "runs", "__pycache__", ".pytest_cache", ".hypothesis"))
+    return destination
+
+
 @pytest.mark.skipif(os.environ.get("PYMAML_REQUIRE_EXTENSION") != "1",
                     reason="set PYMAML_REQUIRE_EXTENSION=1 where the compiled extension must be present (CI sets it)")
 def test_extension_is_built():
@@ -25,12 +32,10 @@ def test_extension_is_built():
 
 def test_wheel_without_extension(tmp_path):
     """PYMAML_NO_EXTENSION=1 builds a pure-Python wheel that still ships pymaml.kernels."""
-    pytest.importorskip("setuptools")
-    source = tmp_path / "source"  # pip builds in the source tree; keep the checkout clean
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.so", "runs"))
+    source = _copy_checkout(tmp_path / "source")
     env = {**os.environ, "PYMAML_NO_EXTENSION": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", str(tmp_path / "dist")],
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -38,6 +43,34 @@ def test_wheel_without_extension(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "pymaml/kernels/__init__.py" in names and "pymaml/maml.py" in names
     assert not [name for name in names if name.endswith((".so", ".pyd"))]
+
+
+@pytest.mark.skipif(os.environ.get("PYMAML_WHEEL_TEST") != "1",
+                    reason="slow (compiles the extension twice); set PYMAML_WHEEL_TEST=1 (CI does)")
+def test_second_install_in_the_same_checkout_builds(tmp_path):
+    """`pip install .` twice in one checkout, the second after a C++ source changed, builds both times: each
+    build runs in pip's own temporary build environment, whose CMake and Ninja are gone by the next build,
+    so nothing a build leaves in the checkout may point into it."""
+    source = _copy_checkout(tmp_path / "source")
+    env = {**os.environ, "PYMAML_CUDA": "0"}
+    env.pop("PYMAML_NO_EXTENSION", None)
+    for attempt, target in enumerate((tmp_path / "first", tmp_path / "second")):
+        if attempt:
+            (source / "csrc" / "bindings.cpp").touch()
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(source)],
+            capture_output=True, text=True, env=env, cwd=tmp_path,
+        )
+        assert result.returncode == 0, f"build {attempt + 1} failed:\n" + result.stdout[-4000:] + result.stderr[-4000:]
+    (library,) = (tmp_path / "second" / "pymaml").glob("_C*.so")
+    # Load the second build's extension by its path, in an isolated interpreter (no site-packages, so no
+    # editable install of the checkout can stand in for it); the extension itself needs no torch.
+    load = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('_C', sys.argv[1]); "
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+            "print(dict(module.build_info())['build_type'])")
+    result = subprocess.run([sys.executable, "-I", "-c", load, str(library)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Release"
 
 
 def _cuobjdump():
@@ -79,8 +112,7 @@ def test_cuda_archs_are_compiled_in():
 def test_wheel_installs_into_a_fresh_venv_next_to_torch(tmp_path):
     """`pip wheel .` builds a wheel (with the CUDA launcher where nvcc exists) that installs into a fresh
     virtual environment beside torch and runs the sinusoid meta-step with the fused kernel."""
-    source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.so", "runs"))
+    source = _copy_checkout(tmp_path / "source")
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", str(dist)],
                    check=True, capture_output=True, cwd=tmp_path)
