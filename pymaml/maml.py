@@ -243,6 +243,19 @@ class MAML(nn.Module):
         self._last_device = device
         return self._resolved[device][0]
 
+    def _backend_for_call(self, device: torch.device):
+        """The chosen backend, re-checked against the model as it is now: `auto` chooses again
+        when the model changed into one its backend cannot run; an explicit request raises."""
+        backend = self._resolve(device)
+        reason = backend.changed_reason(self.module, self.config, device)
+        if reason is None:
+            return backend
+        if self.requested_backend != "auto":
+            raise RuntimeError(f"backend {backend.name!r} cannot run this model on {device} any more: {reason}. "
+                               f"The model changed after this MAML was built; backend='auto' would choose again")
+        del self._resolved[device]
+        return self._resolve(device)
+
     @property
     def backend(self) -> str:
         """Name of the backend used on the model's current device."""
@@ -312,7 +325,7 @@ class MAML(nn.Module):
         backends overwrite existing .grad tensors in place (as after zero_grad(set_to_none=False)),
         the others set new ones; missing ones are created. The fused backends write the gradients
         without building an autograd graph over the parameters, which is cheaper for small
-        models; parameter hooks do not run on that path. It computes the meta-gradient whatever
+        models (they take no model with parameter hooks). It computes the meta-gradient whatever
         the grad mode (also under torch.no_grad()), on every backend."""
         with torch.enable_grad():
             backend, batch = self._checked_batch(support_x, support_y, query_x, query_y)
@@ -340,7 +353,7 @@ class MAML(nn.Module):
         """The backend for the model's device and the validated batch."""
         reference_param = next(self.module.parameters())
         device = reference_param.device
-        backend = self._resolve(device)
+        backend = self._backend_for_call(device)
         if self.check_inputs:
             inputs = dict(support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
             _validate_inputs(inputs, self.config.loss, reference_param.dtype, device,
@@ -372,7 +385,7 @@ class MAML(nn.Module):
             _validate_inputs(dict(support_x=support_x, support_y=support_y), self.config.loss, self._dtype(), device, True)
             if support_x.shape[1] == 0 and steps > 0:
                 raise ValueError("support_x has no points per task; adaptation needs at least one")
-        backend = self._resolve(device)
+        backend = self._backend_for_call(device)
         params = backend.adapt(self.module, self.config, support_x, support_y, steps, self.inner_lr)
         return AdaptedModel(self.module, params, fixed_state(self.module), steps)
 

@@ -90,6 +90,12 @@ class Backend:
         """Whether the meta-loss this backend returns carries gradients to inputs that require grad."""
         return False
 
+    def changed_reason(self, model: nn.Module, config: MetaConfig, device: torch.device) -> str | None:
+        """Asked on every call of the backend chosen for `model`: why it can no longer compute
+        what the model computes (the model changed since: a hook, a parametrization, a new
+        layer), or None. Cheap where nothing changed."""
+        return None
+
     def unavailable_reason(self) -> str | None:
         """None if this backend can run in this process, else why not (missing extension, no GPU, ...)."""
         return None

@@ -18,9 +18,8 @@ removed, nn.ReLU(inplace=True), non-contiguous parameters, Module.compile().
 A model can change after the backend was chosen. Every call re-checks it cheaply (the hook
 dicts, the class, the instance attributes, the parameters and buffers of each module; see
 MlpLayout.unchanged) and runs the full acceptance again when anything moved. A model that no
-longer qualifies raises a RuntimeError naming the layer and the reason, for `auto` as for an
-explicit request: the choice is made once per MAML (maml.backend_choice records it), so a model
-changed that way needs a new MAML, whose `auto` then picks a backend that runs it.
+longer qualifies makes `auto` choose again (maml.backend_choice then says why the fused backend
+was passed over), and an explicit request raise a RuntimeError naming the layer and the reason.
 """
 
 from __future__ import annotations
@@ -427,11 +426,18 @@ class CppBackend(Backend):
         self._layouts.pop(model, None)
         layout, reason = self._accept(model)
         if reason is not None:
-            raise RuntimeError(
-                f"backend {self.name!r} cannot run this model: {reason}. If the model changed after the MAML was "
-                f"built, build a new one: backend='auto' then picks a backend that runs it")
+            raise RuntimeError(f"backend {self.name!r} cannot run this model: {reason}")
         self._layouts[model] = layout
         return layout
+
+    def changed_reason(self, model, config, device):
+        cached = self._layouts.get(model)
+        if cached is not None and cached.unchanged(model):
+            return None
+        layout, reason = self._accept(model)
+        if reason is None:
+            self._layouts[model] = layout
+        return reason
 
     def _constant(self, kind: str, like: torch.Tensor, steps: int, num_params: int, inner_lr: float = 0.0):
         """Tensors that only depend on the shapes, built once and reused: kind "lrs" is α = inner_lr

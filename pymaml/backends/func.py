@@ -40,6 +40,9 @@ class FuncBackend(Backend):
     def unsupported_reason(self, model, config, device):
         return _hook_reason(model)
 
+    def changed_reason(self, model, config, device):
+        return _hook_reason(model)
+
     def differentiates_inputs(self, config):
         """The graph mode differentiates through the inputs; the reverse chain gives only θ's,
         the step sizes' and the step weights' gradients."""
