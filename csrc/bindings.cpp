@@ -43,6 +43,7 @@ py::dict build_info() {
   info["cuda_archs"] = split_archs(PYMAML_CUDA_ARCHS);
   info["cpu_level"] = pymaml::cpu_level();
   info["cpu_levels"] = pymaml::cpu_levels();
+  info["cpu_levels_compiled"] = pymaml::compiled_cpu_levels();
   return info;
 }
 

@@ -38,6 +38,22 @@ def extension():
     return _C
 
 
+def cpu_level_lines(info: dict[str, Any]) -> list[str]:
+    """What `pymaml backends` says of the CPU kernels: the level that runs and why, and every level
+    compiled in, marking those this CPU cannot run."""
+    if not info.get("extension"):
+        return [f"CPU kernels: none ({info.get('reason')})"]
+    runs, runnable = info["cpu_level"], info["cpu_levels"]
+    variable = os.environ.get(CPU_LEVEL_VARIABLE, "").strip()
+    if runs != runnable[0]:
+        why = f"chosen by {CPU_LEVEL_VARIABLE}={variable}" if variable == runs else "chosen by set_cpu_level"
+    else:
+        why = "the best this CPU runs"
+    compiled = [level if level in runnable else f"{level} (this CPU lacks its instructions)"
+                for level in info["cpu_levels_compiled"]]
+    return [f"CPU kernels: {runs} runs ({why})", f"CPU kernels compiled in: {', '.join(compiled)}"]
+
+
 def build_info() -> dict[str, Any]:
     """How the compiled core was built: compiler, flags, OpenMP, CUDA archs; or why it is absent."""
     if _C is None:

@@ -125,9 +125,14 @@ def _command(args) -> int:
     if args.command == "backends":
         import pymaml
 
+        from ._extension import cpu_level_lines
+
         for status in pymaml.available_backends():
             print(status)
-        print(json.dumps(pymaml.build_info(), indent=2))
+        info = pymaml.build_info()
+        for line in cpu_level_lines(info):
+            print(line)
+        print(json.dumps(info, indent=2))
         return 0
 
     import torch

@@ -20,6 +20,17 @@ using cpu::HvpArgs;
 using cpu::KernelTable;
 using cpu::TaskArgs;
 
+// Every level this build compiled, best first, whether or not the running CPU supports it.
+std::vector<const KernelTable*> compiled_kernels() {
+  std::vector<const KernelTable*> tables;
+#if defined(PYMAML_CPU_X86_LEVELS)
+  tables.push_back(&cpu::kX86_64_v4Kernels);
+  tables.push_back(&cpu::kX86_64_v3Kernels);
+#endif
+  tables.push_back(&cpu::kBaselineKernels);
+  return tables;
+}
+
 // The built levels, best first, that the running CPU supports.
 std::vector<const KernelTable*> usable_kernels() {
   std::vector<const KernelTable*> tables;
@@ -194,6 +205,12 @@ std::vector<std::string> cpu_levels() {
   return names;
 }
 
+std::vector<std::string> compiled_cpu_levels() {
+  std::vector<std::string> names;
+  for (const KernelTable* table : compiled_kernels()) names.push_back(table->level);
+  return names;
+}
+
 std::string cpu_level() { return kernels().level; }
 
 void set_cpu_level(const std::string& level) {
@@ -205,7 +222,16 @@ void set_cpu_level(const std::string& level) {
   }
   std::string known;
   for (const std::string& name : cpu_levels()) known += (known.empty() ? "" : ", ") + name;
-  throw std::invalid_argument("CPU level '" + level + "' is not available here; this build and CPU offer: " + known);
+  for (const KernelTable* table : compiled_kernels()) {
+    if (level == table->level) {
+      throw std::invalid_argument("CPU level '" + level + "' is compiled in, but this CPU lacks its instructions; it runs: " +
+                                  known);
+    }
+  }
+  std::string compiled;
+  for (const std::string& name : compiled_cpu_levels()) compiled += (compiled.empty() ? "" : ", ") + name;
+  throw std::invalid_argument("CPU level '" + level + "' is not one this build has (" + compiled +
+                              "); this CPU runs: " + known);
 }
 
 }  // namespace pymaml

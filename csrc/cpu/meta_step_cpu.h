@@ -61,6 +61,8 @@ namespace pymaml {
 // best first ("x86-64-v4", "x86-64-v3", "baseline"); the first is used unless set_cpu_level
 // chose another. set_cpu_level throws std::invalid_argument for a level not in that list.
 std::vector<std::string> cpu_levels();
+// Every level this build has, best first, including those the running CPU cannot run.
+std::vector<std::string> compiled_cpu_levels();
 std::string cpu_level();
 void set_cpu_level(const std::string& level);
 
