@@ -285,7 +285,8 @@ PYMAML_UNROLL
 // The tile shape for NP one-register panels: as many rows (at most kMaxTileRows) as the vector
 // registers hold beside the NP panels of B and the broadcast a(r, k): RB·NP + NP + 1 registers.
 // kMaxTilePanels, the widest tile, keeps the accumulators near the most the registers hold:
-// with 32 registers (AVX-512) 8 rows × 3 or 6 × 4 panels; with 16 (AVX2, SSE2, NEON) 6 × 2.
+// with 32 registers (AVX-512) 8 rows × 3 or 6 × 4 panels; with 16 (AVX2, SSE2, NEON) 6 × 2 (GCC
+// spills 3 × 3 there).
 constexpr int kMaxTileRows = 8;
 template <class T>
 constexpr int tile_rows(int NP) {
@@ -309,9 +310,13 @@ static inline void gemm_tile_rows(int rows, int Kd, const T* a, int64_t ars, int
 
 #endif  // !__CUDACC__
 
-// C[R, N] = (C if accumulate, else the init row or 0) + a(R × Kd) B[Kd, N], N a multiple of
-// kChunk. Column groups of up to kMaxTilePanels panels; in each, the R rows split into blocks of
-// nearly equal size (K = 10 rows run as 5 + 5 rather than 8 + 2), which the group's ranks take in turn.
+// C[R, N] = (C if accumulate, else the init row or 0) + a(R × Kd) B[Kd, N], for the N real
+// columns of a layer. The CPU computes whole vector registers, N rounded up to the unit's lanes
+// (the padded rows of B, C and init hold them; padding lanes carry no meaning, see
+// activate_row), not the kChunk-padded width: 40 columns are 5 AVX2 panels rather than 6.
+// Column groups of up to kMaxTilePanels panels, of nearly equal width; in each, the R rows split
+// into blocks of nearly equal size (K = 10 rows run as 5 + 5 rather than 8 + 2), which the
+// group's ranks take in turn.
 template <class T, class G>
 PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B,
                          int64_t ldb, T* C, int64_t ldc, const T* init, bool accumulate) {
@@ -325,13 +330,26 @@ PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t a
   }
 #else
   constexpr int lanes = vector_lanes<T>();
-  const int panels = N / lanes;
-  for (int p0 = 0; p0 < panels; p0 += kMaxTilePanels) {
-    const int np = panels - p0 < kMaxTilePanels ? panels - p0 : kMaxTilePanels;
-    const int most = tile_rows<T>(np);
-    const int blocks = (R + most - 1) / most;
-    const int base = R / (blocks > 0 ? blocks : 1), extra = R - base * blocks;  // the first `extra` blocks get one more
+  const int panels = (N + lanes - 1) / lanes;
+  if (panels == 0 || R == 0) return;
+  // Column groups of nearly equal width, at most kMaxTilePanels panels (7 AVX-512 panels run
+  // as 4 + 3, not 4 + 2 + 1, whose one-panel tiles wait on the FMA latency), and in each the
+  // rows in blocks of nearly equal size. A group is `narrow` or one panel wider; the row blocks of
+  // both widths are computed once (integer divisions cost as much as a small tile's k loop).
+  const int groups = (panels + kMaxTilePanels - 1) / kMaxTilePanels;
+  const int narrow = panels / groups, wide_groups = panels - narrow * groups;
+  int row_blocks[2], row_base[2];
+  for (int wide = 0; wide < 2; ++wide) {
+    const int most = tile_rows<T>(narrow + wide);
+    row_blocks[wide] = (R + most - 1) / most;
+    row_base[wide] = R / row_blocks[wide];
+  }
+  for (int group = 0, p0 = 0; group < groups; ++group) {
+    const int wide = group < wide_groups ? 1 : 0, np = narrow + wide;
+    const int blocks = row_blocks[wide], base = row_base[wide];
+    const int extra = R - base * blocks;  // the first `extra` blocks get one more row
     const int64_t column = int64_t(p0) * lanes;
+    p0 += np;
     const T* init_p = init ? init + column : nullptr;
     for (int block = g.rank(); block < blocks; block += g.size()) {
       const int r0 = block * base + (block < extra ? block : extra);
@@ -499,7 +517,7 @@ PYMAML_HD void forward_product(const G& g, const MlpSpec& s, int l, int K, const
                   int64_t(ld_out), theta + s.bias_offset(l), accumulate);
   } else {
     const T* wt = l == 1 ? theta + s.padded_offset[1] : WT + s.wt_offset[l];
-    gemm_rows(g, K, n_in, ld_out, in, int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z, int64_t(ld_out),
+    gemm_rows(g, K, n_in, n_out, in, int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z, int64_t(ld_out),
               wt + int64_t(n_in) * ld_out, accumulate);
   }
 }
@@ -576,17 +594,17 @@ PYMAML_HD void weight_products_in_order(const G& g, const MlpSpec& s, int K, int
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
   T* W = out + s.padded_offset[l];
   if (l == 1) {
-    gemm_rows(g, n_in, K, ld_out, in1, int64_t(1), int64_t(ld_in), d1, int64_t(ld_out), W, int64_t(ld_out),
+    gemm_rows(g, n_in, K, n_out, in1, int64_t(1), int64_t(ld_in), d1, int64_t(ld_out), W, int64_t(ld_out),
               static_cast<const T*>(nullptr), accumulate);
     if (d2) {
-      gemm_rows(g, n_in, K, ld_out, in2, int64_t(1), int64_t(ld_in), d2, int64_t(ld_out), W, int64_t(ld_out),
+      gemm_rows(g, n_in, K, n_out, in2, int64_t(1), int64_t(ld_in), d2, int64_t(ld_out), W, int64_t(ld_out),
                 static_cast<const T*>(nullptr), true);
     }
   } else {
-    gemm_rows(g, n_out, K, ld_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), W, int64_t(ld_in),
+    gemm_rows(g, n_out, K, n_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), W, int64_t(ld_in),
               static_cast<const T*>(nullptr), accumulate);
     if (d2) {
-      gemm_rows(g, n_out, K, ld_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), W, int64_t(ld_in),
+      gemm_rows(g, n_out, K, n_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), W, int64_t(ld_in),
                 static_cast<const T*>(nullptr), true);
     }
   }
@@ -676,7 +694,7 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K,
     if (l > 1) {
       T* prev = TaskWorkspace<T>::layer(pass.D, s, K, l - 1);
       T* product = curvature ? TaskWorkspace<T>::layer(pass.Dt, s, K, l - 1) : prev;
-      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
+      gemm_rows(g, K, n_out, n_in, delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
                 product, int64_t(ld_in), static_cast<const T*>(nullptr), false);
       g.sync();
       for (int k = g.rank(); k < K; k += g.size()) {
@@ -764,9 +782,9 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
     weight_products(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv, accumulate, ws.point_sums);
     if (l > 1) {
       T* r_prev = TaskWorkspace<T>::layer(ws.RD, s, K, l - 1);
-      gemm_rows(g, K, n_out, ld_in, r_delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
+      gemm_rows(g, K, n_out, n_in, r_delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
                 r_prev, int64_t(ld_in), static_cast<const T*>(nullptr), false);
-      gemm_rows(g, K, n_out, ld_in, delta, int64_t(ld_out), int64_t(1), u + s.padded_offset[l], int64_t(ld_in), r_prev,
+      gemm_rows(g, K, n_out, n_in, delta, int64_t(ld_out), int64_t(1), u + s.padded_offset[l], int64_t(ld_in), r_prev,
                 int64_t(ld_in), static_cast<const T*>(nullptr), true);
       g.sync();
       const T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l - 1);

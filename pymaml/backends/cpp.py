@@ -25,6 +25,7 @@ was passed over), and an explicit request raise a RuntimeError naming the layer 
 from __future__ import annotations
 
 import operator
+import threading
 import weakref
 
 import torch
@@ -415,11 +416,20 @@ class CppBackend(Backend):
         self._constants: dict = {}
         # Native plans (see _plan): per model for meta_gradient, per optimizer for meta_train_step.
         self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # The (model, layout) that changed_reason has just checked in this thread: MAML checks
+        # the model before every call, and the call's _layout then takes that check's result
+        # once instead of checking again.
+        self._checked = threading.local()
 
     def _layout(self, model: nn.Module) -> MlpLayout:
         """The model's layout, re-checked on every call: MlpLayout.unchanged where nothing moved,
         else the full acceptance (mlp_layout and parameter_reason); raises if the model no longer
         qualifies."""
+        checked = getattr(self._checked, "entry", None)
+        if checked is not None:
+            self._checked.entry = None
+            if checked[0] is model:
+                return checked[1]
         cached = self._layouts.get(model)
         if cached is not None and cached.unchanged(model):
             return cached
@@ -431,12 +441,15 @@ class CppBackend(Backend):
         return layout
 
     def changed_reason(self, model, config, device):
+        self._checked.entry = None
         cached = self._layouts.get(model)
         if cached is not None and cached.unchanged(model):
+            self._checked.entry = (model, cached)
             return None
         layout, reason = self._accept(model)
         if reason is None:
             self._layouts[model] = layout
+            self._checked.entry = (model, layout)
         return reason
 
     def _constant(self, kind: str, like: torch.Tensor, steps: int, num_params: int, inner_lr: float = 0.0):
