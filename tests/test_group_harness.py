@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from native_cases import write_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc/tools/group_harness.cpp"
@@ -60,3 +61,24 @@ def test_harness_sees_a_missing_barrier(harness):
     lines = run.stdout.splitlines()[:-1]
     assert lines and all(line.startswith("FAIL ") for line in lines), run.stdout[-2000:]
     assert "group_harness: 0 of" in run.stdout
+
+
+def test_cuda_loops_match_the_oracle_in_the_cpu_launcher(tmp_path):
+    """The CPU launcher built with PYMAML_HOST_RUNS_CUDA_PATHS runs the CUDA loops on a SerialGroup
+    (no register tiles are compiled in); csrc/tools/oracle_check.cpp compares them with the oracle."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    cases = tmp_path / "cases.txt"
+    count = write_cases(cases)
+    sources = [str(ROOT / s) for s in ("csrc/tools/oracle_check.cpp", "csrc/cpu/meta_step_cpu.cpp",
+                                       "csrc/cpu/kernels_baseline.cpp")]
+    flags = ["-std=c++17", "-O2", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-I", str(ROOT / "csrc")]
+    binary = tmp_path / "oracle_check_cuda_paths"
+    subprocess.run([compiler, *flags, "-DPYMAML_HOST_RUNS_CUDA_PATHS=1", *sources, "-o", str(binary)], check=True,
+                   capture_output=True, text=True)
+    symbols = subprocess.run(["nm", "-C", str(binary)], capture_output=True, text=True, check=True).stdout
+    assert "gemm_tile" not in symbols and "mlp_meta_step_cpu" in symbols
+    run = subprocess.run([str(binary), str(cases)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"oracle_check: {count} of {count} cases within 1e-10" in run.stdout, run.stdout
