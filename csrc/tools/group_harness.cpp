@@ -552,12 +552,12 @@ int main(int argc, char** argv) {
   } else {
     for (size_t i = 0; i < configs.size(); ++i) {
       const Config& c = configs[i];
-      // --quick (ThreadSanitizer): every configuration on free threads, groups of 3 and 32, and of
-      // 128 for the first three; the grid in float64.
+      // --quick (ThreadSanitizer): every configuration on free threads in float64, groups of 3
+      // and 32, and of 128 for the first three, with the grid; float32 for the first seven.
       std::vector<int> sizes = group_sizes;
       if (quick) sizes = i < 3 ? std::vector<int>{3, 32, 128} : std::vector<int>{3, 32};
       check_configuration<double>(c, sizes, Schedule::threads, true, report);
-      check_configuration<float>(c, sizes, Schedule::threads, !quick, report);
+      if (!quick || i < 7) check_configuration<float>(c, sizes, Schedule::threads, !quick, report);
       if (!quick) {
         check_configuration<double>(c, {3, 32}, Schedule::ascending, false, report);
         check_configuration<float>(c, {2, 7}, Schedule::descending, false, report);
