@@ -13,6 +13,7 @@
 #include "array_arg.h"
 #include "build_info.h"
 #include "core/common.h"
+#include "core/meta_step_grid.h"
 #include "cpu/meta_step_cpu.h"
 #if defined(PYMAML_WITH_CUDA)
 #include "cuda/meta_step_cuda.h"
@@ -564,47 +565,84 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
   }
 }
 
-#if defined(PYMAML_WITH_CUDA)
-int64_t mlp_meta_step_cuda_workspace(const std::vector<int>& widths, bool bias, int tasks, int steps,
-                                     int support_points, int query_points, bool lr_grad, int blocks) {
+// The CUDA launch's workspace, in values of theta's dtype: per block (the task workspace and the
+// padded θ_0 and α) and per task (its results, read by the last block). Host arithmetic only, so
+// that the launcher's block cap (pymaml/ops/mlp_meta_step.py) is testable without CUDA.
+pymaml::GridLayout cuda_grid_layout(const std::vector<int>& widths, bool bias, int steps, int support_points,
+                                    int query_points, bool lr_grad) {
   pymaml::MlpSpec spec;
   if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, pymaml::Activation::none, pymaml::Loss::mse,
                          &spec)) {
     throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) + " positive layer widths");
   }
+  if (steps < 0 || support_points < 0 || query_points < 0) {
+    throw py::value_error("steps and point counts must be >= 0");
+  }
   const pymaml::MetaStepShape shape{steps, support_points, query_points, false, lr_grad};
-  return pymaml::mlp_meta_step_cuda_workspace(spec, shape, tasks, blocks);
+  return pymaml::grid_layout(spec, shape);
 }
 
+int64_t mlp_meta_step_cuda_workspace(const std::vector<int>& widths, bool bias, int tasks, int steps,
+                                     int support_points, int query_points, bool lr_grad, int blocks) {
+  const pymaml::GridLayout lay = cuda_grid_layout(widths, bias, steps, support_points, query_points, lr_grad);
+  return int64_t(blocks) * lay.block_stride + int64_t(tasks) * lay.per_task_stride;
+}
+
+py::tuple mlp_meta_step_cuda_workspace_parts(const std::vector<int>& widths, bool bias, int steps, int support_points,
+                                             int query_points, bool lr_grad) {
+  const pymaml::GridLayout lay = cuda_grid_layout(widths, bias, steps, support_points, query_points, lr_grad);
+  return py::make_tuple(lay.block_stride, lay.per_task_stride);
+}
+
+#if defined(PYMAML_WITH_CUDA)
 void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
                         py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& widths,
                         const std::string& activation, bool bias, const std::string& loss, bool first_order,
                         py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
                         py::handle grad_theta, py::handle grad_lrs, py::handle workspace_obj, py::handle counter_obj,
-                        uintptr_t stream, int blocks, int threads_per_block, bool all_step_losses) {
+                        uintptr_t stream, int blocks, py::handle labels_ok_obj, int threads_per_block,
+                        bool all_step_losses) {
   const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
                                             loss, first_order, all_step_losses, kDLCUDA);
   if (call.grad_parts.size() != 1) throw py::value_error("grad_theta must be one buffer of CUDA memory");
-  if (blocks < 1 || threads_per_block < 32 || threads_per_block > 1024 || threads_per_block % 32) {
-    throw py::value_error("blocks must be >= 1 and threads_per_block a multiple of 32 in [32, 1024]");
+  if (blocks < 1 || threads_per_block < 32 || threads_per_block > pymaml::kCudaThreadsPerBlock ||
+      threads_per_block % 32) {
+    throw py::value_error("blocks must be >= 1 and threads_per_block a multiple of 32 in [32, " +
+                          std::to_string(pymaml::kCudaThreadsPerBlock) + "] (the kernel's launch bounds)");
   }
+  const int device = call[0].device_id();
   const ArrayArg workspace(workspace_obj, "workspace", kDLCUDA), counter(counter_obj, "counter", kDLCUDA);
   workspace.require_dtype(call[0].dtype(), "it must match theta");
-  const int64_t needed = pymaml::mlp_meta_step_cuda_workspace(call.spec, call.shape, call.tasks, blocks);
+  const int64_t needed = pymaml::grid_workspace_elements(call.spec, call.shape, call.tasks, blocks);
   if (workspace.numel() < needed) {
     throw py::value_error("workspace holds " + std::to_string(workspace.numel()) + " values; this call needs " +
                           std::to_string(needed));
   }
-  counter.require_dtype(DLDataType{kDLInt, 32, 1}, "an int32 counter, zeroed once");
+  counter.require_dtype(DLDataType{kDLInt, 32, 1}, "an int32 counter, zero before the launch");
   counter.require_shape({1}, "one counter");
-  const char* error = call.is_f32
+  const bool labels = call.spec.loss == pymaml::Loss::cross_entropy;
+  std::unique_ptr<ArrayArg> labels_ok;
+  if (labels) {
+    if (labels_ok_obj.is_none()) throw py::value_error("cross_entropy needs labels_ok, one int32 for the label check");
+    labels_ok = std::make_unique<ArrayArg>(labels_ok_obj, "labels_ok", kDLCUDA);
+    labels_ok->require_dtype(DLDataType{kDLInt, 32, 1}, "one int32 the kernel sets to 1 when every label is in range");
+    labels_ok->require_shape({1}, "one flag");
+  }
+  for (const ArrayArg* array : std::initializer_list<const ArrayArg*>{&workspace, &counter, labels_ok.get()}) {
+    if (array && array->device_id() != device) {
+      throw py::value_error(array->name() + " is on device " + std::to_string(array->device_id()) +
+                            " but theta is on " + std::to_string(device));
+    }
+  }
+  int* flag = labels_ok ? labels_ok->data<int>() : nullptr;
+  const std::string error = call.is_f32
       ? pymaml::mlp_meta_step_cuda<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(),
-                                          workspace.data<float>(), counter.data<unsigned int>(), blocks,
+                                          workspace.data<float>(), counter.data<unsigned int>(), flag, device, blocks,
                                           threads_per_block, reinterpret_cast<void*>(stream))
       : pymaml::mlp_meta_step_cuda<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(),
-                                           workspace.data<double>(), counter.data<unsigned int>(), blocks,
-                                           threads_per_block, reinterpret_cast<void*>(stream));
-  if (error[0] != '\0') throw std::runtime_error(std::string("pymaml::mlp_meta_step CUDA launch failed: ") + error);
+                                           workspace.data<double>(), counter.data<unsigned int>(), flag, device,
+                                           blocks, threads_per_block, reinterpret_cast<void*>(stream));
+  if (!error.empty()) throw std::runtime_error("pymaml::mlp_meta_step CUDA launch failed: " + error);
 }
 #endif
 
@@ -705,13 +743,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("step_weights"), py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"),
         py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"),
         py::arg("meta_loss"), py::arg("task_losses"), py::arg("pre_losses"), py::arg("step_losses"),
-        py::arg("grad_theta"), py::arg("grad_lrs"), py::arg("workspace"), py::arg("counter"), py::arg("stream"),
-        py::arg("blocks"), py::arg("threads_per_block") = 128, py::arg("all_step_losses") = true,
-        "mlp_meta_step on CUDA buffers: one kernel launch on `stream` (a cudaStream_t as an integer).");
+        py::arg("grad_theta"), py::arg("grad_lrs"), py::arg("workspace"), py::arg("counter"),
+        py::arg("stream"), py::arg("blocks"), py::arg("labels_ok") = py::none(),
+        py::arg("threads_per_block") = pymaml::kCudaThreadsPerBlock, py::arg("all_step_losses") = true,
+        "mlp_meta_step on CUDA buffers of one device: one kernel launch on `stream` (a cudaStream_t as an\n"
+        "integer) with theta's device current. counter: int32, zero, used by no other launch in flight.");
+#endif
   m.def("mlp_meta_step_cuda_workspace", &mlp_meta_step_cuda_workspace, py::kw_only(), py::arg("widths"),
         py::arg("bias"), py::arg("tasks"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"),
         py::arg("lr_grad"), py::arg("blocks"), "Values of theta's dtype the CUDA meta-step needs as workspace.");
-#endif
+  m.def("mlp_meta_step_cuda_workspace_parts", &mlp_meta_step_cuda_workspace_parts, py::kw_only(), py::arg("widths"),
+        py::arg("bias"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"), py::arg("lr_grad"),
+        "(per block, per task): values of the CUDA workspace, blocks * per_block + tasks * per_task in all.");
   m.def("mlp_hvp", &mlp_hvp, py::kw_only(), py::arg("theta"), py::arg("v"), py::arg("x"), py::arg("y"),
         py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("hv"),
         py::arg("grad") = py::none(), py::arg("threads") = 1,

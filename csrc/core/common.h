@@ -4,6 +4,16 @@
 
 #include <cstdint>
 
+// PYMAML_CUDA_PATHS selects the loops written for a CUDA block (each rank computes whole outputs,
+// one after another) where the CPU build has its own (the register tiles of gemm_rows, the lane
+// sums of gemm_rows_dot, the 8×8 vector transposes). nvcc defines it; a host build that defines
+// PYMAML_HOST_RUNS_CUDA_PATHS takes the same loops, so that the thread-group harness
+// (csrc/tools/group_harness.cpp) runs on CPU threads the per-task code that a GPU runs. The
+// extension's CPU units never define it.
+#if defined(__CUDACC__) || defined(PYMAML_HOST_RUNS_CUDA_PATHS)
+#define PYMAML_CUDA_PATHS 1
+#endif
+
 // PYMAML_HD marks the free functions of the per-task math, PYMAML_HD_MEMBER the member
 // functions. On the CPU the free functions are `static`: each ISA-level unit (csrc/cpu/) keeps
 // its own copies, so the linker never hands AVX-512 code to the baseline path.

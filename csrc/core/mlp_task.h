@@ -218,7 +218,7 @@ struct Targets {
   const int64_t* labels;
 };
 
-#if !defined(__CUDACC__)
+#if !defined(PYMAML_CUDA_PATHS)
 // Lanes of T in one vector register of the unit's ISA level; kChunk is a multiple of it.
 template <class T>
 constexpr int vector_lanes() { return kVectorBytes / int(sizeof(T)) > 0 ? kVectorBytes / int(sizeof(T)) : 1; }
@@ -308,7 +308,7 @@ static inline void gemm_tile_rows(int rows, int Kd, const T* a, int64_t ars, int
   }
 }
 
-#endif  // !__CUDACC__
+#endif  // !PYMAML_CUDA_PATHS
 
 // C[R, N] = (C if accumulate, else the init row or 0) + a(R × Kd) B[Kd, N], for the N real
 // columns of a layer. The CPU computes whole vector registers, N rounded up to the unit's lanes
@@ -320,7 +320,7 @@ static inline void gemm_tile_rows(int rows, int Kd, const T* a, int64_t ars, int
 template <class T, class G>
 PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B,
                          int64_t ldb, T* C, int64_t ldc, const T* init, bool accumulate) {
-#if defined(__CUDACC__)
+#if defined(PYMAML_CUDA_PATHS)
   // On a GPU the block's threads take single outputs; consecutive ranks read consecutive j.
   for (int idx = g.rank(); idx < R * N; idx += g.size()) {
     const int r = idx / N, j = idx - r * N;
@@ -368,7 +368,7 @@ PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t a
 #endif
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#if defined(__GNUC__) && !defined(__clang__) && !defined(PYMAML_CUDA_PATHS)
 #define PYMAML_VECTOR_TRANSPOSE 1
 // dst[j, :8] = src[:8, j] for an 8×8 tile: three rounds of pairwise shuffles (swap the 4×4, then
 // the 2×2, then the 1×1 blocks). About 4× faster here than scalar strided stores, which took
@@ -446,7 +446,7 @@ PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int m, int ld, const T* a
     const int r = idx / n, j = idx - r * n;
     const T* x = a + r * lda;
     const T* w = W + j * ldw;
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#if defined(__GNUC__) && !defined(__clang__) && !defined(PYMAML_CUDA_PATHS)
     static_assert(kChunk == 16, "the lane sum below is written for 16 lanes");
     // 16 partial sums, lane j over i ≡ j (mod 16), in one-register vectors (see gemm_tile),
     // then added pairwise: halves, quarters, and (q0 + q2) + (q1 + q3).

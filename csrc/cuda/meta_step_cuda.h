@@ -1,23 +1,31 @@
 // CUDA launcher of the fused MLP meta-step: one thread block per task (grid-stride over tasks),
 // the per-task math of core/mlp_task.h unchanged over a BlockGroup, and the means over tasks
-// taken in task order by the last block to finish, so that a meta-step is one kernel launch.
+// taken in task order by the last block to finish (core/meta_step_grid.h), so that a meta-step
+// is one kernel launch.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "../core/common.h"
 #include "../cpu/meta_step_cpu.h"
 
 namespace pymaml {
 
-// Elements of T the launcher needs in `workspace` (device memory, any content) for `blocks`
-// blocks, and bytes of `counter` (device memory, zeroed once; the kernel leaves it zeroed).
-int64_t mlp_meta_step_cuda_workspace(const MlpSpec& spec, const MetaStepShape& shape, int tasks, int blocks);
+// The block size the host launches with and the kernel's __launch_bounds__: the per-task loops
+// run over points, units and parameters, which 128 ranks cover for the supported widths.
+constexpr int kCudaThreadsPerBlock = 128;
 
-// Launches on `stream` (a cudaStream_t); returns an empty string or the CUDA error message.
+// The workspace a launch needs: grid_workspace_elements (csrc/core/meta_step_grid.h).
+
+// Launches on `stream` (a cudaStream_t of `device`) with `device` current, and restores the
+// device that was current; returns an empty string or the error. `counter` (device memory) is
+// zero before the launch and the kernel leaves it zero; no other launch in flight may use it.
+// labels_ok (cross-entropy, else null): one int the kernel sets to 1 when every label is in
+// range, else 0 (the tasks with a label outside then have NaN results).
 template <class T>
-const char* mlp_meta_step_cuda(const MlpSpec& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
-                               const MetaResult<T>& result, T* workspace, unsigned int* counter, int blocks,
-                               int threads_per_block, void* stream);
+std::string mlp_meta_step_cuda(const MlpSpec& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+                               const MetaResult<T>& result, T* workspace, unsigned int* counter, int* labels_ok,
+                               int device, int blocks, int threads_per_block, void* stream);
 
 }  // namespace pymaml

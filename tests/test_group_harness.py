@@ -1,0 +1,84 @@
+"""The CPU thread-group harness (csrc/tools/group_harness.cpp): meta_step_task, the HVP and the
+one-launch grid (csrc/core/meta_step_grid.h) run by groups of P cooperating std::threads, with the
+loops the CUDA build compiles, must be bitwise identical to SerialGroup. Built with the host g++,
+torch-free; .ci/sanitize.sh runs the same driver under ThreadSanitizer."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from native_cases import write_cases
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc/tools/group_harness.cpp"
+# The extension's portable flags (CMakeLists.txt), C++20 for std::atomic_ref and atomic wait.
+FLAGS = ["-std=c++20", "-O2", "-fno-math-errno", "-fno-trapping-math", "-pthread", "-I", str(ROOT / "csrc")]
+GROUP_SIZES = [1, 2, 3, 7, 32, 128]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    binary = tmp_path_factory.mktemp("harness") / "group_harness"
+    subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(binary)], check=True, capture_output=True, text=True)
+    return binary
+
+
+def _run(binary: Path, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), *arguments], capture_output=True, text=True, timeout=600)
+
+
+def test_thread_groups_are_bitwise_identical_to_serial_group(harness):
+    run = _run(harness)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr
+    summary = re.search(r"group_harness: (\d+) of (\d+) checks passed", run.stdout)
+    assert summary and summary.group(1) == summary.group(2), run.stdout[-2000:]
+    lines = run.stdout.splitlines()[:-1]
+    assert len(lines) == int(summary.group(2)) and all(line.startswith("ok   ") for line in lines)
+    for P in GROUP_SIZES:
+        for dtype in ("f32", "f64"):
+            for what in ("meta_step_task", "mlp_hvp"):
+                assert any(line.startswith(f"ok   {what} ") and f" {dtype} P={P} threads" in line for line in lines), \
+                    (what, dtype, P)
+    # Both orders of the serialized schedule, and the grid of several groups with its counter.
+    assert any(" ascending" in line for line in lines) and any(" descending" in line for line in lines)
+    for blocks in (1, 2, 3, 8):
+        assert any(line.startswith("ok   grid counter ") and f"blocks={blocks} " in line for line in lines), blocks
+    assert sum(line.startswith("ok   labels_ok bad ") for line in lines) == 6
+
+
+def test_harness_sees_a_missing_barrier(harness):
+    """With sync() doing nothing and the ranks run one after another, no configuration matches
+    SerialGroup: a pass of the harness means the barriers are where the math needs them."""
+    run = _run(harness, "--schedule", "no-barrier")
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr
+    lines = run.stdout.splitlines()[:-1]
+    assert lines and all(line.startswith("FAIL ") for line in lines), run.stdout[-2000:]
+    assert "group_harness: 0 of" in run.stdout
+
+
+def test_cuda_loops_match_the_oracle_in_the_cpu_launcher(tmp_path):
+    """The CPU launcher built with PYMAML_HOST_RUNS_CUDA_PATHS runs the CUDA loops on a SerialGroup
+    (no register tiles are compiled in); csrc/tools/oracle_check.cpp compares them with the oracle."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    cases = tmp_path / "cases.txt"
+    count = write_cases(cases)
+    sources = [str(ROOT / s) for s in ("csrc/tools/oracle_check.cpp", "csrc/cpu/meta_step_cpu.cpp",
+                                       "csrc/cpu/kernels_baseline.cpp")]
+    flags = ["-std=c++17", "-O2", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-I", str(ROOT / "csrc")]
+    binary = tmp_path / "oracle_check_cuda_paths"
+    subprocess.run([compiler, *flags, "-DPYMAML_HOST_RUNS_CUDA_PATHS=1", *sources, "-o", str(binary)], check=True,
+                   capture_output=True, text=True)
+    symbols = subprocess.run(["nm", "-C", str(binary)], capture_output=True, text=True, check=True).stdout
+    assert "gemm_tile" not in symbols and "mlp_meta_step_cpu" in symbols
+    run = subprocess.run([str(binary), str(cases)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"oracle_check: {count} of {count} cases within 1e-10" in run.stdout, run.stdout
