@@ -125,6 +125,7 @@ class Plan:
     budgets: dict
     timing_case_s: float
     timing_max_reps: int
+    timing_warm_calls: int
     watchdog: bool
     fake_sanitizer: bool = False
     dry_run: bool = False
@@ -161,7 +162,7 @@ def gpu_plan(args) -> Plan:
         child_case=Case("child", (3, 24, 17, 4), "tanh", "mse", 2, False, 3, 5, learn_inner_lr="per_parameter"),
         sanitizer_tools=args.sanitizer_tools,
         budgets=dict(environment=20, correctness=95, launches=20, resources=10, sanitizer=175, timing=95),
-        timing_case_s=2.0, timing_max_reps=100, watchdog=True,
+        timing_case_s=2.0, timing_max_reps=100, timing_warm_calls=2, watchdog=True,
     )
 
 
@@ -182,7 +183,7 @@ def dry_plan(args) -> Plan:
         child_case=Case("child", (2, 6, 3), "tanh", "mse", 1, False, 2, 3),
         sanitizer_tools=args.sanitizer_tools, budgets=dict(environment=30, correctness=120, launches=60, resources=30,
                                                            sanitizer=150, timing=60),
-        timing_case_s=0.05, timing_max_reps=3, watchdog=False, fake_sanitizer=args.sanitizer is None, dry_run=True,
+        timing_case_s=0.05, timing_max_reps=3, timing_warm_calls=0, watchdog=False, fake_sanitizer=args.sanitizer is None, dry_run=True,
         notes=["dry run on the CPU: cpu stand-ins for the GPU backends, tiny sizes, wall-clock timing, "
                "fake sanitizer unless --sanitizer was given"],
     )
@@ -739,7 +740,7 @@ def parse_sanitizer_output(output: str) -> dict:
 
 def timing_section(plan: Plan, results: Results, section: dict, deadline: float) -> None:
     result = section.setdefault("result", {"rows": [], "method": (
-        "median of CUDA-event times of MAML.meta_gradient(accumulate=False), after three warm calls"
+        "median of CUDA-event times of MAML.meta_gradient(accumulate=False), after the first call and two more"
         if plan.device == "cuda" else "median wall-clock time (CPU stand-in)")})
     for workload in plan.workloads:
         row = {"workload": workload.name, "widths": list(workload.widths), "tasks": workload.tasks,
@@ -792,7 +793,7 @@ def time_meta_gradient(plan: Plan, case: Case, backend: str) -> tuple:
     step()
     synchronize(plan.device)
     first = time.perf_counter() - began
-    for _ in range(2):
+    for _ in range(plan.timing_warm_calls):
         step()
     synchronize(plan.device)
     times = []
