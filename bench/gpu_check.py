@@ -26,6 +26,11 @@ Sections, each time-boxed, each case in its own try (a failure is recorded, neve
   launches     every kernel and memory operation the device ran, and the CUDA runtime calls,
                for one fused op call, one MAML.meta_gradient and one MAML.meta_train_step (Adam):
                all of them, whatever they are named (goal: one kernel per meta-step).
+  resources    registers, shared memory, stack and spills of the compiled kernels (cuobjdump
+               --dump-resource-usage of the extension; the Triton kernels' metadata).
+  occupancy    the CUDA launcher's fused op at 32..1024 threads per block and at 1, 2, 4, 8 blocks
+               per SM, W1 at T = 25, 1024, 16384: time, and whether the results are bitwise those
+               of the launcher's own setting (bench/GPU_PLAN.md says what these decide).
   sanitizer    compute-sanitizer memcheck, synccheck, initcheck and racecheck on a small
                meta-step of each backend, each a subprocess of this script (--child-meta-step),
                all started at once after the environment section and collected before the
@@ -74,7 +79,7 @@ RESULT_FILE = "gpu_check.json"
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
-SECTIONS = ("environment", "correctness", "launches", "resources", "sanitizer", "timing")
+SECTIONS = ("environment", "correctness", "launches", "resources", "occupancy", "sanitizer", "timing")
 SANITIZER_TOOLS = ("memcheck", "synccheck", "initcheck", "racecheck")
 CHILD_OK = "CHILD META-STEP OK"
 # Returned by compute-sanitizer when it found errors (--error-exitcode), distinct from a crash.
@@ -126,6 +131,9 @@ class Plan:
     timing_case_s: float
     timing_max_reps: int
     timing_warm_calls: int
+    occupancy_workloads: list
+    occupancy_threads: tuple
+    occupancy_reps: int
     watchdog: bool
     fake_sanitizer: bool = False
     dry_run: bool = False
@@ -161,8 +169,12 @@ def gpu_plan(args) -> Plan:
         launch_case=Case("w1_s1", W1_WIDTHS, "relu", "mse", 1, False, 25, 10, dtypes=("float32",)),
         child_case=Case("child", (3, 24, 17, 4), "tanh", "mse", 2, False, 3, 5, learn_inner_lr="per_parameter"),
         sanitizer_tools=args.sanitizer_tools,
-        budgets=dict(environment=20, correctness=95, launches=20, resources=10, sanitizer=175, timing=95),
+        budgets=dict(environment=20, correctness=90, launches=20, resources=10, occupancy=20, sanitizer=175,
+                     timing=85),
         timing_case_s=2.0, timing_max_reps=100, timing_warm_calls=2, watchdog=True,
+        occupancy_workloads=[Workload(f"w1_T{t}_S{s}", W1_WIDTHS, t, s, 10) for t, s in ((25, 1), (25, 5), (1024, 1),
+                                                                                       (16384, 1))],
+        occupancy_threads=(32, 64, 128, 256, 512, 1024), occupancy_reps=15,
     )
 
 
@@ -182,8 +194,9 @@ def dry_plan(args) -> Plan:
         launch_case=Case("w1_s1", W1_WIDTHS, "relu", "mse", 1, False, 3, 4, dtypes=("float32",)),
         child_case=Case("child", (2, 6, 3), "tanh", "mse", 1, False, 2, 3),
         sanitizer_tools=args.sanitizer_tools, budgets=dict(environment=30, correctness=120, launches=60, resources=30,
-                                                           sanitizer=150, timing=60),
-        timing_case_s=0.05, timing_max_reps=3, timing_warm_calls=0, watchdog=False, fake_sanitizer=args.sanitizer is None, dry_run=True,
+                                                           occupancy=30, sanitizer=150, timing=60),
+        timing_case_s=0.05, timing_max_reps=3, timing_warm_calls=0, watchdog=False,
+        occupancy_workloads=[Workload("w1_T4_S1", W1_WIDTHS, 4, 1, 4)], occupancy_threads=(1, 2), occupancy_reps=3, fake_sanitizer=args.sanitizer is None, dry_run=True,
         notes=["dry run on the CPU: cpu stand-ins for the GPU backends, tiny sizes, wall-clock timing, "
                "fake sanitizer unless --sanitizer was given"],
     )
@@ -553,6 +566,120 @@ def fused_op_call(backend: str, model, case, batch):
     return lambda: implementation.forward(*arguments)
 
 
+@contextlib.contextmanager
+def cuda_launch(threads: int, blocks: int | None):
+    """The CUDA launcher run with `threads` per block and `blocks` blocks (None: its own choice):
+    the binding's keyword arguments overridden on their way from pymaml.ops, whatever else the
+    op passes."""
+    from pymaml.ops import mlp_meta_step as ops
+
+    original = ops.extension
+    real = original()
+
+    class Override:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def mlp_meta_step_cuda(self, **arguments):
+            arguments["threads_per_block"] = threads
+            if blocks is not None:
+                arguments["blocks"] = blocks
+            return real.mlp_meta_step_cuda(**arguments)
+
+        def mlp_meta_step_cuda_workspace(self, **arguments):
+            if blocks is not None:
+                arguments["blocks"] = blocks
+            return real.mlp_meta_step_cuda_workspace(**arguments)
+
+    proxy = Override()
+    ops.extension = lambda: proxy
+    try:
+        yield
+    finally:
+        ops.extension = original
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def launch_settings(plan: Plan, tasks: int) -> list:
+    """(label, context) pairs to sweep: on CUDA threads per block at the launcher's block count,
+    then block counts at 128 threads; on the CPU stand-in (cpp) the thread count."""
+    if plan.device != "cuda":
+        return [(f"threads={n}", lambda n=n: cpu_threads(n)) for n in plan.occupancy_threads]
+    processors = torch.cuda.get_device_properties(0).multi_processor_count
+    settings = [(f"threads={n}", lambda n=n: cuda_launch(n, None)) for n in plan.occupancy_threads]
+    for multiple in (1, 2, 4, 8):
+        blocks = multiple * processors
+        if blocks < tasks:
+            settings.append((f"blocks={blocks}", lambda b=blocks: cuda_launch(128, b)))
+    return settings
+
+
+def occupancy_section(plan: Plan, results: Results, section: dict, deadline: float) -> None:
+    """The fused op of the first backend (cuda) under every launch setting: CUDA-event time, and
+    whether its outputs are bitwise those of the launcher's own setting (each output is the same
+    ordered sum however the threads split the work, csrc/core/mlp_task.h). Decides the occupancy
+    plan of bench/GPU_PLAN.md."""
+    result = section.setdefault("result", {"backend": plan.backends[0] if plan.backends else None, "rows": []})
+    backend = result["backend"]
+    for workload in plan.occupancy_workloads:
+        case = Case(workload.name, workload.widths, "relu", "mse", workload.steps, False, workload.tasks,
+                    workload.points, dtypes=("float32",), inner_lr=0.01)
+        row = {"workload": workload.name, "tasks": workload.tasks, "steps": workload.steps, "settings": {}}
+        result["rows"].append(row)
+        reason = backend_reason(backend, case, torch.float32, plan.device) if backend else "no backend"
+        if reason is not None:
+            row["skipped"] = reason
+            continue
+        model = make_model(case, torch.float32).to(plan.device)
+        call = fused_op_call(backend, model, case, sinusoid_batch(case, plan.device))
+        default = [t.clone() for t in call()]
+        for label, setting in launch_settings(plan, workload.tasks):
+            if time.perf_counter() > deadline:
+                row["settings"][label] = {"status": "skipped: section time box"}
+                continue
+            try:
+                with setting():
+                    outputs = call()
+                    synchronize(plan.device)
+                    identical = all(torch.equal(a, b) for a, b in zip(outputs, default))
+                    median = median_ms(plan, call, plan.occupancy_reps)
+                row["settings"][label] = {"ms": median, "bitwise_equal": identical}
+                print(f"  {workload.name:18s} {label:12s} {median:9.3f} ms{'' if identical else ' DIFFERENT RESULT'}")
+            except TimeBox:
+                raise
+            except Exception as error:  # noqa: BLE001 (a setting the launcher refuses is a result too)
+                row["settings"][label] = {"status": "error", "error": str(error)[:500]}
+                print(f"  {workload.name:18s} {label:12s} error: {str(error)[:120]}")
+            results.write()
+
+
+def median_ms(plan: Plan, call, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        if plan.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            tick = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - tick) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def find_cuobjdump() -> str | None:
     """The CUDA toolkit's cuobjdump, or the one Triton ships."""
     found = shutil.which("cuobjdump")
@@ -867,6 +994,10 @@ def summarize(results: Results) -> list:
         op = entry.get("fused_op") if isinstance(entry, dict) else None
         if isinstance(op, dict) and "kernels" in op and results.data["mode"] == "gpu" and op["kernels"] != 1:
             failures.append(f"launches: {backend} fused op ran {op['kernels']} kernels")
+    for row in sections.get("occupancy", {}).get("result", {}).get("rows", []):
+        for label, setting in row.get("settings", {}).items():
+            if setting.get("bitwise_equal") is False:
+                failures.append(f"occupancy: {row['workload']} {label} changed the results")
     for run in sections.get("sanitizer", {}).get("result", {}).get("runs", []):
         if not run.get("ok"):
             failures.append(f"sanitizer {run['tool']} {run['backend']}: rc={run.get('rc')} errors={run.get('errors')}")
@@ -954,6 +1085,10 @@ def main(argv=None) -> int:
                         deadline)
         if "resources" in args.sections:
             run_section(results, "resources", plan.budgets["resources"], lambda s: resources_section(plan, s), deadline)
+        if "occupancy" in args.sections:
+            box_end = min(deadline, time.perf_counter() + plan.budgets["occupancy"])
+            run_section(results, "occupancy", plan.budgets["occupancy"],
+                        lambda s: occupancy_section(plan, results, s, box_end - 1), deadline)
         if sanitizer is not None:
             sanitizer_end = min(deadline, began + plan.budgets["sanitizer"])
             run_section(results, "sanitizer", max(1.0, sanitizer_end - time.perf_counter() + 5),

@@ -113,6 +113,22 @@ def resources_lines(section: dict) -> list:
     return _table(["launcher", "arch", "kernel", "registers", "shared bytes", "stack bytes", "local / other"], rows)
 
 
+def occupancy_lines(section: dict) -> list:
+    result = section.get("result", {})
+    rows = []
+    for row in result.get("rows", []):
+        if row.get("skipped"):
+            rows.append([row["workload"], "-", "-", f"not run: {row['skipped'][:120]}"])
+        for label, setting in row.get("settings", {}).items():
+            if "ms" in setting:
+                same = "yes" if setting["bitwise_equal"] else "**NO**"
+                rows.append([row["workload"], label, _number(setting["ms"]), same])
+            else:
+                rows.append([row["workload"], label, "-", setting.get("status", "?") + " " + setting.get("error", "")[:120]])
+    return [f"The `{result.get('backend')}` fused op alone, median ms (CUDA events), and whether its outputs are bitwise "
+            f"those of the launcher's own setting.", ""] + _table(["workload", "launch", "ms", "bitwise equal"], rows)
+
+
 def sanitizer_lines(section: dict) -> list:
     result = section.get("result", {})
     if result.get("skipped"):
@@ -157,6 +173,7 @@ def markdown(data: dict) -> str:
     parts = [("Against the oracle", "correctness", correctness_lines),
              ("Kernel launches per call", "launches", launches_lines),
              ("Kernel resources", "resources", resources_lines),
+             ("Launch settings", "occupancy", occupancy_lines),
              ("compute-sanitizer", "sanitizer", sanitizer_lines)]
     for heading, name, render in parts:
         if name in sections:

@@ -160,12 +160,24 @@ def test_timing_has_a_median_per_backend_and_the_ratio_to_the_baseline(dry_run):
         assert row["speedup_over_baseline"]["cpp"] == pytest.approx(row["ms"]["reference"] / row["ms"]["cpp"])
 
 
+def test_occupancy_sweeps_launch_settings_and_compares_results_bitwise(dry_run):
+    _, data = dry_run
+    result = data["sections"]["occupancy"]["result"]
+    plan = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run"]))
+    assert result["backend"] == "cpp"
+    assert [row["workload"] for row in result["rows"]] == [w.name for w in plan.occupancy_workloads]
+    for row in result["rows"]:
+        assert list(row["settings"]) == [f"threads={n}" for n in plan.occupancy_threads]
+        for setting in row["settings"].values():
+            assert setting["ms"] > 0 and setting["bitwise_equal"] is True, setting
+
+
 def test_record_gpu_results_renders_the_dry_run(dry_run):
     _, data = dry_run
     text = record_gpu_results.markdown(data)
     assert text.startswith("## GPU check (dry run on the CPU")
     for heading in ("### Against the oracle", "### Kernel launches per call", "### Kernel resources",
-                    "### compute-sanitizer", "### Meta-gradient time"):
+                    "### Launch settings", "### compute-sanitizer", "### Meta-gradient time"):
         assert heading in text
     for entry in data["sections"]["correctness"]["result"]["cases"]:
         verdict = "ok" if entry["ok"] else "**WRONG**"
