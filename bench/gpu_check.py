@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import json
 import math
@@ -79,7 +80,7 @@ RESULT_FILE = "gpu_check.json"
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
-SECTIONS = ("environment", "correctness", "launches", "resources", "occupancy", "sanitizer", "timing")
+SECTIONS = ("environment", "correctness", "launches", "resources", "occupancy", "sanitizer", "timing", "warmup")
 SANITIZER_TOOLS = ("memcheck", "synccheck", "initcheck", "racecheck")
 CHILD_OK = "CHILD META-STEP OK"
 # Returned by compute-sanitizer when it found errors (--error-exitcode), distinct from a crash.
@@ -125,8 +126,9 @@ class Plan:
     cases: list
     workloads: list
     launch_case: Case
-    child_case: Case
+    child_case_names: tuple  # the correctness cases the sanitizer's child runs, at 3 tasks
     sanitizer_tools: list
+    warm: list  # (backend, key) pairs a child process runs first, to fill Triton's cache
     budgets: dict
     timing_case_s: float
     timing_max_reps: int
@@ -167,8 +169,11 @@ def gpu_plan(args) -> Plan:
     return Plan(
         device="cuda", backends=args.backends, baseline=args.baseline, cases=cases, workloads=workloads,
         launch_case=Case("w1_s1", W1_WIDTHS, "relu", "mse", 1, False, 25, 10, dtypes=("float32",)),
-        child_case=Case("child", (3, 24, 17, 4), "tanh", "mse", 2, False, 3, 5, learn_inner_lr="per_parameter"),
-        sanitizer_tools=args.sanitizer_tools,
+        child_case_names=("meta_sgd_step_weights_s2", "ce_tanh_s3"), sanitizer_tools=args.sanitizer_tools,
+        # Triton compiles once per configuration and integer specialization (T and K divisible by
+        # 16 or not): the cases, and the timed workloads of another specialization than theirs.
+        warm=[("triton", f"case/{c.name}/float32") for c in cases if "triton" in args.backends]
+        + [("triton", f"workload/w1_T1024_S{s}") for s in (1, 5) if "triton" in args.backends],
         budgets=dict(environment=20, correctness=90, launches=20, resources=10, occupancy=20, sanitizer=175,
                      timing=85),
         timing_case_s=2.0, timing_max_reps=100, timing_warm_calls=2, watchdog=True,
@@ -192,8 +197,8 @@ def dry_plan(args) -> Plan:
     return Plan(
         device="cpu", backends=backends, baseline=args.baseline, cases=cases, workloads=workloads,
         launch_case=Case("w1_s1", W1_WIDTHS, "relu", "mse", 1, False, 3, 4, dtypes=("float32",)),
-        child_case=Case("child", (2, 6, 3), "tanh", "mse", 1, False, 2, 3),
-        sanitizer_tools=args.sanitizer_tools, budgets=dict(environment=30, correctness=120, launches=60, resources=30,
+        child_case_names=("meta_sgd_step_weights_s2", "ce_tanh_s2"), sanitizer_tools=args.sanitizer_tools,
+        warm=[(backends[0], "case/meta_sgd_step_weights_s2/float32"), (backends[0], "workload/w1_T2_S1")], budgets=dict(environment=30, correctness=120, launches=60, resources=30,
                                                            occupancy=30, sanitizer=150, timing=60),
         timing_case_s=0.05, timing_max_reps=3, timing_warm_calls=0, watchdog=False,
         occupancy_workloads=[Workload("w1_T4_S1", W1_WIDTHS, 4, 1, 4)], occupancy_threads=(1, 2), occupancy_reps=3, fake_sanitizer=args.sanitizer is None, dry_run=True,
@@ -428,60 +433,154 @@ def environment_section(plan: Plan, section: dict) -> None:
         print(f"  {name}: {'usable' if status['usable'] else 'not usable (' + str(status['reason']) + ')'}")
 
 
-def correctness_section(plan: Plan, results: Results, section: dict, deadline: float) -> None:
+def correctness_section(plan: Plan, results: Results, section: dict, deadline: float, warm) -> None:
+    """Backend by backend (the baseline first, so that its error stands beside each backend's;
+    the compiling backends last, so that their warm-up processes have had the most time)."""
     result = section.setdefault("result", {"cases": [], "failures": []})
-    for case in plan.cases:
-        for dtype_name in case.dtypes:
-            if time.perf_counter() > deadline:
-                result["cases"].append({"case": case.name, "dtype": dtype_name, "status": "skipped",
-                                        "reason": "section time box"})
-                continue
-            correctness_case(plan, case, dtype_name, result)
-            results.write()
-
-
-def correctness_case(plan: Plan, case: Case, dtype_name: str, result: dict) -> None:
-    dtype, tolerance = DTYPES[dtype_name], TOLERANCE[dtype_name]
-    described = {"case": case.name, "dtype": dtype_name, "widths": list(case.widths), "activation": case.activation,
-                 "loss": case.loss, "steps": case.steps, "first_order": case.first_order, "tasks": case.tasks,
-                 "points": case.points, "learn_inner_lr": case.learn_inner_lr,
-                 "step_weights": list(case.step_weights) if case.step_weights else None, "tolerance": tolerance}
-    try:
-        oracle = meta_gradient_values(case, "reference", torch.float64, "cpu", data_dtype=dtype)
-    except Exception as error:  # noqa: BLE001
-        result["cases"].append({**described, "backend": "reference", "status": "error", "error": error_text(error)})
-        result["failures"].append(f"oracle {case.name} {dtype_name}")
-        return
-    baseline_error = None
+    oracles, baseline_errors = {}, {}
     for backend in [plan.baseline, *plan.backends]:
-        entry = {**described, "backend": backend}
+        for case in plan.cases:
+            for dtype_name in case.dtypes:
+                if time.perf_counter() > deadline:
+                    result["cases"].append({"case": case.name, "dtype": dtype_name, "backend": backend,
+                                            "status": "skipped", "reason": "section time box"})
+                    continue
+                correctness_case(plan, case, dtype_name, backend, result, oracles, baseline_errors, warm, deadline)
+                results.write()
+
+
+def correctness_case(plan: Plan, case: Case, dtype_name: str, backend: str, result: dict, oracles: dict,
+                     baseline_errors: dict, warm, deadline: float) -> None:
+    dtype, tolerance = DTYPES[dtype_name], TOLERANCE[dtype_name]
+    entry = {"case": case.name, "dtype": dtype_name, "backend": backend, "widths": list(case.widths),
+             "activation": case.activation, "loss": case.loss, "steps": case.steps, "first_order": case.first_order,
+             "tasks": case.tasks, "points": case.points, "learn_inner_lr": case.learn_inner_lr,
+             "step_weights": list(case.step_weights) if case.step_weights else None, "tolerance": tolerance}
+    key = (case.name, dtype_name)
+    if key not in oracles:
+        try:
+            oracles[key] = meta_gradient_values(case, "reference", torch.float64, "cpu", data_dtype=dtype)
+        except TimeBox:
+            raise
+        except Exception as error:  # noqa: BLE001
+            oracles[key] = error_text(error)
+            result["failures"].append(f"oracle {case.name} {dtype_name}")
+    oracle = oracles[key]
+    began = time.perf_counter()
+    reason = backend_reason(backend, case, dtype, plan.device)
+    if isinstance(oracle, str):
+        entry.update(status="skipped", reason=f"the oracle failed: {oracle.strip().splitlines()[-1]}")
+    elif reason is not None:
+        entry.update(status="unsupported", reason=reason)
+    else:
+        entry["warm_up"] = warm.wait(backend, f"case/{case.name}/{dtype_name}", deadline)
         began = time.perf_counter()
-        reason = backend_reason(backend, case, dtype, plan.device)
-        if reason is not None:
-            entry.update(status="unsupported", reason=reason)
-            result["cases"].append(entry)
-            print(f"  {case.name:28s} {dtype_name} {backend:9s} not run: {reason}")
-            continue
         try:
             values = meta_gradient_values(case, backend, dtype, plan.device)
             errors = compare(values, oracle)
             largest = worst(errors)
             entry.update(status="ran", errors=errors, max_error=largest, ok=largest <= tolerance)
             if backend == plan.baseline:
-                baseline_error = largest
+                baseline_errors[key] = largest
             else:
-                entry["baseline_max_error"] = baseline_error
+                entry["baseline_max_error"] = baseline_errors.get(key)
         except TimeBox:
             raise
         except Exception as error:  # noqa: BLE001
             entry.update(status="error", error=error_text(error), ok=False)
-        entry["seconds"] = round(time.perf_counter() - began, 3)
-        result["cases"].append(entry)
-        if not entry.get("ok"):
-            result["failures"].append(f"{backend} {case.name} {dtype_name}")
-        shown = f"max rel. error {entry['max_error']:.2e}" if "max_error" in entry else entry["status"]
-        print(f"  {case.name:28s} {dtype_name} {backend:9s} {shown} "
-              f"{'ok' if entry.get('ok') else 'WRONG'} ({entry['seconds']:.1f} s)")
+    entry["seconds"] = round(time.perf_counter() - began, 3)
+    result["cases"].append(entry)
+    if entry["status"] in ("unsupported", "skipped"):
+        print(f"  {case.name:28s} {dtype_name} {backend:9s} not run: {entry['reason'][:150]}")
+        return
+    if not entry.get("ok"):
+        result["failures"].append(f"{backend} {case.name} {dtype_name}")
+    shown = f"max rel. error {entry['max_error']:.2e}" if "max_error" in entry else entry["status"]
+    print(f"  {case.name:28s} {dtype_name} {backend:9s} {shown} "
+          f"{'ok' if entry.get('ok') else 'WRONG'} ({entry['seconds']:.1f} s)")
+
+
+class WarmUps:
+    """Child processes that run the compiling backends (Triton: one compile per configuration and
+    integer specialization, the better part of a minute each) once per configuration the run
+    will use, all at once at the start, so that the compiles land in Triton's on-disk cache in
+    parallel; the run waits for a configuration's child before using it."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.runs = plan, {}
+
+    def start(self) -> None:
+        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        for backend, key in self.plan.warm:
+            command = [sys.executable, os.path.abspath(__file__), "--child-warm", key, "--backends", backend,
+                       *(["--dry-run"] if self.plan.dry_run else [])]
+            log = tempfile.TemporaryFile(mode="w+")
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                       start_new_session=True)
+            run = self.runs[backend, key] = {"process": process, "log": log, "began": time.perf_counter()}
+            threading.Thread(target=SanitizerRuns._note_end, args=(run,), daemon=True).start()
+
+    def wait(self, backend: str, key: str, deadline: float) -> str | None:
+        """Waits (until `deadline`) for the child warming (backend, key); what became of it."""
+        run = self.runs.get((backend, key))
+        if run is None:
+            return None
+        try:
+            rc = run["process"].wait(timeout=max(0.1, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            return "still compiling"
+        return "ok" if rc == 0 else f"failed (rc {rc})"
+
+    def collect(self, section: dict) -> None:
+        result = section.setdefault("result", {"runs": []})
+        for (backend, key), run in self.runs.items():
+            process = run["process"]
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                status = "killed at the end of the run"
+            else:
+                status = "ok" if process.returncode == 0 else f"failed (rc {process.returncode})"
+            run["log"].seek(0)
+            output = run["log"].read()
+            run["log"].close()
+            ended = run.get("ended", time.perf_counter())
+            result["runs"].append({"backend": backend, "key": key, "status": status,
+                                   "seconds": round(ended - run["began"], 1), "output_tail": output[-1500:]})
+            print(f"  {backend:9s} {key:32s} {status} ({round(ended - run['began'], 1)} s)")
+
+    def kill(self) -> None:
+        for run in self.runs.values():
+            if run["process"].poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(run["process"].pid, signal.SIGKILL)
+
+
+def child_warm(plan: Plan, backend: str, key: str) -> int:
+    """One call of `backend` on the configuration named by key ("case/<name>/<dtype>" or
+    "workload/<name>"), as the run will make it."""
+    kind, name, *rest = key.split("/")
+    if kind == "case":
+        case = next(c for c in plan.cases if c.name == name)
+        dtype = DTYPES[rest[0]]
+        reason = backend_reason(backend, case, dtype, plan.device)
+        if reason is not None:
+            print(f"not run: {reason}")
+            return 0
+        meta_gradient_values(case, backend, dtype, plan.device)
+    else:
+        workload = next(w for w in plan.workloads if w.name == name)
+        case = workload_case(workload)
+        reason = backend_reason(backend, case, torch.float32, plan.device)
+        if reason is not None:
+            print(f"not run: {reason}")
+            return 0
+        maml = make_maml(case, make_model(case, torch.float32).to(plan.device), backend)
+        maml.meta_gradient(*sinusoid_batch(case, plan.device), accumulate=False)
+        synchronize(plan.device)
+    print(f"warmed {backend} {key}")
+    return 0
 
 
 def profiled_events(run, device: str) -> dict:
@@ -631,8 +730,7 @@ def occupancy_section(plan: Plan, results: Results, section: dict, deadline: flo
     result = section.setdefault("result", {"backend": plan.backends[0] if plan.backends else None, "rows": []})
     backend = result["backend"]
     for workload in plan.occupancy_workloads:
-        case = Case(workload.name, workload.widths, "relu", "mse", workload.steps, False, workload.tasks,
-                    workload.points, dtypes=("float32",), inner_lr=0.01)
+        case = workload_case(workload)
         row = {"workload": workload.name, "tasks": workload.tasks, "steps": workload.steps, "settings": {}}
         result["rows"].append(row)
         reason = backend_reason(backend, case, torch.float32, plan.device) if backend else "no backend"
@@ -770,7 +868,8 @@ def find_sanitizer(explicit: str | None) -> str | None:
 
 
 def sanitizer_command(plan: Plan, executable: str | None, tool: str, backend: str) -> list:
-    child = [sys.executable, os.path.abspath(__file__), "--child-meta-step", backend, "--device", plan.device]
+    child = [sys.executable, os.path.abspath(__file__), "--child-meta-step", backend,
+             *(["--dry-run"] if plan.dry_run else [])]
     options = ["--tool", tool, "--error-exitcode", str(SANITIZER_ERROR_EXIT), "--print-limit", "20",
                "--target-processes", "application-only"]
     if tool == "memcheck":
@@ -785,29 +884,44 @@ class SanitizerRuns:
 
     def __init__(self, plan: Plan, explicit: str | None):
         self.plan, self.runs = plan, []
+        self.lock, self.cancelled = threading.Lock(), False
         self.executable = None if plan.fake_sanitizer else find_sanitizer(explicit)
         self.skipped = None
         if not plan.fake_sanitizer and self.executable is None:
             self.skipped = ("compute-sanitizer is not on the PATH, nor under $CUDA_HOME/bin, /usr/local/cuda*/bin or "
                             "/opt/nvidia/*/bin")
 
-    def start(self) -> None:
+    def start(self, warm: WarmUps) -> None:
+        """Starts each backend's runs once the warm-up children of its configurations are done
+        (a compile under the sanitizer would take its whole time box), in a thread per backend."""
         if self.skipped:
             return
+        for backend in self.plan.backends:
+            runs = [{"tool": tool, "backend": backend, "process": None, "started": threading.Event()}
+                    for tool in self.plan.sanitizer_tools]
+            self.runs += runs
+            keys = [f"case/{name}/float32" for name in self.plan.child_case_names]
+            threading.Thread(target=self._start_after, args=(warm, backend, keys, runs), daemon=True).start()
+
+    def _start_after(self, warm: WarmUps, backend: str, keys: list, runs: list) -> None:
+        for key in keys:
+            warm.wait(backend, key, math.inf)
         environment = dict(os.environ, PYTHONUNBUFFERED="1",
                            # Without torch's caching allocator every tensor is its own allocation, so
                            # memcheck sees an access past a tensor's end (not only past a cached block's).
                            PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-        for tool in self.plan.sanitizer_tools:
-            for backend in self.plan.backends:
-                command = sanitizer_command(self.plan, self.executable, tool, backend)
-                log = tempfile.TemporaryFile(mode="w+")
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                           start_new_session=True)
-                run = {"tool": tool, "backend": backend, "command": command, "process": process, "log": log,
-                       "began": time.perf_counter()}
-                threading.Thread(target=self._note_end, args=(run,), daemon=True).start()
-                self.runs.append(run)
+        for run in runs:
+            with self.lock:
+                if self.cancelled:
+                    return
+                run["command"] = sanitizer_command(self.plan, self.executable, run["tool"], backend)
+                run["log"] = tempfile.TemporaryFile(mode="w+")
+                run["began"] = time.perf_counter()
+                run["process"] = subprocess.Popen(run["command"], stdout=run["log"], stderr=subprocess.STDOUT,
+                                                  env=environment, start_new_session=True)
+            run["started"].set()
+        for run in runs:
+            threading.Thread(target=self._note_end, args=(run,), daemon=True).start()
 
     @staticmethod
     def _note_end(run: dict) -> None:
@@ -823,10 +937,24 @@ class SanitizerRuns:
             return
         entries = result.setdefault("runs", [])
         for run in self.runs:
-            entry = {"tool": run["tool"], "backend": run["backend"], "command": " ".join(run["command"])}
+            entry = {"tool": run["tool"], "backend": run["backend"]}
             try:
-                rc = run["process"].wait(timeout=max(0.1, deadline - time.perf_counter()))
-                entry["rc"] = rc
+                started = run["started"].wait(timeout=max(0.1, deadline - time.perf_counter()))
+            except TimeBox:
+                started = False
+            if not started:
+                with self.lock:
+                    self.cancelled = True
+                    started = run["process"] is not None
+            if not started:
+                entry.update(rc=None, errors=None, warnings=None, child_ok=False, ok=False,
+                             status="not started: its warm-up was still compiling at the time box")
+                entries.append(entry)
+                print(f"  {entry['tool']:10s} {entry['backend']:9s} {entry['status']}")
+                continue
+            entry["command"] = " ".join(run["command"])
+            try:
+                entry["rc"] = run["process"].wait(timeout=max(0.1, deadline - time.perf_counter()))
             except (subprocess.TimeoutExpired, TimeBox):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(run["process"].pid, signal.SIGKILL)
@@ -846,8 +974,10 @@ class SanitizerRuns:
                   f"{'ok' if entry['ok'] else 'FAILED'} ({entry['seconds']} s)")
 
     def kill(self) -> None:
+        with self.lock:
+            self.cancelled = True
         for run in self.runs:
-            if run["process"].poll() is None:
+            if run["process"] is not None and run["process"].poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(run["process"].pid, signal.SIGKILL)
 
@@ -865,7 +995,7 @@ def parse_sanitizer_output(output: str) -> dict:
     return {"errors": errors, "warnings": warnings, "child_ok": CHILD_OK in output}
 
 
-def timing_section(plan: Plan, results: Results, section: dict, deadline: float) -> None:
+def timing_section(plan: Plan, results: Results, section: dict, deadline: float, warm) -> None:
     result = section.setdefault("result", {"rows": [], "method": (
         "median of CUDA-event times of MAML.meta_gradient(accumulate=False), after the first call and two more"
         if plan.device == "cuda" else "median wall-clock time (CPU stand-in)")})
@@ -878,12 +1008,14 @@ def timing_section(plan: Plan, results: Results, section: dict, deadline: float)
             if time.perf_counter() > deadline:
                 row["notes"][backend] = "skipped: section time box"
                 continue
-            case = Case(workload.name, workload.widths, "relu", "mse", workload.steps, False, workload.tasks,
-                        workload.points, dtypes=("float32",), inner_lr=0.01)
+            case = workload_case(workload)
             reason = backend_reason(backend, case, torch.float32, plan.device)
             if reason is not None:
                 row["notes"][backend] = f"unsupported: {reason}"
                 continue
+            warm_up = warm.wait(backend, f"workload/{workload.name}", deadline)
+            if warm_up is not None:
+                row["notes"][backend] = f"warm-up: {warm_up}"
             try:
                 median, first, reps = time_meta_gradient(plan, case, backend)
                 row["ms"][backend], row["first_call_s"][backend], row["reps"][backend] = median, first, reps
@@ -897,6 +1029,12 @@ def timing_section(plan: Plan, results: Results, section: dict, deadline: float)
         baseline = row["ms"].get(plan.baseline)
         row["speedup_over_baseline"] = {b: baseline / ms for b, ms in row["ms"].items()
                                         if b != plan.baseline and baseline and ms > 0}
+
+
+def workload_case(workload: Workload) -> Case:
+    """The meta-step a timed workload runs: ReLU, MSE, second order, float32."""
+    return Case(workload.name, workload.widths, "relu", "mse", workload.steps, False, workload.tasks, workload.points,
+                dtypes=("float32",), inner_lr=0.01)
 
 
 def sinusoid_batch(case, device: str) -> list:
@@ -945,24 +1083,40 @@ def time_meta_gradient(plan: Plan, case: Case, backend: str) -> tuple:
 # The sanitizer's child, and the dry run's fake sanitizer.
 
 
-def child_meta_step(backend: str, device: str, plan_case: Case) -> int:
-    """A small meta-step of `backend`: meta_gradient for both losses and second order with learned
-    step sizes, and one meta_train_step; prints CHILD_OK when every result is finite."""
-    cases = [plan_case, Case("child_ce", plan_case.widths, plan_case.activation, "cross_entropy", 1, True,
-                             plan_case.tasks, plan_case.points)]
-    for case in cases:
-        model = make_model(case, torch.float32).to(device)
-        maml = make_maml(case, model, backend)
-        batch = [t.to(device) for t in make_batch(case, torch.float32)]
-        out = maml.meta_gradient(*batch, accumulate=False)
-        optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
-        out_train = maml.meta_train_step(*batch, optimizer)
-        synchronize(device)
-        values = [out.loss, out.task_losses, out_train.loss, *(p.grad for p in maml.parameters() if p.grad is not None)]
-        if not all(bool(torch.isfinite(v).all()) for v in values):
-            print(f"child: non-finite results on {backend} {case.name}")
-            return 1
-        print(f"child: {backend} {case.name} loss {float(out.loss):.6g}")
+def child_cases(plan: Plan) -> list:
+    """The sanitizer's small meta-steps: configurations of the correctness cases at 3 tasks (the
+    same Triton specialization as theirs, so that the warm-up's compiles serve them too)."""
+    return [dataclasses.replace(c, tasks=3) for c in plan.cases if c.name in plan.child_case_names]
+
+
+def child_meta_step(plan: Plan, backend: str) -> int:
+    """Small meta-steps of `backend`, meta_gradient and a meta_train_step (Adam) in every dtype it
+    takes; prints CHILD_OK when every result is finite and at least one ran."""
+    ran, reasons = 0, []
+    for case in child_cases(plan):
+        for dtype_name in case.dtypes:
+            dtype = DTYPES[dtype_name]
+            reason = backend_reason(backend, case, dtype, plan.device)
+            if reason is not None:
+                reasons.append(f"{case.name} {dtype_name}: {reason}")
+                continue
+            ran += 1
+            model = make_model(case, dtype).to(plan.device)
+            maml = make_maml(case, model, backend)
+            batch = [t.to(plan.device) for t in make_batch(case, dtype)]
+            out = maml.meta_gradient(*batch, accumulate=False)
+            optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+            out_train = maml.meta_train_step(*batch, optimizer)
+            synchronize(plan.device)
+            values = [out.loss, out.task_losses, out_train.loss,
+                      *(p.grad for p in maml.parameters() if p.grad is not None)]
+            if not all(bool(torch.isfinite(v).all()) for v in values):
+                print(f"child: non-finite results on {backend} {case.name} {dtype_name}")
+                return 1
+            print(f"child: {backend} {case.name} {dtype_name} loss {float(out.loss):.6g}")
+    if not ran:
+        print(f"child: {backend} ran nothing: {'; '.join(reasons)}")
+        return 1
     print(f"{CHILD_OK} {backend}")
     return 0
 
@@ -1039,7 +1193,7 @@ def parse_arguments(argv):
     parser.add_argument("--sanitizer-tools", default=",".join(SANITIZER_TOOLS))
     parser.add_argument("--dry-run", action="store_true", help="check this script on the CPU (see the docstring)")
     parser.add_argument("--child-meta-step", default=None, metavar="BACKEND", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--child-warm", default=None, metavar="KEY", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.backends_given = args.backends is not None
     args.backends = [b for b in (args.backends or "cuda,triton").split(",") if b]
@@ -1060,8 +1214,9 @@ def main(argv=None) -> int:
     args = parse_arguments(argv)
     plan = dry_plan(args) if args.dry_run else gpu_plan(args)
     if args.child_meta_step:
-        child_case = (dry_plan(args) if args.device == "cpu" else plan).child_case
-        return child_meta_step(args.child_meta_step, args.device, child_case)
+        return child_meta_step(plan, args.child_meta_step)
+    if args.child_warm:
+        return child_warm(plan, plan.backends[0], args.child_warm)
     os.makedirs(args.out, exist_ok=True)
     results = Results(os.path.join(args.out, RESULT_FILE), plan)
     results.data["command"] = " ".join([os.path.basename(__file__), *argv])
@@ -1069,17 +1224,19 @@ def main(argv=None) -> int:
     deadline = began + args.budget_s
     if plan.watchdog:
         start_watchdog(results, args.budget_s + 10)
+    warm = WarmUps(plan if "warmup" in args.sections else dataclasses.replace(plan, warm=[]))
     sanitizer = SanitizerRuns(plan, args.sanitizer) if "sanitizer" in args.sections else None
     try:
+        warm.start()
         if "environment" in args.sections:
             run_section(results, "environment", plan.budgets["environment"],
                         lambda s: environment_section(plan, s), deadline)
         if sanitizer is not None:
-            sanitizer.start()
+            sanitizer.start(warm)
         if "correctness" in args.sections:
             box_end = min(deadline, time.perf_counter() + plan.budgets["correctness"])
             run_section(results, "correctness", plan.budgets["correctness"],
-                        lambda s: correctness_section(plan, results, s, box_end - 1), deadline)
+                        lambda s: correctness_section(plan, results, s, box_end - 1, warm), deadline)
         if "launches" in args.sections:
             run_section(results, "launches", plan.budgets["launches"], lambda s: launches_section(plan, results, s),
                         deadline)
@@ -1096,8 +1253,12 @@ def main(argv=None) -> int:
         if "timing" in args.sections:
             box = min(plan.budgets["timing"], deadline - time.perf_counter())
             box_end = time.perf_counter() + box
-            run_section(results, "timing", box, lambda s: timing_section(plan, results, s, box_end - 1), deadline)
+            run_section(results, "timing", box, lambda s: timing_section(plan, results, s, box_end - 1, warm),
+                        deadline)
+        if "warmup" in args.sections:
+            run_section(results, "warmup", 10, warm.collect, math.inf)
     finally:
+        warm.kill()
         if sanitizer is not None:
             sanitizer.kill()
     failures = summarize(results)

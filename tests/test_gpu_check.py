@@ -172,6 +172,18 @@ def test_occupancy_sweeps_launch_settings_and_compares_results_bitwise(dry_run):
             assert setting["ms"] > 0 and setting["bitwise_equal"] is True, setting
 
 
+def test_warm_up_children_run_each_planned_configuration_first(dry_run):
+    _, data = dry_run
+    plan = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run", "--backends", "cpp,wrong"]))
+    runs = data["sections"]["warmup"]["result"]["runs"]
+    assert [(r["backend"], r["key"]) for r in runs] == plan.warm
+    for run in runs:
+        assert run["status"] == "ok" and f"warmed {run['backend']} {run['key']}" in run["output_tail"], run
+    waited = [e for e in data["sections"]["correctness"]["result"]["cases"] if e.get("warm_up") is not None]
+    assert [(e["backend"], f"case/{e['case']}/{e['dtype']}") for e in waited] == [plan.warm[0]]
+    assert waited[0]["warm_up"] == "ok"
+
+
 def test_record_gpu_results_renders_the_dry_run(dry_run):
     _, data = dry_run
     text = record_gpu_results.markdown(data)
