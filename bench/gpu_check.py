@@ -472,8 +472,11 @@ def correctness_case(plan: Plan, case: Case, dtype_name: str, backend: str, resu
         entry.update(status="skipped", reason=f"the oracle failed: {oracle.strip().splitlines()[-1]}")
     elif reason is not None:
         entry.update(status="unsupported", reason=reason)
+    elif (warm_up := warm.wait(backend, f"case/{case.name}/{dtype_name}", deadline)) == "still compiling":
+        # Compiling here would block the run inside one long compiler call, past its time box.
+        entry.update(warm_up=warm_up, status="skipped", reason="its warm-up was still compiling at the time box")
     else:
-        entry["warm_up"] = warm.wait(backend, f"case/{case.name}/{dtype_name}", deadline)
+        entry["warm_up"] = warm_up
         began = time.perf_counter()
         try:
             values = meta_gradient_values(case, backend, dtype, plan.device)
@@ -1014,8 +1017,9 @@ def timing_section(plan: Plan, results: Results, section: dict, deadline: float,
                 row["notes"][backend] = f"unsupported: {reason}"
                 continue
             warm_up = warm.wait(backend, f"workload/{workload.name}", deadline)
-            if warm_up is not None:
-                row["notes"][backend] = f"warm-up: {warm_up}"
+            if warm_up == "still compiling":
+                row["notes"][backend] = "skipped: its warm-up was still compiling at the time box"
+                continue
             try:
                 median, first, reps = time_meta_gradient(plan, case, backend)
                 row["ms"][backend], row["first_call_s"][backend], row["reps"][backend] = median, first, reps
@@ -1143,7 +1147,10 @@ def summarize(results: Results) -> list:
     for name, section in sections.items():
         if section.get("status") not in ("ok", "not run"):
             failures.append(f"section {name}: {section.get('status')} {str(section.get('error', ''))[-200:]}")
-    failures += [f"oracle mismatch: {f}" for f in sections.get("correctness", {}).get("result", {}).get("failures", [])]
+    correctness = sections.get("correctness", {}).get("result", {})
+    failures += [f"oracle mismatch: {f}" for f in correctness.get("failures", [])]
+    failures += [f"not checked: {e['backend']} {e['case']} {e['dtype']} ({e['reason']})"
+                 for e in correctness.get("cases", []) if e.get("status") == "skipped"]
     for backend, entry in sections.get("launches", {}).get("result", {}).items():
         op = entry.get("fused_op") if isinstance(entry, dict) else None
         if isinstance(op, dict) and "kernels" in op and results.data["mode"] == "gpu" and op["kernels"] != 1:

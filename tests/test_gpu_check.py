@@ -270,3 +270,31 @@ def test_sanitizer_summaries_are_parsed():
     race = gpu_check.parse_sanitizer_output("========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warning)\n")
     assert race == {"errors": 2, "warnings": 1, "child_ok": False}
     assert gpu_check.parse_sanitizer_output("Segmentation fault\n")["errors"] is None
+
+
+class StillCompiling:
+    """A warm-up whose child has not finished by the time box."""
+
+    def wait(self, backend, key, deadline):
+        return "still compiling"
+
+
+def test_a_case_whose_warm_up_is_still_compiling_is_skipped_and_reported_as_not_checked(tmp_path):
+    plan = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run"]))
+    case = plan.cases[0]
+    result = {"cases": [], "failures": []}
+    gpu_check.correctness_case(plan, case, "float32", "cpp", result, {}, {}, StillCompiling(), time.perf_counter() + 60)
+    (entry,) = result["cases"]
+    assert entry["status"] == "skipped" and "still compiling" in entry["reason"] and "errors" not in entry
+    results = gpu_check.Results(str(tmp_path / gpu_check.RESULT_FILE), plan)
+    results.data["sections"]["correctness"] = {"status": "ok", "result": result}
+    assert gpu_check.summarize(results) == [f"not checked: cpp {case.name} float32 ({entry['reason']})"]
+
+
+def test_a_launch_setting_that_changes_the_results_is_a_failure(tmp_path):
+    plan = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run"]))
+    results = gpu_check.Results(str(tmp_path / gpu_check.RESULT_FILE), plan)
+    results.data["sections"]["occupancy"] = {"status": "ok", "result": {"rows": [
+        {"workload": "w1_T25_S1", "settings": {"threads=128": {"ms": 1.0, "bitwise_equal": True},
+                                               "threads=256": {"ms": 0.8, "bitwise_equal": False}}}]}}
+    assert gpu_check.summarize(results) == ["occupancy: w1_T25_S1 threads=256 changed the results"]
