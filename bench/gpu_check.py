@@ -8,44 +8,56 @@ On the GPU machine (nvcc on the PATH, so that the build compiles the CUDA launch
 
 Results go to gpu_check_results/gpu_check.json, rewritten after every case, so whatever ran
 is on disk even if the run is stopped; a compact summary is printed last. Exit status 0 when
-every check passed, 2 when one failed, 3 when the watchdog ended the run. Then
+every check passed, 2 when one failed or was not checked, 3 when the watchdog ended the run
+(10 s after --budget-s, even inside a blocking CUDA call). Then
 
     python bench/record_gpu_results.py gpu_check_results/gpu_check.json
 
-prints the section for bench/RESULTS.md.
+prints the section for bench/RESULTS.md. A second, shorter run can take a subset:
+--sections timing,warmup (for example) with --budget-s to match.
 
-Sections, each time-boxed, each case in its own try (a failure is recorded, never lost):
+Child processes start first and run beside the sections: one per Triton configuration the run
+uses (Triton compiles each configuration and integer specialization once, for a long time, into
+its on-disk cache; "warm-ups"), and the compute-sanitizer runs, each backend's after the warm-ups
+of its configurations.
+
+Sections, in this order, each time-boxed, each case in its own try (a failure is recorded,
+never lost):
   environment  the device, torch, Triton, pymaml.build_info() and available_backends().
-  correctness  every GPU backend against the oracle (pymaml/reference.py, float64 on the CPU)
-               over both losses, S = 0..5, first and second order, learned step sizes, step
-               weights and the widest configuration the Triton kernel takes (padded width 128,
-               64 points): the meta-loss, the per-task losses and the gradients of every
-               parameter of the MAML module (learned step sizes included). Tolerance: 1e-10 in
-               float64, 1e-5 in float32 (against the float64 oracle); the `func` baseline's error
-               in the same dtype is recorded beside it, to tell a kernel bug from conditioning.
+  correctness  the baseline (`func`) and `cuda` against the oracle (pymaml/reference.py, float64
+               on the CPU, on the same values) over both losses, S = 0..5, first and second
+               order, learned step sizes (Meta-SGD, LSLR), step weights and the widest
+               configuration the Triton kernel takes (padded width 128, 64 points): the
+               meta-loss, the per-task losses and the gradients of every parameter of the MAML
+               module. Tolerance: 1e-10 in float64, 1e-5 in float32; the baseline's error in the
+               same dtype stands beside each, to tell a kernel bug from conditioning.
+  occupancy    the CUDA launcher's fused op at 32..1024 threads per block and at 1, 2, 4, 8 blocks
+               per SM, W1 at T = 25, 1024, 16384: time, and whether the results are bitwise those
+               of the launcher's own setting (bench/GPU_PLAN.md says what these decide).
+  correctness_compiled  the same for `triton`, each configuration after its warm-up (skipped,
+               and reported as not checked, when the warm-up is still compiling at the time box).
   launches     every kernel and memory operation the device ran, and the CUDA runtime calls,
                for one fused op call, one MAML.meta_gradient and one MAML.meta_train_step (Adam):
                all of them, whatever they are named (goal: one kernel per meta-step).
   resources    registers, shared memory, stack and spills of the compiled kernels (cuobjdump
                --dump-resource-usage of the extension; the Triton kernels' metadata).
-  occupancy    the CUDA launcher's fused op at 32..1024 threads per block and at 1, 2, 4, 8 blocks
-               per SM, W1 at T = 25, 1024, 16384: time, and whether the results are bitwise those
-               of the launcher's own setting (bench/GPU_PLAN.md says what these decide).
-  sanitizer    compute-sanitizer memcheck, synccheck, initcheck and racecheck on a small
-               meta-step of each backend, each a subprocess of this script (--child-meta-step),
-               all started at once after the environment section and collected before the
-               timing, which runs on a quiet GPU. Skipped with the reason when compute-sanitizer
-               is neither on the PATH nor under $CUDA_HOME/bin or /usr/local/cuda*/bin.
+  sanitizer    compute-sanitizer memcheck, synccheck, initcheck and racecheck, each a subprocess
+               of this script (--child-meta-step: meta_gradient and meta_train_step of two
+               correctness configurations at 3 tasks, in every dtype the backend takes), collected
+               before the timing, which then runs on a quiet GPU. Skipped with the reason when
+               compute-sanitizer is neither on the PATH nor under $CUDA_HOME/bin,
+               /usr/local/cuda*/bin or /opt/nvidia/*/bin (--sanitizer names it).
   timing       MAML.meta_gradient, median ms from CUDA events: W1 (sinusoid, MLP 1-40-40-1,
                K = 10 + 10, second order, float32) at T = 25, 1024, 16384 and S = 1, 5, and the
                widest configuration at T = 1024, S = 5, for each backend and for `func`.
+  warmup       what became of each warm-up child.
 
 Options: --budget-s (total, default 285), --sections, --backends (default cuda,triton),
 --baseline (default func), --sanitizer PATH, --sanitizer-tools.
 
---dry-run checks this script's logic on the CPU: every section with CPU stand-ins (backends
-cpp instead of cuda and triton, tiny sizes, wall-clock timing, a built-in fake sanitizer that
-runs the child and reports no errors), e.g.
+--dry-run checks this script's logic on the CPU: every section with CPU stand-ins (backend
+cpp for cuda and triton, warm-ups included; tiny sizes; wall-clock timing; thread counts for
+the launch settings; a built-in fake sanitizer that runs the child and reports no errors), e.g.
     python bench/gpu_check.py --dry-run --out /tmp/gpu_check_dry
 tests/test_gpu_check.py runs it and checks the JSON.
 """
@@ -55,6 +67,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -80,7 +93,10 @@ RESULT_FILE = "gpu_check.json"
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
-SECTIONS = ("environment", "correctness", "launches", "resources", "occupancy", "sanitizer", "timing", "warmup")
+# In the order they run. The compiling backends' (Triton's) oracle checks, launch counts and
+# kernel metadata come after the others, to give their compiles (SanitizerRuns, WarmUps) time.
+SECTIONS = ("environment", "correctness", "occupancy", "correctness_compiled", "launches", "resources", "sanitizer",
+            "timing", "warmup")
 SANITIZER_TOOLS = ("memcheck", "synccheck", "initcheck", "racecheck")
 CHILD_OK = "CHILD META-STEP OK"
 # Returned by compute-sanitizer when it found errors (--error-exitcode), distinct from a crash.
@@ -174,8 +190,10 @@ def gpu_plan(args) -> Plan:
         # 16 or not): the cases, and the timed workloads of another specialization than theirs.
         warm=[("triton", f"case/{c.name}/float32") for c in cases if "triton" in args.backends]
         + [("triton", f"workload/w1_T1024_S{s}") for s in (1, 5) if "triton" in args.backends],
-        budgets=dict(environment=20, correctness=90, launches=20, resources=10, occupancy=20, sanitizer=175,
-                     timing=85),
+        # Seconds per section; the sanitizer's is counted from the start of the run, since its
+        # children run beside the other sections.
+        budgets=dict(environment=20, correctness=45, occupancy=20, correctness_compiled=75, launches=15,
+                     resources=10, sanitizer=195, timing=80),
         timing_case_s=2.0, timing_max_reps=100, timing_warm_calls=2, watchdog=True,
         occupancy_workloads=[Workload(f"w1_T{t}_S{s}", W1_WIDTHS, t, s, 10) for t, s in ((25, 1), (25, 5), (1024, 1),
                                                                                        (16384, 1))],
@@ -198,8 +216,9 @@ def dry_plan(args) -> Plan:
         device="cpu", backends=backends, baseline=args.baseline, cases=cases, workloads=workloads,
         launch_case=Case("w1_s1", W1_WIDTHS, "relu", "mse", 1, False, 3, 4, dtypes=("float32",)),
         child_case_names=("meta_sgd_step_weights_s2", "ce_tanh_s2"), sanitizer_tools=args.sanitizer_tools,
-        warm=[(backends[0], "case/meta_sgd_step_weights_s2/float32"), (backends[0], "workload/w1_T2_S1")], budgets=dict(environment=30, correctness=120, launches=60, resources=30,
-                                                           occupancy=30, sanitizer=150, timing=60),
+        warm=[(backends[0], "case/meta_sgd_step_weights_s2/float32"), (backends[0], "workload/w1_T2_S1")], 
+        budgets=dict(environment=30, correctness=120, occupancy=30, correctness_compiled=120, launches=60,
+                     resources=30, sanitizer=240, timing=60),
         timing_case_s=0.05, timing_max_reps=3, timing_warm_calls=0, watchdog=False,
         occupancy_workloads=[Workload("w1_T4_S1", W1_WIDTHS, 4, 1, 4)], occupancy_threads=(1, 2), occupancy_reps=3, fake_sanitizer=args.sanitizer is None, dry_run=True,
         notes=["dry run on the CPU: cpu stand-ins for the GPU backends, tiny sizes, wall-clock timing, "
@@ -433,12 +452,17 @@ def environment_section(plan: Plan, section: dict) -> None:
         print(f"  {name}: {'usable' if status['usable'] else 'not usable (' + str(status['reason']) + ')'}")
 
 
-def correctness_section(plan: Plan, results: Results, section: dict, deadline: float, warm) -> None:
-    """Backend by backend (the baseline first, so that its error stands beside each backend's;
-    the compiling backends last, so that their warm-up processes have had the most time)."""
+def compiled_backends(plan: Plan) -> list:
+    """The backends whose configurations warm up in child processes first (Triton)."""
+    return [b for b in plan.backends if any(backend == b for backend, _ in plan.warm)]
+
+
+def correctness_section(plan: Plan, results: Results, section: dict, deadline: float, warm, backends: list,
+                        oracles: dict, baseline_errors: dict) -> None:
+    """Backend by backend; the baseline first, so that its error stands beside each backend's.
+    oracles and baseline_errors are shared by the two correctness sections."""
     result = section.setdefault("result", {"cases": [], "failures": []})
-    oracles, baseline_errors = {}, {}
-    for backend in [plan.baseline, *plan.backends]:
+    for backend in backends:
         for case in plan.cases:
             for dtype_name in case.dtypes:
                 if time.perf_counter() > deadline:
@@ -619,7 +643,7 @@ def profiled_events(run, device: str) -> dict:
             "CPU stand-in: top-level operators"}
 
 
-def launches_section(plan: Plan, results: Results, section: dict) -> None:
+def launches_section(plan: Plan, results: Results, section: dict, warm, deadline: float) -> None:
     result = section.setdefault("result", {})
     case = plan.launch_case
     dtype = DTYPES[case.dtypes[0]]
@@ -628,6 +652,9 @@ def launches_section(plan: Plan, results: Results, section: dict) -> None:
         reason = backend_reason(backend, case, dtype, plan.device)
         if reason is not None:
             entry["status"] = f"unsupported: {reason}"
+            continue
+        if warm.wait(backend, f"case/{case.name}/{case.dtypes[0]}", deadline) == "still compiling":
+            entry["status"] = "skipped: its warm-up was still compiling at the time box"
             continue
         model = make_model(case, dtype).to(plan.device)
         batch = [t.to(plan.device) for t in make_batch(case, dtype)]
@@ -1147,10 +1174,11 @@ def summarize(results: Results) -> list:
     for name, section in sections.items():
         if section.get("status") not in ("ok", "not run"):
             failures.append(f"section {name}: {section.get('status')} {str(section.get('error', ''))[-200:]}")
-    correctness = sections.get("correctness", {}).get("result", {})
-    failures += [f"oracle mismatch: {f}" for f in correctness.get("failures", [])]
-    failures += [f"not checked: {e['backend']} {e['case']} {e['dtype']} ({e['reason']})"
-                 for e in correctness.get("cases", []) if e.get("status") == "skipped"]
+    for name in ("correctness", "correctness_compiled"):
+        correctness = sections.get(name, {}).get("result", {})
+        failures += [f"oracle mismatch: {f}" for f in correctness.get("failures", [])]
+        failures += [f"not checked: {e['backend']} {e['case']} {e['dtype']} ({e['reason']})"
+                     for e in correctness.get("cases", []) if e.get("status") == "skipped"]
     for backend, entry in sections.get("launches", {}).get("result", {}).items():
         op = entry.get("fused_op") if isinstance(entry, dict) else None
         if isinstance(op, dict) and "kernels" in op and results.data["mode"] == "gpu" and op["kernels"] != 1:
@@ -1240,19 +1268,26 @@ def main(argv=None) -> int:
                         lambda s: environment_section(plan, s), deadline)
         if sanitizer is not None:
             sanitizer.start(warm)
-        if "correctness" in args.sections:
-            box_end = min(deadline, time.perf_counter() + plan.budgets["correctness"])
-            run_section(results, "correctness", plan.budgets["correctness"],
-                        lambda s: correctness_section(plan, results, s, box_end - 1, warm), deadline)
-        if "launches" in args.sections:
-            run_section(results, "launches", plan.budgets["launches"], lambda s: launches_section(plan, results, s),
+        oracles, baseline_errors = {}, {}
+        compiled = compiled_backends(plan)
+        for name, backends in (("correctness", [plan.baseline, *(b for b in plan.backends if b not in compiled)]),
+                               ("occupancy", None), ("correctness_compiled", compiled)):
+            if name not in args.sections or (name == "correctness_compiled" and not compiled):
+                continue
+            box_end = min(deadline, time.perf_counter() + plan.budgets[name])
+            if name == "occupancy":
+                body = functools.partial(occupancy_section, plan, results, deadline=box_end - 1)
+            else:
+                body = functools.partial(correctness_section, plan, results, deadline=box_end - 1, warm=warm,
+                                         backends=backends, oracles=oracles, baseline_errors=baseline_errors)
+            run_section(results, name, plan.budgets[name], lambda section, body=body: body(section=section),
                         deadline)
+        if "launches" in args.sections:
+            box_end = min(deadline, time.perf_counter() + plan.budgets["launches"])
+            run_section(results, "launches", plan.budgets["launches"],
+                        lambda s: launches_section(plan, results, s, warm, box_end - 1), deadline)
         if "resources" in args.sections:
             run_section(results, "resources", plan.budgets["resources"], lambda s: resources_section(plan, s), deadline)
-        if "occupancy" in args.sections:
-            box_end = min(deadline, time.perf_counter() + plan.budgets["occupancy"])
-            run_section(results, "occupancy", plan.budgets["occupancy"],
-                        lambda s: occupancy_section(plan, results, s, box_end - 1), deadline)
         if sanitizer is not None:
             sanitizer_end = min(deadline, began + plan.budgets["sanitizer"])
             run_section(results, "sanitizer", max(1.0, sanitizer_end - time.perf_counter() + 5),

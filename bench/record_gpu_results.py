@@ -171,6 +171,7 @@ def markdown(data: dict) -> str:
         lines += environment_lines(sections["environment"]) + [""]
     lines += ["Sections: " + "; ".join(_status_line(name, section) for name, section in sections.items()) + ".", ""]
     parts = [("Against the oracle", "correctness", correctness_lines),
+             ("Against the oracle: the compiled backends", "correctness_compiled", correctness_lines),
              ("Kernel launches per call", "launches", launches_lines),
              ("Kernel resources", "resources", resources_lines),
              ("Launch settings", "occupancy", occupancy_lines),

@@ -97,7 +97,12 @@ def test_dry_run_runs_every_section_into_one_file(dry_run):
 
 def test_correctness_numbers_are_measured_and_a_wrong_backend_is_flagged(dry_run):
     _, data = dry_run
-    result = data["sections"]["correctness"]["result"]
+    sections = data["sections"]
+    # cpp stands in for the compiled backend (it has warm-ups) and runs in the second section.
+    assert [e["backend"] for e in sections["correctness_compiled"]["result"]["cases"]] == ["cpp"] * len(
+        sections["correctness_compiled"]["result"]["cases"])
+    result = {key: sections["correctness"]["result"][key] + sections["correctness_compiled"]["result"][key]
+              for key in ("cases", "failures")}
     plan_cases = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run"])).cases
     expected = {(case.name, dtype) for case in plan_cases for dtype in case.dtypes}
     by_backend = {}
@@ -179,7 +184,7 @@ def test_warm_up_children_run_each_planned_configuration_first(dry_run):
     assert [(r["backend"], r["key"]) for r in runs] == plan.warm
     for run in runs:
         assert run["status"] == "ok" and f"warmed {run['backend']} {run['key']}" in run["output_tail"], run
-    waited = [e for e in data["sections"]["correctness"]["result"]["cases"] if e.get("warm_up") is not None]
+    waited = [e for e in data["sections"]["correctness_compiled"]["result"]["cases"] if e.get("warm_up") is not None]
     assert [(e["backend"], f"case/{e['case']}/{e['dtype']}") for e in waited] == [plan.warm[0]]
     assert waited[0]["warm_up"] == "ok"
 
@@ -188,10 +193,11 @@ def test_record_gpu_results_renders_the_dry_run(dry_run):
     _, data = dry_run
     text = record_gpu_results.markdown(data)
     assert text.startswith("## GPU check (dry run on the CPU")
-    for heading in ("### Against the oracle", "### Kernel launches per call", "### Kernel resources",
+    for heading in ("### Against the oracle", "### Against the oracle: the compiled backends", "### Kernel launches per call", "### Kernel resources",
                     "### Launch settings", "### compute-sanitizer", "### Meta-gradient time"):
         assert heading in text
-    for entry in data["sections"]["correctness"]["result"]["cases"]:
+    for entry in data["sections"]["correctness"]["result"]["cases"] + \
+            data["sections"]["correctness_compiled"]["result"]["cases"]:
         verdict = "ok" if entry["ok"] else "**WRONG**"
         assert f"| {entry['case']} | {entry['dtype']} | `{entry['backend']}` |" in text
         assert f"{record_gpu_results._error(entry['errors']['grads'])} | {entry['tolerance']:.1e}" in text
