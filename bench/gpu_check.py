@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import importlib
 import json
 import math
 import os
@@ -700,8 +701,8 @@ def cuda_launch(threads: int, blocks: int | None):
     """The CUDA launcher run with `threads` per block and `blocks` blocks (None: its own choice):
     the binding's keyword arguments overridden on their way from pymaml.ops, whatever else the
     op passes."""
-    from pymaml.ops import mlp_meta_step as ops
-
+    # The module, not the function pymaml.ops exports under the same name.
+    ops = importlib.import_module("pymaml.ops.mlp_meta_step")
     original = ops.extension
     real = original()
 
@@ -915,6 +916,7 @@ class SanitizerRuns:
     def __init__(self, plan: Plan, explicit: str | None):
         self.plan, self.runs = plan, []
         self.lock, self.cancelled = threading.Lock(), False
+        self.unavailable = {}  # backend: why it cannot run here, so that no child runs it
         self.executable = None if plan.fake_sanitizer else find_sanitizer(explicit)
         self.skipped = None
         if not plan.fake_sanitizer and self.executable is None:
@@ -927,6 +929,13 @@ class SanitizerRuns:
         if self.skipped:
             return
         for backend in self.plan.backends:
+            try:
+                unavailable = pymaml.backends.get_backend(backend).unavailable_reason()
+            except ValueError as error:
+                unavailable = str(error)
+            if unavailable is not None:
+                self.unavailable[backend] = unavailable
+                continue
             runs = [{"tool": tool, "backend": backend, "process": None, "started": threading.Event()}
                     for tool in self.plan.sanitizer_tools]
             self.runs += runs
@@ -966,6 +975,10 @@ class SanitizerRuns:
             print(f"  skipped: {self.skipped}")
             return
         entries = result.setdefault("runs", [])
+        if self.unavailable:
+            result["backends_not_run"] = dict(self.unavailable)
+            for backend, reason in self.unavailable.items():
+                print(f"  {backend:9s} not run: {reason}")
         for run in self.runs:
             entry = {"tool": run["tool"], "backend": run["backend"]}
             try:

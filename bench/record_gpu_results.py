@@ -135,7 +135,8 @@ def sanitizer_lines(section: dict) -> list:
         return [f"Not run: {result['skipped']}."]
     rows = [[run["tool"], f"`{run['backend']}`", run.get("rc"), run.get("errors"), run.get("warnings"),
              run.get("seconds"), "ok" if run.get("ok") else "**FAILED**"] for run in result.get("runs", [])]
-    return [f"compute-sanitizer: `{result.get('executable')}`.", ""] + _table(
+    not_run = "".join(f" Not run on `{b}`: {reason}." for b, reason in result.get("backends_not_run", {}).items())
+    return [f"compute-sanitizer: `{result.get('executable')}`.{not_run}", ""] + _table(
         ["tool", "backend", "exit", "errors", "warnings", "seconds", "verdict"], rows)
 
 

@@ -304,3 +304,30 @@ def test_a_launch_setting_that_changes_the_results_is_a_failure(tmp_path):
         {"workload": "w1_T25_S1", "settings": {"threads=128": {"ms": 1.0, "bitwise_equal": True},
                                                "threads=256": {"ms": 0.8, "bitwise_equal": False}}}]}}
     assert gpu_check.summarize(results) == ["occupancy: w1_T25_S1 threads=256 changed the results"]
+
+
+def test_cuda_launch_overrides_the_launchers_block_size_and_count(monkeypatch):
+    ops = importlib.import_module("pymaml.ops.mlp_meta_step")
+    calls = []
+
+    class FakeExtension:
+        def mlp_meta_step_cuda(self, **arguments):
+            calls.append(("launch", arguments))
+
+        def mlp_meta_step_cuda_workspace(self, **arguments):
+            calls.append(("workspace", arguments))
+            return 7
+
+        build_info = "passed through"
+
+    monkeypatch.setattr(ops, "extension", lambda: FakeExtension())
+    with gpu_check.cuda_launch(256, 528):
+        assert ops.extension().mlp_meta_step_cuda_workspace(tasks=25, blocks=25) == 7
+        ops.extension().mlp_meta_step_cuda(theta="θ", blocks=25, threads_per_block=128)
+        assert ops.extension().build_info == "passed through"
+    with gpu_check.cuda_launch(64, None):
+        ops.extension().mlp_meta_step_cuda(theta="θ", blocks=25)
+    assert calls == [("workspace", {"tasks": 25, "blocks": 528}),
+                     ("launch", {"theta": "θ", "blocks": 528, "threads_per_block": 256}),
+                     ("launch", {"theta": "θ", "blocks": 25, "threads_per_block": 64})]
+    assert isinstance(ops.extension(), FakeExtension)  # restored to what it was
