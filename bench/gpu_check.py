@@ -779,7 +779,7 @@ def occupancy_section(plan: Plan, results: Results, section: dict, deadline: flo
                 with setting():
                     outputs = call()
                     synchronize(plan.device)
-                    identical = all(torch.equal(a, b) for a, b in zip(outputs, default))
+                    identical = all(bitwise_equal(a, b) for a, b in zip(outputs, default))
                     median = median_ms(plan, call, plan.occupancy_reps)
                 row["settings"][label] = {"ms": median, "bitwise_equal": identical}
                 print(f"  {workload.name:18s} {label:12s} {median:9.3f} ms{'' if identical else ' DIFFERENT RESULT'}")
@@ -789,6 +789,18 @@ def occupancy_section(plan: Plan, results: Results, section: dict, deadline: flo
                 row["settings"][label] = {"status": "error", "error": str(error)[:500]}
                 print(f"  {workload.name:18s} {label:12s} error: {str(error)[:120]}")
             results.write()
+
+
+BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same bits (a NaN equals a NaN of the same payload)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        a, b = (t.contiguous().reshape(-1).view(BITS[t.element_size()]) for t in (a, b))
+    return torch.equal(a, b)
 
 
 def median_ms(plan: Plan, call, reps: int) -> float:

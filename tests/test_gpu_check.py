@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import pymaml
 from pymaml.backends.reference import ReferenceBackend
@@ -331,3 +332,10 @@ def test_cuda_launch_overrides_the_launchers_block_size_and_count(monkeypatch):
                      ("launch", {"theta": "θ", "blocks": 528, "threads_per_block": 256}),
                      ("launch", {"theta": "θ", "blocks": 25, "threads_per_block": 64})]
     assert isinstance(ops.extension(), FakeExtension)  # restored to what it was
+
+
+def test_bitwise_equal_compares_bits():
+    x = torch.tensor([1.0, float("nan"), -0.0])
+    assert gpu_check.bitwise_equal(x, x.clone()) and gpu_check.bitwise_equal(torch.tensor(2.0), torch.tensor(2.0))
+    assert not gpu_check.bitwise_equal(x, torch.tensor([1.0, float("nan"), 0.0]))  # -0.0 and 0.0 differ in a bit
+    assert not gpu_check.bitwise_equal(x, x.double()) and not gpu_check.bitwise_equal(x, x[:2])
