@@ -193,8 +193,8 @@ def gpu_plan(args) -> Plan:
         + [("triton", f"workload/w1_T1024_S{s}") for s in (1, 5) if "triton" in args.backends],
         # Seconds per section; the sanitizer's is counted from the start of the run, since its
         # children run beside the other sections.
-        budgets=dict(environment=20, correctness=45, occupancy=20, correctness_compiled=75, launches=15,
-                     resources=10, sanitizer=195, timing=80),
+        budgets=dict(environment=20, correctness=55, occupancy=15, correctness_compiled=70, launches=15,
+                     resources=10, sanitizer=200, timing=75),
         timing_case_s=2.0, timing_max_reps=100, timing_warm_calls=2, watchdog=True,
         occupancy_workloads=[Workload(f"w1_T{t}_S{s}", W1_WIDTHS, t, s, 10) for t, s in ((25, 1), (25, 5), (1024, 1),
                                                                                        (16384, 1))],
@@ -217,11 +217,12 @@ def dry_plan(args) -> Plan:
         device="cpu", backends=backends, baseline=args.baseline, cases=cases, workloads=workloads,
         launch_case=Case("w1_s1", W1_WIDTHS, "relu", "mse", 1, False, 3, 4, dtypes=("float32",)),
         child_case_names=("meta_sgd_step_weights_s2", "ce_tanh_s2"), sanitizer_tools=args.sanitizer_tools,
-        warm=[(backends[0], "case/meta_sgd_step_weights_s2/float32"), (backends[0], "workload/w1_T2_S1")], 
+        warm=[(backends[0], "case/meta_sgd_step_weights_s2/float32"), (backends[0], "workload/w1_T2_S1")],
         budgets=dict(environment=30, correctness=120, occupancy=30, correctness_compiled=120, launches=60,
                      resources=30, sanitizer=240, timing=60),
         timing_case_s=0.05, timing_max_reps=3, timing_warm_calls=0, watchdog=False,
-        occupancy_workloads=[Workload("w1_T4_S1", W1_WIDTHS, 4, 1, 4)], occupancy_threads=(1, 2), occupancy_reps=3, fake_sanitizer=args.sanitizer is None, dry_run=True,
+        occupancy_workloads=[Workload("w1_T4_S1", W1_WIDTHS, 4, 1, 4)], occupancy_threads=(1, 2), occupancy_reps=3,
+        fake_sanitizer=args.sanitizer is None, dry_run=True,
         notes=["dry run on the CPU: cpu stand-ins for the GPU backends, tiny sizes, wall-clock timing, "
                "fake sanitizer unless --sanitizer was given"],
     )
@@ -437,11 +438,12 @@ def environment_section(plan: Plan, section: dict) -> None:
         properties = torch.cuda.get_device_properties(0)
         info["device"] = {
             "name": properties.name, "capability": f"{properties.major}.{properties.minor}",
-            "multiprocessors": properties.multi_processor_count, "memory_gib": round(properties.total_memory / 2**30, 1),
+            "multiprocessors": properties.multi_processor_count,
+            "memory_gib": round(properties.total_memory / 2**30, 1),
             "count": torch.cuda.device_count(),
         }
-        for attribute in ("shared_memory_per_block_optin", "shared_memory_per_multiprocessor", "regs_per_multiprocessor",
-                          "max_threads_per_multi_processor", "L2_cache_size", "warp_size"):
+        for attribute in ("shared_memory_per_block_optin", "shared_memory_per_multiprocessor",
+                          "regs_per_multiprocessor", "max_threads_per_multi_processor", "L2_cache_size", "warp_size"):
             if hasattr(properties, attribute):
                 info["device"][attribute] = getattr(properties, attribute)
     else:
@@ -460,12 +462,13 @@ def compiled_backends(plan: Plan) -> list:
 
 def correctness_section(plan: Plan, results: Results, section: dict, deadline: float, warm, backends: list,
                         oracles: dict, baseline_errors: dict) -> None:
-    """Backend by backend; the baseline first, so that its error stands beside each backend's.
-    oracles and baseline_errors are shared by the two correctness sections."""
+    """Case by case, the baseline first in each, so that its error stands beside each backend's
+    and a time box cuts whole cases; oracles and baseline_errors are shared by the two
+    correctness sections."""
     result = section.setdefault("result", {"cases": [], "failures": []})
-    for backend in backends:
-        for case in plan.cases:
-            for dtype_name in case.dtypes:
+    for case in plan.cases:
+        for dtype_name in case.dtypes:
+            for backend in backends:
                 if time.perf_counter() > deadline:
                     result["cases"].append({"case": case.name, "dtype": dtype_name, "backend": backend,
                                             "status": "skipped", "reason": "section time box"})
@@ -893,7 +896,8 @@ def triton_kernel_resources() -> list:
                 metadata = getattr(compiled, "metadata", None)
                 found.append({"kernel": name, "device": str(device), "n_regs": getattr(compiled, "n_regs", None),
                               "n_spills": getattr(compiled, "n_spills", None),
-                              "shared": getattr(metadata, "shared", None), "num_warps": getattr(metadata, "num_warps", None)})
+                              "shared": getattr(metadata, "shared", None),
+                              "num_warps": getattr(metadata, "num_warps", None)})
     return found
 
 

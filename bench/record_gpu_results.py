@@ -49,7 +49,8 @@ def environment_lines(section: dict) -> list:
              + f"; torch {info.get('torch', '?')} (CUDA {info.get('torch_cuda')}), Triton {info.get('triton', '?')}, "
                f"Python {info.get('python', '?')}, {info.get('cpu_count', '?')} CPU cores.",
              f"pymaml build: {', '.join(f'{k} {v}' for k, v in build.items())}."]
-    unusable = {name: status.get("reason") for name, status in info.get("backends", {}).items() if not status.get("usable")}
+    unusable = {name: status.get("reason") for name, status in info.get("backends", {}).items()
+                if not status.get("usable")}
     if unusable:
         lines.append("Backends not usable: " + "; ".join(f"`{name}` ({reason})" for name, reason in unusable.items())
                      + ".")
@@ -85,7 +86,8 @@ def launches_lines(section: dict) -> list:
     rows = []
     for backend, entry in section.get("result", {}).items():
         if not isinstance(entry, dict) or "status" in entry and isinstance(entry["status"], str):
-            rows.append([f"`{backend}`", "-", "-", "-", "-", entry.get("status", "?") if isinstance(entry, dict) else "?"])
+            status = entry.get("status", "?") if isinstance(entry, dict) else "?"
+            rows.append([f"`{backend}`", "-", "-", "-", "-", status])
             continue
         for what, counted in entry.items():
             if not isinstance(counted, dict) or "kernels" not in counted:
@@ -107,7 +109,8 @@ def resources_lines(section: dict) -> list:
     for kernel in result.get("triton", []):
         if "kernel" in kernel:
             rows.append(["triton", kernel.get("device"), f"`{kernel['kernel']}`", kernel.get("n_regs"),
-                         kernel.get("shared"), "-", f"spills {kernel.get('n_spills')}, warps {kernel.get('num_warps')}"])
+                         kernel.get("shared"), "-",
+                         f"spills {kernel.get('n_spills')}, warps {kernel.get('num_warps')}"])
     if not rows:
         return [f"No compiled kernels found ({result.get('cuda', {}).get('reason', 'cuobjdump listed none')})."]
     return _table(["launcher", "arch", "kernel", "registers", "shared bytes", "stack bytes", "local / other"], rows)
@@ -124,9 +127,10 @@ def occupancy_lines(section: dict) -> list:
                 same = "yes" if setting["bitwise_equal"] else "**NO**"
                 rows.append([row["workload"], label, _number(setting["ms"]), same])
             else:
-                rows.append([row["workload"], label, "-", setting.get("status", "?") + " " + setting.get("error", "")[:120]])
-    return [f"The `{result.get('backend')}` fused op alone, median ms (CUDA events), and whether its outputs are bitwise "
-            f"those of the launcher's own setting.", ""] + _table(["workload", "launch", "ms", "bitwise equal"], rows)
+                outcome = setting.get("status", "?") + " " + setting.get("error", "")[:120]
+                rows.append([row["workload"], label, "-", outcome])
+    return [f"The `{result.get('backend')}` fused op alone, median ms (CUDA events), and whether its outputs are "
+            f"bitwise those of the launcher's own setting.", ""] + _table(["workload", "launch", "ms", "bitwise equal"], rows)
 
 
 def sanitizer_lines(section: dict) -> list:

@@ -77,8 +77,8 @@ def dry_run(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setitem(pymaml.backends.BACKENDS, "wrong", ScaledLossBackend())
     try:
-        status = gpu_check.main(["--dry-run", "--out", str(folder), "--backends", "cpp,wrong", "--baseline", "reference", "--sanitizer",
-                                 str(sanitizer), "--sanitizer-tools", "memcheck,initcheck"])
+        status = gpu_check.main(["--dry-run", "--out", str(folder), "--backends", "cpp,wrong", "--baseline",
+                                 "reference", "--sanitizer", str(sanitizer), "--sanitizer-tools", "memcheck,initcheck"])
     finally:
         patch.undo()
     with open(folder / gpu_check.RESULT_FILE) as f:
@@ -194,7 +194,8 @@ def test_record_gpu_results_renders_the_dry_run(dry_run):
     _, data = dry_run
     text = record_gpu_results.markdown(data)
     assert text.startswith("## GPU check (dry run on the CPU")
-    for heading in ("### Against the oracle", "### Against the oracle: the compiled backends", "### Kernel launches per call", "### Kernel resources",
+    for heading in ("### Against the oracle", "### Against the oracle: the compiled backends",
+                    "### Kernel launches per call", "### Kernel resources",
                     "### Launch settings", "### compute-sanitizer", "### Meta-gradient time"):
         assert heading in text
     for entry in data["sections"]["correctness"]["result"]["cases"] + \
@@ -205,8 +206,8 @@ def test_record_gpu_results_renders_the_dry_run(dry_run):
         assert text.count(verdict) >= 1
     assert "| initcheck | `cpp` | 86 | 1 |" in text and "**FAILED**" in text
     row = data["sections"]["timing"]["result"]["rows"][0]
-    assert f"| {row['workload']} | {row['tasks']} | {row['steps']} | {row['ms']['reference']:.3f} | {row['ms']['cpp']:.3f} |" \
-        in text
+    cells = [row["workload"], row["tasks"], row["steps"], f"{row['ms']['reference']:.3f}", f"{row['ms']['cpp']:.3f}"]
+    assert "| " + " | ".join(str(c) for c in cells) + " |" in text
     assert "Verdict: " in text and "oracle mismatch: wrong" in text
 
 
