@@ -9,6 +9,7 @@ Every figure comes from the file; nothing is measured here.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -57,7 +58,7 @@ def environment_lines(section: dict) -> list:
     return lines
 
 
-def correctness_lines(section: dict) -> list:
+def correctness_lines(section: dict, baseline: str) -> list:
     cases = section.get("result", {}).get("cases", [])
     rows = []
     for case in cases:
@@ -74,7 +75,7 @@ def correctness_lines(section: dict) -> list:
             rows.append([case.get("case"), case.get("dtype"), f"`{case.get('backend', '-')}`", "-", "-", "-",
                          _error(case.get("tolerance")), "-", f"{verdict}: {reason[:120]}"])
     lines = ["Relative errors against the float64 oracle (pymaml/reference.py) on the same values; the baseline "
-             "column is the `func` backend's largest error in the same dtype.", ""]
+             f"column is the `{baseline}` backend's largest error in the same dtype.", ""]
     lines += _table(["case", "dtype", "backend", "loss", "task losses", "gradients", "tolerance", "baseline",
                      "verdict"], rows)
     failures = section.get("result", {}).get("failures", [])
@@ -130,7 +131,8 @@ def occupancy_lines(section: dict) -> list:
                 outcome = setting.get("status", "?") + " " + setting.get("error", "")[:120]
                 rows.append([row["workload"], label, "-", outcome])
     return [f"The `{result.get('backend')}` fused op alone, median ms (CUDA events), and whether its outputs are "
-            f"bitwise those of the launcher's own setting.", ""] + _table(["workload", "launch", "ms", "bitwise equal"], rows)
+            f"bitwise those of the launcher's own setting.", ""] + _table(
+        ["workload", "launch", "ms", "bitwise equal"], rows)
 
 
 def sanitizer_lines(section: dict) -> list:
@@ -175,8 +177,9 @@ def markdown(data: dict) -> str:
     if "environment" in sections:
         lines += environment_lines(sections["environment"]) + [""]
     lines += ["Sections: " + "; ".join(_status_line(name, section) for name, section in sections.items()) + ".", ""]
-    parts = [("Against the oracle", "correctness", correctness_lines),
-             ("Against the oracle: the compiled backends", "correctness_compiled", correctness_lines),
+    against = functools.partial(correctness_lines, baseline=baseline)
+    parts = [("Against the oracle", "correctness", against),
+             ("Against the oracle: the compiled backends", "correctness_compiled", against),
              ("Kernel launches per call", "launches", launches_lines),
              ("Kernel resources", "resources", resources_lines),
              ("Launch settings", "occupancy", occupancy_lines),
