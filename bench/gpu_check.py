@@ -33,7 +33,7 @@ never lost):
                same dtype stands beside each, to tell a kernel bug from conditioning.
   occupancy    the CUDA launcher's fused op at 32..1024 threads per block and at 1, 2, 4, 8 blocks
                per SM, W1 at T = 25, 1024, 16384: time, and whether the results are bitwise those
-               of the launcher's own setting (bench/GPU_PLAN.md says what these decide).
+               of the launcher's own setting (the GPU section of bench/RESULTS.md says what these decide).
   correctness_compiled  the same for `triton`, each configuration after its warm-up (skipped,
                and reported as not checked, when the warm-up is still compiling at the time box).
   launches     every kernel and memory operation the device ran, and the CUDA runtime calls,
@@ -760,7 +760,7 @@ def occupancy_section(plan: Plan, results: Results, section: dict, deadline: flo
     """The fused op of the first backend (cuda) under every launch setting: CUDA-event time, and
     whether its outputs are bitwise those of the launcher's own setting (each output is the same
     ordered sum however the threads split the work, csrc/core/mlp_task.h). Decides the occupancy
-    plan of bench/GPU_PLAN.md."""
+    plan in the GPU section of bench/RESULTS.md."""
     result = section.setdefault("result", {"backend": plan.backends[0] if plan.backends else None, "rows": []})
     backend = result["backend"]
     for workload in plan.occupancy_workloads:
@@ -841,7 +841,7 @@ def find_cuobjdump() -> str | None:
 
 def resources_section(plan: Plan, section: dict) -> None:
     """Registers, shared memory, stack and spills of the compiled kernels (what occupancy depends
-    on, bench/GPU_PLAN.md): the CUDA launcher's cubins from cuobjdump --dump-resource-usage, and
+    on, the GPU section of bench/RESULTS.md): the CUDA launcher's cubins from cuobjdump --dump-resource-usage, and
     the Triton kernels compiled in this process from their metadata."""
     result = section.setdefault("result", {})
     tool = find_cuobjdump()
