@@ -1,4 +1,5 @@
-"""Task families."""
+"""Task families: the sinusoid regression, the few-shot sampler and the image sets it draws from
+(Omniglot here; MiniImagenet, CIFAR-FS and FC100 in their own modules)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from .cifar100_data import CIFARFS, FC100
+from .miniimagenet_data import MiniImagenet
+
+__all__ = ["CIFARFS", "FC100", "FewShot", "FewShotBatch", "MiniImagenet", "Omniglot", "Sinusoid", "SinusoidBatch"]
 
 
 class SinusoidBatch(NamedTuple):

@@ -42,6 +42,7 @@ def test_wheel_without_extension(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("pymaml-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "pymaml/kernels/__init__.py" in names and "pymaml/maml.py" in names
+    assert {f"pymaml/splits/{name}.json" for name in ("miniimagenet", "cifarfs", "fc100")} <= set(names)
     assert not [name for name in names if name.endswith((".so", ".pyd"))]
 
 
