@@ -103,14 +103,17 @@ class _CIFAR100Split:
         for key, expected in (("fine_label_names", self.fine_names), ("coarse_label_names", self.coarse_names)):
             if key not in meta:
                 raise ValueError(f"{path} has no {key} (it holds {sorted(meta)}); not the CIFAR-100 meta file")
+            if not isinstance(meta[key], (list, tuple)):
+                raise ValueError(f"{path}: {key} is a {type(meta[key]).__name__}, not a list of names")
             names = self._names(meta[key])
             if names != expected:
-                differing = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), min(len(names),
-                                                                                                     len(expected)))
+                differing = next(i for i in range(max(len(names), len(expected)))
+                                 if i >= min(len(names), len(expected)) or names[i] != expected[i])
+                found = repr(names[differing]) if differing < len(names) else "missing"
                 raise ValueError(f"{path}: {key} are not CIFAR-100's {len(expected)} names in their order "
-                                 f"({len(names)} names; entry {differing} is "
-                                 f"{names[differing] if differing < len(names) else 'missing'!r}, CIFAR-100 has "
-                                 f"{expected[differing] if differing < len(expected) else 'none'!r})")
+                                 f"({len(names)} names; entry {differing} is {found}, CIFAR-100's is "
+                                 f"{expected[differing]!r})" if differing < len(expected) else
+                                 f"{path}: {key} has {len(names)} names, CIFAR-100 has {len(expected)}")
 
     def _check_part(self, part: str, content: dict) -> tuple[torch.Tensor, torch.Tensor]:
         import numpy

@@ -3,6 +3,9 @@ decoded-image caches kept next to the data, and the messages for missing or corr
 
 from __future__ import annotations
 
+import codecs
+import collections
+import importlib
 import json
 import pickle
 import warnings
@@ -42,29 +45,27 @@ def found_under(root: Path, limit: int = 12) -> str:
     return f"{root} holds {shown}"
 
 
-# The globals a pickle of numpy arrays, lists and dicts refers to; numpy 2 moved numpy.core to numpy._core.
-_NUMPY_GLOBALS = {"_reconstruct", "_frombuffer", "ndarray", "dtype", "scalar"}
+# The numpy globals a pickle of arrays refers to; numpy 2 moved numpy.core to numpy._core, and a pickle
+# names whichever the numpy that wrote it had.
+_NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+                  "numpy._core.numeric")
+_NUMPY_NAMES = {"_reconstruct", "_frombuffer", "ndarray", "dtype", "scalar"}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles arrays, lists, dicts and numbers only: the distributed pickles come from the web, and a
-    pickle naming any other global could run code when loaded."""
+    """Unpickles numpy arrays, lists, dicts, strings and numbers only: the distributed pickles come from
+    the web, and a pickle naming any other global could run code when loaded."""
 
     def find_class(self, module, name):
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
-                      "numpy._core.numeric", "numpy") and name in _NUMPY_GLOBALS:
-            import numpy
-
-            core = numpy._core if hasattr(numpy, "_core") else numpy.core
-            place = numpy if module == "numpy" else getattr(core, module.rsplit(".", 1)[1])
-            return getattr(place, name)
+        if module in _NUMPY_MODULES and name in _NUMPY_NAMES:
+            for place in (module.replace("numpy.core", "numpy._core"), module.replace("numpy._core", "numpy.core")):
+                try:
+                    return getattr(importlib.import_module(place), name)
+                except (ImportError, AttributeError):
+                    continue
         if (module, name) == ("collections", "OrderedDict"):
-            import collections
-
             return collections.OrderedDict
         if (module, name) == ("_codecs", "encode"):   # how Python 3 writes bytes in pickle protocols 0-2
-            import codecs
-
             return codecs.encode
         raise pickle.UnpicklingError(f"refers to {module}.{name}, which a file of arrays never holds")
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pymaml import cifar100_data, miniimagenet_data
 from pymaml.data import CIFARFS, FC100, FewShot, MiniImagenet
-from pymaml.dataset_files import published_split
+from pymaml.dataset_files import load_array_pickle, published_split
 
 # The published splits, written out independently of pymaml/splits: MiniImagenet's val and test
 # WordNet ids (Ravi & Larochelle's val.csv, test.csv), CIFAR-FS's val and test classes (Bertinetto et
@@ -67,6 +67,16 @@ def test_shipped_splits_are_the_published_ones():
     for split, ids in FC100_SUPERCLASS_IDS.items():
         assert fc100[split] == [COARSE[i] for i in ids]
     assert fc100["superclasses"] == CIFAR100
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_array_pickles_of_every_protocol_load(tmp_path, protocol):
+    content = {b"data": np.arange(24, dtype=np.uint8).reshape(2, 12), "rows": [np.int64(3), 4], "name": b"x"}
+    path = tmp_path / "arrays.pkl"
+    path.write_bytes(pickle.dumps(content, protocol=protocol))
+    loaded = load_array_pickle(path, "test", encoding="bytes")
+    assert np.array_equal(loaded[b"data"], content[b"data"]) and loaded[b"data"].dtype == np.uint8
+    assert loaded["rows"] == [3, 4] and loaded["name"] == b"x"
 
 
 # ---- MiniImagenet ------------------------------------------------------------------------------------
@@ -441,6 +451,11 @@ def corrupt(root, part, **changes):
     ("meta", {"fine_label_names": [n.encode() for n in FINE[:99]] + [b"apple_pie"]},
      "fine_label_names are not CIFAR-100's 100 names in their order .*entry 99 is 'apple_pie'"),
     ("meta", {"coarse_label_names": None}, "has no coarse_label_names"),
+    ("meta", {"fine_label_names": 5}, "fine_label_names is a int, not a list of names"),
+    ("meta", {"coarse_label_names": [n.encode() for n in COARSE[:19]]},
+     "coarse_label_names are not CIFAR-100's 20 names .*entry 19 is missing, CIFAR-100's is 'vehicles_2'"),
+    ("meta", {"coarse_label_names": [n.encode() for n in COARSE] + [b"more"]},
+     "coarse_label_names has 21 names, CIFAR-100 has 20"),
     ("test", {"data": np.zeros((100, 32, 32, 3), np.uint8)}, r"data is uint8 \[100, 32, 32, 3\], not uint8 \[N, 3072\]"),
     ("test", {"fine_labels": list(range(99)) + [100]}, "fine_labels are not 100 integers in 0..99"),
     ("test", {"coarse_labels": [0] * 100}, r"image \d+ is labelled '\w+' in superclass 'aquatic_mammals', which is not CIFAR-100's superclass of it"),
