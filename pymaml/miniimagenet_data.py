@@ -134,10 +134,13 @@ class MiniImagenet:
         for _, label in rows:
             counts[label] = counts.get(label, 0) + 1
         self._check_classes(counts, self.csv_path)
-        absent = [name for name, _ in rows if not (image_folder / name).is_file()]
+        absent = [(name, label) for name, label in rows if not (image_folder / name).is_file()]
         if absent:
+            nested = (image_folder / absent[0][1] / absent[0][0]).is_file()
+            hint = f" ({absent[0][1]}/{absent[0][0]} is there: move the images out of their class folders into " \
+                   f"{image_folder})" if nested else ""
             raise self._missing(f"{len(absent)} of the {len(rows)} images that {self.csv_path.name} lists are "
-                                f"missing from {image_folder}, e.g. {', '.join(absent[:3])}")
+                                f"missing from {image_folder}, e.g. {', '.join(name for name, _ in absent[:3])}{hint}")
         order = {name: position for position, name in enumerate(self.class_names)}
         rows = sorted(rows, key=lambda row: order[row[1]])          # stable: csv order within a class
         labels = torch.tensor([order[label] for _, label in rows], dtype=torch.int64)

@@ -257,6 +257,14 @@ def test_miniimagenet_missing_files_say_what_is_expected(tmp_path, two_per_class
         MiniImagenet(root, image_size=8)
     for image in (root / "images").iterdir():
         image.unlink()
+    first_class, first_image = mini_classes("train")[0], f"{mini_classes('train')[0]}00000001.jpg"
+    (root / "images" / first_class).mkdir()
+    Image.fromarray(solid(0, (12, 10))).save(root / "images" / first_class / first_image)
+    with pytest.raises(FileNotFoundError, match=rf"\({first_class}/{first_image} is there: move the images out "
+                                                rf"of their class folders into {root}/images\)"):
+        MiniImagenet(root, image_size=8)
+    (root / "images" / first_class / first_image).unlink()
+    (root / "images" / first_class).rmdir()
     (root / "images").rmdir()
     with pytest.raises(FileNotFoundError, match=rf"train.csv found but the folder {root}/images is missing"):
         MiniImagenet(root, image_size=8)
