@@ -25,7 +25,8 @@ CIFARFS_VAL = ["otter", "motorcycle", "television", "lamp", "crocodile", "shark"
                "tractor", "flatfish", "maple_tree", "camel", "crab", "sea", "cattle"]
 CIFARFS_TEST = ["baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man", "pickup_truck", "plain", "poppy",
                 "rocket", "rose", "snail", "sweet_pepper", "table", "telephone", "wardrobe", "whale", "woman", "worm"]
-FC100_SUPERCLASS_IDS = {"train": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19], "val": [8, 11, 13, 16], "test": [0, 7, 12, 14]}
+FC100_SUPERCLASS_IDS = {"train": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19], "val": [8, 11, 13, 16],
+                        "test": [0, 7, 12, 14]}
 
 # CIFAR-100's superclasses (meta's coarse_label_names order) and their fine classes: the archive's hierarchy.
 CIFAR100 = {
@@ -464,9 +465,11 @@ def corrupt(root, part, **changes):
      "coarse_label_names are not CIFAR-100's 20 names .*entry 19 is missing, CIFAR-100's is 'vehicles_2'"),
     ("meta", {"coarse_label_names": [n.encode() for n in COARSE] + [b"more"]},
      "coarse_label_names has 21 names, CIFAR-100 has 20"),
-    ("test", {"data": np.zeros((100, 32, 32, 3), np.uint8)}, r"data is uint8 \[100, 32, 32, 3\], not uint8 \[N, 3072\]"),
+    ("test", {"data": np.zeros((100, 32, 32, 3), np.uint8)},
+     r"data is uint8 \[100, 32, 32, 3\], not uint8 \[N, 3072\]"),
     ("test", {"fine_labels": list(range(99)) + [100]}, "fine_labels are not 100 integers in 0..99"),
-    ("test", {"coarse_labels": [0] * 100}, r"image \d+ is labelled '\w+' in superclass 'aquatic_mammals', which is not CIFAR-100's superclass of it"),
+    ("test", {"coarse_labels": [0] * 100},
+     r"image \d+ is labelled '\w+' in superclass 'aquatic_mammals', which is not CIFAR-100's superclass of it"),
     ("test", {"fine_labels": None}, "has no fine_labels"),
     ("train", {"fine_labels": [0] * 200, "coarse_labels": [SUPERCLASS[FINE[0]]] * 200},
      "is incomplete: 100 classes do not have the 2 images of CIFAR-100's train file"),
