@@ -192,7 +192,9 @@ def test_the_last_program_handoff_follows_the_pattern():
 # The widest configuration the `triton` backend accepts: every padded width 128, 64 points, five
 # inner steps, second order with learned step sizes (every workspace buffer in use) and tanh
 # (the R-operator's σ'' terms); float32 is the one dtype the kernel computes in, and the labels
-# of cross-entropy are int64 against MSE's float32 targets, so both losses are compiled.
+# of cross-entropy are int64 against MSE's float32 targets, so both losses are compiled. Two
+# layers hold every tile shape of a deeper MLP of that width ([128, 128] weights, [64, 128]
+# per-point tiles, a hidden layer for σ''); more layers repeat them and only lengthen the compile.
 WIDEST = (128, 128, 128)
 ARCH_LIMITS = {  # capability: (shared memory per block with opt-in, registers per thread, per SM)
     80: (163 * 1024, 255, 65536),
@@ -230,6 +232,6 @@ def test_the_widest_configuration_compiles_and_fits(kernel, loss, capability, tm
     registers = usage["REG"]
     print(f"sm_{capability} {kernel} {loss}: shared {result.metadata.shared} B, {registers} registers x {threads} "
           f"threads, stack {usage['STACK']} B per thread")
-    assert 0 < result.metadata.shared <= shared_limit
+    assert 0 < result.metadata.shared + usage["SHARED"] <= shared_limit  # dynamic and static shared memory
     assert 0 < registers <= registers_per_thread
     assert registers * threads <= registers_per_sm
