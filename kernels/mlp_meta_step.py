@@ -14,6 +14,17 @@ ragged edge is a constant mask. Each program keeps its θ_s, activations and vec
 global workspace slice (L2-resident on a GPU). The last program to finish (an atomic counter)
 takes the means over tasks in task order, so results do not depend on scheduling.
 
+Workspace ordering: Triton orders only the shared memory it allocates itself. A workspace tile
+is written by one phase and read back by the next, in another layout or replicated over the
+threads, so a thread may read what another thread writes. Every store into the workspace
+therefore stands between two block barriers (tl.debug_barrier, bar.sync): the first makes it
+wait for the program's earlier reads of that memory (write after read), the second makes the
+later reads wait for it (read after write); bar.sync orders the block's global accesses as well
+as its shared ones. The handoff to the last program is the documented reduction pattern: every
+thread's results stored, a barrier, one thread's release-acquire atomic on the counter (fence
+and atomic in one instruction), a barrier, then loads of the other programs' results that
+bypass L1 (cache_modifier=".cg").
+
 Precision: tl.dot runs with input_precision="ieee" (full fp32), since the meta-gradient is
 compared with float64 references at 1e-4; tf32 would be faster on Ampere and later GPUs.
 
@@ -23,6 +34,7 @@ File pattern (Liger-Kernel): the @triton.jit kernel and its helpers, the host la
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,6 +49,9 @@ DOT_PRECISION: tl.constexpr = tl.constexpr("ieee")
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 MAX_PADDED_WIDTH = 128  # one layer's [KB, width] and [width, width] tiles live in registers
 MAX_PADDED_POINTS = 64
+# A thread's share of the largest tile; more warps for wider layers keep the registers per thread,
+# and the code the compiler unrolls per thread, bounded.
+ELEMENTS_PER_THREAD = 32
 ACTIVATION_CODES = {"none": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 
@@ -127,8 +142,31 @@ def _store_layer(base, l: tl.constexpr, w, b, ACCUMULATE: tl.constexpr, WIDTHS: 
     if ACCUMULATE:
         w += tl.load(w_ptr)
         b += tl.load(b_ptr)
+    tl.debug_barrier()
     tl.store(w_ptr, w)
     tl.store(b_ptr, b)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _store_scalar(ptr, value):
+    """A scalar into the workspace, between barriers like every workspace store."""
+    tl.debug_barrier()
+    tl.store(ptr, value)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _load_w_uncached(base, l: tl.constexpr, PAD: tl.constexpr, W_OFF: tl.constexpr):
+    """_load_w for another program's results: the load bypasses L1, which is not coherent across SMs."""
+    rows = tl.arange(0, PAD[l + 1])[:, None]
+    cols = tl.arange(0, PAD[l])[None, :]
+    return tl.load(base + W_OFF[l] + rows * PAD[l] + cols, cache_modifier=".cg")
+
+
+@triton.jit
+def _load_b_uncached(base, l: tl.constexpr, PAD: tl.constexpr, B_OFF: tl.constexpr):
+    return tl.load(base + B_OFF[l] + tl.arange(0, PAD[l + 1]), cache_modifier=".cg")
 
 
 @triton.jit
@@ -194,7 +232,9 @@ def _load_points(src, K, dst, KB: tl.constexpr, N: tl.constexpr, NP: tl.constexp
     rows = tl.arange(0, KB)[:, None]
     cols = tl.arange(0, NP)[None, :]
     values = tl.load(src + rows * N + cols, mask=(rows < K) & (cols < N), other=0.0)
+    tl.debug_barrier()
     tl.store(dst + rows * NP + cols, values)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -206,10 +246,12 @@ def _forward(theta, x_tile, pz, pa, K, L: tl.constexpr, WIDTHS: tl.constexpr, PA
         w = _load_w(theta, l, PAD, W_OFF)
         b = _load_b(theta, l, PAD, B_OFF)
         z = tl.dot(h, tl.trans(w), input_precision=DOT_PRECISION) + b[None, :]
+        tl.debug_barrier()
         tl.store(_point_ptrs(pz, l, KB, PAD, UNIT_OFF), z)
         if l < L - 1:
             a = tl.where(_real(K, l, KB, PAD, WIDTHS), _activate(z, ACT), 0.0)
             tl.store(_point_ptrs(pa, l, KB, PAD, UNIT_OFF), a)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -240,7 +282,9 @@ def _loss(pz, pd, y_ptr, K, WITH_DELTA: tl.constexpr, L: tl.constexpr, WIDTHS: t
         onehot = tl.where(cols == labels[:, None], 1.0, 0.0)
         delta = tl.where(inside, (e / total[:, None] - onehot) / K, 0.0)
     if WITH_DELTA:
+        tl.debug_barrier()
         tl.store(_point_ptrs(pd, L - 1, KB, PAD, UNIT_OFF), delta)
+        tl.debug_barrier()
     return value
 
 
@@ -261,8 +305,11 @@ def _backward(theta, x_tile, pz, pa, pd, pt, grad, K, ACCUMULATE: tl.constexpr, 
             t = tl.dot(delta, w, input_precision=DOT_PRECISION)
             a = tl.load(_point_ptrs(pa, l - 1, KB, PAD, UNIT_OFF))
             real = _real(K, l - 1, KB, PAD, WIDTHS)
-            tl.store(_point_ptrs(pd, l - 1, KB, PAD, UNIT_OFF), tl.where(real, _slope_times(a, t, ACT), 0.0))
+            delta_prev = tl.where(real, _slope_times(a, t, ACT), 0.0)
+            tl.debug_barrier()
+            tl.store(_point_ptrs(pd, l - 1, KB, PAD, UNIT_OFF), delta_prev)
             tl.store(_point_ptrs(pt, l - 1, KB, PAD, UNIT_OFF), t)
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -281,11 +328,14 @@ def _hvp_add(theta, u, x_tile, pz, pa, pd, pt, rz_buf, ra_buf, rd_buf, out, K, L
         if l > 0:
             ra_prev = tl.load(_point_ptrs(ra_buf, l - 1, KB, PAD, UNIT_OFF))
             rz += tl.dot(ra_prev, tl.trans(_load_w(theta, l, PAD, W_OFF)), input_precision=DOT_PRECISION)
-        tl.store(_point_ptrs(rz_buf, l, KB, PAD, UNIT_OFF), rz)
         if l < L - 1:
             a = tl.load(_point_ptrs(pa, l, KB, PAD, UNIT_OFF))
             ra = tl.where(_real(K, l, KB, PAD, WIDTHS), _slope_times(a, rz, ACT), 0.0)
+        tl.debug_barrier()
+        tl.store(_point_ptrs(rz_buf, l, KB, PAD, UNIT_OFF), rz)
+        if l < L - 1:
             tl.store(_point_ptrs(ra_buf, l, KB, PAD, UNIT_OFF), ra)
+        tl.debug_barrier()
     rows = tl.arange(0, KB)[:, None]
     cols = tl.arange(0, PAD[L])[None, :]
     n: tl.constexpr = WIDTHS[L]
@@ -300,7 +350,9 @@ def _hvp_add(theta, u, x_tile, pz, pa, pd, pt, rz_buf, ra_buf, rd_buf, out, K, L
         p = e / tl.sum(e, axis=1)[:, None]
         p_dot_rz = tl.sum(p * rz, axis=1)
         rd = tl.where(inside, p * (rz - p_dot_rz[:, None]) / K, 0.0)
+    tl.debug_barrier()
     tl.store(_point_ptrs(rd_buf, L - 1, KB, PAD, UNIT_OFF), rd)
+    tl.debug_barrier()
     for l in tl.static_range(L - 1, -1, -1):
         r_delta = tl.load(_point_ptrs(rd_buf, l, KB, PAD, UNIT_OFF))
         h = _layer_input(x_tile, pa, l, KB, PAD, UNIT_OFF)
@@ -318,7 +370,9 @@ def _hvp_add(theta, u, x_tile, pz, pa, pd, pt, rz_buf, ra_buf, rd_buf, out, K, L
                 rz_prev = tl.load(_point_ptrs(rz_buf, l - 1, KB, PAD, UNIT_OFF))
                 r_prev += t * _curvature(a, _slope(a, ACT), ACT) * rz_prev
             r_prev = tl.where(_real(K, l - 1, KB, PAD, WIDTHS), r_prev, 0.0)
+            tl.debug_barrier()
             tl.store(_point_ptrs(rd_buf, l - 1, KB, PAD, UNIT_OFF), r_prev)
+            tl.debug_barrier()
         _store_layer(out, l, gw, tl.sum(r_delta, axis=0), True, WIDTHS, PAD, W_OFF, B_OFF, HAS_BIAS)
 
 
@@ -396,15 +450,15 @@ def _mlp_meta_step_kernel(
                 _forward(thetas + step * PW, xq, qz, qa, query_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
                 loss = _loss(qz, qd, qy, query_points, False, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
                 task_loss += weight * loss
-                tl.store(step_out + step - 1, loss)
+                _store_scalar(step_out + step - 1, loss)
             else:
-                tl.store(step_out + step - 1, float("nan"))
+                _store_scalar(step_out + step - 1, float("nan"))
         # v_S = w_S ∇L_query(θ_S)
         _forward(thetas + S * PW, xq, qz, qa, query_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT)
         last = _loss(qz, qd, qy, query_points, True, L, WIDTHS, PAD, KB, UNIT_OFF, LOSS)
         _backward(thetas + S * PW, xq, qz, qa, qd, qt, v, query_points, False, True, L, WIDTHS, PAD, W_OFF, B_OFF, KB,
                   UNIT_OFF, ACT, HAS_BIAS)
-        tl.store(step_out + S - 1, last)
+        _store_scalar(step_out + S - 1, last)
         w_last = tl.load(step_weights_ptr + S - 1)
         task_loss += w_last * last
         for l in tl.static_range(L):
@@ -437,20 +491,24 @@ def _mlp_meta_step_kernel(
                 _hvp_add(thetas + at * PW, u, xs, p, p + KB * UNITS, p + 2 * KB * UNITS, p + 3 * KB * UNITS, rz_buf,
                          ra_buf, rd_buf, v, support_points, L, WIDTHS, PAD, W_OFF, B_OFF, KB, UNIT_OFF, ACT, LOSS,
                          HAS_BIAS)
+    tl.debug_barrier()  # the last program reads task_losses back: stored between barriers too
     tl.store(task_losses_ptr + t, task_loss)
     tl.store(pre_losses_ptr + t, pre)
 
-    # The last program to get here takes the means over tasks, in task order.
+    # The last program to get here takes the means over tasks, in task order. Handoff: all of this
+    # program's results are stored before the barrier; one thread's atomic releases them and, in
+    # the last program, acquires everyone else's; the barrier after it orders the block's loads.
     tl.debug_barrier()
-    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
     if finished == tasks - 1:
         for l in tl.static_range(L):
             w_sum = tl.zeros((PAD[l + 1], PAD[l]), tl.float32)
             b_sum = tl.zeros((PAD[l + 1],), tl.float32)
             for other in range(0, tasks):
                 v_other = workspace_ptr + (other + zero64) * WORKSPACE + (S + 1) * PW + S * PW
-                w_sum += _load_w(v_other, l, PAD, W_OFF)
-                b_sum += _load_b(v_other, l, PAD, B_OFF)
+                w_sum += _load_w_uncached(v_other, l, PAD, W_OFF)
+                b_sum += _load_b_uncached(v_other, l, PAD, B_OFF)
             _store_flat_layer(grad_theta_ptr, l, w_sum / tasks, b_sum / tasks, WIDTHS, PAD, FW_OFF, FB_OFF, HAS_BIAS)
             if LR_GRAD:
                 for step in range(0, S):
@@ -458,18 +516,19 @@ def _mlp_meta_step_kernel(
                     b_sum = tl.zeros((PAD[l + 1],), tl.float32)
                     for other in range(0, tasks):
                         g_other = workspace_ptr + (other + zero64) * WORKSPACE + (S + 1) * PW + step * PW
-                        w_sum += _load_w(g_other, l, PAD, W_OFF)
-                        b_sum += _load_b(g_other, l, PAD, B_OFF)
+                        w_sum += _load_w_uncached(g_other, l, PAD, W_OFF)
+                        b_sum += _load_b_uncached(g_other, l, PAD, B_OFF)
                     _store_flat_layer(grad_lrs_ptr + step * P, l, w_sum / tasks, b_sum / tasks, WIDTHS, PAD, FW_OFF,
                                       FB_OFF, HAS_BIAS)
         for step in range(0, S):
             total = 0.0
             for other in range(0, tasks):
-                total += tl.load(workspace_ptr + (other + zero64) * WORKSPACE + (WORKSPACE - S) + step)
+                total += tl.load(workspace_ptr + (other + zero64) * WORKSPACE + (WORKSPACE - S) + step,
+                                 cache_modifier=".cg")
             tl.store(step_losses_ptr + step, total / tasks)
         total = 0.0
         for other in range(0, tasks):
-            total += tl.load(task_losses_ptr + other)
+            total += tl.load(task_losses_ptr + other, cache_modifier=".cg")
         tl.store(meta_loss_ptr, total / tasks)
         tl.atomic_xchg(counter_ptr, 0)
 
@@ -582,13 +641,45 @@ def unsupported_reason(widths, dtype: torch.dtype, points: int | None = None) ->
 _COUNTERS: dict = {}
 
 
+def _launch_device(tensors) -> contextlib.AbstractContextManager:
+    """The tensors' device made the current one for a launch: Triton launches on the current
+    device's current stream, which need not be the tensors' device."""
+    device = tensors[0].device
+    for tensor in tensors:
+        if tensor.device != device:
+            raise ValueError(f"the Triton kernel takes tensors on one device, got {device} and {tensor.device}")
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _counter(device: torch.device) -> torch.Tensor:
-    """An int32 completion counter per device and stream, left at zero by every launch."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
+    """The int32 completion counter of one launch on `device`, which must be the current device
+    (inside _launch_device): the kernel that used it leaves it at zero.
+
+    Launches on one stream run one after another, so outside graph capture they share the
+    counter of the current device's current stream; launches on other streams have their own.
+    A launch being captured into a CUDA graph gets a counter of its own, zeroed inside the
+    graph, since a replay may run on any stream beside other launches. On the CPU (the
+    interpreter) each launch gets a fresh one, as threads may launch at once."""
+    if device.type != "cuda":
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS.setdefault(key, torch.zeros(1, dtype=torch.int32, device=device))
+    return counter
+
+
+def launch_options(layout: WorkspaceLayout) -> dict:
+    """LAUNCH_OPTIONS and the warps of a layout: enough that the largest tile of a layer, a
+    [PAD[l+1], PAD[l]] weight or a [KB, PAD[l+1]] per-point tile, holds at most
+    ELEMENTS_PER_THREAD elements per thread, from 4 up to 16 warps."""
+    largest = max(max(a * b for a, b in zip(layout.pad[1:], layout.pad[:-1])), layout.points * max(layout.pad))
+    warps = 4
+    while warps < 16 and largest > warps * 32 * ELEMENTS_PER_THREAD:
+        warps *= 2
+    return {**LAUNCH_OPTIONS, "num_warps": warps}
 
 
 def kernel_arguments(layout: WorkspaceLayout, activation: str, loss: str, bias: bool, first_order: bool,
@@ -625,14 +716,15 @@ def mlp_meta_step_triton(theta, lrs, step_weights, support_x, support_y, query_x
     grad_lrs = empty(steps if lr_grad else 0, layout.params)
     workspace = empty(tasks * layout.workspace)
     contiguous = [t.detach().contiguous() for t in (theta, lrs, step_weights, support_x, support_y, query_x, query_y)]
-    _mlp_meta_step_kernel[(tasks,)](
-        *contiguous, meta_loss, task_losses, pre_losses, step_losses, grad_theta,
-        grad_lrs if lr_grad else grad_theta, workspace, _counter(theta.device), tasks, support_x.shape[1],
-        query_x.shape[1],
-        **kernel_arguments(layout, activation, loss, bool(bias), bool(first_order), bool(lr_grad),
-                           bool(all_step_losses)),
-        **LAUNCH_OPTIONS,
-    )
+    with _launch_device(contiguous):
+        _mlp_meta_step_kernel[(tasks,)](
+            *contiguous, meta_loss, task_losses, pre_losses, step_losses, grad_theta,
+            grad_lrs if lr_grad else grad_theta, workspace, _counter(theta.device), tasks, support_x.shape[1],
+            query_x.shape[1],
+            **kernel_arguments(layout, activation, loss, bool(bias), bool(first_order), bool(lr_grad),
+                               bool(all_step_losses)),
+            **launch_options(layout),
+        )
     return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
 
 
@@ -658,11 +750,12 @@ def mlp_hvp_triton(theta, v, x, y, widths, activation, bias, loss):
     layout = workspace_layout(tuple(widths), bool(bias), 0, points)
     hv = torch.empty_like(theta)
     workspace = theta.new_empty(tasks * hvp_workspace(layout))
-    _mlp_hvp_kernel[(tasks,)](
-        theta.detach().contiguous(), v.detach().contiguous(), x.contiguous(), y.contiguous(), hv, workspace, points,
-        **hvp_kernel_arguments(layout, activation, loss, bool(bias)),
-        **LAUNCH_OPTIONS,
-    )
+    inputs = [theta.detach().contiguous(), v.detach().contiguous(), x.contiguous(), y.contiguous()]
+    with _launch_device(inputs):
+        _mlp_hvp_kernel[(tasks,)](
+            *inputs, hv, workspace, points, **hvp_kernel_arguments(layout, activation, loss, bool(bias)),
+            **launch_options(layout),
+        )
     return hv
 
 
@@ -707,4 +800,4 @@ def compile_ahead(target, kernel: str, widths, activation="relu", loss="mse", bi
     signature.update(scalars)
     signature.update({name: "constexpr" for name in constexprs})
     return triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
-                          options=dict(LAUNCH_OPTIONS))
+                          options=launch_options(layout))
