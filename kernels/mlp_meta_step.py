@@ -705,7 +705,14 @@ def mlp_meta_step_triton(theta, lrs, step_weights, support_x, support_y, query_x
         raise ValueError(reason)
     if loss == "cross_entropy":
         for name, labels in (("support_y", support_y), ("query_y", query_y)):
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= widths[-1]):
+            if not labels.numel():
+                continue
+            if labels.device.type == "cuda":
+                # No host synchronisation (the step stays capturable in a CUDA graph): a label
+                # outside the range fails a device-side assertion, raised at the next synchronisation.
+                in_range = ((labels >= 0) & (labels < widths[-1])).all()
+                torch._assert_async(in_range, f"pymaml: {name} has labels outside [0, {widths[-1]})")
+            elif int(labels.min()) < 0 or int(labels.max()) >= widths[-1]:
                 raise ValueError(f"{name} has labels outside [0, {widths[-1]})")
     layout = workspace_layout(tuple(widths), bool(bias), steps, points)
     if theta.shape != (layout.params,):
