@@ -203,6 +203,8 @@ def test_bad_input_raises():
         MetaSGD(model, lrs=[torch.ones(1)] * 3)
     with pytest.raises(ValueError, match=r"0\.bias has shape \(4, 1\)"):
         MetaSGD(model, lrs=[torch.ones(4, 3), torch.ones(4, 1), torch.ones(2, 4), torch.ones(2)])
+    with pytest.raises(TypeError, match=r"0\.bias must be a tensor, got float"):
+        MetaSGD(model, lrs=[torch.ones(1), 0.1, torch.ones(1), torch.ones(1)])
     with pytest.raises(TypeError, match="not a single tensor"):
         MetaSGD(model, lrs=torch.ones(4))
     learner = MetaSGD(model, lr=0.1).clone()
@@ -242,3 +244,31 @@ def test_matches_learn2learn(first_order):
     ours_grad = metasgd_meta_gradient(ours, batch, 2, losses.cross_entropy)
     theirs_grad = metasgd_meta_gradient(theirs, batch, 2, losses.cross_entropy)
     assert torch.equal(ours_grad, theirs_grad)
+
+
+def test_step_sizes_of_broadcasting_shapes():
+    # lrs need not have each parameter's shape: any shape that broadcasts to it (one per layer, per row).
+    model = make_mlp((3, 5, 2), "tanh")
+    lrs = [torch.tensor(0.2, dtype=torch.float64, requires_grad=True),
+           torch.full((1,), 0.1, dtype=torch.float64, requires_grad=True),
+           torch.full((2, 1), 0.3, dtype=torch.float64, requires_grad=True),
+           torch.full((2,), 0.4, dtype=torch.float64, requires_grad=True)]
+    meta = MetaSGD(model, lrs=lrs)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    learner = meta.clone()
+    loss = losses.mse(learner(x), y)
+    grads = torch.autograd.grad(loss, list(learner.parameters()), retain_graph=True)
+    learner.adapt(loss)
+    for adapted, p, lr, g in zip(learner.parameters(), model.parameters(), lrs, grads):
+        assert adapted.shape == p.shape and torch.allclose(adapted, p - lr * g, rtol=0, atol=1e-15)
+    learner(x).sum().backward()
+    assert all(lr.grad is not None and lr.grad.shape == lr.shape for lr in lrs)
+
+
+def test_meta_sgd_update_takes_numbers_as_step_sizes():
+    model = clone_module(make_mlp((3, 5, 2), "tanh"))
+    before = list(model.parameters())
+    grads = [torch.ones_like(p) for p in before]
+    meta_sgd_update(model, [0.5, 0.25, 0.125, 1.0], grads)
+    for after, p, lr in zip(model.parameters(), before, [0.5, 0.25, 0.125, 1.0]):
+        assert torch.equal(after, p - lr)

@@ -247,8 +247,8 @@ def test_utilities_reject_bad_input():
     updates[1] = torch.zeros(64, 1)
     with pytest.raises(ValueError, match=r"model\.0\.bias has shape \(64, 1\).*\(64,\)"):
         update_module(model, updates)
-    updates[1] = 0.5
-    with pytest.raises(TypeError, match=r"model\.0\.bias must be a tensor or None, got float"):
+    updates[1] = "0.5"
+    with pytest.raises(TypeError, match=r"model\.0\.bias must be a tensor or a number, got str"):
         update_module(model, updates)
     with pytest.raises(TypeError, match="nn.Module"):
         detach_module(torch.zeros(2))

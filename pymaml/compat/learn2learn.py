@@ -114,8 +114,10 @@ def _unique_tensors(model: nn.Module):
 
 def _check_update_shape(what: str, name: str, param: torch.Tensor, update: torch.Tensor) -> None:
     # p + u with u of another shape would broadcast p to a different shape without a word.
+    if isinstance(update, (int, float)) and not isinstance(update, bool):
+        return
     if not isinstance(update, torch.Tensor):
-        raise TypeError(f"{what} for parameter {name} must be a tensor or None, got {type(update).__name__}")
+        raise TypeError(f"{what} for parameter {name} must be a tensor or a number, got {type(update).__name__}")
     try:
         shape = torch.broadcast_shapes(param.shape, update.shape)
     except RuntimeError:
@@ -377,6 +379,10 @@ class MetaSGD(_Learner):
             lrs = lrs if isinstance(lrs, nn.ParameterList) else list(lrs)
             _check_count("MetaSGD", "step sizes (lrs)", named, list(lrs))
             for (name, p), step in zip(named, lrs):
+                # clone() clones the step sizes, so they must be tensors (as in learn2learn).
+                if not isinstance(step, torch.Tensor):
+                    raise TypeError(f"MetaSGD: the step size for parameter {name} must be a tensor, got "
+                                    f"{type(step).__name__}")
                 _check_update_shape("MetaSGD: the step size", name, p, step)
         self.module = model
         self.lrs = lrs
