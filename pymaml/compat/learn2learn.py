@@ -112,7 +112,7 @@ def _unique_tensors(model: nn.Module):
                     yield (f"{module_name}.{key}" if module_name else key), tensor
 
 
-def _check_update_shape(what: str, name: str, param: torch.Tensor, update: torch.Tensor) -> None:
+def _check_update_shape(what: str, name: str, param: torch.Tensor, update) -> None:
     # p + u with u of another shape would broadcast p to a different shape without a word.
     if isinstance(update, (int, float)) and not isinstance(update, bool):
         return
