@@ -210,3 +210,94 @@ def test_matches_learn2learn(first_order):
     # Both update the original model's BatchNorm running statistics through the clones' shared buffers.
     assert torch.equal(ours_model[1].running_mean, theirs_model[1].running_mean)
     assert ours_model[1].num_batches_tracked.item() == 3 * 3 == theirs_model[1].num_batches_tracked.item()
+
+
+# learn2learn's tests/unit/algorithms/maml_test.py cases, in float64.
+
+def l2l_test_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 20), nn.Sigmoid(), nn.Linear(20, 20),
+                          nn.Softmax(dim=1)).double()
+    model.register_buffer("dummy_buf", torch.zeros(1, 2, 3, 4))
+    return model
+
+
+def l2l_test_input():
+    return torch.randn(7, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_l2l_clone_module(first_order):
+    model = l2l_test_model()
+    maml = MAML(model, lr=0.01, first_order=first_order)
+    x = l2l_test_input()
+    for clone in (maml.clone(), maml.clone()):
+        assert torch.equal(clone(x), model(x))
+
+
+def test_l2l_first_order_adaptation():
+    # First-order MAML's meta-gradient is the query gradient at the adapted parameters.
+    model = l2l_test_model()
+    x = l2l_test_input()
+    clone = MAML(model, lr=0.01, first_order=True).clone()
+    for _ in range(3):
+        clone.adapt(clone(x).norm())
+    at_adapted = l2l_test_model()
+    with torch.no_grad():
+        for target, adapted in zip(at_adapted.parameters(), clone.parameters()):
+            target.copy_(adapted)
+    at_adapted(x).norm().backward()
+    clone(x).norm().backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in at_adapted.parameters()])
+    actual = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert relative_error(actual, expected) < TOLERANCE[torch.float64]
+
+
+def test_l2l_graph_connection_and_adaptation():
+    model = l2l_test_model()
+    x = l2l_test_input()
+    clone = MAML(model, lr=0.01).clone()
+    loss = clone(x).norm(p=2)
+    clone.adapt(loss)
+    new_loss = clone(x).norm(p=2)
+    assert loss >= new_loss
+    new_loss.backward()
+    assert all(p.grad is not None and p.grad.norm(p=2).item() > 0.0 for p in model.parameters())
+
+
+def test_l2l_allow_unused():
+    model = l2l_test_model()
+    maml = MAML(model, lr=0.01, allow_unused=True)
+    clone = maml.clone()
+    clone.adapt(sum(p.norm(p=2) for i, p in enumerate(clone.parameters()) if i % 2 == 0))
+    sum(p.norm(p=2) for i, p in enumerate(clone.parameters()) if i % 2 == 0).backward()
+    assert [p.grad is not None for p in model.parameters()] == [i % 2 == 0 for i in range(6)]
+
+
+def test_l2l_allow_nograd():
+    model = l2l_test_model()
+    model[2].weight.requires_grad = False
+    clone = MAML(model, lr=0.01, allow_unused=False, allow_nograd=False).clone()
+    loss = sum(p.norm(p=2) for p in clone.parameters())
+    with pytest.raises(RuntimeError, match=r"2\.weight.*allow_nograd=True"):
+        clone.adapt(loss)
+    clone.adapt(loss, allow_nograd=True)
+    sum(p.norm(p=2) for p in clone.parameters()).backward()
+    assert model[2].weight.grad is None
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    clone = MAML(model, lr=0.01, allow_nograd=True).clone()
+    frozen_weight = model[2].weight.clone()
+    clone.adapt(sum(p.norm(p=2) for p in clone.parameters()))
+    assert torch.equal(clone.module[2].weight, frozen_weight)
+
+
+def test_l2l_module_shared_params():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
+    head = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 10, 3, 2, 1))
+    module = nn.Sequential(seq, head, nn.Sequential(seq, head)).double()
+    clone = MAML(module, lr=0.1).clone()
+    clone.adapt(sum(p.norm(p=2) for p in clone.parameters()))
+    assert clone.module[2][0] is clone.module[0] and len(list(clone.parameters())) == 8
+    sum(p.norm(p=2) for p in clone.parameters()).backward()
+    assert all(p.grad is not None for p in module.parameters())
