@@ -217,7 +217,7 @@ def resource_usage(cubin: bytes, name: str, tmp_path) -> dict:
     return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
 
 
-# Each of these compiles takes about 3 minutes on a 2-core machine; the default run compiles the
+# Each of these compiles takes minutes; the default run compiles the
 # meta-step with MSE for both archs, PYMAML_TRITON_WIDEST_ALL=1 also its cross-entropy variant
 # (int64 labels) and the HVP kernel.
 WIDEST_ALL = os.environ.get("PYMAML_TRITON_WIDEST_ALL") == "1"
