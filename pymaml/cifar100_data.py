@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from .dataset_files import check_split, found_under, load_array_pickle, published_split
+from .dataset_files import LabelledImages, check_split, found_under, load_array_pickle, published_split
 
 ARCHIVE_FOLDER = "cifar-100-python"
 ARCHIVE_FILES = ("train", "test", "meta")
 
 
-class _CIFAR100Split:
+class _CIFAR100Split(LabelledImages):
     """The images of some CIFAR-100 fine classes, the archive's train and test files pooled.
 
     root/cifar-100-python/{train,test,meta} are the pickles of the CIFAR-100 python version
@@ -51,13 +51,6 @@ class _CIFAR100Split:
 
     def _split_classes(self) -> list[str]:
         raise NotImplementedError
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     @property
     def archive(self) -> Path:

@@ -81,6 +81,17 @@ def load_array_pickle(path: Path, what: str, encoding: str):
                          f"is corrupt or truncated: download it again") from error
 
 
+class LabelledImages:
+    """What every few-shot data set exposes beside its `images` [N, C, H, W] and `class_names`."""
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
 class ImageCache:
     """Decoded images kept in one torch.save file next to the data, valid while `source` (a description
     of the files they were decoded from) and the image size are unchanged."""

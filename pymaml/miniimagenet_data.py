@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .dataset_files import (ImageCache, check_image_size, check_split, found_under, load_array_pickle,
+from .dataset_files import (LabelledImages, ImageCache, check_image_size, check_split, found_under, load_array_pickle,
                             published_split)
 
 
-class MiniImagenet:
+class MiniImagenet(LabelledImages):
     """The MiniImagenet images as a class-indexed image set for FewShot: 100 ImageNet classes, 600
     images each, split 64 / 16 / 20 (train / val / test) as Ravi & Larochelle (2017) published it.
 
@@ -57,13 +57,6 @@ class MiniImagenet:
             self.images, self.labels = self._read_images_layout(cache)
         else:
             self.images, self.labels = self._read_pickle_layout(cache)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     @property
     def csv_path(self) -> Path:

@@ -11,7 +11,7 @@ from torch import nn
 from helpers import TOLERANCE, flat_grad, make_batch, make_mlp, relative_error
 from pymaml import losses, reference
 from pymaml.compat.learn2learn import MetaSGD, clone_module, meta_sgd_update
-from test_compat_learn2learn import bn_classifier, learn2learn_maml_class
+from test_compat_learn2learn import WithUnusedHead, bn_classifier, learn2learn_maml_class
 
 
 def randomize_lrs(meta, seed=7):
@@ -178,17 +178,6 @@ def test_adaptation():
     assert loss >= new_loss
     new_loss.backward()
     assert all(p.grad is not None and p.grad.norm(p=2).item() > 0.0 for p in meta.parameters())
-
-
-class WithUnusedHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(3, 2).double()
-        self.unused = nn.Linear(2, 2).double()
-
-    def forward(self, x):
-        return self.body(x)
 
 
 def test_bad_input_raises():
