@@ -15,17 +15,22 @@ from pymaml import losses, reference
 from pymaml.compat.learn2learn import MAML, clone_module, maml_update
 
 
-def l2l_meta_gradient(maml_class, model, batch, lr, steps, loss_fn, first_order=False, **options):
-    """The learn2learn training loop: clone per task, adapt `steps` times, query loss / T backward."""
+def clone_and_adapt_loop(wrapper, batch, steps, loss_fn):
+    """learn2learn's training loop over `wrapper` (MAML, MetaSGD): clone per task, adapt `steps`
+    times, query loss / T backward, leaving the meta-gradient in .grad."""
     support_x, support_y, query_x, query_y = batch
-    maml = maml_class(model, lr=lr, first_order=first_order, **options)
-    model.zero_grad(set_to_none=True)
+    wrapper.zero_grad(set_to_none=True)
     tasks = support_x.shape[0]
     for t in range(tasks):
-        learner = maml.clone()
+        learner = wrapper.clone()
         for _ in range(steps):
             learner.adapt(loss_fn(learner(support_x[t]), support_y[t]))
         (loss_fn(learner(query_x[t]), query_y[t]) / tasks).backward()
+
+
+def l2l_meta_gradient(maml_class, model, batch, lr, steps, loss_fn, first_order=False, **options):
+    """The meta-gradient of learn2learn's training loop (clone_and_adapt_loop) over maml_class."""
+    clone_and_adapt_loop(maml_class(model, lr=lr, first_order=first_order, **options), batch, steps, loss_fn)
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
 
 

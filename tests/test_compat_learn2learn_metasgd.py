@@ -11,7 +11,7 @@ from torch import nn
 from helpers import TOLERANCE, flat_grad, make_batch, make_mlp, relative_error
 from pymaml import losses, reference
 from pymaml.compat.learn2learn import MetaSGD, clone_module, meta_sgd_update
-from test_compat_learn2learn import WithUnusedHead, bn_classifier, learn2learn_maml_class
+from test_compat_learn2learn import WithUnusedHead, bn_classifier, clone_and_adapt_loop, learn2learn_maml_class
 
 
 def randomize_lrs(meta, seed=7):
@@ -26,14 +26,7 @@ def randomize_lrs(meta, seed=7):
 def metasgd_meta_gradient(meta, batch, steps, loss_fn):
     """learn2learn's Meta-SGD loop: clone per task, adapt `steps` times, query loss / T backward;
     the meta-gradient of the parameters followed by that of the step sizes."""
-    support_x, support_y, query_x, query_y = batch
-    meta.zero_grad(set_to_none=True)
-    tasks = support_x.shape[0]
-    for t in range(tasks):
-        learner = meta.clone()
-        for _ in range(steps):
-            learner.adapt(loss_fn(learner(support_x[t]), support_y[t]))
-        (loss_fn(learner(query_x[t]), query_y[t]) / tasks).backward()
+    clone_and_adapt_loop(meta, batch, steps, loss_fn)
     return torch.cat([p.grad.reshape(-1) for p in meta.parameters()])
 
 

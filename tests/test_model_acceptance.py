@@ -90,9 +90,10 @@ class Doubled(nn.Module):
         return 2 * weight
 
 
-def hooked(register):
+def changed(change):
+    """The test MLP after `change(model)` (a hook, a buffer, a submodule, ...)."""
     model = mlp()
-    register(model)
+    change(model)
     return model
 
 
@@ -124,12 +125,6 @@ def sequential_forward():
     return model
 
 
-def with_attribute(setup):
-    model = mlp()
-    setup(model)
-    return model
-
-
 def doubled_weight():
     model = mlp()
     parametrize.register_parametrization(model[0], "weight", Doubled())
@@ -147,31 +142,31 @@ REFUSED = {
     "linear-subclass-with-forward": (lambda: with_layer(0, DoubledLinear(2, 5)), r"layer 0 \(DoubledLinear\) is a subclass of nn.Linear"),
     "linear-subclass": (lambda: with_layer(4, PlainLinearSubclass(4, 2)), r"layer 4 \(PlainLinearSubclass\) is a subclass"),
     "lora-linear": (lambda: with_layer(2, LoraLinear(5, 4)), r"layer 2 \(LoraLinear\) is a subclass"),
-    "forward-hook": (lambda: hooked(lambda m: m[0].register_forward_hook(lambda mod, i, o: 2 * o)),
+    "forward-hook": (lambda: changed(lambda m: m[0].register_forward_hook(lambda mod, i, o: 2 * o)),
                      r"layer 0 \(Linear\) has a forward hook"),
-    "forward-pre-hook": (lambda: hooked(lambda m: m[2].register_forward_pre_hook(lambda mod, i: (2 * i[0],))),
+    "forward-pre-hook": (lambda: changed(lambda m: m[2].register_forward_pre_hook(lambda mod, i: (2 * i[0],))),
                          r"layer 2 \(Linear\) has a forward pre-hook"),
-    "forward-hook-with-kwargs": (lambda: hooked(lambda m: m[4].register_forward_hook(
+    "forward-hook-with-kwargs": (lambda: changed(lambda m: m[4].register_forward_hook(
         lambda mod, args, kwargs, o: o - 1, with_kwargs=True)), r"layer 4 \(Linear\) has a forward hook"),
-    "sequential-forward-hook": (lambda: hooked(lambda m: m.register_forward_hook(lambda mod, i, o: o + 1)),
+    "sequential-forward-hook": (lambda: changed(lambda m: m.register_forward_hook(lambda mod, i, o: o + 1)),
                                 r"the nn.Sequential has a forward hook"),
-    "sequential-forward-pre-hook": (lambda: hooked(lambda m: m.register_forward_pre_hook(lambda mod, i: (i[0] ** 2,))),
+    "sequential-forward-pre-hook": (lambda: changed(lambda m: m.register_forward_pre_hook(lambda mod, i: (i[0] ** 2,))),
                                     r"the nn.Sequential has a forward pre-hook"),
-    "activation-forward-hook": (lambda: hooked(lambda m: m[1].register_forward_hook(lambda mod, i, o: 3 * o)),
+    "activation-forward-hook": (lambda: changed(lambda m: m[1].register_forward_hook(lambda mod, i, o: 3 * o)),
                                 r"layer 1 \(Tanh\) has a forward hook"),
-    "activation-forward-pre-hook": (lambda: hooked(lambda m: m[3].register_forward_pre_hook(lambda mod, i: (i[0] + 1,))),
+    "activation-forward-pre-hook": (lambda: changed(lambda m: m[3].register_forward_pre_hook(lambda mod, i: (i[0] + 1,))),
                                     r"layer 3 \(Tanh\) has a forward pre-hook"),
-    "full-backward-hook": (lambda: hooked(lambda m: m[2].register_full_backward_hook(lambda mod, gi, go: (2 * gi[0],))),
+    "full-backward-hook": (lambda: changed(lambda m: m[2].register_full_backward_hook(lambda mod, gi, go: (2 * gi[0],))),
                            r"layer 2 \(Linear\) has a backward hook"),
-    "full-backward-pre-hook": (lambda: hooked(lambda m: m[2].register_full_backward_pre_hook(lambda mod, go: (2 * go[0],))),
+    "full-backward-pre-hook": (lambda: changed(lambda m: m[2].register_full_backward_pre_hook(lambda mod, go: (2 * go[0],))),
                                r"layer 2 \(Linear\) has a backward pre-hook"),
-    "parameter-gradient-hook": (lambda: hooked(lambda m: m[0].weight.register_hook(lambda g: 2 * g)),
+    "parameter-gradient-hook": (lambda: changed(lambda m: m[0].weight.register_hook(lambda g: 2 * g)),
                                 r"parameter 0.weight has a gradient hook"),
-    "weight-norm": (lambda: hooked(lambda m: parametrizations.weight_norm(m[0])),
+    "weight-norm": (lambda: changed(lambda m: parametrizations.weight_norm(m[0])),
                     r"layer 0 \(ParametrizedLinear\) has parametrized weight"),
     "legacy-weight-norm": (legacy_weight_norm, r"layer 0 \(Linear\) has a forward pre-hook"),
     "spectral-norm": (spectral_norm_eval, r"layer 2 \(ParametrizedLinear\) has parametrized weight"),
-    "orthogonal": (lambda: hooked(lambda m: parametrizations.orthogonal(m[2])), r"layer 2 .* has parametrized weight"),
+    "orthogonal": (lambda: changed(lambda m: parametrizations.orthogonal(m[2])), r"layer 2 .* has parametrized weight"),
     "custom-parametrization": (doubled_weight, r"layer 0 .* has parametrized weight"),
     "sequential-subclass": (lambda: ResidualSequential(*mlp()), r"the model is ResidualSequential, a subclass of nn.Sequential"),
     "relu-subclass": (lambda: with_layer(3, LeakyReLU(), with_layer(1, LeakyReLU(), mlp(nn.ReLU))),
@@ -179,22 +174,22 @@ REFUSED = {
     "tanh-subclass": (lambda: with_layer(3, ShiftedTanh()), r"layer 3 \(ShiftedTanh\) is a subclass of nn.Tanh"),
     "sigmoid-subclass": (lambda: with_layer(1, ScaledSigmoid(), with_layer(3, nn.Sigmoid(), mlp())),
                          r"layer 1 \(ScaledSigmoid\) is a subclass of nn.Sigmoid"),
-    "linear-buffer": (lambda: with_attribute(lambda m: m[0].register_buffer("scale", torch.ones(5, dtype=torch.float64))),
+    "linear-buffer": (lambda: changed(lambda m: m[0].register_buffer("scale", torch.ones(5, dtype=torch.float64))),
                       r"layer 0 \(Linear\) holds buffers \['scale'\]"),
-    "linear-submodule": (lambda: with_attribute(lambda m: m[2].add_module("extra", nn.Linear(5, 4).double())),
+    "linear-submodule": (lambda: changed(lambda m: m[2].add_module("extra", nn.Linear(5, 4).double())),
                          r"layer 2 \(Linear\) holds submodules \['extra'\]"),
-    "linear-extra-parameter": (lambda: with_attribute(lambda m: m[0].register_parameter(
+    "linear-extra-parameter": (lambda: changed(lambda m: m[0].register_parameter(
         "gain", nn.Parameter(torch.ones(5, dtype=torch.float64)))), r"layer 0 \(Linear\) holds parameters \['gain'\]"),
     "linear-instance-forward": (lambda: instance_forward(0), r"layer 0 \(Linear\) has its own forward set on the instance"),
-    "linear-instance-call": (lambda: with_attribute(lambda m: setattr(m[2], "__call__", lambda x: 2 * x)),
+    "linear-instance-call": (lambda: changed(lambda m: setattr(m[2], "__call__", lambda x: 2 * x)),
                              r"layer 2 \(Linear\) has its own __call__ set on the instance"),
     "activation-instance-forward": (lambda: instance_forward(1), r"layer 1 \(Tanh\) has its own forward set on the instance"),
     "sequential-instance-forward": (sequential_forward, r"the nn.Sequential has its own forward set on the instance"),
-    "sequential-parameter": (lambda: with_attribute(lambda m: setattr(m, "gain", nn.Parameter(torch.ones(2, dtype=torch.float64)))),
+    "sequential-parameter": (lambda: changed(lambda m: setattr(m, "gain", nn.Parameter(torch.ones(2, dtype=torch.float64)))),
                              r"the nn.Sequential holds parameters \['gain'\] of its own"),
-    "sequential-buffer": (lambda: with_attribute(lambda m: m.register_buffer("offset", torch.ones(2, dtype=torch.float64))),
+    "sequential-buffer": (lambda: changed(lambda m: m.register_buffer("offset", torch.ones(2, dtype=torch.float64))),
                           r"the nn.Sequential holds buffers \['offset'\]"),
-    "frozen-bias": (lambda: with_attribute(lambda m: m[2].bias.requires_grad_(False)), r"parameter 2.bias is frozen"),
+    "frozen-bias": (lambda: changed(lambda m: m[2].bias.requires_grad_(False)), r"parameter 2.bias is frozen"),
     "bias-mix": (with_bias_mix, r"layer 2 \(Linear\) has no bias but layer 0 has one"),
 }
 # Refused models that `func` runs, against the oracle; the others fall back to `reference`.
@@ -286,11 +281,11 @@ def test_post_accumulate_grad_hook_is_refused():
 
 @pytest.mark.parametrize("model", [
     pytest.param(lambda: mlp(lambda: nn.ReLU(inplace=True)), id="inplace-relu"),
-    pytest.param(lambda: with_attribute(lambda m: m[0].register_forward_hook(lambda mod, i, o: None).remove()),
+    pytest.param(lambda: changed(lambda m: m[0].register_forward_hook(lambda mod, i, o: None).remove()),
                  id="removed-hook"),
-    pytest.param(lambda: with_attribute(lambda m: m[2].register_state_dict_pre_hook(lambda *args: None)),
+    pytest.param(lambda: changed(lambda m: m[2].register_state_dict_pre_hook(lambda *args: None)),
                  id="state-dict-hook"),
-    pytest.param(lambda: with_attribute(lambda m: setattr(m[2], "weight", nn.Parameter(m[2].weight.detach().t().contiguous().t()))),
+    pytest.param(lambda: changed(lambda m: setattr(m[2], "weight", nn.Parameter(m[2].weight.detach().t().contiguous().t()))),
                  id="non-contiguous-weight"),
 ])
 @needs_extension
@@ -438,6 +433,23 @@ def test_a_model_changed_after_auto_chose_gets_a_new_choice_and_the_oracles_numb
     if call == "forward":
         expected = pymaml.reference.meta_loss(model, *BATCH, **OPTIONS).detach()
         assert relative_error(out.loss.detach(), expected) <= TOLERANCE[torch.float64]
+
+
+@needs_extension
+@pytest.mark.parametrize("call", sorted(CALLS))
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_model_changed_after_a_refused_call_is_checked_again(change, call):
+    """A call that checks the model, then fails on its batch, leaves nothing that lets the next
+    call skip the check of a model changed in between."""
+    model = mlp()
+    maml = pymaml.MAML(model, backend="cpp", **OPTIONS)
+    maml.meta_gradient(*BATCH, accumulate=False)
+    with pytest.raises(ValueError, match="task dimension"):
+        maml.meta_gradient(BATCH[0][:1], *BATCH[1:], accumulate=False)
+    apply, reason = CHANGES[change]
+    apply(model)
+    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run this model on cpu any more: " + reason):
+        CALLS[call](maml, model)
 
 
 @needs_extension
