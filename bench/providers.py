@@ -364,9 +364,9 @@ def func_meta_gradient(model, workload):
     """The vmapped torch.func meta-gradient (grad_and_value of the mean query loss)."""
 
     def meta_loss(params, sx, sy, qx, qy):
-        losses = pymaml.functional.task_query_losses(
+        losses = pymaml.numerics.functional.task_query_losses(
             model, params, {}, sx, sy, qx, qy, inner_lr=workload.inner_lr, inner_steps=workload.steps,
-            first_order=workload.first_order, loss_fn=pymaml.losses.resolve_loss(workload.loss))
+            first_order=workload.first_order, loss_fn=pymaml.numerics.losses.resolve_loss(workload.loss))
         return losses.mean()
 
     return torch.func.grad_and_value(meta_loss)

@@ -1,7 +1,7 @@
 """Memory and time of one second-order meta-step on the paper's Omniglot Conv4 (113,221 parameters;
 5-way 1-shot, 15 queries per class, T = 32, α = 0.4, cross entropy, fp32, random images):
 `reference` (the oracle's full graph), `func` with second_order="graph" and the memory-efficient
-`func` (pymaml.reverse_chain, default chunking), for S ∈ {1, 5, 10}.
+`func` (pymaml.numerics.reverse_chain, default chunking), for S ∈ {1, 5, 10}.
 
 Peak memory is measured per provider in a process of its own (bench/conv4_memory.py: VmHWM after
 set-up and after the meta-step; the growth is peak − setup). Figures are kept in extra_info and

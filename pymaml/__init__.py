@@ -1,12 +1,13 @@
 """pymaml: fused, exact MAML meta-gradients for PyTorch."""
 
-from . import compat, data, distributed, functional, models, nn, reference
+from . import compat, data, distributed, models, nn, reference
+from .numerics import functional
 from ._extension import build_info
-from .hvp import hvp
+from .numerics.hvp import hvp
 from .backends import BackendStatus, MetaOutput, available_backends
-from .imaml import IMAML, IMAMLOutput
-from .maml import MAML, AdaptedModel
-from .reptile import Reptile, ReptileOutput
+from .algorithms.imaml import IMAML, IMAMLOutput
+from .algorithms.maml import MAML, AdaptedModel
+from .algorithms.reptile import Reptile, ReptileOutput
 
 __version__ = "0.1.0"
 

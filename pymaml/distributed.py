@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .backends import MetaOutput
-from .maml import MAML
+from .algorithms.maml import MAML
 
 # The variables torchrun (torch.distributed.run) sets in every worker's environment.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

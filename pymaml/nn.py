@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import resolve_loss
-from .schedule import step_size
-from .state import adapted_parameters, fixed_state
+from .numerics.losses import resolve_loss
+from .numerics.schedule import step_size
+from .numerics.state import adapted_parameters, fixed_state
 
 _step = 0
 _recording = False

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .losses import LossFn, resolve_loss
+from .numerics.losses import LossFn, resolve_loss
 from .nn import inner_step
-from .schedule import InnerLR, step_size
-from .state import adapted_parameters, fixed_state
+from .numerics.schedule import InnerLR, step_size
+from .numerics.state import adapted_parameters, fixed_state
 
 
 def _loss_at(model, params, fixed, loss_fn, x, y):

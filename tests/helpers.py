@@ -61,12 +61,12 @@ def flat_grad(loss: torch.Tensor, params) -> torch.Tensor:
 def oracle_meta_gradient(model, batch, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle's meta-loss and its gradient with respect to the adapted parameters."""
     loss = reference.meta_loss(model, *batch, **options)
-    return loss.detach(), flat_grad(loss, pymaml.state.adapted_parameters(model).values())
+    return loss.detach(), flat_grad(loss, pymaml.numerics.state.adapted_parameters(model).values())
 
 
 def backend_meta_gradient(model, batch, backend, **options) -> tuple[torch.Tensor, torch.Tensor]:
     out = pymaml.MAML(model, backend=backend, **options)(*batch)
-    return out.loss.detach(), flat_grad(out.loss, pymaml.state.adapted_parameters(model).values())
+    return out.loss.detach(), flat_grad(out.loss, pymaml.numerics.state.adapted_parameters(model).values())
 
 
 def assert_backend_matches_oracle(model, batch, backend, **options):

@@ -97,7 +97,7 @@ def hvp_case(index, widths, activation, bias, loss, tasks, points) -> str:
     x, y = _data(generator, tasks, points, widths, loss)
     names = [name for name, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
-    loss_fn = pymaml.losses.resolve_loss(loss)
+    loss_fn = pymaml.numerics.losses.resolve_loss(loss)
     thetas, vs, hvs, gradients = [], [], [], []
     for t in range(tasks):
         theta = [torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_() for shape in shapes]

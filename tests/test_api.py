@@ -64,13 +64,13 @@ def test_adapt_matches_oracle_and_predicts_per_task(backend, steps):
     sx, sy, qx, qy = make_batch(4, 5, 3, 2, "mse", queries=7)
     maml = pymaml.MAML(model, inner_lr=0.3, inner_steps=2, backend=backend)
     adapted = maml.adapt(sx, sy, steps=steps)
-    params = pymaml.state.adapted_parameters(model)
+    params = pymaml.numerics.state.adapted_parameters(model)
     for name, value in adapted.params.items():
         assert value.shape == (4, *params[name].shape)
     predictions = adapted(qx)
     assert predictions.shape == (4, 7, 2)
     for t in range(4):
-        theta = reference.adapt_task(model, params, {}, pymaml.losses.mse, sx[t], sy[t], 0.3, steps, False)
+        theta = reference.adapt_task(model, params, {}, pymaml.numerics.losses.mse, sx[t], sy[t], 0.3, steps, False)
         expected = torch.func.functional_call(model, theta, (qx[t],))
         assert relative_error(predictions[t].detach(), expected.detach()) <= TOLERANCE[torch.float64]
 

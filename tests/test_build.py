@@ -41,8 +41,8 @@ def test_wheel_without_extension(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "dist").glob("pymaml-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "pymaml/kernels/__init__.py" in names and "pymaml/maml.py" in names
-    assert {f"pymaml/splits/{name}.json" for name in ("miniimagenet", "cifarfs", "fc100")} <= set(names)
+    assert "pymaml/kernels/__init__.py" in names and "pymaml/algorithms/maml.py" in names
+    assert {f"pymaml/data/splits/{name}.json" for name in ("miniimagenet", "cifarfs", "fc100")} <= set(names)
     assert not [name for name in names if name.endswith((".so", ".pyd"))]
 
 

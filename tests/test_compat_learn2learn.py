@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from helpers import TOLERANCE, flat_grad, make_batch, make_mlp, relative_error
-from pymaml import losses, reference
+from pymaml import reference
+from pymaml.numerics import losses
 from pymaml.compat.learn2learn import MAML, clone_module, maml_update
 
 

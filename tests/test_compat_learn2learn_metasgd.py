@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from helpers import TOLERANCE, flat_grad, make_batch, make_mlp, relative_error
-from pymaml import losses, reference
+from pymaml import reference
+from pymaml.numerics import losses
 from pymaml.compat.learn2learn import MetaSGD, clone_module, meta_sgd_update
 from test_compat_learn2learn import WithUnusedHead, bn_classifier, clone_and_adapt_loop, learn2learn_maml_class
 

@@ -77,7 +77,7 @@ def test_an_unknown_level_is_refused_naming_the_compiled_ones():
 @needs_extension
 @pytest.mark.parametrize("level", LEVELS)
 def test_the_backends_command_says_which_level_runs_why_and_what_is_compiled(level, tmp_path):
-    code = f"import sys; sys.path[:0] = [{PACKAGE_PARENT!r}]; from pymaml.cli import main; main(['backends'])"
+    code = f"import sys; sys.path[:0] = [{PACKAGE_PARENT!r}]; from pymaml.jobs.cli import main; main(['backends'])"
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYMAML_CPU_LEVEL": level},
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr

@@ -1,5 +1,5 @@
 """MiniImagenet, CIFAR-FS and FC100 read from small files written in each distributed format, with the
-published class splits shipped in pymaml/splits."""
+published class splits shipped in pymaml/data/splits."""
 
 import csv
 import pickle
@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pymaml import cifar100_data, miniimagenet_data
+from pymaml.data import cifar100, miniimagenet
 from pymaml.data import CIFARFS, FC100, FewShot, MiniImagenet
-from pymaml.dataset_files import load_array_pickle, published_split
+from pymaml.data.files import load_array_pickle, published_split
 
-# The published splits, written out independently of pymaml/splits: MiniImagenet's val and test
+# The published splits, written out independently of pymaml/data/splits: MiniImagenet's val and test
 # WordNet ids (Ravi & Larochelle's val.csv, test.csv), CIFAR-FS's val and test classes (Bertinetto et
 # al.'s val.txt, test.txt) and FC100's superclass indices (Oreshkin et al.).
 MINI_VAL = ["n01855672", "n02091244", "n02114548", "n02138441", "n02174001", "n02950826", "n02971356", "n02981792",
@@ -229,11 +229,11 @@ def test_miniimagenet_cache_is_written_used_and_refreshed(tmp_path, two_per_clas
         raise AssertionError("unpickled although the cache is current")
 
     with monkeypatch.context() as patch:
-        patch.setattr(miniimagenet_data, "load_array_pickle", no_unpickling)
+        patch.setattr(miniimagenet, "load_array_pickle", no_unpickling)
         assert torch.equal(MiniImagenet(tmp_path, "val", image_size=10).images, resized.images)
     write_pickles(tmp_path, splits=("val",), seed=1)   # the same name, new contents
     with monkeypatch.context() as patch:
-        patch.setattr(miniimagenet_data, "load_array_pickle", no_unpickling)
+        patch.setattr(miniimagenet, "load_array_pickle", no_unpickling)
         with pytest.raises(AssertionError, match="unpickled"):
             MiniImagenet(tmp_path, "val", image_size=10)
 
@@ -337,7 +337,7 @@ TRAIN_PER_CLASS, TEST_PER_CLASS = 2, 1
 
 @pytest.fixture
 def small_archive(monkeypatch):
-    monkeypatch.setattr(cifar100_data._CIFAR100Split, "IMAGES_PER_CLASS",
+    monkeypatch.setattr(cifar100._CIFAR100Split, "IMAGES_PER_CLASS",
                         {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS})
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pymaml  # noqa: E402
 from helpers import make_batch, make_mlp, relative_error  # noqa: E402
 from pymaml import distributed  # noqa: E402
-from pymaml.sinusoid import SinusoidConfig, train  # noqa: E402
+from pymaml.jobs.sinusoid import SinusoidConfig, train  # noqa: E402
 
 REPOSITORY = Path(pymaml.__file__).resolve().parent.parent
 WORLD_SIZE = 2
@@ -92,7 +92,7 @@ def _worker(out: Path) -> None:
     resumed = train(SinusoidConfig(iterations=6, checkpoint=str(checkpoint), **SINUSOID), context)
     results["sinusoid"] = dict(weights=_weights(resumed.maml.module), losses=resumed.losses,
                                resumed_from=resumed.resumed_from)
-    report = pymaml.sinusoid.run(SinusoidConfig(iterations=2, eval_tasks=4, eval_points=5, **SINUSOID),
+    report = pymaml.jobs.sinusoid.run(SinusoidConfig(iterations=2, eval_tasks=4, eval_points=5, **SINUSOID),
                                  out / f"run-rank{context.rank}", context)
     results["report_is_none"] = report is None
 

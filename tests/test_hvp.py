@@ -37,7 +37,7 @@ def test_hvp_matches_autograd(fused, activation, loss, dtype):
     x, y, _, _ = make_batch(4, 6, 3, 2, loss, dtype)
     params, v = per_task_state(model, 4)
     out = pymaml.hvp(model, params, x, y, v, loss=loss, fused=fused)
-    loss_fn = pymaml.losses.resolve_loss(loss)
+    loss_fn = pymaml.numerics.losses.resolve_loss(loss)
     for t in range(4):
         expected = autograd_hvp(model, params, v, x, y, loss_fn, t)
         actual = torch.cat([out[n][t].reshape(-1) for n in params])
@@ -55,7 +55,7 @@ def test_hvp_of_a_convnet_through_torch_func():
     params, v = per_task_state(model, 2)
     out = pymaml.hvp(model, params, x, y, v, loss="cross_entropy")
     for t in range(2):
-        expected = autograd_hvp(model, params, v, x, y, pymaml.losses.cross_entropy, t)
+        expected = autograd_hvp(model, params, v, x, y, pymaml.numerics.losses.cross_entropy, t)
         for n in params:
             assert relative_error(out[n][t], expected[n]) <= TOLERANCE[torch.float64]
 

@@ -24,7 +24,7 @@ def dense_imaml(model, batch, inner_lr, inner_steps, reg_lambda, loss_fn):
     (I + H_t/λ)⁻¹ ∇L_query(φ_t) by a dense solve, H_t from torch.autograd.functional.hessian.
     Returns the per-task φ_t [T, P], per-task solutions [T, P] and the matrices A_t [T, P, P]."""
     support_x, support_y, query_x, query_y = batch
-    fixed = pymaml.state.fixed_state(model)  # batch statistics for normalization layers
+    fixed = pymaml.numerics.state.fixed_state(model)  # batch statistics for normalization layers
     shapes = {name: p.shape for name, p in model.named_parameters()}
 
     def loss_of(flat, x, y):
@@ -96,7 +96,7 @@ def test_mlp_matches_a_dense_solve(fused, loss):
     batch = make_batch(3, 6, 3, 2, loss)
     imaml = pymaml.IMAML(model, 0.1, 10, reg_lambda=2.0, cg_steps=32, loss=loss, fused_hvp=fused)
     out = imaml.meta_gradient(*batch)
-    phis, solutions, _ = dense_imaml(model, batch, 0.1, 10, 2.0, pymaml.losses.resolve_loss(loss))
+    phis, solutions, _ = dense_imaml(model, batch, 0.1, 10, 2.0, pymaml.numerics.losses.resolve_loss(loss))
     assert relative_error(flat_grads(model), solutions.mean(0)) <= F64
     adapted = imaml.adapt(batch[0], batch[1])
     assert relative_error(torch.cat([p.reshape(3, -1) for p in adapted.params.values()], 1), phis) <= F64
@@ -133,7 +133,7 @@ def test_reported_residual_is_that_of_the_returned_solution():
     # One task, so .grad holds that task's CG solution x; ‖b − A x‖/‖b‖ from the dense A.
     model = make_mlp((2, 6, 1), "tanh")
     batch = make_batch(1, 8, 2, 1, "mse")
-    _, solutions, matrices = dense_imaml(model, batch, 0.1, 4, 1.0, pymaml.losses.mse)
+    _, solutions, matrices = dense_imaml(model, batch, 0.1, 4, 1.0, pymaml.numerics.losses.mse)
     b = matrices[0] @ solutions[0]
     for steps in (1, 3):
         model.zero_grad()
@@ -153,7 +153,7 @@ def test_conv_and_batchnorm_model_through_torch_func():
     batch = (support_x, support_y, query_x, query_y)
     imaml = pymaml.IMAML(model, 0.1, 3, reg_lambda=4.0, cg_steps=40, loss="cross_entropy")
     out = imaml.meta_gradient(*batch)
-    _, solutions, _ = dense_imaml(model, batch, 0.1, 3, 4.0, pymaml.losses.cross_entropy)
+    _, solutions, _ = dense_imaml(model, batch, 0.1, 3, 4.0, pymaml.numerics.losses.cross_entropy)
     assert relative_error(flat_grads(model), solutions.mean(0)) <= F64
     assert float(out.cg_residuals.max()) <= 1e-10
     assert torch.equal(model[1].running_mean, running_mean)
@@ -171,7 +171,7 @@ def test_gradient_accumulates_and_trains_with_any_optimizer():
     imaml.meta_gradient(*batch)
     assert relative_error(flat_grads(model), 2 * once) <= F64
     with torch.no_grad():
-        pre_adaptation = torch.stack([pymaml.losses.mse(model(x), y) for x, y in zip(batch[2], batch[3])]).mean()
+        pre_adaptation = torch.stack([pymaml.numerics.losses.mse(model(x), y) for x, y in zip(batch[2], batch[3])]).mean()
     assert relative_error(out.pre_adaptation_loss, pre_adaptation) <= F64
     before = flat_params(model)
     imaml.meta_train_step(*batch, torch.optim.SGD(model.parameters(), lr=0.5))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import pymaml
-from pymaml import cli
+from pymaml.jobs import cli
 from pymaml.data import Sinusoid
-from pymaml.jobs import NON_TERMINAL_REFRESH_SECONDS, JobError
-from pymaml.sinusoid import DIVERGED_MSE, SinusoidConfig, evaluate, plot, run, summary, train
+from pymaml.jobs.training import NON_TERMINAL_REFRESH_SECONDS, JobError
+from pymaml.jobs.sinusoid import DIVERGED_MSE, SinusoidConfig, evaluate, plot, run, summary, train
 from helpers import TOLERANCE
 
 TINY = dict(meta_batch=2, shots=2, eval_tasks=4, eval_points=5, progress=False)
@@ -85,8 +85,8 @@ def test_out_below_a_file_and_a_folder_as_checkpoint_fail_before_training(tmp_pa
 
 
 def test_omniglot_unwritable_out_fails_before_training(unwritable_folder, no_training, tmp_path):
-    from pymaml.omniglot import OmniglotConfig
-    from pymaml.omniglot import run as run_omniglot
+    from pymaml.jobs.omniglot import OmniglotConfig
+    from pymaml.jobs.omniglot import run as run_omniglot
     from test_omniglot import write_tree
 
     write_tree(tmp_path / "data")
@@ -98,9 +98,9 @@ def test_omniglot_unwritable_out_fails_before_training(unwritable_folder, no_tra
 
 def test_omniglot_report_of_one_task_without_training_is_strict_json(tmp_path):
     """One evaluation task has no interval and no iteration a running loss or a time: null, not NaN."""
-    from pymaml.omniglot import OmniglotConfig
-    from pymaml.omniglot import run as run_omniglot
-    from pymaml.omniglot import summary as omniglot_summary
+    from pymaml.jobs.omniglot import OmniglotConfig
+    from pymaml.jobs.omniglot import run as run_omniglot
+    from pymaml.jobs.omniglot import summary as omniglot_summary
     from test_omniglot import write_tree
 
     write_tree(tmp_path / "data")
@@ -118,7 +118,7 @@ def test_report_is_written_before_the_figure(tmp_path, monkeypatch):
     def failing_plot(*args, **kwargs):
         raise RuntimeError("no figure")
 
-    monkeypatch.setattr(pymaml.sinusoid, "plot", failing_plot)
+    monkeypatch.setattr(pymaml.jobs.sinusoid, "plot", failing_plot)
     with pytest.raises(RuntimeError, match="no figure"):
         run(SinusoidConfig(iterations=2, **TINY), tmp_path)
     assert strict_json((tmp_path / "report.json").read_text())["iterations"] == 2
@@ -167,7 +167,7 @@ def test_statistics_leave_out_diverged_tasks_and_the_median_counts_them():
 
 
 def test_report_of_diverged_tasks_is_strict_json_and_its_summary_has_no_nan(tmp_path, monkeypatch):
-    monkeypatch.setattr(pymaml.sinusoid, "train", lambda config, context: pymaml.jobs.TrainResult(
+    monkeypatch.setattr(pymaml.jobs.sinusoid, "train", lambda config, context: pymaml.jobs.training.TrainResult(
         _diverging_maml(), config.iterations, 0, math.nan, 0.0))
     report = run(SinusoidConfig(iterations=0, eval_tasks=20, eval_points=10, progress=False), tmp_path)
     written = strict_json((tmp_path / "report.json").read_text())
@@ -200,7 +200,7 @@ def test_figure_of_diverged_tasks_stays_readable(tmp_path, monkeypatch):
 
 
 def test_resuming_a_finished_run_reports_no_time_per_iteration(tmp_path, monkeypatch):
-    monkeypatch.setattr(pymaml.sinusoid, "plot", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pymaml.jobs.sinusoid, "plot", lambda *args, **kwargs: None)
     config = SinusoidConfig(iterations=3, checkpoint=str(tmp_path / "run.pt"), **TINY)
     first = run(config, tmp_path / "first")
     assert first["iterations_run"] == 3 and first["ms_per_iteration"] > 0
@@ -252,8 +252,8 @@ def test_damaged_or_foreign_checkpoint_is_refused_by_name(tmp_path, kind, capsys
 
 def test_omniglot_refuses_a_damaged_checkpoint(tmp_path):
     from pymaml.data import Omniglot
-    from pymaml.omniglot import OmniglotConfig
-    from pymaml.omniglot import train as train_omniglot
+    from pymaml.jobs.omniglot import OmniglotConfig
+    from pymaml.jobs.omniglot import train as train_omniglot
     from test_omniglot import write_tree
 
     write_tree(tmp_path / "data")

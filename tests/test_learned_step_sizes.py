@@ -64,13 +64,13 @@ def test_step_weights_gradient(backend):
 def test_adapt_with_learned_step_sizes_repeats_the_last_step(mode):
     maml = learned_maml("func", mode, steps=2)
     sx, sy, qx, _ = make_batch(3, 4, 3, 2, "mse")
-    params = pymaml.state.adapted_parameters(maml.module)
+    params = pymaml.numerics.state.adapted_parameters(maml.module)
     adapted = maml.adapt(sx, sy, steps=4)
     schedule = maml.inner_lr
     for t in range(3):
         theta = dict(params)
         for step in range(4):
-            loss = pymaml.losses.mse(torch.func.functional_call(maml.module, theta, (sx[t],)), sy[t])
+            loss = pymaml.numerics.losses.mse(torch.func.functional_call(maml.module, theta, (sx[t],)), sy[t])
             grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
             lrs = schedule[min(step, len(schedule) - 1)]
             theta = {name: w - lrs[name] * g for (name, w), g in zip(theta.items(), grads)}

@@ -1,4 +1,4 @@
-"""The `func` backend's memory-efficient meta-step (pymaml.reverse_chain) against the oracle."""
+"""The `func` backend's memory-efficient meta-step (pymaml.numerics.reverse_chain) against the oracle."""
 
 import pytest
 import torch
@@ -210,8 +210,8 @@ def test_loss_without_forward_mode_derivative_falls_back_to_reverse_over_reverse
 def test_default_task_chunk_fits_the_budget():
     """Conv4 with 75 query images a task: about 61-65 MiB estimated per task, so 2 tasks a chunk;
     the sinusoid MLP: the whole meta-batch in one chunk."""
-    from pymaml.reverse_chain import default_task_chunk, forward_numbers
-    from pymaml.state import adapted_parameters, fixed_state
+    from pymaml.numerics.reverse_chain import default_task_chunk, forward_numbers
+    from pymaml.numerics.state import adapted_parameters, fixed_state
 
     conv = pymaml.models.Conv4()
     params, fixed = adapted_parameters(conv), fixed_state(conv)

@@ -73,13 +73,13 @@ def test_convnet_with_batchnorm_matches_oracle(training, first_order):
 
 @pytest.mark.parametrize("norm", sorted(NORMS))
 def test_convnet_with_each_normalization_layer_matches_oracle(norm):
-    """Second derivatives through normalization layers under vmap (see pymaml.decomposed_norms)."""
+    """Second derivatives through normalization layers under vmap (see pymaml.numerics.decomposed_norms)."""
     assert_backend_matches_oracle(small_convnet(norm=norm), image_batch(), "func", inner_lr=0.2, inner_steps=2,
                                   first_order=False, loss="cross_entropy")
 
 
 def test_decomposed_norms_equal_torchs_forward():
-    from pymaml.decomposed_norms import DecomposedNorms
+    from pymaml.numerics.decomposed_norms import DecomposedNorms
 
     torch.manual_seed(0)
     x = torch.randn(5, 4, 6, 3, dtype=torch.float64)

@@ -1,11 +1,11 @@
-"""The Omniglot job (pymaml.omniglot) end to end on a generated miniature of the dataset."""
+"""The Omniglot job (pymaml.jobs.omniglot) end to end on a generated miniature of the dataset."""
 
 import json
 
 import pytest
 import torch
 
-from pymaml.omniglot import PAPER_ACCURACY, OmniglotConfig, paper_defaults, run, summary, train
+from pymaml.jobs.omniglot import PAPER_ACCURACY, OmniglotConfig, paper_defaults, run, summary, train
 from pymaml.data import Omniglot
 from test_omniglot import write_tree
 
@@ -61,7 +61,7 @@ def test_command_end_to_end_and_under_torchrun(tmp_path):
     import sys
     from pathlib import Path
 
-    from pymaml import cli
+    from pymaml.jobs import cli
 
     write_tree(tmp_path / "data")
     assert cli.main([*COMMAND, "--root", str(tmp_path / "data"), "--out", str(tmp_path / "one")]) == 0

@@ -11,7 +11,7 @@ from pymaml import reference
 def test_oracle_gradcheck_and_gradgradcheck():
     model = make_mlp((2, 3, 2), "tanh")
     batch = make_batch(2, 3, 2, 2, "mse")
-    names = list(pymaml.state.adapted_parameters(model))
+    names = list(pymaml.numerics.state.adapted_parameters(model))
     inputs = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
 
     def meta_loss(*params):
@@ -27,14 +27,14 @@ def test_first_order_gradient_is_the_query_gradient_at_the_adapted_weights():
     # First-order MAML treats dθ_S/dθ as the identity (it is not the gradient of any loss, so no gradcheck).
     model = make_mlp((2, 4, 2), "tanh")
     sx, sy, qx, qy = make_batch(3, 4, 2, 2, "mse")
-    params = pymaml.state.adapted_parameters(model)
+    params = pymaml.numerics.state.adapted_parameters(model)
     loss = reference.meta_loss(model, sx, sy, qx, qy, inner_lr=0.3, inner_steps=2, first_order=True)
     grads = torch.autograd.grad(loss, list(params.values()))
     expected = [torch.zeros_like(p) for p in params.values()]
     for t in range(sx.shape[0]):
-        adapted = reference.adapt_task(model, params, {}, pymaml.losses.mse, sx[t], sy[t], 0.3, 2, True)
+        adapted = reference.adapt_task(model, params, {}, pymaml.numerics.losses.mse, sx[t], sy[t], 0.3, 2, True)
         leaves = {name: w.detach().requires_grad_() for name, w in adapted.items()}
-        query = pymaml.losses.mse(torch.func.functional_call(model, leaves, (qx[t],)), qy[t])
+        query = pymaml.numerics.losses.mse(torch.func.functional_call(model, leaves, (qx[t],)), qy[t])
         for total, g in zip(expected, torch.autograd.grad(query, list(leaves.values()))):
             total += g / sx.shape[0]
     for g, e in zip(grads, expected):

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 import pymaml
 from helpers import TOLERANCE, relative_error
-from pymaml.state import adapted_parameters
+from pymaml.numerics.state import adapted_parameters
 
 LINEAR_KINDS = ("plain", "plain", "plain", "plain", "subclass", "doubled-subclass", "lora", "forward-hook",
                 "forward-pre-hook", "backward-hook", "gradient-hook", "weight-norm", "parametrized", "frozen-weight",

@@ -45,7 +45,7 @@ def test_step_matches_a_hand_written_loop(model_kind, loss):
     model = make_mlp((3, 6, 6, 2), "tanh") if model_kind == "mlp" else batchnorm_mlp()
     x, y, _, _ = make_batch(4, 5, 3, 2, loss)
     running_stats = [b.clone() for b in model.buffers()]
-    mean_delta, losses = hand_written_reptile(model, x, y, 0.1, 3, pymaml.losses.resolve_loss(loss))
+    mean_delta, losses = hand_written_reptile(model, x, y, 0.1, 3, pymaml.numerics.losses.resolve_loss(loss))
     expected = flat_params(model) + 0.5 * mean_delta
     out = pymaml.Reptile(model, inner_lr=0.1, inner_steps=3, outer_lr=0.5, loss=loss).step(x, y)
     assert relative_error(flat_params(model), expected) <= F64
@@ -58,7 +58,7 @@ def test_step_matches_a_hand_written_loop(model_kind, loss):
 def test_meta_gradient_is_the_reptile_direction_for_any_optimizer():
     model = batchnorm_mlp()
     x, y, _, _ = make_batch(3, 6, 3, 2, "mse")
-    mean_delta, _ = hand_written_reptile(model, x, y, 0.05, 4, pymaml.losses.mse)
+    mean_delta, _ = hand_written_reptile(model, x, y, 0.05, 4, pymaml.numerics.losses.mse)
     reptile = pymaml.Reptile(model, inner_lr=0.05, inner_steps=4, outer_lr=0.3)
     reptile.meta_gradient(x, y)
     direction = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -81,7 +81,7 @@ def test_adapt_gives_each_task_its_adapted_weights():
         optimizer = torch.optim.SGD(task_model.parameters(), lr=0.1)
         for _ in range(5):
             optimizer.zero_grad()
-            pymaml.losses.mse(task_model(x[t]), y[t]).backward()
+            pymaml.numerics.losses.mse(task_model(x[t]), y[t]).backward()
             optimizer.step()
         with torch.no_grad():
             assert relative_error(adapted(query_x)[t], task_model(query_x[t])) <= F64

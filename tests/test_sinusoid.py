@@ -13,7 +13,7 @@ import torch
 
 import pymaml
 from pymaml.data import Sinusoid
-from pymaml.sinusoid import SinusoidConfig, train
+from pymaml.jobs.sinusoid import SinusoidConfig, train
 
 
 def test_sinusoid_shapes_ranges_and_function():
@@ -136,7 +136,7 @@ def test_cli_rejects_bad_arguments(tmp_path):
 
 def test_evaluation_counts_diverged_tasks():
     """A step size far too large for the support loss's curvature makes tasks diverge; the report says how many."""
-    from pymaml.sinusoid import evaluate
+    from pymaml.jobs.sinusoid import evaluate
 
     torch.manual_seed(0)
     stable = evaluate(pymaml.MAML(pymaml.models.sinusoid_mlp(), inner_lr=0.001), seed=3, tasks=20, points=10)

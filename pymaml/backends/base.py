@@ -8,8 +8,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from ..losses import LossFn, resolve_loss
-from ..schedule import InnerLR
+from ..numerics.losses import LossFn, resolve_loss
+from ..numerics.schedule import InnerLR
 
 
 class TaskBatch(NamedTuple):

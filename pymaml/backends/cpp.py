@@ -35,11 +35,11 @@ from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 from torch.utils.dlpack import to_dlpack
 
-from .. import functional
+from ..numerics import functional
 from .._extension import EXTENSION_ERROR, extension
 from ..ops.mlp_meta_step import NATIVE_IMPLEMENTATION, FusedImplementation, _fused_cpu, mlp_meta_step_from_parts
-from ..schedule import step_size
-from ..state import adapted_parameters, fixed_state
+from ..numerics.schedule import step_size
+from ..numerics.state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
 ACTIVATION_NAMES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "none"}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional, reverse_chain
-from ..state import adapted_parameters, fixed_state
+from ..numerics import functional, reverse_chain
+from ..numerics.state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
 

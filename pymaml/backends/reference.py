@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..state import adapted_parameters, fixed_state
+from ..numerics.state import adapted_parameters, fixed_state
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
 

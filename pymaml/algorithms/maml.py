@@ -8,10 +8,10 @@ import math
 import torch
 from torch import nn
 
-from . import functional
-from .backends import MetaConfig, MetaOutput, TaskBatch, get_backend, resolve
-from .losses import NAMED_LOSSES, LossFn
-from .state import adapted_parameters, fixed_state
+from ..numerics import functional
+from ..backends import MetaConfig, MetaOutput, TaskBatch, get_backend, resolve
+from ..numerics.losses import NAMED_LOSSES, LossFn
+from ..numerics.state import adapted_parameters, fixed_state
 
 log = logging.getLogger("pymaml")
 

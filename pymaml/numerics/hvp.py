@@ -47,8 +47,8 @@ def hvp(
     takes exactly the MLPs the `cpp` backend takes (see pymaml.backends.cpp: no subclasses,
     module hooks or parametrizations), checked on every call.
     """
-    from ._extension import EXTENSION_ERROR, extension
-    from .backends.cpp import current_mlp_layout
+    from .._extension import EXTENSION_ERROR, extension
+    from ..backends.cpp import current_mlp_layout
 
     if params.keys() != v.keys():
         raise ValueError(f"params and v must have the same names; got {sorted(params)} and {sorted(v)}")
@@ -66,7 +66,7 @@ def hvp(
     if fused is True and (layout is None or differentiable):
         raise RuntimeError(f"the fused HVP cannot run here: {reason or 'an input requires grad'}")
     if fused is not False and layout is not None and not differentiable:
-        from .ops import mlp_hvp
+        from ..ops import mlp_hvp
 
         names = layout.names
         flatten = lambda tensors: torch.cat([tensors[n].reshape(x.shape[0], -1) for n in names], dim=1)  # noqa: E731

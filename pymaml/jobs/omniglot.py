@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from ._extension import build_info
-from .data import FewShot, Omniglot
-from .distributed import DistributedContext, DistributedMAML
-from .jobs import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
+from .. import __version__
+from .._extension import build_info
+from ..data import FewShot, Omniglot
+from ..distributed import DistributedContext, DistributedMAML
+from .training import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
                    finite_or_none, iterations_summary, resume, train_loop, write_report)
-from .maml import MAML
-from .models import Conv4
+from ..algorithms.maml import MAML
+from ..models import Conv4
 
 # Table 1 of the paper: MAML's accuracy on Omniglot, (ways, shots) -> (mean %, 95% interval %).
 PAPER_ACCURACY = {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)}

@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 
 from .decomposed_norms import DecomposedNorms
 from .losses import LossFn
-from .nn import inner_step
+from ..nn import inner_step
 from .schedule import InnerLR, step_size
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .dataset_files import (LabelledImages, ImageCache, check_image_size, check_split, found_under, load_array_pickle,
+from .files import (LabelledImages, ImageCache, check_image_size, check_split, found_under, load_array_pickle,
                             published_split)
 
 
@@ -25,7 +25,7 @@ class MiniImagenet(LabelledImages):
           "class_dict": {wnid: [row indices]}}.
 
     layout=None takes "images" when root/<split>.csv exists and "pickle" otherwise. The classes found
-    must be exactly the split's published ones (pymaml/splits/miniimagenet.json), each with
+    must be exactly the split's published ones (pymaml/data/splits/miniimagenet.json), each with
     IMAGES_PER_CLASS images. Classes are ordered by WordNet id (label = position); the images of a
     class keep the order of the csv rows or of the class_dict indices.
 

@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _omniglot(args) -> int:
-    from . import distributed
+    from .. import distributed
     from .omniglot import OmniglotConfig, run, summary
 
     with distributed.init(device=args.device) as context:
@@ -111,7 +111,7 @@ def _omniglot(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; a job that cannot start or resume as asked (pymaml.jobs.JobError: an
     unwritable --out, a damaged checkpoint, ...) prints its message alone and returns 1."""
-    from .jobs import JobError
+    from .training import JobError
 
     args = _parser().parse_args(argv)
     try:
@@ -125,7 +125,7 @@ def _command(args) -> int:
     if args.command == "backends":
         import pymaml
 
-        from ._extension import cpu_level_lines
+        from .._extension import cpu_level_lines
 
         for status in pymaml.available_backends():
             print(status)
@@ -137,7 +137,7 @@ def _command(args) -> int:
 
     import torch
 
-    from . import distributed
+    from .. import distributed
     from .sinusoid import SinusoidConfig, run, summary
 
     if args.threads is not None:

@@ -41,7 +41,7 @@ from torch.func import grad, grad_and_value, jvp, vmap
 
 from .functional import loss_function
 from .losses import LossFn
-from .nn import inner_step
+from ..nn import inner_step
 from .schedule import InnerLR, step_size
 
 # Without task_chunk, the chunk is the largest whose estimated footprint C·((S + 5)·|θ| + 4·F)·b

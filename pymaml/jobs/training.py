@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .distributed import DistributedContext, load_on_main
-from .maml import MAML
+from ..distributed import DistributedContext, load_on_main
+from ..algorithms.maml import MAML
 
 # Where the progress bar's stream is not a terminal (a log file, a pipe), it is redrawn at most
 # this often: every redraw there is one more carriage-return line in the log.

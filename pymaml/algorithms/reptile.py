@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .decomposed_norms import DecomposedNorms
-from .losses import LossFn, resolve_loss
+from ..numerics.decomposed_norms import DecomposedNorms
+from ..numerics.losses import LossFn, resolve_loss
 from .maml import AdaptedModel, _check_model_and_loss, _check_steps, _validate_inputs
-from .state import adapted_parameters, fixed_state
+from ..numerics.state import adapted_parameters, fixed_state
 
 
 @dataclass

@@ -16,8 +16,8 @@ import torch
 
 
 def published_split(name: str) -> dict:
-    """The class splits shipped with the package: pymaml/splits/<name>.json."""
-    return json.loads(resources.files("pymaml").joinpath("splits", f"{name}.json").read_text())
+    """The class splits shipped with the package: pymaml/data/splits/<name>.json."""
+    return json.loads(resources.files(__package__).joinpath("splits", f"{name}.json").read_text())
 
 
 def check_image_size(image_size) -> int:

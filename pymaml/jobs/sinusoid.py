@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from ._extension import build_info
-from .data import Sinusoid
-from .distributed import DistributedContext, DistributedMAML
-from .jobs import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
+from .. import __version__
+from .._extension import build_info
+from ..data import Sinusoid
+from ..distributed import DistributedContext, DistributedMAML
+from .training import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
                    finite_or_none, iterations_summary, resume, train_loop, write_report)
-from .maml import MAML
-from .models import sinusoid_mlp
+from ..algorithms.maml import MAML
+from ..models import sinusoid_mlp
 
 # The paper's schedule: about 18 s on the 2-core development machine with the fused `cpp`
 # backend, about 5 minutes with `func` (4.1 ms an iteration; when the extension is not built).

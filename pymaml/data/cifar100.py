@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .dataset_files import LabelledImages, check_split, found_under, load_array_pickle, published_split
+from .files import LabelledImages, check_split, found_under, load_array_pickle, published_split
 
 ARCHIVE_FOLDER = "cifar-100-python"
 ARCHIVE_FILES = ("train", "test", "meta")
@@ -147,7 +147,7 @@ class _CIFAR100Split(LabelledImages):
 
 class CIFARFS(_CIFAR100Split):
     """CIFAR-FS (Bertinetto et al. 2019): the 100 CIFAR-100 classes split 64 / 16 / 20 (train / val /
-    test) by class, as in the paper's split files (pymaml/splits/cifarfs.json), 600 images of 32×32 each
+    test) by class, as in the paper's split files (pymaml/data/splits/cifarfs.json), 600 images of 32×32 each
     (the archive's train and test files pooled).
 
     `images` [M, 3, 32, 32] uint8, `labels` [M] int64, `class_names` the CIFAR-100 fine names of the
@@ -163,7 +163,7 @@ class CIFARFS(_CIFAR100Split):
 
 class FC100(_CIFAR100Split):
     """FC100 (Oreshkin et al. 2018): the CIFAR-100 classes split by superclass, 12 / 4 / 4 superclasses
-    = 60 / 20 / 20 classes (train / val / test), as published (pymaml/splits/fc100.json), 600 images of
+    = 60 / 20 / 20 classes (train / val / test), as published (pymaml/data/splits/fc100.json), 600 images of
     32×32 each (the archive's train and test files pooled).
 
     `images` [M, 3, 32, 32] uint8, `labels` [M] int64, `class_names` the CIFAR-100 fine names of the
