@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import MetaOutput
 from .algorithms.maml import MAML
+from .backends import MetaOutput
 
 # The variables torchrun (torch.distributed.run) sets in every worker's environment.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -4,7 +4,7 @@ For each task t: θ_0 = θ, θ_{s+1} = θ_s - α_s ∇L(support_t; θ_s) for s <
 loss is L(query_t; θ_S), or Σ_{s=1..S} w_s L(query_t; θ_s) with step weights w (MAML++'s
 multi-step loss). The meta-loss is the mean over tasks. With first_order=True the inner
 gradients are taken without a graph, so the H_s terms of the meta-gradient vanish. α_s is a
-number or learned per step and parameter (pymaml.schedule). With `adapt` (a set of parameter
+number or learned per step and parameter (pymaml.numerics.schedule). With `adapt` (a set of parameter
 names) only those parameters take inner steps; the others stay at θ (ANIL).
 """
 
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .numerics.losses import LossFn, resolve_loss
 from .nn import inner_step
+from .numerics.losses import LossFn, resolve_loss
 from .numerics.schedule import InnerLR, step_size
 from .numerics.state import adapted_parameters, fixed_state
 

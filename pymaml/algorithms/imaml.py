@@ -24,13 +24,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import grad, grad_and_value, vmap
 
-from ..numerics.decomposed_norms import DecomposedNorms
+from ..numerics.functional import loss_function
 from ..numerics.hvp import hvp
 from ..numerics.losses import LossFn, resolve_loss
-from .maml import AdaptedModel, _check_model_and_loss, _check_steps, _validate_inputs
 from ..numerics.state import adapted_parameters, fixed_state
+from .checks import check_model_and_loss, check_steps, validate_inputs
+from .maml import AdaptedModel
 
 
 @dataclass
@@ -88,7 +89,7 @@ class IMAML(nn.Module):
     check_inputs: check shapes, dtypes, devices, NaN and Inf of every meta-batch.
 
     The adapted parameters are the model's parameters that require grad; frozen parameters and
-    buffers pass through, and normalization layers follow pymaml.state's rule (batch statistics
+    buffers pass through, and normalization layers follow pymaml.numerics.state's rule (batch statistics
     in training mode, running statistics never updated).
     """
 
@@ -104,14 +105,14 @@ class IMAML(nn.Module):
         check_inputs: bool = True,
     ):
         super().__init__()
-        _check_model_and_loss(model, loss, "iMAML")
+        check_model_and_loss(model, loss, "iMAML")
         if fused_hvp not in (None, True, False):
             raise ValueError(f"fused_hvp must be None, True or False, got {fused_hvp!r}")
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
             raise ValueError(f"cg_steps must be an integer >= 1, got {cg_steps!r}")
         self.module = model
         self.inner_lr = _positive_number("inner_lr", inner_lr)
-        self.inner_steps = _check_steps("inner_steps", inner_steps)
+        self.inner_steps = check_steps("inner_steps", inner_steps)
         self.reg_lambda = _positive_number("reg_lambda", reg_lambda)
         self.cg_steps = cg_steps
         self.loss = loss
@@ -119,20 +120,13 @@ class IMAML(nn.Module):
         self.check_inputs = check_inputs
 
     def _loss_at(self, fixed: dict):
-        loss_fn, model = resolve_loss(self.loss), self.module
-
-        def loss_at(params, x, y):
-            with DecomposedNorms():
-                prediction = functional_call(model, (params, fixed), (x,))
-            return loss_fn(prediction, y)
-
-        return loss_at
+        return loss_function(self.module, fixed, resolve_loss(self.loss))
 
     def _validate(self, inputs: dict[str, torch.Tensor], steps: int) -> None:
         if not self.check_inputs:
             return
         reference_param = next(self.module.parameters())
-        _validate_inputs(inputs, self.loss, reference_param.dtype, reference_param.device, True)
+        validate_inputs(inputs, self.loss, reference_param.dtype, reference_param.device, True)
         if inputs["support_x"].shape[1] == 0 and steps > 0:
             raise ValueError("support_x has no points per task; the inner loop needs at least one")
         if "query_x" in inputs and inputs["query_x"].shape[1] == 0:
@@ -238,7 +232,7 @@ class IMAML(nn.Module):
     def adapt(self, support_x, support_y, steps: int | None = None) -> AdaptedModel:
         """Per-task φ_t after `steps` (default inner_steps) steps on the regularized support loss;
         calling the result maps x [T, K, ...] to the per-task outputs. Not differentiable."""
-        steps = self.inner_steps if steps is None else _check_steps("steps", steps)
+        steps = self.inner_steps if steps is None else check_steps("steps", steps)
         self._validate(dict(support_x=support_x, support_y=support_y), steps)
         theta = {name: p.detach() for name, p in adapted_parameters(self.module).items()}
         fixed = fixed_state(self.module)

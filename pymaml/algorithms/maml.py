@@ -8,86 +8,13 @@ import math
 import torch
 from torch import nn
 
-from ..numerics import functional
 from ..backends import MetaConfig, MetaOutput, TaskBatch, get_backend, resolve
-from ..numerics.losses import NAMED_LOSSES, LossFn
+from ..numerics import functional
+from ..numerics.losses import LossFn
 from ..numerics.state import adapted_parameters, fixed_state
+from .checks import check_model_and_loss, check_steps, validate_inputs
 
 log = logging.getLogger("pymaml")
-
-
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _validate_inputs(inputs: dict[str, torch.Tensor], loss, dtype: torch.dtype, device: torch.device, check_finite: bool):
-    """Checks a meta-batch given as name -> tensor, in the order x, y, x, y; raises an error naming the problem."""
-    for name, tensor in inputs.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.device != device:
-            raise ValueError(f"{name} is on {tensor.device} but the model's parameters are on {device}")
-        if tensor.dim() == 0:
-            raise ValueError(f"{name} must have a leading task dimension T, got a scalar")
-    task_counts = {name: tensor.shape[0] for name, tensor in inputs.items()}
-    if len(set(task_counts.values())) != 1:
-        counts = ", ".join(f"{name}: {count}" for name, count in task_counts.items())
-        raise ValueError(f"the task dimension (dim 0) differs between the inputs ({counts})")
-    if not next(iter(task_counts.values())):
-        raise ValueError(f"the meta-batch has no tasks: dim 0 (T) of {', '.join(task_counts)} is 0")
-    names = list(inputs)
-    for x_name, y_name in zip(names[0::2], names[1::2]):
-        x, y = inputs[x_name], inputs[y_name]
-        if x.dim() < 2:
-            raise ValueError(f"{x_name} must be [T, K, features...] (task dim first), got shape {tuple(x.shape)}")
-        if not x.is_floating_point() or x.dtype != dtype:
-            raise TypeError(f"{x_name} has dtype {x.dtype}; the model's parameters are {dtype}")
-        if loss == "cross_entropy":
-            if y.dim() != 2:
-                raise ValueError(f"{y_name} must be class labels [T, K] for cross_entropy, got shape {tuple(y.shape)}")
-            if y.is_floating_point() or y.dtype == torch.bool:
-                raise TypeError(f"{y_name} has dtype {y.dtype}; cross_entropy needs integer class labels")
-            if y.numel() and int(y.min()) < 0:
-                raise ValueError(f"{y_name} has negative class labels")
-        else:
-            if y.dim() < 2:
-                raise ValueError(f"{y_name} must be [T, K, outputs...] (task dim first), got shape {tuple(y.shape)}")
-            if loss == "mse" and (not y.is_floating_point() or y.dtype != dtype):
-                raise TypeError(f"{y_name} has dtype {y.dtype}; mse needs floating targets of the model's dtype {dtype}")
-        if x.shape[1] != y.shape[1]:
-            raise ValueError(f"{x_name} has {x.shape[1]} points per task but {y_name} has {y.shape[1]}")
-    if check_finite:
-        floating = [tensor for tensor in inputs.values() if tensor.is_floating_point()]
-        # One fused reduction: a NaN or Inf makes its tensor's norm non-finite. A finite tensor
-        # whose norm overflows is told apart by the exact per-tensor check.
-        if floating and not bool(torch.isfinite(torch.stack(torch._foreach_norm(floating))).all()):
-            for name, tensor in inputs.items():
-                _check_finite(name, tensor)
-
-
-def _check_model_and_loss(model, loss, algorithm: str) -> None:
-    """What every meta-learner checks of its model and loss: an nn.Module with parameters to adapt,
-    on one device in one floating dtype, and a known or callable loss."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    params = adapted_parameters(model)
-    if not params:
-        raise ValueError(f"the model has no parameters that require grad; {algorithm} has nothing to adapt")
-    names_of: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(name)
-    tied = [names for names in names_of.values() if len(names) > 1]
-    if tied:
-        # torch 2.13's functional_call leaves such a model's parameter replaced by a plain tensor.
-        raise ValueError(f"the model uses one parameter under several names (tied weights: {tied[0]}); "
-                         f"{algorithm} does not support tied weights")
-    devices = {p.device for p in model.parameters()}
-    dtypes = {p.dtype for p in params.values()}
-    if len(devices) != 1 or len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(f"the model's parameters must share one device and one floating dtype, got {devices} and {dtypes}")
-    if not (callable(loss) or loss in NAMED_LOSSES):
-        raise ValueError(f"unknown loss {loss!r}; use one of {sorted(NAMED_LOSSES)} or a callable")
 
 
 def _adapted_names(model: nn.Module, adapt) -> frozenset[str] | None:
@@ -113,12 +40,6 @@ def _adapted_names(model: nn.Module, adapt) -> frozenset[str] | None:
     if not chosen:
         raise ValueError("adapt selects no parameter: the inner loop would have nothing to adapt")
     return None if len(chosen) == len(names) else frozenset(chosen)
-
-
-def _check_steps(name: str, steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {steps!r}")
-    return steps
 
 
 class AdaptedModel:
@@ -156,7 +77,7 @@ class MAML(nn.Module):
     check_inputs: check shapes, dtypes, devices, NaN and Inf of every meta-batch (cheap; on by default).
     second_order: how the `func` backend computes the meta-gradient (first or second order; the
         result is the same). "memory_efficient" (default): the reverse chain of
-        pymaml.reverse_chain, which keeps only the per-step weights θ_s of task_chunk tasks at a
+        pymaml.numerics.reverse_chain, which keeps only the per-step weights θ_s of task_chunk tasks at a
         time, O(task_chunk · (S·|θ| + one forward's activations)) memory whatever the number of
         tasks; its meta-loss can be differentiated once (create_graph=True raises). "graph": one
         autograd graph over the whole inner loop of every task, memory growing with S and T;
@@ -168,8 +89,8 @@ class MAML(nn.Module):
         exact meta-gradients. Every backend runs it as a step size of zero for those parameters
         (the fused kernels through their per-parameter step sizes).
     task_chunk: tasks per chunk of the memory-efficient mode (None: the largest chunk whose estimated
-        memory fits pymaml.reverse_chain.DEFAULT_CHUNK_BYTES, at most T); the
-        docstring of pymaml.reverse_chain says how to pick it from a memory budget.
+        memory fits pymaml.numerics.reverse_chain.DEFAULT_CHUNK_BYTES, at most T); the
+        docstring of pymaml.numerics.reverse_chain says how to pick it from a memory budget.
     """
 
     LEARN_INNER_LR_MODES = (None, "scalar", "per_layer_per_step", "per_parameter")
@@ -190,7 +111,7 @@ class MAML(nn.Module):
         adapt=None,
     ):
         super().__init__()
-        _check_model_and_loss(model, loss, "MAML")
+        check_model_and_loss(model, loss, "MAML")
         if not isinstance(inner_lr, (int, float)) or isinstance(inner_lr, bool) or not math.isfinite(inner_lr):
             raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
         if learn_inner_lr not in self.LEARN_INNER_LR_MODES:
@@ -199,7 +120,7 @@ class MAML(nn.Module):
         self.adapted_names = _adapted_names(model, adapt)
         # The trainable parameters that learned step sizes and `adapt` refer to, in order.
         self._trainable_names = tuple(adapted_parameters(model))
-        self.config = MetaConfig(_check_steps("inner_steps", inner_steps), bool(first_order), loss,
+        self.config = MetaConfig(check_steps("inner_steps", inner_steps), bool(first_order), loss,
                                  second_order, task_chunk)
         self.base_inner_lr = float(inner_lr)
         self.learn_inner_lr = learn_inner_lr
@@ -276,7 +197,7 @@ class MAML(nn.Module):
     @property
     def inner_lr(self):
         """The step sizes the inner loop uses: a number, or per step {parameter name: α}
-        (pymaml.schedule); α is 0 for the parameters that `adapt` leaves out."""
+        (pymaml.numerics.schedule); α is 0 for the parameters that `adapt` leaves out."""
         if self.inner_lrs is None and self.adapted_names is None:
             return self.base_inner_lr
         names = list(adapted_parameters(self.module))
@@ -356,7 +277,7 @@ class MAML(nn.Module):
         backend = self._backend_for_call(device)
         if self.check_inputs:
             inputs = dict(support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
-            _validate_inputs(inputs, self.config.loss, reference_param.dtype, device,
+            validate_inputs(inputs, self.config.loss, reference_param.dtype, device,
                              check_finite=not backend.checks_finite_inputs)
             if support_x.shape[1] == 0 and self.config.inner_steps > 0:
                 raise ValueError("support_x has no points per task; the inner loop needs at least one")
@@ -379,10 +300,10 @@ class MAML(nn.Module):
         Differentiable with respect to the model's parameters when grad mode is on (second order
         unless first_order); call under torch.no_grad() for evaluation.
         """
-        steps = self.config.inner_steps if steps is None else _check_steps("steps", steps)
+        steps = self.config.inner_steps if steps is None else check_steps("steps", steps)
         device = self._device()
         if self.check_inputs:
-            _validate_inputs(dict(support_x=support_x, support_y=support_y), self.config.loss, self._dtype(), device, True)
+            validate_inputs(dict(support_x=support_x, support_y=support_y), self.config.loss, self._dtype(), device, True)
             if support_x.shape[1] == 0 and steps > 0:
                 raise ValueError("support_x has no points per task; adaptation needs at least one")
         backend = self._backend_for_call(device)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
-from ..numerics.decomposed_norms import DecomposedNorms
+from ..numerics.functional import loss_function
 from ..numerics.losses import LossFn, resolve_loss
-from .maml import AdaptedModel, _check_model_and_loss, _check_steps, _validate_inputs
 from ..numerics.state import adapted_parameters, fixed_state
+from .checks import check_model_and_loss, check_steps, validate_inputs
+from .maml import AdaptedModel
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Reptile(nn.Module):
     check_inputs: check shapes, dtypes, devices, NaN and Inf of every batch.
 
     The adapted parameters are the model's parameters that require grad; frozen parameters and
-    buffers pass through, and normalization layers follow pymaml.state's rule (batch statistics
+    buffers pass through, and normalization layers follow pymaml.numerics.state's rule (batch statistics
     in training mode, running statistics never updated).
     """
 
@@ -71,8 +72,8 @@ class Reptile(nn.Module):
         check_inputs: bool = True,
     ):
         super().__init__()
-        _check_model_and_loss(model, loss, "Reptile")
-        self.inner_steps = _check_steps("inner_steps", inner_steps)
+        check_model_and_loss(model, loss, "Reptile")
+        self.inner_steps = check_steps("inner_steps", inner_steps)
         if self.inner_steps < 1:
             raise ValueError("inner_steps must be >= 1: with no inner step the Reptile direction is zero")
         self.module = model
@@ -85,15 +86,11 @@ class Reptile(nn.Module):
         """θ, the per-task φ after `steps` SGD steps ([T, ...]), the per-task loss at θ, and the fixed state."""
         if self.check_inputs:
             reference_param = next(self.module.parameters())
-            _validate_inputs(dict(x=x, y=y), self.loss, reference_param.dtype, reference_param.device, True)
+            validate_inputs(dict(x=x, y=y), self.loss, reference_param.dtype, reference_param.device, True)
             if x.shape[1] == 0:
                 raise ValueError("x has no points per task; the inner loop needs at least one")
-        model, loss_fn, fixed = self.module, resolve_loss(self.loss), fixed_state(self.module)
-
-        def loss_at(params, xt, yt):
-            with DecomposedNorms():
-                prediction = functional_call(model, (params, fixed), (xt,))
-            return loss_fn(prediction, yt)
+        model, fixed = self.module, fixed_state(self.module)
+        loss_at = loss_function(model, fixed, resolve_loss(self.loss))
 
         theta = {name: p.detach() for name, p in adapted_parameters(model).items()}
         grad_and_loss = vmap(grad_and_value(loss_at), in_dims=(0, 0, 0))
@@ -135,7 +132,7 @@ class Reptile(nn.Module):
     def adapt(self, x, y, steps: int | None = None) -> AdaptedModel:
         """Per-task φ_t after `steps` (default inner_steps) SGD steps on (x, y); calling the result
         maps inputs [T, K, ...] to the per-task outputs. Not differentiable."""
-        steps = self.inner_steps if steps is None else _check_steps("steps", steps)
+        steps = self.inner_steps if steps is None else check_steps("steps", steps)
         _, phi, _, fixed = self._adapted(x, y, steps)
         return AdaptedModel(self.module, phi, fixed)
 

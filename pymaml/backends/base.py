@@ -31,7 +31,7 @@ class MetaConfig:
 
     second_order and task_chunk choose how the `func` backend computes the meta-gradient (the
     result is the same): "memory_efficient" (default) runs the reverse chain of
-    pymaml.reverse_chain, O(task_chunk · S · |θ|) memory, task_chunk tasks at a time (None: its
+    pymaml.numerics.reverse_chain, O(task_chunk · S · |θ|) memory, task_chunk tasks at a time (None: its
     default); "graph" differentiates one autograd graph over the whole inner loop of all tasks.
     The other backends ignore both: `reference` always builds the graph, and the fused backends
     (cpp, cuda, triton) always run their own reverse chain, which keeps no graph either.
@@ -112,7 +112,7 @@ class Backend:
         self, model: nn.Module, config: MetaConfig, batch: TaskBatch, inner_lr: InnerLR,
         step_weights: torch.Tensor | None,
     ) -> MetaOutput:
-        """The meta-loss with α_s = inner_lr (pymaml.schedule) and loss Σ_s w_s L_query(θ_s) when
+        """The meta-loss with α_s = inner_lr (pymaml.numerics.schedule) and loss Σ_s w_s L_query(θ_s) when
         step_weights w is given, else L_query(θ_S); gradients reach the model, and inner_lr and
         step_weights where they require grad."""
         raise NotImplementedError

@@ -35,11 +35,11 @@ from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 from torch.utils.dlpack import to_dlpack
 
-from ..numerics import functional
 from .._extension import EXTENSION_ERROR, extension
-from ..ops.mlp_meta_step import NATIVE_IMPLEMENTATION, FusedImplementation, _fused_cpu, mlp_meta_step_from_parts
+from ..numerics import functional
 from ..numerics.schedule import step_size
 from ..numerics.state import adapted_parameters, fixed_state
+from ..ops.mlp_meta_step import NATIVE_IMPLEMENTATION, FusedImplementation, _fused_cpu, mlp_meta_step_from_parts
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 
 ACTIVATION_NAMES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "none"}
@@ -150,8 +150,8 @@ class MlpLayout:
         self._params = tuple(self.parameters())
 
     def parameters(self) -> list[torch.Tensor]:
-        """The parameters in nn.Sequential order, read from the layers' parameter dicts (0.6 µs here
-        for three layers, against 4 µs through Module attribute access)."""
+        """The parameters in nn.Sequential order, read from the layers' parameter dicts, which is
+        several times cheaper than Module attribute access (bench/RESULTS.md)."""
         return [t for table in self._tables for t in (table["weight"], table.get("bias")) if t is not None]
 
     def unchanged(self, model: nn.Module, trainable: bool = True) -> bool:
@@ -589,7 +589,7 @@ class CppBackend(Backend):
     def meta_gradient(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights,
                       accumulate: bool = True) -> MetaOutput:
         """The fused op's gradients go straight into .grad: no autograd graph over the parameters
-        (for the sinusoid MLP here that saves about 60 µs of a 170 µs step). Learned step sizes
+        (on small models that is a large share of a step; bench/RESULTS.md). Learned step sizes
         and weights still receive theirs through autograd, from the op's gradients."""
         if torch.compiler.is_compiling():
             return super().meta_gradient(model, config, batch, inner_lr, step_weights, accumulate)
@@ -601,8 +601,8 @@ class CppBackend(Backend):
         arguments = (lrs, step_weights, *batch, layout.widths, layout.activation, layout.bias, config.loss,
                      config.first_order, lrs.requires_grad)
         with torch.no_grad():
-            # torch's C++ flatten/unflatten of a parameter list (as DDP uses): about 10 µs less
-            # here than cat, split and view from Python.
+            # torch's C++ flatten/unflatten of a parameter list (as DDP uses), cheaper than cat,
+            # split and view from Python.
             theta = _flatten_dense_tensors(params)
             if not accumulate and theta.device.type == "cpu" and self.name == "cpp" and _grads_writable(params):
                 # The kernel writes each parameter's gradient into its existing .grad.
@@ -626,7 +626,7 @@ class CppBackend(Backend):
         """With a plain torch.optim.Adam over exactly the model's parameters, the kernel takes the
         Adam step itself, in place on the parameters and the optimizer's own state (which stays
         valid for optimizer.step() and state_dict()); otherwise meta_gradient then optimizer.step().
-        For the sinusoid MLP here that saves most of the ~55 µs of torch's fused Adam step."""
+        On small models that saves most of the cost of torch's fused Adam step (bench/RESULTS.md)."""
         plan = self._plan(model, config, inner_lr, step_weights, optimizer)
         if plan is None:
             return super().meta_train_step(model, config, batch, inner_lr, step_weights, optimizer)

@@ -1,8 +1,8 @@
 """Backend `func`: the batched torch.func core for any nn.Module, any device.
 
 config.second_order picks how the meta-gradient is computed: "memory_efficient" (default) runs the
-reverse chain of pymaml.reverse_chain (no graph across inner steps, tasks in chunks), "graph"
-differentiates the vmapped inner loop of pymaml.functional with ordinary autograd (one graph over
+reverse chain of pymaml.numerics.reverse_chain (no graph across inner steps, tasks in chunks), "graph"
+differentiates the vmapped inner loop of pymaml.numerics.functional with ordinary autograd (one graph over
 every step of every task; the only mode whose meta-loss can be differentiated twice).
 """
 

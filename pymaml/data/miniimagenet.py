@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .files import (LabelledImages, ImageCache, check_image_size, check_split, found_under, load_array_pickle,
-                            published_split)
+                    published_split)
 
 
 class MiniImagenet(LabelledImages):

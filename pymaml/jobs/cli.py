@@ -109,7 +109,7 @@ def _omniglot(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs a command; a job that cannot start or resume as asked (pymaml.jobs.JobError: an
+    """Runs a command; a job that cannot start or resume as asked (pymaml.jobs.training.JobError: an
     unwritable --out, a damaged checkpoint, ...) prints its message alone and returns 1."""
     from .training import JobError
 

@@ -24,12 +24,12 @@ import torch
 
 from .. import __version__
 from .._extension import build_info
+from ..algorithms.maml import MAML
 from ..data import FewShot, Omniglot
 from ..distributed import DistributedContext, DistributedMAML
-from .training import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
-                   finite_or_none, iterations_summary, resume, train_loop, write_report)
-from ..algorithms.maml import MAML
 from ..models import Conv4
+from .training import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
+                       finite_or_none, iterations_summary, resume, train_loop, write_report)
 
 # Table 1 of the paper: MAML's accuracy on Omniglot, (ways, shots) -> (mean %, 95% interval %).
 PAPER_ACCURACY = {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)}
@@ -86,7 +86,7 @@ def make_maml(config: OmniglotConfig) -> MAML:
 
 
 def train(config: OmniglotConfig, dataset: Omniglot, context: DistributedContext | None = None) -> TrainResult:
-    """Meta-train; resumes from config.checkpoint when it exists. context: see pymaml.sinusoid.train."""
+    """Meta-train; resumes from config.checkpoint when it exists. context: see pymaml.jobs.sinusoid.train."""
     context = DistributedContext() if context is None else context
     context.check_same("the omniglot settings", (config.trajectory(), config.iterations, config.backend))
     checkpoint = Path(config.checkpoint) if config.checkpoint else None

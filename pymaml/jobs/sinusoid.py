@@ -21,15 +21,15 @@ import torch
 
 from .. import __version__
 from .._extension import build_info
+from ..algorithms.maml import MAML
 from ..data import Sinusoid
 from ..distributed import DistributedContext, DistributedMAML
-from .training import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
-                   finite_or_none, iterations_summary, resume, train_loop, write_report)
-from ..algorithms.maml import MAML
 from ..models import sinusoid_mlp
+from .training import (TrainResult, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
+                       finite_or_none, iterations_summary, resume, train_loop, write_report)
 
-# The paper's schedule: about 18 s on the 2-core development machine with the fused `cpp`
-# backend, about 5 minutes with `func` (4.1 ms an iteration; when the extension is not built).
+# The paper's schedule (its run times per backend: bench/RESULTS.md, "Measurements behind the
+# Python code's choices").
 DEFAULT_ITERATIONS = 70000
 # A task counts as diverged when its MSE exceeds this, or is NaN: the targets' variance is at most
 # 12.5, so predicting zero everywhere stays below it.
@@ -84,7 +84,7 @@ def train(config: SinusoidConfig, context: DistributedContext | None = None) -> 
         backend=config.backend,
     )
     trainer = DistributedMAML(maml, context) if context.is_distributed else None
-    # The fused Adam costs ~40 µs a step on this model against ~130 µs for the default.
+    # The fused Adam: a fraction of the default Adam's cost on this model (bench/RESULTS.md).
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr, fused=True)
     tasks = Sinusoid(seed=config.seed)
     start = 0

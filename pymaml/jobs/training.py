@@ -1,4 +1,4 @@
-"""What the training jobs (pymaml.sinusoid, pymaml.omniglot) share: the result of a training run,
+"""What the training jobs (pymaml.jobs.sinusoid, pymaml.jobs.omniglot) share: the result of a training run,
 checkpoints that are written atomically and refused when damaged or when their settings differ,
 the checks that the outputs can be written before any training, and reports in strict JSON."""
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..distributed import DistributedContext, load_on_main
 from ..algorithms.maml import MAML
+from ..distributed import DistributedContext, load_on_main
 
 # Where the progress bar's stream is not a terminal (a log file, a pipe), it is redrawn at most
 # this often: every redraw there is one more carriage-return line in the log.

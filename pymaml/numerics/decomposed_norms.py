@@ -36,7 +36,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if not training and running_mean is not None and running_var is not None:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     if training and (running_mean is not None or running_var is not None):
-        # Updating running statistics in place is not possible inside vmap; pymaml.state hides them.
+        # Updating running statistics in place is not possible inside vmap; pymaml.numerics.state hides them.
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     dims = [d for d in range(input.dim()) if d != 1]
     return _normalize(input, dims, weight, bias, eps, channel_dim=1)

@@ -3,9 +3,9 @@
 torch.func.vmap maps one task's inner loop over the leading task dimension; torch.func.grad
 gives the inner gradients. Ordinary autograd then differentiates through both, so the
 meta-gradient is exact (second order) unless first_order detaches the inner gradients; that is the
-`func` backend's second_order="graph" mode (pymaml.reverse_chain is its memory-efficient one).
-Parameters and fixed state are shared by all tasks (not batched); see pymaml.state for how
-buffers and normalization layers are treated, and pymaml.decomposed_norms for why those layers
+`func` backend's second_order="graph" mode (pymaml.numerics.reverse_chain is its memory-efficient one).
+Parameters and fixed state are shared by all tasks (not batched); see pymaml.numerics.state for how
+buffers and normalization layers are treated, and pymaml.numerics.decomposed_norms for why those layers
 are recomputed from primitives here.
 """
 
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ..nn import inner_step
 from .decomposed_norms import DecomposedNorms
 from .losses import LossFn
-from ..nn import inner_step
 from .schedule import InnerLR, step_size
 
 
@@ -25,7 +25,7 @@ def loss_function(model: nn.Module, fixed: dict, loss_fn: LossFn, decompose_norm
     """One task's loss as a function of the adapted parameters: (params, x, y) -> scalar.
 
     decompose_norms=False keeps torch's own normalization kernels, whose first derivatives under
-    vmap are right (only their second derivatives are not; pymaml.decomposed_norms): for values
+    vmap are right (only their second derivatives are not; pymaml.numerics.decomposed_norms): for values
     and gradients that are not differentiated again, at a fraction of the decomposition's memory."""
 
     def loss_at(params, x, y):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from .decomposed_norms import DecomposedNorms
+from .functional import loss_function
 from .losses import LossFn, resolve_loss
 from .state import fixed_state
 
@@ -82,10 +82,7 @@ def hvp(
     for name in params:
         fixed.pop(name, None)
 
-    def loss_at(p, xt, yt):
-        with DecomposedNorms():
-            prediction = torch.func.functional_call(model, (p, fixed), (xt,))
-        return loss_fn(prediction, yt)
+    loss_at = loss_function(model, fixed, loss_fn)
 
     def one_task(p, vt, xt, yt):
         return jvp(lambda q: grad(loss_at)(q, xt, yt), (p,), (vt,))[1]

@@ -39,21 +39,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, grad_and_value, jvp, vmap
 
+from ..nn import inner_step
 from .functional import loss_function
 from .losses import LossFn
-from ..nn import inner_step
 from .schedule import InnerLR, step_size
 
 # Without task_chunk, the chunk is the largest whose estimated footprint C·((S + 5)·|θ| + 4·F)·b
 # stays within DEFAULT_CHUNK_BYTES (at most T), F being the numbers one forward of a task's query
 # set produces in the model's leaf modules (kept activations, their tangents and gradients: about
-# four copies). On the paper's Omniglot Conv4 (5-way 1-shot, 15 queries, fp32, one CPU thread) the
-# estimate is 61-65 MiB per task at S = 1-10 (A measured 30-55 MB), which gives C = 2. Growth of
-# one meta-step of T = 32 at S = 5 / 10 (VmHWM): chunk 1: 41 MB, 2: 113 / 117 MB, 4: 231 / 238 MB,
-# 8: 417 / 476 MB, against 644 MB for the reference at S = 5; seconds per meta-step at S = 5: chunk
-# 1: 3.6, 2: 2.8, 4: 2.2, 8: 1.9, 32: 3.2, graph mode 3.6-4.3 (bench/test_conv4_memory.py).
-# Small models get one chunk: on the sinusoid MLP (T = 25, S = 1) chunks of 2 took 42 ms a
-# meta-step, one chunk 5 ms (the graph mode 2 ms).
+# four copies). On the paper's Omniglot Conv4 the estimate gives C = 2; small models such as the
+# sinusoid MLP get one chunk, since there a chunked meta-step costs several times a single one.
+# The measured footprints and times per chunk size behind DEFAULT_CHUNK_BYTES are in
+# bench/RESULTS.md ("Measurements behind the Python code's choices"; bench/test_conv4_memory.py).
 DEFAULT_CHUNK_BYTES = 160 * 2**20
 _FORWARD_NUMBERS: dict = {}
 

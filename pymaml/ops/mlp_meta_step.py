@@ -273,7 +273,7 @@ NATIVE_IMPLEMENTATION = FusedImplementation(fused_forward, mlp_meta_step_op)
 
 class _EagerMlpMetaStep(torch.autograd.Function):
     """The registered op's forward and backward without the dispatcher's Python round trips
-    (about 70 µs a call here), used outside torch.compile. θ arrives as one or more tensors that
+    (bench/RESULTS.md gives their cost), used outside torch.compile. θ arrives as one or more tensors that
     are flattened and concatenated in order (a model's parameters, or one flat theta), so that
     the gradient reaches each tensor without a cat node in the graph."""
 
