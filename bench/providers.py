@@ -46,6 +46,8 @@ class Workload:
     shots: int
     loss: str = "mse"
     make_batch: Callable | None = None  # seed -> (support_x, support_y, query_x, query_y)
+    queries: int | None = None  # per class, for the image workloads
+    image_shape: tuple[int, ...] | None = None  # (C, H, W) of the image workloads
 
     def batch(self, seed: int = 0):
         if self.make_batch is not None:
@@ -92,27 +94,51 @@ def omniglot_mlp(steps: int, first_order: bool = False, tasks: int = 32) -> Work
                     "cross_entropy", make_batch)
 
 
-def omniglot_conv4(steps: int, first_order: bool = False, tasks: int = 32) -> Workload:
+def _image_batch(tasks, ways, shots, queries, image_shape):
+    """Random images [T, N·K, *image_shape] and [T, N·Q, *image_shape], labels grouped by class."""
+
+    def make_batch(seed):
+        generator = torch.Generator().manual_seed(seed)
+        support_x = torch.rand(tasks, ways * shots, *image_shape, generator=generator)
+        query_x = torch.rand(tasks, ways * queries, *image_shape, generator=generator)
+        support_y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+        query_y = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+        return support_x, support_y, query_x, query_y
+
+    return make_batch
+
+
+def omniglot_conv4(steps: int, first_order: bool = False, tasks: int = 32, queries: int = 15) -> Workload:
     """W3: the paper's Omniglot Conv4 (4 × [3×3 conv stride 2, BatchNorm on batch statistics,
-    ReLU], linear head; 113,221 parameters), 5-way 1-shot with 15 queries per class, on random
-    images [T, N·K, 1, 28, 28]."""
-    ways, shots, queries = 5, 1, 15
+    ReLU], linear head; 113,221 parameters), 5-way 1-shot with `queries` per class (15, or 1 as in
+    the paper's code), on random images [T, N·K, 1, 28, 28]."""
+    ways, shots = 5, 1
 
     def make_model():
         torch.manual_seed(0)
         return pymaml.models.Conv4(in_channels=1, ways=ways)
 
-    def make_batch(seed):
-        generator = torch.Generator().manual_seed(seed)
-        support_x = torch.rand(tasks, ways * shots, 1, 28, 28, generator=generator)
-        query_x = torch.rand(tasks, ways * queries, 1, 28, 28, generator=generator)
-        support_y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
-        query_y = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
-        return support_x, support_y, query_x, query_y
+    order = "first" if first_order else "second"
+    variant = "" if queries == 15 else f" {queries} quer{'y' if queries == 1 else 'ies'} per class"
+    return Workload(f"W3 Omniglot Conv4{variant} S={steps} {order} order", make_model, 0.4, steps, first_order,
+                    tasks, shots, "cross_entropy", _image_batch(tasks, ways, shots, queries, (1, 28, 28)),
+                    queries=queries, image_shape=(1, 28, 28))
+
+
+def miniimagenet_conv4(steps: int = 5, first_order: bool = False, tasks: int = 4) -> Workload:
+    """W4: the paper's MiniImagenet Conv4 (4 × [3×3 conv, BatchNorm on batch statistics, ReLU,
+    2×2 max-pool], 32 filters, linear head), 5-way 1-shot with 15 queries per class, α = 0.01, on
+    random images [T, N·K, 3, 84, 84]."""
+    ways, shots, queries = 5, 1, 15
+
+    def make_model():
+        torch.manual_seed(0)
+        return pymaml.models.Conv4(in_channels=3, ways=ways, hidden=32, image_size=84, strided=False)
 
     order = "first" if first_order else "second"
-    return Workload(f"W3 Omniglot Conv4 S={steps} {order} order", make_model, 0.4, steps, first_order, tasks, shots,
-                    "cross_entropy", make_batch)
+    return Workload(f"W4 MiniImagenet Conv4 S={steps} {order} order", make_model, 0.01, steps, first_order, tasks,
+                    shots, "cross_entropy", _image_batch(tasks, ways, shots, queries, (3, 84, 84)),
+                    queries=queries, image_shape=(3, 84, 84))
 
 
 def oracle_meta_gradient(workload: Workload, batch, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from helpers_bench import relative_error
-from providers import PROVIDERS, omniglot_conv4, omniglot_mlp, oracle_check, sinusoid
+from flops import conv_meta_step_flops
+from providers import PROVIDERS, miniimagenet_conv4, omniglot_conv4, omniglot_mlp, oracle_check, sinusoid
 
 STEPS = [1, 5]
 # float32 providers against the float64 oracle: 1e-4, or 10× the float32 oracle's own error
@@ -58,6 +59,11 @@ def run_provider(benchmark, request, provider, workload, smoke_configuration, me
     benchmark.extra_info.update(provider=provider, workload=workload.name, measure=measure, oracle_error=error,
                                 float32_oracle_error=float32_error, tolerance=tolerance,
                                 prepare_seconds=built.prepare_seconds)
+    if workload.image_shape is not None and measure == "train step":
+        # The nominal count of bench/flops.py, for GFLOP/s and the fraction of the matmul peak.
+        benchmark.extra_info["gflop"] = conv_meta_step_flops(
+            workload.make_model(), workload.image_shape, workload.tasks, batch[0].shape[1], batch[2].shape[1],
+            workload.steps, workload.first_order) / 1e9
     if not error <= tolerance:
         pytest.xfail(f"{provider} gives a wrong meta-gradient (relative error {error:.2e} > {tolerance:.1e}); "
                      "not timed")
@@ -92,13 +98,30 @@ def skip_slow_w3(request, provider, steps):
         pytest.skip("JAX is not timed at S>1 on W3 (about 10 s a step at S=1 on one thread)")
 
 
+@pytest.mark.parametrize("order", ["second", "first"])
+@pytest.mark.parametrize("queries", [15, 1], ids=["15q", "1q"])
 @pytest.mark.parametrize("steps", STEPS, ids=[f"S{s}" for s in STEPS])
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_w3_train_step(benchmark, request, provider, steps):
-    if steps > 1 and smoke(request):
-        pytest.skip("smoke mode runs W3 at S=1 only")
+def test_w3_train_step(benchmark, request, provider, steps, queries, order):
+    if (steps, queries, order) != (1, 15, "second") and smoke(request):
+        pytest.skip("smoke mode runs W3 at S=1, 15 queries, second order only")
     skip_slow_w3(request, provider, steps)
-    run_provider(benchmark, request, provider, omniglot_conv4(steps), False)
+    run_provider(benchmark, request, provider, omniglot_conv4(steps, first_order=order == "first", queries=queries),
+                 False)
+
+
+W4_PROVIDERS = [name for name in PROVIDERS if name not in ("pymaml-reference", "jax")]
+
+
+@pytest.mark.parametrize("order", ["second", "first"])
+@pytest.mark.parametrize("provider", W4_PROVIDERS)
+def test_w4_train_step(benchmark, request, provider, order):
+    """W4, MiniImagenet Conv4 at S=5. Timed runs only: a step of the slowest peers takes several
+    seconds, and the float64 oracle behind the check longer; JAX and pymaml's oracle are not timed
+    (XLA's CPU convolutions and the plain loop, both far behind on W3)."""
+    if smoke(request):
+        pytest.skip("W4 is timed only (seconds a step); tests/bench's test_flops checks its workload")
+    run_provider(benchmark, request, provider, miniimagenet_conv4(5, first_order=order == "first"), False)
 
 
 @pytest.mark.parametrize("steps", STEPS, ids=[f"S{s}" for s in STEPS])
