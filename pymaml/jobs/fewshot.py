@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -278,17 +278,24 @@ def evaluate(maml: MAML, config: FewShotConfig, dataset) -> dict:
 
 
 def empty_history() -> dict:
-    return {"iteration": [], "train_accuracy": [], "val_accuracy": [], "best_iteration": None, "best_accuracy": None,
-            "seconds": 0.0}
+    return {"iteration": [], "train_accuracy": [], "val_accuracy": [], "best_iteration": None, "best_accuracy": None}
+
+
+@dataclass
+class FewShotTrainResult(TrainResult):
+    """A TrainResult with the accuracy curve (`history`, resumed runs included) and the seconds this
+    process spent measuring it (within `seconds`)."""
+    history: dict = field(default_factory=empty_history)
+    validation_seconds: float = 0.0
 
 
 def train(config: FewShotConfig, dataset, context: DistributedContext | None = None, val_set=None,
-          best_checkpoint: Path | None = None) -> TrainResult:
+          best_checkpoint: Path | None = None) -> FewShotTrainResult:
     """Meta-train on `dataset`; resumes from config.checkpoint when it exists. context: see
     pymaml.jobs.sinusoid.train. Every config.val_every iterations rank 0 measures the accuracy on
     config.val_tasks tasks of `dataset` and of `val_set` (when given) and, where the validation
     accuracy is the best so far, saves the weights to `best_checkpoint` (when given). The curve is
-    result.history (kept in the checkpoint)."""
+    result.history, kept in the checkpoint."""
     context = DistributedContext() if context is None else context
     context.check_same("the few-shot settings", (config.trajectory(), config.iterations, config.backend))
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
@@ -304,6 +311,7 @@ def train(config: FewShotConfig, dataset, context: DistributedContext | None = N
     val_curve = sampler(config, val_set, VAL_SEED_OFFSET, "validation") if measured and val_set is not None else None
     start = 0
     history = empty_history()
+    validation_seconds = 0.0
     state = resume(checkpoint, config, context, job_keys=("next_task",))
     if state is not None:
         maml.module.load_state_dict(state["model"])
@@ -317,6 +325,7 @@ def train(config: FewShotConfig, dataset, context: DistributedContext | None = N
                 "iteration": iteration, "trajectory": config.trajectory(), "history": history}
 
     def measure(done: int) -> None:
+        nonlocal validation_seconds
         began = time.perf_counter()
         history["iteration"].append(done)
         history["train_accuracy"].append(accuracy(maml, config, train_curve, config.val_tasks)["accuracy"])
@@ -327,7 +336,7 @@ def train(config: FewShotConfig, dataset, context: DistributedContext | None = N
                 history["best_iteration"], history["best_accuracy"] = done, value
                 if best_checkpoint is not None:
                     save_checkpoint(best_checkpoint, snapshot(done))
-        history["seconds"] += time.perf_counter() - began
+        validation_seconds += time.perf_counter() - began
 
     done = start
 
@@ -346,8 +355,7 @@ def train(config: FewShotConfig, dataset, context: DistributedContext | None = N
     result = train_loop(maml, context, start=start, iterations=config.iterations, step=step, snapshot=snapshot,
                         checkpoint=checkpoint, checkpoint_every=config.checkpoint_every, progress=config.progress,
                         smoothing=0.98)
-    result.history = history
-    return result
+    return FewShotTrainResult(**vars(result), history=history, validation_seconds=validation_seconds)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -414,7 +422,7 @@ def run(config: FewShotConfig, out_dir: Path, context: DistributedContext | None
     evaluation = evaluate(result.maml, config, splits.test)
     paper = paper_accuracy(config.dataset, config.ways, config.shots, config.first_order)
     history = result.history
-    validation_seconds = history["seconds"]
+    validation_seconds = result.validation_seconds
     run_seconds = result.seconds - validation_seconds
     report = {
         "job": "fewshot",
@@ -446,10 +454,9 @@ def run(config: FewShotConfig, out_dir: Path, context: DistributedContext | None
         "validation": {
             "every": config.val_every, "tasks": config.val_tasks, "steps": config.test_steps,
             "classes": splits.val_source if config.validates else None,
-            "note": None if config.validates else (
+            "note": None if config.validates else "no validation (--val-every 0)" if config.val_every == 0 else (
                 "no validation: Omniglot has no validation classes (the paper validates on none); "
-                "--val-characters N holds some training characters out for it" if config.dataset == "omniglot"
-                else "no validation (--val-every 0)"),
+                "--val-characters N holds some training characters out for it"),
             "best_checkpoint": str(best) if best is not None and history["best_iteration"] is not None else None,
         },
         "accuracy_curve": {key: history[key] for key in ("iteration", "train_accuracy", "val_accuracy",
