@@ -146,7 +146,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(dataset, request, t
         train_set, val_set = (CIFARFS(root, split) for split in ("train", "val"))
 
     def with_changes(**changes):
-        return FewShotConfig(**{**{k: v for k, v in vars(config).items()}, **changes})
+        return FewShotConfig(**{**vars(config), **changes})
 
     uninterrupted = tmp_path / "whole.pt"
     whole = train(with_changes(iterations=4, checkpoint=str(uninterrupted), checkpoint_every=100), train_set,
@@ -259,6 +259,8 @@ def test_omniglot_has_no_validation_unless_characters_are_held_out(tmp_path):
     assert held["validation"]["classes"].startswith("characters 3..4 of the 4 training characters")
     assert len(held["accuracy_curve"]["val_accuracy"]) == 2 and (tmp_path / "held" / BEST_CHECKPOINT).is_file()
     assert held["protocol"]["deviations_from_paper"]["val_characters"] == [2, 0]
+    off = run(OmniglotConfig(root=str(tmp_path / "data"), val_every=0, val_characters=2, **OMNIGLOT), tmp_path / "off")
+    assert off["validation"]["note"] == "no validation (--val-every 0)" and off["accuracy_curve"]["iteration"] == []
 
 
 def test_omniglot_alias_is_fewshot_omniglot(tmp_path):
@@ -292,3 +294,32 @@ def test_omniglot_checkpoints_of_before_the_curves_resume(tmp_path):
     assert resumed.resumed_from == 2
     for a, b in zip(whole.maml.module.state_dict().values(), resumed.maml.module.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_validation_under_torchrun_is_rank_0s(tmp_path):
+    """Split over 2 torchrun processes, rank 0 alone measures the curve and writes best.pt and the
+    report; the run trains as the single-process one does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_tree(tmp_path / "data")
+    command = ["fewshot", "--dataset", "omniglot", "--root", str(tmp_path / "data"), "--iterations", "2",
+               "--meta-batch", "4", "--eval-tasks", "3", "--image-size", "14", "--train-characters", "4",
+               "--val-characters", "2", "--val-every", "1", "--val-tasks", "2", "--first-order", "--threads", "1",
+               "--no-progress"]
+    assert cli.main([*command, "--out", str(tmp_path / "one")]) == 0
+    single = json.loads((tmp_path / "one" / "report.json").read_text())
+    repository = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repository), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "pymaml", *command, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    split = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert split["world_size"] == 2 and result.stdout.count("best validation accuracy") == 1
+    assert split["accuracy_curve"]["iteration"] == single["accuracy_curve"]["iteration"] == [1, 2]
+    assert len(split["accuracy_curve"]["val_accuracy"]) == 2 and (tmp_path / "two" / BEST_CHECKPOINT).is_file()
+    assert abs(split["final_running_loss"] - single["final_running_loss"]) <= 1e-5 * abs(single["final_running_loss"])
