@@ -196,7 +196,7 @@ def test_figure_draws_the_reported_curves(mini_root, tmp_path, monkeypatch):
     assert list(lines["training classes"].get_ydata()) == curve["train_accuracy"]
     assert list(lines["validation classes"].get_ydata()) == curve["val_accuracy"]
     labels = [text.get_text() for text in axis.get_legend().get_texts()]
-    assert "paper (MAML, Table 1)" in labels and "test, 5 tasks" in labels
+    assert "paper (MAML, Table 1), test" in labels and "test, 5 tasks" in labels
 
 
 def test_batch_norm_at_test_takes_each_tasks_own_query_statistics(mini_root):

@@ -380,7 +380,7 @@ def plot(report: dict, path: Path) -> None:
                   capsize=3, label=f"test, {evaluation['tasks']} tasks")
     if paper is not None:
         axis.axhspan(paper["accuracy"] - paper["ci95"], paper["accuracy"] + paper["ci95"], color="grey", alpha=0.3,
-                     label=f"paper ({report['paper_row']})")
+                     label=f"paper ({report['paper_row']}), test")
     if not iterations:
         axis.text(0.5, 0.5, "no accuracy curve: fewer iterations than --val-every" if config["val_every"]
                   else "no accuracy curve (--val-every 0)", transform=axis.transAxes, ha="center", fontsize=8)
@@ -389,7 +389,7 @@ def plot(report: dict, path: Path) -> None:
     axis.set_ylim(0, 100)
     axis.set_title(f"{DATASET_NAMES[config['dataset']]} {config['ways']}-way {config['shots']}-shot"
                    f"{', first order' if config['first_order'] else ''}")
-    axis.legend(fontsize=7, loc="lower right")
+    axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
