@@ -92,7 +92,7 @@ def test_omniglot_unwritable_out_fails_before_training(unwritable_folder, no_tra
     write_tree(tmp_path / "data")
     config = OmniglotConfig(root=str(tmp_path / "data"), iterations=2, meta_batch=2, eval_tasks=2, image_size=14,
                             train_characters=4, first_order=True, progress=False)
-    with pytest.raises(JobError, match=f"cannot write report.json \\(--out\\) in {unwritable_folder}"):
+    with pytest.raises(JobError, match=f"cannot write report.json and accuracy.png \\(--out\\) in {unwritable_folder}"):
         run_omniglot(config, unwritable_folder)
 
 

@@ -51,60 +51,96 @@ def _parser() -> argparse.ArgumentParser:
     sinusoid.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     sinusoid.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    from .omniglot import DEFAULT_ITERATIONS as OMNIGLOT_ITERATIONS
-
-    omniglot = commands.add_parser("omniglot", help="meta-train and evaluate the paper's Omniglot Conv4 classifier",
-                                   description="Defaults are the paper's: 5-way α=0.4, 1 step (3 at test), "
-                                               "meta-batch 32; 20-way α=0.1, 5 steps, meta-batch 16.")
-    omniglot.add_argument("--root", type=Path, required=True,
-                          help="folder holding images_background/ and images_evaluation/ (unzipped)")
-    omniglot.add_argument("--ways", type=_positive_int, default=5)
-    omniglot.add_argument("--shots", type=_positive_int, default=1)
-    omniglot.add_argument("--queries", type=_positive_int, default=None,
-                          help="query images per class (default: as many as --shots, as in the paper's code)")
-    omniglot.add_argument("--iterations", type=_non_negative_int, default=OMNIGLOT_ITERATIONS)
-    omniglot.add_argument("--meta-batch", type=_positive_int, default=None, help="default: 32 (5-way), 16 (20-way)")
-    omniglot.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (5-way), 0.1 (20-way)")
-    omniglot.add_argument("--inner-steps", type=_non_negative_int, default=None, help="default: 1 (5-way), 5 (20-way)")
-    omniglot.add_argument("--test-steps", type=_non_negative_int, default=None, help="default: 3 (5-way), 5 (20-way)")
-    omniglot.add_argument("--meta-lr", type=float, default=1e-3)
-    omniglot.add_argument("--first-order", action="store_true")
-    omniglot.add_argument("--backend", default="auto")
-    omniglot.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
-    omniglot.add_argument("--seed", type=int, default=0)
-    omniglot.add_argument("--eval-tasks", type=_positive_int, default=600)
-    omniglot.add_argument("--image-size", type=_positive_int, default=28)
-    omniglot.add_argument("--train-characters", type=_positive_int, default=1200,
-                          help="the first N characters are the meta-training split, the rest the test split")
-    omniglot.add_argument("--out", type=Path, default=Path("runs/omniglot"), help="folder for report.json")
-    omniglot.add_argument("--checkpoint", type=Path, default=None,
-                          help="save here every --checkpoint-every iterations, and resume from it if present")
-    omniglot.add_argument("--checkpoint-every", type=_positive_int, default=1000)
-    omniglot.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
-    omniglot.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_fewshot_commands(commands)
 
     commands.add_parser("backends", help="list the backends and how the extension was built")
     return parser
 
 
-def _omniglot(args) -> int:
-    from .. import distributed
-    from .omniglot import OmniglotConfig, run, summary
+def _add_fewshot_commands(commands) -> None:
+    """`pymaml fewshot --dataset ...` and its alias `pymaml omniglot` (= --dataset omniglot)."""
+    from .fewshot import DATASETS, DEFAULT_ITERATIONS as FEWSHOT_ITERATIONS
 
+    fewshot = commands.add_parser(
+        "fewshot", help="meta-train and evaluate Conv4 on Omniglot, MiniImagenet, CIFAR-FS or FC100",
+        description="Defaults are the paper's per data set. Omniglot: 5-way α=0.4, 1 step (3 at test), meta-batch "
+                    "32; 20-way α=0.1, 5 steps, meta-batch 16; 64 filters, strided, 28×28. MiniImagenet (84×84), "
+                    "CIFAR-FS and FC100 (32×32): 32 filters with max-pooling, α=0.01, 5 steps (10 at test), "
+                    "meta-batch 4 (1-shot) or 2 (5-shot), 15 queries per class.")
+    fewshot.add_argument("--dataset", choices=DATASETS, required=True)
+    omniglot = commands.add_parser("omniglot", help="meta-train and evaluate the paper's Omniglot Conv4 classifier "
+                                                    "(pymaml fewshot --dataset omniglot)",
+                                   description="Defaults are the paper's: 5-way α=0.4, 1 step (3 at test), "
+                                               "meta-batch 32; 20-way α=0.1, 5 steps, meta-batch 16.")
+    omniglot.set_defaults(dataset="omniglot")
+    for parser in (fewshot, omniglot):
+        parser.add_argument("--root", type=Path, required=True,
+                            help="the data set's folder: Omniglot's images_background/ and images_evaluation/ "
+                                 "(unzipped); MiniImagenet's images/ with train.csv, val.csv, test.csv, or its "
+                                 "mini-imagenet-cache-*.pkl; CIFAR-FS's and FC100's cifar-100-python/")
+        parser.add_argument("--ways", type=_positive_int, default=5)
+        parser.add_argument("--shots", type=_positive_int, default=1)
+        parser.add_argument("--queries", type=_positive_int, default=None,
+                            help="query images per class (default: Omniglot as many as --shots, as in the paper's "
+                                 "code; the others 15)")
+        parser.add_argument("--iterations", type=_non_negative_int, default=FEWSHOT_ITERATIONS)
+        parser.add_argument("--meta-batch", type=_positive_int, default=None, help="default: the paper's")
+        parser.add_argument("--inner-lr", type=float, default=None, help="default: the paper's")
+        parser.add_argument("--inner-steps", type=_non_negative_int, default=None, help="default: the paper's")
+        parser.add_argument("--test-steps", type=_non_negative_int, default=None, help="default: the paper's")
+        parser.add_argument("--meta-lr", type=float, default=1e-3)
+        parser.add_argument("--first-order", action="store_true")
+        parser.add_argument("--backend", default="auto")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--eval-tasks", type=_positive_int, default=600, help="test tasks of the final evaluation")
+        parser.add_argument("--val-every", type=_non_negative_int, default=1000,
+                            help="measure the training and validation accuracy every N iterations and keep the "
+                                 "best validation weights in --out/best.pt (0: never)")
+        parser.add_argument("--val-tasks", type=_positive_int, default=100, help="tasks per accuracy measurement")
+        parser.add_argument("--image-size", type=_positive_int, default=None,
+                            help="default: 28 (Omniglot), 84 (MiniImagenet), 32 (CIFAR-FS, FC100: the only size)")
+        parser.add_argument("--filters", type=_positive_int, default=None,
+                            help="Conv4 filters per layer (default: 64 for Omniglot, 32 for the others)")
+        parser.add_argument("--train-characters", type=_positive_int, default=None,
+                            help="Omniglot: the first N characters are the meta-training split, the rest the test "
+                                 "split (default 1200)")
+        parser.add_argument("--val-characters", type=_non_negative_int, default=None,
+                            help="Omniglot: hold the last N training characters out of the training and validate "
+                                 "on them (default 0: Omniglot has no validation split, nor the paper a validation)")
+        parser.add_argument("--out", type=Path, default=None,
+                            help="folder for report.json, accuracy.png and best.pt (default: runs/<dataset>)")
+        parser.add_argument("--checkpoint", type=Path, default=None,
+                            help="save here every --checkpoint-every iterations, and resume from it if present")
+        parser.add_argument("--checkpoint-every", type=_positive_int, default=1000)
+        parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+        parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _fewshot(args) -> int:
+    from .. import distributed
+    from .fewshot import FewShotConfig, run, summary
+    from .training import JobError
+
+    out = args.out if args.out is not None else Path("runs") / args.dataset
     with distributed.init(device=args.device) as context:
         device = str(context.device)
-        config = OmniglotConfig(
-            root=str(args.root), ways=args.ways, shots=args.shots, queries=args.queries, iterations=args.iterations,
-            meta_batch=args.meta_batch, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-            test_steps=args.test_steps, meta_lr=args.meta_lr, first_order=args.first_order, backend=args.backend,
-            device=device, seed=args.seed, eval_tasks=args.eval_tasks, image_size=args.image_size,
-            train_characters=args.train_characters,
-            checkpoint=str(args.checkpoint) if args.checkpoint else None, checkpoint_every=args.checkpoint_every,
-            progress=not args.no_progress)
-        report = run(config, args.out, context)
+        try:
+            config = FewShotConfig(
+                root=str(args.root), dataset=args.dataset, ways=args.ways, shots=args.shots, queries=args.queries,
+                iterations=args.iterations, meta_batch=args.meta_batch, inner_lr=args.inner_lr,
+                inner_steps=args.inner_steps, test_steps=args.test_steps, meta_lr=args.meta_lr,
+                first_order=args.first_order, backend=args.backend, device=device, seed=args.seed,
+                eval_tasks=args.eval_tasks, val_every=args.val_every, val_tasks=args.val_tasks,
+                image_size=args.image_size, filters=args.filters, train_characters=args.train_characters,
+                val_characters=args.val_characters, checkpoint=str(args.checkpoint) if args.checkpoint else None,
+                checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+        except ValueError as error:
+            raise JobError(str(error)) from error
+        report = run(config, out, context)
     if report is not None:
         print(summary(report))
-        print(f"wrote {args.out / 'report.json'}")
+        print(f"wrote {out / 'report.json'} and {out / report['figure']}")
     return 0
 
 
@@ -142,8 +178,8 @@ def _command(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.command == "omniglot":
-        return _omniglot(args)
+    if args.command in ("fewshot", "omniglot"):
+        return _fewshot(args)
     config = SinusoidConfig(
         iterations=args.iterations,
         meta_batch=args.meta_batch,

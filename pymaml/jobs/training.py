@@ -1,4 +1,4 @@
-"""What the training jobs (pymaml.jobs.sinusoid, pymaml.jobs.omniglot) share: the result of a training run,
+"""What the training jobs (pymaml.jobs.sinusoid, pymaml.jobs.fewshot) share: the result of a training run,
 checkpoints that are written atomically and refused when damaged or when their settings differ,
 the checks that the outputs can be written before any training, and reports in strict JSON."""
 
