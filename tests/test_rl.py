@@ -4,6 +4,7 @@ each task, through the inner step), conjugate gradient and the line search."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -233,3 +234,52 @@ def test_settings_reject_bad_values():
         TRPOSettings(backtrack_ratio=1.0)
     with pytest.raises(ValueError, match="trajectories"):
         MetaTRPO(small_policy(), Navigation2D(), trajectories=1)
+
+
+def small_job(tmp_path, iterations, checkpoint=None):
+    from pymaml.jobs.rl import RLConfig
+
+    return RLConfig(iterations=iterations, meta_batch=2, trajectories=3, eval_tasks=2, eval_steps=2, horizon=5,
+                    checkpoint=str(checkpoint) if checkpoint else None, checkpoint_every=1, progress=False)
+
+
+def test_rl_command_end_to_end(tmp_path, capsys):
+    from pymaml.jobs.cli import main
+
+    out = tmp_path / "out"
+    assert main(["rl", "--iterations", "2", "--meta-batch", "2", "--trajectories", "3", "--eval-tasks", "2",
+                 "--eval-steps", "2", "--horizon", "5", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for policy in ("meta-learned", "pretrained", "random"):
+        assert policy in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["iterations"] == 2 and len(report["history"]) == 2
+    assert set(report["evaluation"]) == {"meta-learned", "pretrained", "random"}
+    assert sorted(report["evaluation"]["random"]["mean"]) == ["0", "1", "2"]
+    assert (out / report["figure"]).stat().st_size > 0
+
+
+def test_rl_job_resumed_equals_uninterrupted(tmp_path):
+    from pymaml.jobs.rl import run
+
+    whole = run(small_job(tmp_path, 2), tmp_path / "whole")
+    checkpoint = tmp_path / "run.pt"
+    first = run(small_job(tmp_path, 1, checkpoint), tmp_path / "first")
+    assert first["iterations"] == 1
+    resumed = run(small_job(tmp_path, 2, checkpoint), tmp_path / "resumed")
+    assert resumed["resumed_from"] == 1 and resumed["iterations_run"] == 1
+    strip = lambda history: [{k: v for k, v in h.items() if not k.startswith("seconds")} for h in history]  # noqa: E731
+    assert strip(resumed["history"]) == strip(whole["history"])
+    assert resumed["evaluation"] == whole["evaluation"]
+
+
+def test_rl_job_refuses_a_checkpoint_of_other_settings(tmp_path):
+    from pymaml.jobs.rl import run
+    from pymaml.jobs.training import JobError
+
+    checkpoint = tmp_path / "run.pt"
+    run(small_job(tmp_path, 1, checkpoint), tmp_path / "first")
+    other = small_job(tmp_path, 2, checkpoint)
+    other.inner_lr = 0.2
+    with pytest.raises(JobError, match="differ from this run"):
+        run(other, tmp_path / "second")
