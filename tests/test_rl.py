@@ -283,3 +283,72 @@ def test_rl_job_refuses_a_checkpoint_of_other_settings(tmp_path):
     other.inner_lr = 0.2
     with pytest.raises(JobError, match="differ from this run"):
         run(other, tmp_path / "second")
+
+
+@pytest.mark.parametrize("family", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_halfcheetah_matches_one_simulator_loop(family):
+    """T·N simulators stepped by one call equal each simulator stepped alone, and the rewards are
+    the paper's, from the forward velocity that gymnasium's own reward uses
+    (gymnasium: r = v - 0.1 ‖a‖², so v = r + 0.1 ‖a‖²)."""
+    from pymaml.rl import ENVIRONMENTS, simulator_missing_reason
+
+    reason = simulator_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    import gymnasium
+    import numpy
+
+    env = ENVIRONMENTS[family](horizon=4)
+    generator = torch.Generator().manual_seed(0)
+    goals = env.sample_tasks(2, generator, dtype=torch.float64)
+    state = generator.get_state()
+    observations = env.reset(goals, 2, generator)
+    actions = torch.randn(2, 2, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.5
+    batched = []
+    for step in range(4):
+        observations, reward = env.step(observations, actions[:, :, step], goals)
+        batched.append((observations, reward))
+    seeds = torch.randint(0, 2**31 - 1, (4,), generator=torch.Generator().set_state(state)).tolist()
+    for index, seed in enumerate(seeds):
+        task, trajectory = divmod(index, 2)
+        simulator = gymnasium.make("HalfCheetah-v5")
+        simulator.reset(seed=seed)
+        for step in range(4):
+            action = numpy.clip(actions[task, trajectory, step].numpy(), -1.0, 1.0)
+            observation, gymnasium_reward, *_ = simulator.step(action)
+            control = float(numpy.square(action).sum())
+            velocity = gymnasium_reward + 0.1 * control
+            goal = float(goals[task, 0])
+            expected = (-abs(velocity - goal) if family == "halfcheetah-vel" else goal * velocity) - 0.05 * control
+            assert abs(float(batched[step][1][task, trajectory]) - expected) <= FLOAT64 * max(1.0, abs(expected))
+            assert relative_error(batched[step][0][task, trajectory], torch.from_numpy(observation)) <= FLOAT64
+    if family == "halfcheetah-vel":
+        assert bool(((goals >= 0) & (goals <= 2)).all())
+    else:
+        assert set(goals.flatten().tolist()) <= {-1.0, 1.0}
+
+
+def test_rl_command_halfcheetah_end_to_end(tmp_path, capsys):
+    from pymaml.jobs.cli import main
+    from pymaml.rl import simulator_missing_reason
+
+    reason = simulator_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    assert main(["rl", "--env", "halfcheetah-vel", "--iterations", "1", "--meta-batch", "2", "--trajectories", "2",
+                 "--eval-tasks", "2", "--eval-steps", "1", "--horizon", "5", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["env"] == "halfcheetah-vel" and report["iterations"] == 1
+    assert (out / "halfcheetah-vel.png").stat().st_size > 0
+    assert "meta-learned" in capsys.readouterr().out
+
+
+def test_rl_command_names_the_missing_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from pymaml.jobs.cli import main
+
+    monkeypatch.setitem(sys.modules, "mujoco", None)
+    assert main(["rl", "--env", "halfcheetah-dir", "--iterations", "1", "--out", str(tmp_path / "out")]) == 1
+    assert 'pip install "pymaml[rl]"' in capsys.readouterr().err

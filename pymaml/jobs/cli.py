@@ -83,13 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     omniglot.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     omniglot.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    from .rl import DEFAULT_ITERATIONS as RL_ITERATIONS
+    from .rl import DEFAULT_ITERATIONS as RL_ITERATIONS, DEFAULT_META_BATCH as RL_META_BATCH
 
     rl = commands.add_parser("rl", help="meta-train and evaluate MAML-TRPO on the paper's reinforcement-learning tasks")
-    rl.add_argument("--env", default="navigation2d", choices=["navigation2d"])
+    rl.add_argument("--env", default="navigation2d", choices=sorted(RL_META_BATCH))
     rl.add_argument("--iterations", type=_non_negative_int, default=RL_ITERATIONS,
                     help=f"meta-iterations (default {RL_ITERATIONS}, pytorch-maml-rl's count for navigation)")
-    rl.add_argument("--meta-batch", type=_positive_int, default=20)
+    rl.add_argument("--meta-batch", type=_positive_int, default=None,
+                    help="tasks per meta-batch (default: the paper's, 20 for navigation, 40 for half-cheetah)")
     rl.add_argument("--trajectories", type=_positive_int, default=20, help="trajectories per task and step")
     rl.add_argument("--inner-lr", type=float, default=0.1)
     rl.add_argument("--max-kl", type=float, default=0.01)
@@ -110,13 +111,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _rl(args) -> int:
-    from .rl import RLConfig, run, summary
+    from .rl import DEFAULT_META_BATCH as RL_META_BATCH, RLConfig, run, summary
 
     config = RLConfig(
-        env=args.env, iterations=args.iterations, meta_batch=args.meta_batch, trajectories=args.trajectories,
-        inner_lr=args.inner_lr, max_kl=args.max_kl, first_order=args.first_order, seed=args.seed,
-        eval_tasks=args.eval_tasks, eval_steps=args.eval_steps,
-        horizon=args.horizon, checkpoint=str(args.checkpoint) if args.checkpoint else None, checkpoint_every=args.checkpoint_every,
+        env=args.env, iterations=args.iterations, meta_batch=args.meta_batch or RL_META_BATCH[args.env],
+        trajectories=args.trajectories, inner_lr=args.inner_lr, max_kl=args.max_kl, first_order=args.first_order,
+        seed=args.seed, eval_tasks=args.eval_tasks, eval_steps=args.eval_steps, horizon=args.horizon,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress)
     report = run(config, args.out)
     print(summary(report))

@@ -1,10 +1,10 @@
-"""MAML for reinforcement learning, the paper's 2D navigation (Finn et al. 2017, section 5.3,
-Figure 5): meta-train with MAML-TRPO, train the multi-task "pretrained" baseline on the same
+"""MAML for reinforcement learning, the paper's 2D navigation and half-cheetah velocity and
+direction tasks (Finn et al. 2017, section 5.3, Figure 5): meta-train with MAML-TRPO, train the multi-task "pretrained" baseline on the same
 tasks, then evaluate both and a random initialisation on new tasks after 0..3 policy-gradient steps.
 
 Settings are the paper's: Gaussian MLP policy 2×100 ReLU, 20 trajectories per task and step,
 horizon 100, one inner REINFORCE step of α = 0.1 with a linear feature baseline, TRPO with
-KL ≤ 0.01, meta-batch 20. The paper gives no iteration count; DEFAULT_ITERATIONS is the count of
+KL ≤ 0.01, meta-batch 20 (navigation) or 40 (half-cheetah, horizon 200). The paper gives no iteration count; DEFAULT_ITERATIONS is the count of
 pytorch-maml-rl's navigation configuration. The pretrained policy starts from the same
 initialisation and takes one TRPO step per iteration on the trajectories of the same tasks,
 without the inner step. Evaluation: 40 new tasks, returns averaged over 20 trajectories per task,
@@ -26,6 +26,8 @@ from .training import (JobError, TrajectorySettings, check_checkpoint_writable, 
                        iterations_summary, load_checkpoint, progress_bar, save_checkpoint, write_report)
 
 DEFAULT_ITERATIONS = 500
+# The paper's meta-batch sizes: 20 tasks for navigation, 40 for the locomotion tasks.
+DEFAULT_META_BATCH = {"navigation2d": 20, "halfcheetah-vel": 40, "halfcheetah-dir": 40}
 POLICIES = ("meta-learned", "pretrained", "random")
 # Held-out tasks and their noise: streams the training never draws from.
 EVAL_SEED_OFFSET = 1_000_003
@@ -59,7 +61,10 @@ class RLConfig(TrajectorySettings):
 
     def environment(self):
         environment = ENVIRONMENTS[self.env]
-        return environment() if self.horizon is None else environment(horizon=self.horizon)
+        try:
+            return environment() if self.horizon is None else environment(horizon=self.horizon)
+        except ImportError as error:
+            raise JobError(f"--env {self.env}: {error}") from error
 
 
 @dataclass

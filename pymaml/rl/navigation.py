@@ -32,8 +32,8 @@ class Navigation2D:
         """`count` goals [count, 2], uniform in [-GOAL_RANGE, GOAL_RANGE]²."""
         return (torch.rand(count, 2, generator=generator, dtype=torch.float64) * 2 - 1).mul(GOAL_RANGE).to(dtype)
 
-    def reset(self, tasks: torch.Tensor, trajectories: int) -> torch.Tensor:
-        """Every agent at the origin: [T, N, 2] for goals [T, 2]."""
+    def reset(self, tasks: torch.Tensor, trajectories: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Every agent at the origin: [T, N, 2] for goals [T, 2] (deterministic: `generator` unused)."""
         self._check_tasks(tasks)
         return tasks.new_zeros(tasks.shape[0], trajectories, 2)
 

@@ -58,8 +58,8 @@ class PolicyBatch:
 def sample(policy: nn.Module, params: dict[str, torch.Tensor], env, tasks: torch.Tensor, trajectories: int,
            generator: torch.Generator) -> Trajectories:
     """`trajectories` trajectories per task, task t acting with params[name][t]; a = μ(s) + σ ε with
-    ε ~ N(0, I) drawn from `generator`, one draw [T, N, A] per time step."""
-    observation = env.reset(tasks, trajectories)
+    ε ~ N(0, I) drawn from `generator`, one draw [T, N, A] per time step after the reset's draws."""
+    observation = env.reset(tasks, trajectories, generator)
     observations, actions, rewards = [], [], []
     for _ in range(env.horizon):
         mean, log_std = split(batched_outputs(policy, params, observation))
