@@ -286,7 +286,7 @@ def test_rl_job_refuses_a_checkpoint_of_other_settings(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["halfcheetah-vel", "halfcheetah-dir"])
-def test_halfcheetah_matches_one_simulator_loop(family):
+def test_halfcheetah_matches_one_simulator_loop(family, tmp_path, monkeypatch):
     """T·N simulators stepped by one call equal each simulator stepped alone, and the rewards are
     the paper's, from the forward velocity that gymnasium's own reward uses
     (gymnasium: r = v - 0.1 ‖a‖², so v = r + 0.1 ‖a‖²)."""
@@ -295,6 +295,7 @@ def test_halfcheetah_matches_one_simulator_loop(family):
     reason = simulator_missing_reason()
     if reason is not None:
         pytest.skip(reason)
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes its warnings to MUJOCO_LOG.TXT in the working folder
     import gymnasium
     import numpy
 
@@ -328,13 +329,14 @@ def test_halfcheetah_matches_one_simulator_loop(family):
         assert set(goals.flatten().tolist()) <= {-1.0, 1.0}
 
 
-def test_rl_command_halfcheetah_end_to_end(tmp_path, capsys):
+def test_rl_command_halfcheetah_end_to_end(tmp_path, capsys, monkeypatch):
     from pymaml.jobs.cli import main
     from pymaml.rl import simulator_missing_reason
 
     reason = simulator_missing_reason()
     if reason is not None:
         pytest.skip(reason)
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes its warnings to MUJOCO_LOG.TXT in the working folder
     out = tmp_path / "out"
     assert main(["rl", "--env", "halfcheetah-vel", "--iterations", "1", "--meta-batch", "2", "--trajectories", "2",
                  "--eval-tasks", "2", "--eval-steps", "1", "--horizon", "5", "--no-progress", "--out", str(out)]) == 0
@@ -352,3 +354,11 @@ def test_rl_command_names_the_missing_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "mujoco", None)
     assert main(["rl", "--env", "halfcheetah-dir", "--iterations", "1", "--out", str(tmp_path / "out")]) == 1
     assert 'pip install "pymaml[rl]"' in capsys.readouterr().err
+
+
+def test_rl_command_refuses_torchrun(tmp_path, capsys, monkeypatch):
+    from pymaml.jobs.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["rl", "--iterations", "1", "--out", str(tmp_path / "out")]) == 1
+    assert "torchrun" in capsys.readouterr().err

@@ -14,6 +14,7 @@ the same step size α for every policy, the same noise stream for every policy.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,6 +190,9 @@ def plot(report: dict, path: Path) -> None:
 
 def run(config: RLConfig, out_dir: Path) -> dict:
     """Train, evaluate, and write report.json and <env>.png into out_dir (checked writable first)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise JobError("pymaml rl does not split the meta-batch over torchrun's ranks yet (every rank would train "
+                       "the whole run and write the same files); run it without torchrun")
     check_writable(out_dir, "report.json and the figure (--out)")
     started = time.perf_counter()
     result = train(config)
