@@ -29,7 +29,7 @@ from .training import (JobError, TrajectorySettings, check_checkpoint_writable, 
 DEFAULT_ITERATIONS = 500
 # The paper's meta-batch sizes: 20 tasks for navigation, 40 for the locomotion tasks.
 DEFAULT_META_BATCH = {"navigation2d": 20, "halfcheetah-vel": 40, "halfcheetah-dir": 40}
-POLICIES = ("meta-learned", "pretrained", "random")
+COLORS = {"meta-learned": "tab:green", "pretrained": "tab:blue", "random": "tab:gray"}
 # Held-out tasks and their noise: streams the training never draws from.
 EVAL_SEED_OFFSET = 1_000_003
 JOB_KEYS = ("pretrained", "task_generator", "sampling_generator", "history")
@@ -169,7 +169,8 @@ def plot(report: dict, path: Path) -> None:
     for name, result in report["evaluation"].items():
         steps = sorted(result["mean"], key=int)
         steps_axis.errorbar([int(s) for s in steps], [result["mean"][s] for s in steps],
-                            yerr=[result["ci95"][s] or 0.0 for s in steps], marker="o", capsize=2, label=name)
+                            yerr=[result["ci95"][s] or 0.0 for s in steps], marker="o", capsize=2, label=name,
+                            color=COLORS[name])
     steps_axis.set_xlabel("number of gradient steps")
     steps_axis.set_ylabel("average return")
     steps_axis.set_title(f"{report['config']['env']}: {report['config']['eval_tasks']} new tasks")
@@ -177,9 +178,12 @@ def plot(report: dict, path: Path) -> None:
     history = report["history"]
     if history:
         iterations = range(1, len(history) + 1)
-        train_axis.plot(iterations, [h["pre_return"] for h in history], label="meta-learned, before the step")
-        train_axis.plot(iterations, [h["post_return"] for h in history], label="meta-learned, after 1 step")
-        train_axis.plot(iterations, [h["pretrained_return"] for h in history], label="pretrained")
+        train_axis.plot(iterations, [h["pre_return"] for h in history], ":", color=COLORS["meta-learned"],
+                        label="meta-learned, before the step")
+        train_axis.plot(iterations, [h["post_return"] for h in history], color=COLORS["meta-learned"],
+                        label="meta-learned, after 1 step")
+        train_axis.plot(iterations, [h["pretrained_return"] for h in history], color=COLORS["pretrained"],
+                        label="pretrained")
     train_axis.set_xlabel("meta-iteration")
     train_axis.set_ylabel("mean return of the meta-batch")
     train_axis.legend(fontsize=8)
