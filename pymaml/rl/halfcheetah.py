@@ -12,6 +12,8 @@ state, so `step` must follow `reset` and the steps before it, in order.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 HORIZON = 200
@@ -30,6 +32,10 @@ def simulator_missing_reason() -> str | None:
     return None
 
 
+def _python_warning(message: str) -> None:
+    warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+
 class HalfCheetah:
     observation_size = 17
     action_size = 6
@@ -45,10 +51,19 @@ class HalfCheetah:
         self._simulators: list = []
 
     def _simulator_pool(self, count: int) -> list:
+        """The first `count` simulators, created as needed. While they are created, MuJoCo's
+        warnings (its compiler repeats one for every copy of the model) go to Python's warnings,
+        which show each once, instead of to stderr and MUJOCO_LOG.TXT in the working folder."""
         import gymnasium
+        import mujoco
 
-        while len(self._simulators) < count:
-            self._simulators.append(gymnasium.make("HalfCheetah-v5", max_episode_steps=None).unwrapped)
+        previous = mujoco.get_mju_user_warning()
+        mujoco.set_mju_user_warning(_python_warning)
+        try:
+            while len(self._simulators) < count:
+                self._simulators.append(gymnasium.make("HalfCheetah-v5", max_episode_steps=None).unwrapped)
+        finally:
+            mujoco.set_mju_user_warning(previous)
         return self._simulators[:count]
 
     def reset(self, tasks: torch.Tensor, trajectories: int, generator: torch.Generator | None = None) -> torch.Tensor:
