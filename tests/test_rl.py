@@ -111,6 +111,13 @@ def test_sampler_matches_one_task_loop():
                 assert relative_error(batched.rewards[task, trajectory, step], reward) <= FLOAT64
 
 
+def test_sampler_refuses_tasks_of_another_dtype():
+    policy, env = small_policy(), Navigation2D(horizon=HORIZON)
+    goals = env.sample_tasks(TASKS, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="the tasks are torch.float32 but the policy's parameters are"):
+        sample(policy, expand(parameters(policy), TASKS), env, goals, TRAJECTORIES, torch.Generator())
+
+
 def test_sampling_and_training_are_reproducible():
     env = Navigation2D(horizon=HORIZON)
     runs = []

@@ -59,6 +59,10 @@ def sample(policy: nn.Module, params: dict[str, torch.Tensor], env, tasks: torch
            generator: torch.Generator) -> Trajectories:
     """`trajectories` trajectories per task, task t acting with params[name][t]; a = μ(s) + σ ε with
     ε ~ N(0, I) drawn from `generator`, one draw [T, N, A] per time step after the reset's draws."""
+    dtypes = {p.dtype for p in params.values()}
+    if dtypes != {tasks.dtype}:
+        raise ValueError(f"the tasks are {tasks.dtype} but the policy's parameters are {sorted(map(str, dtypes))}; "
+                         f"sample the tasks in the policy's dtype (sample_tasks(..., dtype=...))")
     observation = env.reset(tasks, trajectories, generator)
     observations, actions, rewards = [], [], []
     for _ in range(env.horizon):
