@@ -7,7 +7,9 @@ Phases: `sampling` (the pre- and post-adaptation trajectories), `inner` (the bas
 advantages and the inner step), `outer` (the TRPO step: meta-gradient, 10 CG iterations over
 Fisher-vector products, line search). Meta-batch 40, 20 trajectories per task, the paper's policy;
 horizon 100 is the paper's, horizon 20 a shorter case that runs in a few minutes here.
-Run: PYMAML_BENCH_NO_REPORT=1 pytest bench/test_rl.py --benchmark-only
+Run: PYMAML_BENCH_NO_REPORT=1 pytest bench/test_rl_meta_iteration.py --benchmark-only
+(Not bench/test_rl.py: pytest collects tests/ and bench/ in one session, and two test modules
+named test_rl in folders without __init__.py collide.)
 """
 
 from __future__ import annotations
