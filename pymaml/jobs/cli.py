@@ -1,6 +1,8 @@
-"""Command line: `pymaml sinusoid ...`, `pymaml omniglot ...` and `pymaml backends`.
+"""Command line: `pymaml sinusoid ...`, `pymaml fewshot ...` (alias `pymaml omniglot` for
+`--dataset omniglot`), `pymaml rl ...` and `pymaml backends`.
 
-`torchrun --nproc_per_node N -m pymaml sinusoid|omniglot ...` splits every meta-batch over N processes.
+`torchrun --nproc_per_node N -m pymaml sinusoid|fewshot|omniglot ...` splits every meta-batch over N
+processes (`pymaml rl` does not split yet and refuses to run under torchrun).
 """
 
 from __future__ import annotations
@@ -53,8 +55,46 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_fewshot_commands(commands)
 
+    from .rl import DEFAULT_ITERATIONS as RL_ITERATIONS, DEFAULT_META_BATCH as RL_META_BATCH
+
+    rl = commands.add_parser("rl", help="meta-train and evaluate MAML-TRPO on the paper's reinforcement-learning tasks")
+    rl.add_argument("--env", default="navigation2d", choices=sorted(RL_META_BATCH))
+    rl.add_argument("--iterations", type=_non_negative_int, default=RL_ITERATIONS,
+                    help=f"meta-iterations (default {RL_ITERATIONS}, pytorch-maml-rl's count for navigation)")
+    rl.add_argument("--meta-batch", type=_positive_int, default=None,
+                    help="tasks per meta-batch (default: the paper's, 20 for navigation, 40 for half-cheetah)")
+    rl.add_argument("--trajectories", type=_positive_int, default=20, help="trajectories per task and step")
+    rl.add_argument("--inner-lr", type=float, default=0.1)
+    rl.add_argument("--max-kl", type=float, default=0.01)
+    rl.add_argument("--first-order", action="store_true")
+    rl.add_argument("--seed", type=int, default=0)
+    rl.add_argument("--eval-tasks", type=_positive_int, default=40)
+    rl.add_argument("--eval-steps", type=_non_negative_int, default=3)
+    rl.add_argument("--horizon", type=_positive_int, default=None, help="steps per trajectory (default: the paper's)")
+    rl.add_argument("--out", type=Path, default=Path("runs/rl"), help="folder for report.json and the PNG")
+    rl.add_argument("--checkpoint", type=Path, default=None,
+                    help="save here every --checkpoint-every iterations, and resume from it if present")
+    rl.add_argument("--checkpoint-every", type=_positive_int, default=10)
+    rl.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    rl.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     commands.add_parser("backends", help="list the backends and how the extension was built")
     return parser
+
+
+def _rl(args) -> int:
+    from .rl import DEFAULT_META_BATCH as RL_META_BATCH, RLConfig, run, summary
+
+    config = RLConfig(
+        env=args.env, iterations=args.iterations, meta_batch=args.meta_batch or RL_META_BATCH[args.env],
+        trajectories=args.trajectories, inner_lr=args.inner_lr, max_kl=args.max_kl, first_order=args.first_order,
+        seed=args.seed, eval_tasks=args.eval_tasks, eval_steps=args.eval_steps, horizon=args.horizon,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None, checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress)
+    report = run(config, args.out)
+    print(summary(report))
+    print(f"wrote {args.out / 'report.json'} and {args.out / report['figure']}")
+    return 0
 
 
 def _add_fewshot_commands(commands) -> None:
@@ -180,6 +220,8 @@ def _command(args) -> int:
         torch.set_num_threads(args.threads)
     if args.command in ("fewshot", "omniglot"):
         return _fewshot(args)
+    if args.command == "rl":
+        return _rl(args)
     config = SinusoidConfig(
         iterations=args.iterations,
         meta_batch=args.meta_batch,

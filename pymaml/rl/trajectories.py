@@ -1,0 +1,125 @@
+"""Trajectories of every task sampled together, and their advantages from a linear feature
+baseline fitted per task (batched: one linear solve for all tasks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .policy import batched_outputs, split
+
+# The baseline's ridge term, raised tenfold (up to BASELINE_RETRIES times) while a task's solve is
+# not finite, as in rllab's LinearFeatureBaseline, which the paper's code uses.
+BASELINE_RIDGE = 1e-5
+BASELINE_RETRIES = 5
+# Observations are clipped to this range in the baseline's features.
+FEATURE_CLIP = 10.0
+# The time feature is the step index divided by this.
+TIME_SCALE = 100.0
+
+
+@dataclass
+class Trajectories:
+    """N trajectories of H steps for each of T tasks: observations (before each action)
+    [T, N, H, O], actions as sampled (before the environment clips them) [T, N, H, A], rewards [T, N, H]."""
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+
+    @property
+    def returns(self) -> torch.Tensor:
+        """The undiscounted return of each task, averaged over its trajectories, [T]."""
+        return self.rewards.sum(-1).mean(-1)
+
+
+@dataclass
+class PolicyBatch:
+    """Trajectories flattened per task into K = N·H samples: observations [T, K, O], actions
+    [T, K, A], advantages [T, K]."""
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    advantages: torch.Tensor
+
+    @property
+    def reinforce_targets(self) -> torch.Tensor:
+        """[T, K, A + 1]: the targets of policy.reinforce_loss."""
+        return torch.cat([self.actions, self.advantages.unsqueeze(-1)], dim=-1)
+
+    def surrogate_targets(self, old_log_prob: torch.Tensor) -> torch.Tensor:
+        """[T, K, A + 2]: the targets of policy.surrogate_loss."""
+        return torch.cat([self.actions, self.advantages.unsqueeze(-1), old_log_prob.unsqueeze(-1)], dim=-1)
+
+
+@torch.no_grad()
+def sample(policy: nn.Module, params: dict[str, torch.Tensor], env, tasks: torch.Tensor, trajectories: int,
+           generator: torch.Generator) -> Trajectories:
+    """`trajectories` trajectories per task, task t acting with params[name][t]; a = μ(s) + σ ε with
+    ε ~ N(0, I) drawn from `generator`, one draw [T, N, A] per time step after the reset's draws."""
+    dtypes = {p.dtype for p in params.values()}
+    if dtypes != {tasks.dtype}:
+        raise ValueError(f"the tasks are {tasks.dtype} but the policy's parameters are {sorted(map(str, dtypes))}; "
+                         f"sample the tasks in the policy's dtype (sample_tasks(..., dtype=...))")
+    observation = env.reset(tasks, trajectories, generator)
+    observations, actions, rewards = [], [], []
+    for _ in range(env.horizon):
+        mean, log_std = split(batched_outputs(policy, params, observation))
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        action = mean + torch.exp(log_std) * noise
+        observations.append(observation)
+        actions.append(action)
+        observation, reward = env.step(observation, action, tasks)
+        rewards.append(reward)
+    return Trajectories(torch.stack(observations, 2), torch.stack(actions, 2), torch.stack(rewards, 2))
+
+
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """R_h = Σ_{k ≥ h} γ^(k-h) r_k along the last dimension."""
+    steps = rewards.shape[-1]
+    index = torch.arange(steps, dtype=rewards.dtype)
+    powers = index[:, None] - index[None, :]  # [k, h]: k - h
+    discount = torch.where(powers >= 0, gamma ** powers.clamp(min=0), torch.zeros((), dtype=rewards.dtype))
+    return rewards @ discount
+
+
+def baseline_features(observations: torch.Tensor) -> torch.Tensor:
+    """rllab's linear baseline features per step: [s, s², t, t², t³, 1] with s clipped to
+    ±FEATURE_CLIP and t = step / TIME_SCALE; observations [..., H, O] → [..., H, 2O + 4]."""
+    s = observations.clamp(-FEATURE_CLIP, FEATURE_CLIP)
+    t = (torch.arange(observations.shape[-2], dtype=observations.dtype) / TIME_SCALE)
+    t = t.reshape(*([1] * (observations.dim() - 2)), -1, 1).expand(*observations.shape[:-1], 1)
+    return torch.cat([s, s.square(), t, t.square(), t.pow(3), torch.ones_like(t)], dim=-1)
+
+
+def fit_baseline(features: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """Per task t, the ridge solution w_t = (X_tᵀ X_t + λ I)⁻¹ X_tᵀ R_t: features [T, K, F],
+    returns [T, K] → the baseline's values X_t w_t, [T, K]."""
+    gram = features.transpose(1, 2) @ features
+    moment = features.transpose(1, 2) @ returns.unsqueeze(-1)
+    identity = torch.eye(features.shape[-1], dtype=features.dtype)
+    ridge = BASELINE_RIDGE
+    for _ in range(BASELINE_RETRIES):
+        weights = torch.linalg.solve(gram + ridge * identity, moment)
+        if bool(torch.isfinite(weights).all()):
+            break
+        ridge *= 10
+    else:
+        raise FloatingPointError(f"the linear baseline has no finite solution up to a ridge term of {ridge / 10:g}")
+    return (features @ weights).squeeze(-1)
+
+
+def advantages(trajectories: Trajectories, gamma: float, normalize: bool = True) -> PolicyBatch:
+    """The policy-gradient batch of each task: advantages A = R - b(s, t), the discounted returns
+    less the task's fitted linear baseline (GAE with λ = 1), normalised per task to mean 0 and
+    standard deviation 1 when `normalize`."""
+    tasks, count, steps, _ = trajectories.observations.shape
+    returns = discounted_returns(trajectories.rewards, gamma).reshape(tasks, count * steps)
+    features = baseline_features(trajectories.observations).reshape(tasks, count * steps, -1)
+    advantage = returns - fit_baseline(features, returns)
+    if normalize:
+        advantage = (advantage - advantage.mean(1, keepdim=True)) / (advantage.std(1, keepdim=True) + 1e-8)
+    return PolicyBatch(trajectories.observations.reshape(tasks, count * steps, -1),
+                       trajectories.actions.reshape(tasks, count * steps, -1), advantage)

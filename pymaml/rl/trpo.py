@@ -1,0 +1,275 @@
+"""MAML-TRPO (Finn et al. 2017, section 5.3), batched over tasks.
+
+Inner step, per task t: θ'_t = θ - α ∇_θ L_in,t(θ), L_in,t the REINFORCE loss on trajectories of
+θ (policy.reinforce_loss). Outer step: TRPO on L(θ) = (1/T) Σ_t L_out,t(θ'_t(θ)), the surrogate
+on trajectories of θ'_t (policy.surrogate_loss), under the trust region
+KL(θ) = (1/T) Σ_t KL(π_θ'_t(θ₀) ‖ π_θ'_t(θ)) ≤ δ.
+
+With J_t = ∂θ'_t/∂θ = I - α H_t, H_t = ∇²L_in,t(θ):
+  meta-gradient   g  = (1/T) Σ_t J_tᵀ ∇L_out,t(θ'_t)
+  Fisher product  Fv = (1/T) Σ_t J_tᵀ F_t J_t v,  F_t = ∇²_θ' KL_t at θ'_t,
+exact because ∇_θ' KL_t vanishes at θ₀ (the old policy minimises the KL), so the term with the
+second derivative of θ'_t drops out. H_t v and F_t u are batched Hessian-vector products
+(pymaml.hvp: torch.func forward-over-reverse under vmap over tasks). First order: J_t = I.
+The step: s = CG(F, g), then θ - β s with β = √(2δ / sᵀFs), scaled by `backtrack_ratio` at each try until the
+surrogate improves and the KL is within δ (`max_backtracks` tries; otherwise θ is kept).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+from ..numerics.hvp import hvp
+from .policy import (batched_gradients, batched_outputs, expand, kl_loss, log_prob, reinforce_loss,
+                     surrogate_loss)
+from .trajectories import PolicyBatch, Trajectories, advantages, sample
+
+
+@dataclass
+class TRPOSettings:
+    """The paper's: α = 0.1, δ = 0.01; CG, damping and backtracking as in rllab and pytorch-maml-rl."""
+
+    inner_lr: float = 0.1
+    first_order: bool = False
+    max_kl: float = 0.01
+    cg_iterations: int = 10
+    cg_damping: float = 1e-5
+    backtrack_ratio: float = 0.8
+    max_backtracks: int = 15
+    gamma: float = 0.99
+
+    def __post_init__(self):
+        if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
+            raise ValueError(f"max_kl must be a positive number, got {self.max_kl}")
+        if not 0 < self.backtrack_ratio < 1:
+            raise ValueError(f"backtrack_ratio must be in (0, 1), got {self.backtrack_ratio}")
+        if self.cg_iterations < 1 or self.max_backtracks < 1:
+            raise ValueError("cg_iterations and max_backtracks must be at least 1")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+
+
+def flatten(tensors: dict[str, torch.Tensor], batched: bool = False) -> torch.Tensor:
+    """One vector [P] (or [T, P] when batched) of the tensors, in the dict's order."""
+    if batched:
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors.values()], dim=1)
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of flatten for unbatched tensors shaped like `like`."""
+    out, offset = {}, 0
+    for name, tensor in like.items():
+        out[name] = vector[offset: offset + tensor.numel()].reshape(tensor.shape)
+        offset += tensor.numel()
+    return out
+
+
+def inner_step(policy: nn.Module, params: dict[str, torch.Tensor], batch: PolicyBatch,
+               inner_lr: float) -> dict[str, torch.Tensor]:
+    """θ'_t = θ_t - α ∇L_in,t(θ_t) for every task: params [T, ...] per name."""
+    gradients = batched_gradients(policy, reinforce_loss, params, batch.observations, batch.reinforce_targets)
+    return {name: params[name] - inner_lr * gradients[name] for name in params}
+
+
+@dataclass
+class OuterProblem:
+    """The outer step at θ: the pre-adaptation batch (None for multi-task training, where θ'_t = θ),
+    the post-adaptation batch, θ'_t and the old policy's outputs on the post-adaptation states."""
+
+    params: dict[str, torch.Tensor]
+    pre: PolicyBatch | None
+    post: PolicyBatch
+    adapted: dict[str, torch.Tensor]
+    old_outputs: torch.Tensor
+    surrogate_targets: torch.Tensor
+
+    @property
+    def tasks(self) -> int:
+        return self.post.observations.shape[0]
+
+
+def outer_problem(policy: nn.Module, params: dict[str, torch.Tensor], pre: PolicyBatch | None, post: PolicyBatch,
+                  inner_lr: float) -> OuterProblem:
+    params = {name: p.detach() for name, p in params.items()}
+    with torch.no_grad():
+        adapted = adapted_at(policy, params, pre, inner_lr, post.observations.shape[0])
+        old_outputs = batched_outputs(policy, adapted, post.observations)
+        old_log_prob = log_prob(old_outputs, post.actions)
+    return OuterProblem(params, pre, post, adapted, old_outputs, post.surrogate_targets(old_log_prob))
+
+
+def adapted_at(policy: nn.Module, params: dict[str, torch.Tensor], pre: PolicyBatch | None, inner_lr: float,
+               tasks: int) -> dict[str, torch.Tensor]:
+    """θ'_t(θ) for every task; θ itself for each task without a pre-adaptation batch."""
+    batched = expand(params, tasks)
+    return batched if pre is None else inner_step(policy, batched, pre, inner_lr)
+
+
+def chain(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings,
+          vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """J_tᵀ u_t = J_t u_t = u_t - α H_t u_t for every task (J_t = I first order or without inner step)."""
+    if problem.pre is None or settings.first_order:
+        return vectors
+    products = hvp(policy, expand(problem.params, problem.tasks), problem.pre.observations,
+                   problem.pre.reinforce_targets, vectors, loss=reinforce_loss)
+    return {name: vectors[name] - settings.inner_lr * products[name] for name in vectors}
+
+
+def meta_gradient(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings) -> dict[str, torch.Tensor]:
+    """g = (1/T) Σ_t J_tᵀ ∇L_out,t(θ'_t)."""
+    outer = batched_gradients(policy, surrogate_loss, problem.adapted, problem.post.observations,
+                              problem.surrogate_targets)
+    return {name: g.mean(0) for name, g in chain(policy, problem, settings, outer).items()}
+
+
+def fisher_vector_product(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings,
+                          vector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fv = (1/T) Σ_t J_tᵀ F_t J_t v, without damping."""
+    inward = chain(policy, problem, settings, expand(vector, problem.tasks))
+    fisher = hvp(policy, problem.adapted, problem.post.observations, problem.old_outputs, inward, loss=kl_loss)
+    return {name: u.mean(0) for name, u in chain(policy, problem, settings, fisher).items()}
+
+
+def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int,
+                       tolerance: float = 1e-10) -> torch.Tensor:
+    """x ≈ A⁻¹ b for a symmetric positive definite A given as matvec, after at most `iterations`
+    steps, stopping once the squared residual is below `tolerance`."""
+    x = torch.zeros_like(b)
+    residual = b.clone()
+    direction = b.clone()
+    squared = residual @ residual
+    for _ in range(iterations):
+        if squared <= tolerance:
+            break
+        product = matvec(direction)
+        step = squared / (direction @ product)
+        x = x + step * direction
+        residual = residual - step * product
+        new_squared = residual @ residual
+        direction = residual + (new_squared / squared) * direction
+        squared = new_squared
+    return x
+
+
+def surrogate_and_kl(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings,
+                     params: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(L(θ), KL(θ)) at candidate parameters θ: the inner step redone from θ on the same
+    pre-adaptation trajectories, the surrogate and KL on the post-adaptation ones."""
+    with torch.no_grad():
+        adapted = adapted_at(policy, params, problem.pre, settings.inner_lr, problem.tasks)
+        outputs = batched_outputs(policy, adapted, problem.post.observations)
+        loss = vmap(surrogate_loss)(outputs, problem.surrogate_targets).mean()
+        kl = vmap(kl_loss)(outputs, problem.old_outputs).mean()
+    return loss.item(), kl.item()
+
+
+@dataclass
+class StepResult:
+    params: dict[str, torch.Tensor]
+    accepted: bool
+    backtracks: int
+    loss_before: float
+    loss_after: float
+    kl: float
+
+
+def trpo_step(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings) -> StepResult:
+    """One TRPO step from problem.params (see the module's docstring)."""
+    like = problem.params
+    gradient = flatten(meta_gradient(policy, problem, settings))
+
+    def damped_fisher(vector: torch.Tensor) -> torch.Tensor:
+        product = flatten(fisher_vector_product(policy, problem, settings, unflatten(vector, like)))
+        return product + settings.cg_damping * vector
+
+    direction = conjugate_gradient(damped_fisher, gradient, settings.cg_iterations)
+    curvature = (direction @ damped_fisher(direction)).item()
+    loss_before, _ = surrogate_and_kl(policy, problem, settings, like)
+    if not (curvature > 0 and math.isfinite(curvature)):
+        return StepResult(like, False, 0, loss_before, loss_before, 0.0)
+    full_step = math.sqrt(2 * settings.max_kl / curvature) * direction
+    flat = flatten(like)
+    for backtrack in range(settings.max_backtracks):
+        candidate = unflatten(flat - settings.backtrack_ratio ** backtrack * full_step, like)
+        loss, kl = surrogate_and_kl(policy, problem, settings, candidate)
+        if loss < loss_before and kl <= settings.max_kl:
+            return StepResult(candidate, True, backtrack, loss_before, loss, kl)
+    return StepResult(like, False, settings.max_backtracks, loss_before, loss_before, 0.0)
+
+
+@dataclass
+class IterationStats:
+    """Mean returns before and after the inner step (equal for multi-task training), the TRPO
+    step's outcome, and the seconds spent sampling, in the inner step and in the outer step."""
+
+    pre_return: float
+    post_return: float
+    accepted: bool
+    backtracks: int
+    kl: float
+    seconds: dict[str, float]
+
+
+class MetaTRPO:
+    """Meta-trains `policy` in place on a task family, one meta-batch of tasks per `step`.
+    multitask=True: the "pretrained" baseline, TRPO on the trajectories of θ itself, no inner step."""
+
+    def __init__(self, policy: nn.Module, env, settings: TRPOSettings | None = None, trajectories: int = 20,
+                 multitask: bool = False):
+        if trajectories < 2:
+            raise ValueError(f"trajectories must be at least 2 (the advantages are normalised), got {trajectories}")
+        self.policy, self.env, self.trajectories, self.multitask = policy, env, trajectories, multitask
+        self.settings = TRPOSettings() if settings is None else settings
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.policy.named_parameters()}
+
+    def step(self, tasks: torch.Tensor, generator: torch.Generator) -> IterationStats:
+        settings, params, count = self.settings, self.params(), tasks.shape[0]
+        seconds = {"sampling": 0.0, "inner": 0.0, "outer": 0.0}
+        began = time.perf_counter()
+        first = sample(self.policy, expand(params, count), self.env, tasks, self.trajectories, generator)
+        seconds["sampling"] += time.perf_counter() - began
+        if self.multitask:
+            pre, after = None, first
+        else:
+            began = time.perf_counter()
+            pre = advantages(first, settings.gamma)
+            with torch.no_grad():
+                adapted = inner_step(self.policy, expand(params, count), pre, settings.inner_lr)
+            seconds["inner"] += time.perf_counter() - began
+            began = time.perf_counter()
+            after = sample(self.policy, adapted, self.env, tasks, self.trajectories, generator)
+            seconds["sampling"] += time.perf_counter() - began
+        began = time.perf_counter()
+        problem = outer_problem(self.policy, params, pre, advantages(after, settings.gamma), settings.inner_lr)
+        result = trpo_step(self.policy, problem, settings)
+        with torch.no_grad():
+            for name, p in self.policy.named_parameters():
+                p.copy_(result.params[name])
+        seconds["outer"] += time.perf_counter() - began
+        return IterationStats(first.returns.mean().item(), after.returns.mean().item(), result.accepted,
+                              result.backtracks, result.kl, seconds)
+
+
+def returns_after_steps(policy: nn.Module, env, tasks: torch.Tensor, steps: int, inner_lr: float,
+                        trajectories: int, generator: torch.Generator, gamma: float = 0.99) -> torch.Tensor:
+    """Figure 5's measure: the mean return of each task after 0..steps policy-gradient steps of size
+    α from the policy's parameters, each step on trajectories of the previous parameters; [steps + 1, T]."""
+    params = expand({name: p.detach() for name, p in policy.named_parameters()}, tasks.shape[0])
+    returns = []
+    for step in range(steps + 1):
+        trajectories_now: Trajectories = sample(policy, params, env, tasks, trajectories, generator)
+        returns.append(trajectories_now.returns)
+        if step < steps:
+            with torch.no_grad():
+                params = inner_step(policy, params, advantages(trajectories_now, gamma), inner_lr)
+    return torch.stack(returns)

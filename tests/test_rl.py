@@ -1,0 +1,371 @@
+"""pymaml.rl against plain one-task-at-a-time loops: the environment, the sampler, the baseline,
+the inner policy-gradient step, the TRPO meta-gradient and Fisher-vector product (autograd over
+each task, through the inner step), conjugate gradient and the line search."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from helpers import TOLERANCE, relative_error
+from pymaml.rl import GaussianMLPPolicy, MetaTRPO, Navigation2D, TRPOSettings, advantages, sample
+from pymaml.rl.navigation import MAX_SPEED
+from pymaml.rl.policy import expand, kl_loss, log_prob, reinforce_loss, surrogate_loss
+from pymaml.rl.trajectories import BASELINE_RIDGE, baseline_features, discounted_returns, fit_baseline
+from pymaml.rl.trpo import (conjugate_gradient, fisher_vector_product, flatten, inner_step, meta_gradient,
+                            outer_problem, surrogate_and_kl, trpo_step)
+
+FLOAT64 = TOLERANCE[torch.float64]
+TASKS, TRAJECTORIES, HORIZON = 3, 4, 6
+
+
+def small_policy(seed: int = 0) -> GaussianMLPPolicy:
+    torch.manual_seed(seed)
+    return GaussianMLPPolicy(2, 2, hidden=(8, 8), initial_std=0.5).double()
+
+
+def parameters(policy) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in policy.named_parameters()}
+
+
+@pytest.fixture
+def problem_data():
+    """A small policy, tasks, and FIXED pre- and post-adaptation batches (float64)."""
+    policy, env = small_policy(), Navigation2D(horizon=HORIZON)
+    generator = torch.Generator().manual_seed(3)
+    goals = env.sample_tasks(TASKS, generator, dtype=torch.float64)
+    params = parameters(policy)
+    pre = advantages(sample(policy, expand(params, TASKS), env, goals, TRAJECTORIES, generator), 0.99)
+    with torch.no_grad():
+        adapted = inner_step(policy, expand(params, TASKS), pre, 0.1)
+    post = advantages(sample(policy, adapted, env, goals, TRAJECTORIES, generator), 0.99)
+    return policy, params, pre, post
+
+
+def loop_adapted(policy, theta, pre, task, inner_lr, first_order):
+    """θ'_t = θ - α ∇L_in,t(θ) by autograd on task t alone, differentiable in θ unless first order."""
+    loss = reinforce_loss(functional_call(policy, theta, (pre.observations[task],)), pre.reinforce_targets[task])
+    grads = torch.autograd.grad(loss, list(theta.values()), create_graph=not first_order)
+    return {name: p - inner_lr * g for (name, p), g in zip(theta.items(), grads)}
+
+
+def test_navigation_step_matches_one_trajectory_loop():
+    env = Navigation2D(horizon=HORIZON)
+    generator = torch.Generator().manual_seed(0)
+    goals = env.sample_tasks(TASKS, generator, dtype=torch.float64)
+    actions = torch.randn(TASKS, TRAJECTORIES, HORIZON, 2, generator=generator, dtype=torch.float64) * 0.2
+    observation = env.reset(goals, TRAJECTORIES)
+    batched = []
+    for step in range(HORIZON):
+        observation, reward = env.step(observation, actions[:, :, step], goals)
+        batched.append(reward)
+    batched = torch.stack(batched, -1)
+    assert bool((goals.abs() <= 0.5).all())
+    for task in range(TASKS):
+        for trajectory in range(TRAJECTORIES):
+            x = y = 0.0
+            for step in range(HORIZON):
+                dx, dy = (min(max(float(a), -MAX_SPEED), MAX_SPEED) for a in actions[task, trajectory, step])
+                x, y = x + dx, y + dy
+                expected = -math.hypot(x - float(goals[task, 0]), y - float(goals[task, 1]))
+                assert abs(float(batched[task, trajectory, step]) - expected) <= FLOAT64 * abs(expected)
+            assert abs(float(observation[task, trajectory, 0]) - x) <= FLOAT64
+            assert abs(float(observation[task, trajectory, 1]) - y) <= FLOAT64
+
+
+def test_navigation_rejects_bad_shapes():
+    env = Navigation2D()
+    with pytest.raises(ValueError, match="goals \\[T, 2\\]"):
+        env.reset(torch.zeros(3), 2)
+    with pytest.raises(ValueError, match="observations and actions"):
+        env.step(torch.zeros(2, 3, 2), torch.zeros(2, 3, 3), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="horizon"):
+        Navigation2D(horizon=0)
+
+
+def test_sampler_matches_one_task_loop():
+    """All tasks and trajectories stepped together equal each task's own policy and each
+    trajectory stepped alone, with the same noise."""
+    policy, env = small_policy(), Navigation2D(horizon=HORIZON)
+    goals = env.sample_tasks(TASKS, torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = {name: p + 0.1 * torch.randn(TASKS, *p.shape, dtype=p.dtype) for name, p in parameters(policy).items()}
+    batched = sample(policy, params, env, goals, TRAJECTORIES, torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    noise = [torch.randn(TASKS, TRAJECTORIES, 2, generator=generator, dtype=torch.float64) for _ in range(HORIZON)]
+    for task in range(TASKS):
+        theta = {name: p[task] for name, p in params.items()}
+        for trajectory in range(TRAJECTORIES):
+            position = torch.zeros(2, dtype=torch.float64)
+            for step in range(HORIZON):
+                with torch.no_grad():
+                    output = functional_call(policy, theta, (position,))
+                action = output[:2] + output[2:].exp() * noise[step][task, trajectory]
+                assert relative_error(batched.observations[task, trajectory, step], position) <= FLOAT64
+                assert relative_error(batched.actions[task, trajectory, step], action) <= FLOAT64
+                position = position + action.clamp(-MAX_SPEED, MAX_SPEED)
+                reward = -(position - goals[task]).norm()
+                assert relative_error(batched.rewards[task, trajectory, step], reward) <= FLOAT64
+
+
+def test_sampler_refuses_tasks_of_another_dtype():
+    policy, env = small_policy(), Navigation2D(horizon=HORIZON)
+    goals = env.sample_tasks(TASKS, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="the tasks are torch.float32 but the policy's parameters are"):
+        sample(policy, expand(parameters(policy), TASKS), env, goals, TRAJECTORIES, torch.Generator())
+
+
+def test_sampling_and_training_are_reproducible():
+    env = Navigation2D(horizon=HORIZON)
+    runs = []
+    for _ in range(2):
+        policy = small_policy(seed=5)
+        trainer = MetaTRPO(policy, env, trajectories=TRAJECTORIES)
+        generator = torch.Generator().manual_seed(7)
+        stats = [trainer.step(env.sample_tasks(TASKS, generator, dtype=torch.float64), generator) for _ in range(2)]
+        runs.append((flatten(parameters(policy)), [(s.pre_return, s.post_return) for s in stats]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+
+
+def test_discounted_returns_and_baseline_match_per_task_solutions():
+    generator = torch.Generator().manual_seed(4)
+    rewards = torch.randn(TASKS, TRAJECTORIES, HORIZON, generator=generator, dtype=torch.float64)
+    returns = discounted_returns(rewards, 0.9)
+    for task in range(TASKS):
+        for trajectory in range(TRAJECTORIES):
+            running = 0.0
+            for step in reversed(range(HORIZON)):
+                running = float(rewards[task, trajectory, step]) + 0.9 * running
+                assert abs(float(returns[task, trajectory, step]) - running) <= FLOAT64 * max(1.0, abs(running))
+    observations = torch.randn(TASKS, TRAJECTORIES, HORIZON, 2, generator=generator, dtype=torch.float64)
+    features = baseline_features(observations).reshape(TASKS, TRAJECTORIES * HORIZON, -1)
+    targets = returns.reshape(TASKS, -1)
+    values = fit_baseline(features, targets)
+    for task in range(TASKS):
+        # ridge regression as least squares on [X; √λ I] w ≈ [R; 0]
+        stacked = torch.cat([features[task], math.sqrt(BASELINE_RIDGE) * torch.eye(features.shape[-1],
+                                                                                    dtype=torch.float64)])
+        padded = torch.cat([targets[task], torch.zeros(features.shape[-1], dtype=torch.float64)])
+        weights = torch.linalg.lstsq(stacked, padded.unsqueeze(-1)).solution.squeeze(-1)
+        assert relative_error(values[task], features[task] @ weights) <= 1e-8
+
+
+def test_inner_step_matches_autograd_loop(problem_data):
+    policy, params, pre, _ = problem_data
+    batched = inner_step(policy, expand(params, TASKS), pre, 0.1)
+    for task in range(TASKS):
+        theta = {name: p.clone().requires_grad_() for name, p in params.items()}
+        expected = loop_adapted(policy, theta, pre, task, 0.1, first_order=True)
+        actual = {name: p[task] for name, p in batched.items()}
+        assert relative_error(flatten(actual), flatten(expected)) <= FLOAT64
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+def test_meta_gradient_matches_autograd_loop(problem_data, first_order):
+    """∇_θ (1/T) Σ_t L_out,t(θ'_t(θ)) by autograd through each task's inner step."""
+    policy, params, pre, post = problem_data
+    settings = TRPOSettings(first_order=first_order)
+    actual = flatten(meta_gradient(policy, outer_problem(policy, params, pre, post, 0.1), settings))
+    theta = {name: p.clone().requires_grad_() for name, p in params.items()}
+    total = 0.0
+    for task in range(TASKS):
+        adapted = loop_adapted(policy, theta, pre, task, 0.1, first_order)
+        output = functional_call(policy, adapted, (post.observations[task],))
+        old = log_prob(output.detach(), post.actions[task])
+        total = total + surrogate_loss(output, post.surrogate_targets(old.unsqueeze(0).expand(TASKS, -1))[task])
+    expected = torch.autograd.grad(total / TASKS, list(theta.values()))
+    assert relative_error(actual, torch.cat([g.reshape(-1) for g in expected])) <= FLOAT64
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+def test_fisher_vector_product_matches_double_backward_of_kl(problem_data, first_order):
+    """∇_θ (∇_θ KL(θ) · v) with KL(θ) = (1/T) Σ_t KL(π_θ'_t(θ₀) ‖ π_θ'_t(θ)), per task by autograd
+    through the inner step (its third-derivative term included, which vanishes at θ₀)."""
+    policy, params, pre, post = problem_data
+    settings = TRPOSettings(first_order=first_order)
+    problem = outer_problem(policy, params, pre, post, 0.1)
+    vector = {name: torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=p.dtype)
+              for name, p in params.items()}
+    actual = flatten(fisher_vector_product(policy, problem, settings, vector))
+    theta = {name: p.clone().requires_grad_() for name, p in params.items()}
+    total = 0.0
+    for task in range(TASKS):
+        adapted = loop_adapted(policy, theta, pre, task, 0.1, first_order)
+        output = functional_call(policy, adapted, (post.observations[task],))
+        total = total + kl_loss(output, output.detach())
+    grads = torch.autograd.grad(total / TASKS, list(theta.values()), create_graph=True)
+    directional = sum((g * vector[name]).sum() for g, name in zip(grads, theta))
+    expected = torch.autograd.grad(directional, list(theta.values()))
+    assert relative_error(actual, torch.cat([g.reshape(-1) for g in expected])) <= FLOAT64
+
+
+def test_conjugate_gradient_solves_positive_definite_system():
+    generator = torch.Generator().manual_seed(0)
+    factor = torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    matrix = factor @ factor.T / 12 + torch.eye(12, dtype=torch.float64)
+    b = torch.randn(12, generator=generator, dtype=torch.float64)
+    solution = conjugate_gradient(lambda v: matrix @ v, b, iterations=30, tolerance=0.0)
+    assert relative_error(solution, torch.linalg.solve(matrix, b)) <= FLOAT64
+
+
+@pytest.mark.parametrize("max_kl", [1e-2, 1e-4])
+def test_line_search_keeps_the_kl_bound_and_improves_the_surrogate(problem_data, max_kl):
+    policy, params, pre, post = problem_data
+    settings = TRPOSettings(max_kl=max_kl)
+    problem = outer_problem(policy, params, pre, post, 0.1)
+    result = trpo_step(policy, problem, settings)
+    assert result.accepted
+    loss, kl = surrogate_and_kl(policy, problem, settings, result.params)
+    assert 0 < kl <= max_kl
+    assert loss < result.loss_before
+    assert (loss, kl) == (result.loss_after, result.kl)
+
+
+def test_trpo_step_without_gradient_keeps_the_parameters(problem_data):
+    policy, params, pre, post = problem_data
+    post.advantages = torch.zeros_like(post.advantages)
+    problem = outer_problem(policy, params, pre, post, 0.1)
+    result = trpo_step(policy, problem, TRPOSettings())
+    assert not result.accepted
+    assert torch.equal(flatten(result.params), flatten(params))
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="max_kl"):
+        TRPOSettings(max_kl=0.0)
+    with pytest.raises(ValueError, match="backtrack_ratio"):
+        TRPOSettings(backtrack_ratio=1.0)
+    with pytest.raises(ValueError, match="trajectories"):
+        MetaTRPO(small_policy(), Navigation2D(), trajectories=1)
+
+
+def small_job(tmp_path, iterations, checkpoint=None):
+    from pymaml.jobs.rl import RLConfig
+
+    return RLConfig(iterations=iterations, meta_batch=2, trajectories=3, eval_tasks=2, eval_steps=2, horizon=5,
+                    checkpoint=str(checkpoint) if checkpoint else None, checkpoint_every=1, progress=False)
+
+
+def test_rl_command_end_to_end(tmp_path, capsys):
+    from pymaml.jobs.cli import main
+
+    out = tmp_path / "out"
+    assert main(["rl", "--iterations", "2", "--meta-batch", "2", "--trajectories", "3", "--eval-tasks", "2",
+                 "--eval-steps", "2", "--horizon", "5", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for policy in ("meta-learned", "pretrained", "random"):
+        assert policy in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["iterations"] == 2 and len(report["history"]) == 2
+    assert set(report["evaluation"]) == {"meta-learned", "pretrained", "random"}
+    assert sorted(report["evaluation"]["random"]["mean"]) == ["0", "1", "2"]
+    assert (out / report["figure"]).stat().st_size > 0
+
+
+def test_rl_job_resumed_equals_uninterrupted(tmp_path):
+    from pymaml.jobs.rl import run
+
+    whole = run(small_job(tmp_path, 2), tmp_path / "whole")
+    checkpoint = tmp_path / "run.pt"
+    first = run(small_job(tmp_path, 1, checkpoint), tmp_path / "first")
+    assert first["iterations"] == 1
+    resumed = run(small_job(tmp_path, 2, checkpoint), tmp_path / "resumed")
+    assert resumed["resumed_from"] == 1 and resumed["iterations_run"] == 1
+    strip = lambda history: [{k: v for k, v in h.items() if not k.startswith("seconds")} for h in history]  # noqa: E731
+    assert strip(resumed["history"]) == strip(whole["history"])
+    assert resumed["evaluation"] == whole["evaluation"]
+
+
+def test_rl_job_refuses_a_checkpoint_of_other_settings(tmp_path):
+    from pymaml.jobs.rl import run
+    from pymaml.jobs.training import JobError
+
+    checkpoint = tmp_path / "run.pt"
+    run(small_job(tmp_path, 1, checkpoint), tmp_path / "first")
+    other = small_job(tmp_path, 2, checkpoint)
+    other.inner_lr = 0.2
+    with pytest.raises(JobError, match="differ from this run"):
+        run(other, tmp_path / "second")
+
+
+@pytest.mark.parametrize("family", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_halfcheetah_matches_one_simulator_loop(family, tmp_path, monkeypatch):
+    """T·N simulators stepped by one call equal each simulator stepped alone, and the rewards are
+    the paper's, from the forward velocity that gymnasium's own reward uses
+    (gymnasium: r = v - 0.1 ‖a‖², so v = r + 0.1 ‖a‖²)."""
+    from pymaml.rl import ENVIRONMENTS, simulator_missing_reason
+
+    reason = simulator_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes its warnings to MUJOCO_LOG.TXT in the working folder
+    import gymnasium
+    import numpy
+
+    env = ENVIRONMENTS[family](horizon=4)
+    generator = torch.Generator().manual_seed(0)
+    goals = env.sample_tasks(2, generator, dtype=torch.float64)
+    state = generator.get_state()
+    observations = env.reset(goals, 2, generator)
+    actions = torch.randn(2, 2, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.5
+    batched = []
+    for step in range(4):
+        observations, reward = env.step(observations, actions[:, :, step], goals)
+        batched.append((observations, reward))
+    seeds = torch.randint(0, 2**31 - 1, (4,), generator=torch.Generator().set_state(state)).tolist()
+    for index, seed in enumerate(seeds):
+        task, trajectory = divmod(index, 2)
+        simulator = gymnasium.make("HalfCheetah-v5")
+        simulator.reset(seed=seed)
+        for step in range(4):
+            action = numpy.clip(actions[task, trajectory, step].numpy(), -1.0, 1.0)
+            observation, gymnasium_reward, *_ = simulator.step(action)
+            control = float(numpy.square(action).sum())
+            velocity = gymnasium_reward + 0.1 * control
+            goal = float(goals[task, 0])
+            expected = (-abs(velocity - goal) if family == "halfcheetah-vel" else goal * velocity) - 0.05 * control
+            assert abs(float(batched[step][1][task, trajectory]) - expected) <= FLOAT64 * max(1.0, abs(expected))
+            assert relative_error(batched[step][0][task, trajectory], torch.from_numpy(observation)) <= FLOAT64
+    if family == "halfcheetah-vel":
+        assert bool(((goals >= 0) & (goals <= 2)).all())
+    else:
+        assert set(goals.flatten().tolist()) <= {-1.0, 1.0}
+
+
+def test_rl_command_halfcheetah_end_to_end(tmp_path, capsys, monkeypatch):
+    from pymaml.jobs.cli import main
+    from pymaml.rl import simulator_missing_reason
+
+    reason = simulator_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes its warnings to MUJOCO_LOG.TXT in the working folder
+    out = tmp_path / "out"
+    assert main(["rl", "--env", "halfcheetah-vel", "--iterations", "1", "--meta-batch", "2", "--trajectories", "2",
+                 "--eval-tasks", "2", "--eval-steps", "1", "--horizon", "5", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["env"] == "halfcheetah-vel" and report["iterations"] == 1
+    assert (out / "halfcheetah-vel.png").stat().st_size > 0
+    assert "meta-learned" in capsys.readouterr().out
+
+
+def test_rl_command_names_the_missing_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from pymaml.jobs.cli import main
+
+    monkeypatch.setitem(sys.modules, "mujoco", None)
+    assert main(["rl", "--env", "halfcheetah-dir", "--iterations", "1", "--out", str(tmp_path / "out")]) == 1
+    assert 'pip install "pymaml[rl]"' in capsys.readouterr().err
+
+
+def test_rl_command_refuses_torchrun(tmp_path, capsys, monkeypatch):
+    from pymaml.jobs.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["rl", "--iterations", "1", "--out", str(tmp_path / "out")]) == 1
+    assert "torchrun" in capsys.readouterr().err
