@@ -1,14 +1,16 @@
 """MAML for reinforcement learning, the paper's 2D navigation and half-cheetah velocity and
-direction tasks (Finn et al. 2017, section 5.3, Figure 5): meta-train with MAML-TRPO, train the multi-task "pretrained" baseline on the same
-tasks, then evaluate both and a random initialisation on new tasks after 0..3 policy-gradient steps.
+direction tasks (Finn et al. 2017, section 5.3, Figure 5): meta-train with MAML-TRPO, train the
+multi-task "pretrained" baseline on the same tasks, then evaluate both and a random
+initialisation on new tasks after 0..3 policy-gradient steps.
 
 Settings are the paper's: Gaussian MLP policy 2×100 ReLU, 20 trajectories per task and step,
 horizon 100, one inner REINFORCE step of α = 0.1 with a linear feature baseline, TRPO with
-KL ≤ 0.01, meta-batch 20 (navigation) or 40 (half-cheetah, horizon 200). The paper gives no iteration count; DEFAULT_ITERATIONS is the count of
-pytorch-maml-rl's navigation configuration. The pretrained policy starts from the same
-initialisation and takes one TRPO step per iteration on the trajectories of the same tasks,
-without the inner step. Evaluation: 40 new tasks, returns averaged over 20 trajectories per task,
-the same step size α for every policy, the same noise stream for every policy.
+KL ≤ 0.01, meta-batch 20 (navigation) or 40 (half-cheetah, horizon 200). The paper gives no
+iteration count; DEFAULT_ITERATIONS is the count of pytorch-maml-rl's navigation configuration. The
+pretrained policy starts from the same initialisation and takes one TRPO step per iteration on
+the trajectories of the same tasks, without the inner step. Evaluation: 40 new tasks, returns
+averaged over 20 trajectories per task, the same step size α and the same noise stream for every
+policy.
 """
 
 from __future__ import annotations

@@ -11,6 +11,6 @@ from .trpo import IterationStats, MetaTRPO, TRPOSettings, returns_after_steps
 ENVIRONMENTS = {"navigation2d": Navigation2D, "halfcheetah-vel": HalfCheetahVelocity,
                 "halfcheetah-dir": HalfCheetahDirection}
 
-__all__ = ["ENVIRONMENTS", "GaussianMLPPolicy", "HalfCheetahDirection", "HalfCheetahVelocity", "IterationStats", "MetaTRPO", "Navigation2D", "PolicyBatch",
-           "TRPOSettings", "Trajectories", "advantages", "returns_after_steps", "sample",
-           "simulator_missing_reason"]
+__all__ = ["ENVIRONMENTS", "GaussianMLPPolicy", "HalfCheetahDirection", "HalfCheetahVelocity", "IterationStats",
+           "MetaTRPO", "Navigation2D", "PolicyBatch", "TRPOSettings", "Trajectories", "advantages",
+           "returns_after_steps", "sample", "simulator_missing_reason"]

@@ -4,7 +4,8 @@ trajectories: one call to `step` moves every agent of every task.
 A point agent starts at the origin; its action is a velocity, clipped to [-MAX_SPEED, MAX_SPEED]²;
 the new position is position + clipped action, and the reward is the negative distance from the
 new position to the task's goal, -‖position' - goal‖. Goals are uniform in [-GOAL_RANGE, GOAL_RANGE]².
-Every trajectory lasts HORIZON steps (the paper's; tests pass shorter ones) (no early termination), so every batch is rectangular.
+Every trajectory lasts HORIZON steps (the paper's; tests pass shorter ones), with no early
+termination, so every batch is rectangular.
 """
 
 from __future__ import annotations
