@@ -1,56 +1,24 @@
-// Shared definitions for the per-task MLP math. No torch, no threads of its own: the same code
+// Shared definitions for the per-task math. No torch, no threads of its own: the same code
 // runs on the CPU (one thread per task) and on CUDA (one block per task).
 #pragma once
 
 #include <cstdint>
 
-// PYMAML_CUDA_PATHS selects the loops written for a CUDA block (each rank computes whole outputs,
-// one after another) where the CPU build has its own (the register tiles of gemm_rows, the lane
-// sums of gemm_rows_dot, the 8×8 vector transposes). nvcc defines it; a host build that defines
-// PYMAML_HOST_RUNS_CUDA_PATHS takes the same loops, so that the thread-group harness
-// (csrc/tools/group_harness.cpp) runs on CPU threads the per-task code that a GPU runs. The
-// extension's CPU units never define it.
-#if defined(__CUDACC__) || defined(PYMAML_HOST_RUNS_CUDA_PATHS)
-#define PYMAML_CUDA_PATHS 1
-#endif
-
 // PYMAML_HD marks the free functions of the per-task math, PYMAML_HD_MEMBER the member
-// functions. On the CPU the free functions are `static`: each ISA-level unit (csrc/cpu/) keeps
-// its own copies, so the linker never hands AVX-512 code to the baseline path.
+// functions and PYMAML_HD_STATIC_MEMBER the static ones (a launcher's products). On the CPU the
+// free functions are `static`: each ISA-level unit (csrc/cpu/) keeps its own copies, so the
+// linker never hands AVX-512 code to the baseline path.
 #if defined(__CUDACC__)
 #define PYMAML_HD __host__ __device__ __forceinline__
 #define PYMAML_HD_MEMBER __host__ __device__ __forceinline__
-#define PYMAML_NOINLINE
+#define PYMAML_HD_STATIC_MEMBER static __host__ __device__ __forceinline__
 #else
 #define PYMAML_HD static inline
 #define PYMAML_HD_MEMBER inline
-#if defined(__GNUC__)
-#define PYMAML_NOINLINE static __attribute__((noinline))
-#else
-#define PYMAML_NOINLINE static
-#endif
-#endif
-
-// The vector registers of the ISA level a unit is compiled for, which size the register tiles
-// of the products (csrc/core/mlp_task.h, gemm_rows).
-#if defined(__AVX512F__)
-constexpr int kVectorBytes = 64, kVectorRegisters = 32;
-#elif defined(__AVX__)
-constexpr int kVectorBytes = 32, kVectorRegisters = 16;
-#elif defined(__aarch64__)
-// NEON has 32 128-bit registers, but GCC 12 spills tiles sized for 32 (8 rows × 3 panels) inside
-// the k loop (tests/test_register_tiles.py); the 16-register tiles stay in registers.
-constexpr int kVectorBytes = 16, kVectorRegisters = 16;
-#else
-constexpr int kVectorBytes = 16, kVectorRegisters = 16;
+#define PYMAML_HD_STATIC_MEMBER static inline
 #endif
 
 #define PYMAML_PRAGMA(x) _Pragma(#x)
-#if defined(__CUDACC__) || !defined(__GNUC__) || defined(__clang__)
-#define PYMAML_UNROLL
-#else
-#define PYMAML_UNROLL PYMAML_PRAGMA(GCC unroll 16)
-#endif
 #if defined(__CUDA_ARCH__) || !defined(_OPENMP)
 #define PYMAML_SIMD_SUM(var)
 #define PYMAML_SIMD
@@ -71,7 +39,7 @@ constexpr int kMaxLayers = 16;
 // Per-point buffers and weight copies pad every row to a multiple of kChunk elements, with
 // zeros in the padding, so that the inner loops run on whole SIMD registers. Partial-width rows
 // (40 of 48) left a scalar tail whose stores stalled the next full-width load: padded, the
-// sinusoid meta-step ran several times faster (csrc/core/mlp_task.h, gemm_rows).
+// sinusoid meta-step ran several times faster (csrc/cpu/register_tiles.h).
 constexpr int kChunk = 16;
 PYMAML_HD int padded(int n) { return (n + kChunk - 1) / kChunk * kChunk; }
 

@@ -1,6 +1,7 @@
 // The grid of a one-launch meta-step: groups of threads (CUDA blocks) take the tasks in turn
 // (grid-stride), each task's meta-step by meta_step_task, and the last group to finish takes the
-// means over tasks in task order. Written once for the CUDA kernel (csrc/cuda/meta_step_cuda.cu:
+// means over tasks in task order; the products come from the launcher (Products, csrc/core/products.h).
+// Written once for the CUDA kernel (csrc/cuda/meta_step_cuda.cu:
 // a BlockGroup and CudaGrid) and for the CPU thread-group harness (csrc/tools/group_harness.cpp:
 // groups of std::threads), so that the harness runs the handoff the GPU runs.
 //
@@ -57,7 +58,7 @@ PYMAML_HD bool labels_in_range(const int64_t* labels, int points, int classes) {
 // labels_ok (cross-entropy only, else null) receives 1 when every task's labels were in
 // [0, n_L), else 0; a task with a label outside gets NaN losses and gradients and is not run, so
 // that no label indexes outside the logits.
-template <class T, class G, class Grid, class Batch, class Result>
+template <class Products, class T, class G, class Grid, class Batch, class Result>
 PYMAML_HD void meta_step_grid(const G& g, const Grid& grid, const MlpSpec& s, const MetaStepShape& m, const Batch& b,
                               const Result& r, T* workspace, unsigned int* counter, int* labels_ok) {
   const GridLayout lay = grid_layout(s, m);
@@ -93,7 +94,7 @@ PYMAML_HD void meta_step_grid(const G& g, const Grid& grid, const MlpSpec& s, co
     const Targets<T> support_y{labels ? nullptr : b.support_values + int64_t(t) * m.support_points * nL,
                                support_labels};
     const Targets<T> query_y{labels ? nullptr : b.query_values + int64_t(t) * m.query_points * nL, query_labels};
-    meta_step_task(g, s, m, theta, static_cast<const T*>(nullptr), lrs, b.step_weights,
+    meta_step_task<Products>(g, s, m, theta, static_cast<const T*>(nullptr), lrs, b.step_weights,
                    b.support_x + int64_t(t) * m.support_points * n0, support_y,
                    b.query_x + int64_t(t) * m.query_points * n0, query_y, block_base, r.task_losses + t,
                    r.pre_losses + t, out + PP + (m.lr_grad ? int64_t(S) * PP : 0), out,

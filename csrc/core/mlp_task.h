@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "products.h"
 
 namespace pymaml {
 
@@ -218,183 +219,6 @@ struct Targets {
   const int64_t* labels;
 };
 
-#if !defined(PYMAML_CUDA_PATHS)
-// Lanes of T in one vector register of the unit's ISA level; kChunk is a multiple of it.
-template <class T>
-constexpr int vector_lanes() { return kVectorBytes / int(sizeof(T)) > 0 ? kVectorBytes / int(sizeof(T)) : 1; }
-static_assert(kChunk % (kVectorBytes / int(sizeof(float))) == 0 && kChunk % (kVectorBytes / int(sizeof(double))) == 0,
-              "padded rows must hold whole vector registers");
-
-// The register-blocked product: for RB rows r and NP column panels p, each one vector register
-// of T wide (vector_lanes<T>() columns), C[r, p] = (C[r, p] if accumulate, else init[p] or 0)
-// + Σ_k a(r, k) B[k, p], with a(r, k) = a[r·ars + k·acs]; all RB·NP accumulators stay in
-// registers across the k loop, so each B panel is loaded once per k for RB rows and each
-// a(r, k) broadcast once for NP panels. Every output is the same k-ordered sum whatever the
-// tile shape, so results do not depend on how the rows and columns are blocked.
-template <class T, int RB, int NP>
-PYMAML_NOINLINE void gemm_tile(int Kd, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
-                               int64_t ldc, const T* init, bool accumulate) {
-  constexpr int lanes = vector_lanes<T>();
-#if !defined(__GNUC__) || defined(__clang__)
-  for (int r = 0; r < RB; ++r) {
-    for (int j = 0; j < NP * lanes; ++j) {
-      T acc = accumulate ? C[r * ldc + j] : (init ? init[j] : T(0));
-      for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * acs] * B[int64_t(k) * ldb + j];
-      C[r * ldc + j] = acc;
-    }
-  }
-#else
-  // GCC vector extensions keep the accumulators in registers (plain arrays were spilled to the
-  // stack on every k). A panel is exactly one register: wider vector types have no machine mode
-  // below AVX-512 and GCC lowers them through the stack.
-  typedef T Panel __attribute__((vector_size(lanes * sizeof(T))));
-  Panel acc[RB][NP];
-PYMAML_UNROLL
-  for (int r = 0; r < RB; ++r) {
-PYMAML_UNROLL
-    for (int p = 0; p < NP; ++p) {
-      if (accumulate) {
-        __builtin_memcpy(&acc[r][p], C + r * ldc + p * lanes, sizeof(Panel));
-      } else if (init) {
-        __builtin_memcpy(&acc[r][p], init + p * lanes, sizeof(Panel));
-      } else {
-        acc[r][p] = Panel{};
-      }
-    }
-  }
-PYMAML_PRAGMA(GCC unroll 2)
-  for (int k = 0; k < Kd; ++k) {
-    Panel b[NP];
-PYMAML_UNROLL
-    for (int p = 0; p < NP; ++p) __builtin_memcpy(&b[p], B + int64_t(k) * ldb + p * lanes, sizeof(Panel));
-PYMAML_UNROLL
-    for (int r = 0; r < RB; ++r) {
-      const T scale = a[r * ars + k * acs];
-PYMAML_UNROLL
-      for (int p = 0; p < NP; ++p) acc[r][p] += scale * b[p];
-    }
-  }
-PYMAML_UNROLL
-  for (int r = 0; r < RB; ++r) {
-PYMAML_UNROLL
-    for (int p = 0; p < NP; ++p) __builtin_memcpy(C + r * ldc + p * lanes, &acc[r][p], sizeof(Panel));
-  }
-#endif
-}
-
-// The tile shape for NP one-register panels: as many rows (at most kMaxTileRows) as the vector
-// registers hold beside the NP panels of B and the broadcast a(r, k): RB·NP + NP + 1 registers.
-// kMaxTilePanels, the widest tile, keeps the accumulators near the most the registers hold:
-// with 32 registers (AVX-512) 8 rows × 3 or 6 × 4 panels; with 16 (AVX2, SSE2, NEON) 6 × 2 (GCC
-// spills 3 × 3 there).
-constexpr int kMaxTileRows = 8;
-template <class T>
-constexpr int tile_rows(int NP) {
-  const int budget = (kVectorRegisters - NP - 1) / NP;
-  return budget < 1 ? 1 : (budget > kMaxTileRows ? kMaxTileRows : budget);
-}
-constexpr int kMaxTilePanels = kVectorRegisters >= 32 ? 4 : 2;
-
-template <class T, int NP>
-static inline void gemm_tile_rows(int rows, int Kd, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
-                              int64_t ldc, const T* init, bool accumulate) {
-  switch (rows) {
-#define PYMAML_TILE_CASE(R) \
-  case R: gemm_tile<T, (R <= tile_rows<T>(NP) ? R : tile_rows<T>(NP)), NP>(Kd, a, ars, acs, B, ldb, C, ldc, init, accumulate); break;
-    PYMAML_TILE_CASE(1) PYMAML_TILE_CASE(2) PYMAML_TILE_CASE(3) PYMAML_TILE_CASE(4)
-    PYMAML_TILE_CASE(5) PYMAML_TILE_CASE(6) PYMAML_TILE_CASE(7) PYMAML_TILE_CASE(8)
-#undef PYMAML_TILE_CASE
-    default: break;
-  }
-}
-
-#endif  // !PYMAML_CUDA_PATHS
-
-// C[R, N] = (C if accumulate, else the init row or 0) + a(R × Kd) B[Kd, N], for the N real
-// columns of a layer. The CPU computes whole vector registers, N rounded up to the unit's lanes
-// (the padded rows of B, C and init hold them; padding lanes carry no meaning, see
-// activate_row), not the kChunk-padded width: 40 columns are 5 AVX2 panels rather than 6.
-// Column groups of up to kMaxTilePanels panels, of nearly equal width; in each, the R rows split
-// into blocks of nearly equal size (K = 10 rows run as 5 + 5 rather than 8 + 2), which the
-// group's ranks take in turn.
-template <class T, class G>
-PYMAML_HD void gemm_rows(const G& g, int R, int Kd, int N, const T* a, int64_t ars, int64_t acs, const T* B,
-                         int64_t ldb, T* C, int64_t ldc, const T* init, bool accumulate) {
-#if defined(PYMAML_CUDA_PATHS)
-  // On a GPU the block's threads take single outputs; consecutive ranks read consecutive j.
-  for (int idx = g.rank(); idx < R * N; idx += g.size()) {
-    const int r = idx / N, j = idx - r * N;
-    T acc = accumulate ? C[r * ldc + j] : (init ? init[j] : T(0));
-    for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * acs] * B[int64_t(k) * ldb + j];
-    C[r * ldc + j] = acc;
-  }
-#else
-  constexpr int lanes = vector_lanes<T>();
-  const int panels = (N + lanes - 1) / lanes;
-  if (panels == 0 || R == 0) return;
-  // Column groups of nearly equal width, at most kMaxTilePanels panels (7 AVX-512 panels run
-  // as 4 + 3, not 4 + 2 + 1, whose one-panel tiles wait on the FMA latency), and in each the
-  // rows in blocks of nearly equal size. A group is `narrow` or one panel wider; the row blocks of
-  // both widths are computed once (integer divisions cost as much as a small tile's k loop).
-  const int groups = (panels + kMaxTilePanels - 1) / kMaxTilePanels;
-  const int narrow = panels / groups, wide_groups = panels - narrow * groups;
-  int row_blocks[2], row_base[2];
-  for (int wide = 0; wide < 2; ++wide) {
-    const int most = tile_rows<T>(narrow + wide);
-    row_blocks[wide] = (R + most - 1) / most;
-    row_base[wide] = R / row_blocks[wide];
-  }
-  for (int group = 0, p0 = 0; group < groups; ++group) {
-    const int wide = group < wide_groups ? 1 : 0, np = narrow + wide;
-    const int blocks = row_blocks[wide], base = row_base[wide];
-    const int extra = R - base * blocks;  // the first `extra` blocks get one more row
-    const int64_t column = int64_t(p0) * lanes;
-    p0 += np;
-    const T* init_p = init ? init + column : nullptr;
-    for (int block = g.rank(); block < blocks; block += g.size()) {
-      const int r0 = block * base + (block < extra ? block : extra);
-      const int rows = base + (block < extra ? 1 : 0);
-      const T* ab = a + r0 * ars;
-      T* cb = C + r0 * ldc + column;
-      const T* bb = B + column;
-      switch (np) {
-        case 1: gemm_tile_rows<T, 1>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
-        case 2: gemm_tile_rows<T, (kMaxTilePanels < 2 ? kMaxTilePanels : 2)>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
-        case 3: gemm_tile_rows<T, (kMaxTilePanels < 3 ? kMaxTilePanels : 3)>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
-        default: gemm_tile_rows<T, kMaxTilePanels>(rows, Kd, ab, ars, acs, bb, ldb, cb, ldc, init_p, accumulate); break;
-      }
-    }
-  }
-#endif
-}
-
-#if defined(__GNUC__) && !defined(__clang__) && !defined(PYMAML_CUDA_PATHS)
-#define PYMAML_VECTOR_TRANSPOSE 1
-// dst[j, :8] = src[:8, j] for an 8×8 tile: three rounds of pairwise shuffles (swap the 4×4, then
-// the 2×2, then the 1×1 blocks). About 4× faster here than scalar strided stores, which took
-// 18% of the sinusoid meta-step.
-template <class T>
-static inline void transpose_tile8(const T* src, int64_t lds, T* dst, int64_t ldd) {
-  typedef T Row __attribute__((vector_size(sizeof(T) * 8)));
-  Row r[8], a[8], b[8];
-  for (int j = 0; j < 8; ++j) __builtin_memcpy(&r[j], src + j * lds, sizeof(Row));
-  for (int j = 0; j < 4; ++j) {
-    a[j] = __builtin_shufflevector(r[j], r[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    a[j + 4] = __builtin_shufflevector(r[j], r[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-  }
-  for (int q = 0; q < 4; ++q) {
-    const int j = q < 2 ? q : q + 2;  // rows 0, 1, 4, 5 pair with 2, 3, 6, 7
-    b[j] = __builtin_shufflevector(a[j], a[j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-    b[j + 2] = __builtin_shufflevector(a[j], a[j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-  }
-  for (int j = 0; j < 8; j += 2) {
-    r[j] = __builtin_shufflevector(b[j], b[j + 1], 0, 8, 2, 10, 4, 12, 6, 14);
-    r[j + 1] = __builtin_shufflevector(b[j], b[j + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-  }
-  for (int j = 0; j < 8; ++j) __builtin_memcpy(dst + j * ldd, &r[j], sizeof(Row));
-}
-#endif
-
 // How each layer's forward product z = a W^T + b reads W: layer 1 from its transposed padded
 // storage; layers with at most kDotMaxOutputs outputs (the sinusoid's 40 → 1) from W's rows as
 // dot products (gemm_rows_dot), where tiles would spend 15 of 16 lanes on padding; the others
@@ -405,91 +229,19 @@ PYMAML_HD bool needs_transpose(const MlpSpec& s, int l) { return l > 1 && !dot_l
 
 // WT_l = W_l^T [n_{l-1}, pad(n_l)] followed by the padded bias row, for the layers that need
 // it, from a padded parameter vector. Only real lanes are written.
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void transpose_weights(const G& g, const MlpSpec& s, const T* theta, T* WT) {
   for (int l = 2; l <= s.layers; ++l) {
     if (!needs_transpose(s, l)) continue;
     const int n_in = s.in(l), n_out = s.out(l), ld_out = padded(n_out), ld_in = padded(n_in);
     const T* W = theta + s.padded_offset[l];
     T* wt = WT + s.wt_offset[l];
-    int o_tiled = 0;
-#if defined(PYMAML_VECTOR_TRANSPOSE)
-    // 8-lane rows of T that fit one vector register; wider ones would go through the stack.
-    const bool vector_tiles = sizeof(T) * 8 <= size_t(kVectorBytes);
-    const int i_tiled = vector_tiles ? n_in / 8 * 8 : 0;
-    o_tiled = vector_tiles ? n_out / 8 * 8 : 0;
-    for (int o0 = 0; o0 < o_tiled; o0 += 8) {
-      for (int i0 = 0; i0 < i_tiled; i0 += 8) {
-        transpose_tile8(W + int64_t(o0) * ld_in + i0, int64_t(ld_in), wt + int64_t(i0) * ld_out + o0, int64_t(ld_out));
-      }
-      for (int i = i_tiled; i < n_in; ++i) {
-        for (int o = o0; o < o0 + 8; ++o) wt[int64_t(i) * ld_out + o] = W[int64_t(o) * ld_in + i];
-      }
-    }
-#endif
-    for (int o = o_tiled + g.rank(); o < n_out; o += g.size()) {
-      const T* w = W + int64_t(o) * ld_in;
-      for (int i = 0; i < n_in; ++i) wt[int64_t(i) * ld_out + o] = w[i];
-    }
+    Products::transpose(g, n_out, n_in, W, int64_t(ld_in), wt, int64_t(ld_out));
     for (int o = g.rank(); o < n_out; o += g.size()) wt[int64_t(n_in) * ld_out + o] = theta[s.bias_offset(l) + o];
   }
   g.sync();
 }
 
-// C[r, j] = (C[r, j] if accumulate, else init[j]) + Σ_{i < m} a[r, i] W[j, i] for j < n: the
-// product with W's rows as dot products (see dot_layer). Rows of a and W are padded to ld; the
-// padding lanes are left out of the sum (a 0 · NaN there would make a finite product NaN).
-template <class T, class G>
-PYMAML_HD void gemm_rows_dot(const G& g, int R, int n, int m, int ld, const T* a, int64_t lda, const T* W,
-                             int64_t ldw, T* C, int64_t ldc, const T* init, bool accumulate) {
-  for (int idx = g.rank(); idx < R * n; idx += g.size()) {
-    const int r = idx / n, j = idx - r * n;
-    const T* x = a + r * lda;
-    const T* w = W + j * ldw;
-#if defined(__GNUC__) && !defined(__clang__) && !defined(PYMAML_CUDA_PATHS)
-    static_assert(kChunk == 16, "the lane sum below is written for 16 lanes");
-    // 16 partial sums, lane j over i ≡ j (mod 16), in one-register vectors (see gemm_tile),
-    // then added pairwise: halves, quarters, and (q0 + q2) + (q1 + q3).
-    constexpr int lanes = vector_lanes<T>(), vectors = kChunk / lanes;
-    typedef T Lane __attribute__((vector_size(lanes * sizeof(T))));
-    Lane acc[vectors];
-PYMAML_UNROLL
-    for (int v = 0; v < vectors; ++v) acc[v] = Lane{};
-    const int full = m / kChunk * kChunk;
-    for (int i = 0; i < full; i += kChunk) {
-PYMAML_UNROLL
-      for (int v = 0; v < vectors; ++v) {
-        Lane xa, wa;
-        __builtin_memcpy(&xa, x + i + v * lanes, sizeof(Lane));
-        __builtin_memcpy(&wa, w + i + v * lanes, sizeof(Lane));
-        acc[v] += xa * wa;
-      }
-    }
-    if (full < ld) {  // the last panel, its padding lanes selected out
-      typedef decltype(Lane{} < Lane{}) Mask;
-      Mask lane;
-      for (int i = 0; i < lanes; ++i) lane[i] = i;
-PYMAML_UNROLL
-      for (int v = 0; v < vectors; ++v) {
-        Lane xa, wa;
-        __builtin_memcpy(&xa, x + full + v * lanes, sizeof(Lane));
-        __builtin_memcpy(&wa, w + full + v * lanes, sizeof(Lane));
-        acc[v] += lane < m - full - v * lanes ? xa * wa : Lane{};
-      }
-    }
-    T part[kChunk];
-    __builtin_memcpy(part, acc, sizeof(part));
-    T h[kChunk / 2], q[kChunk / 4];
-    for (int j = 0; j < kChunk / 2; ++j) h[j] = part[j] + part[j + kChunk / 2];
-    for (int j = 0; j < kChunk / 4; ++j) q[j] = h[j] + h[j + kChunk / 4];
-    const T sum = (q[0] + q[2]) + (q[1] + q[3]);
-#else
-    T sum = 0;
-    for (int i = 0; i < m; ++i) sum += x[i] * w[i];
-#endif
-    C[r * ldc + j] = (accumulate ? C[r * ldc + j] : init[j]) + sum;
-  }
-}
 
 
 template <class T, class G>
@@ -508,27 +260,27 @@ PYMAML_HD const T* layer_input(const MlpSpec& s, const Pass<T>& pass, int K, int
 }
 
 // The forward product z = in W^T + b (accumulate: z += in W^T), W read as dot_layer says.
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void forward_product(const G& g, const MlpSpec& s, int l, int K, const T* in, const T* theta, const T* WT,
                                T* z, bool accumulate) {
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
   if (dot_layer(s, l)) {
-    gemm_rows_dot(g, K, n_out, n_in, ld_in, in, int64_t(ld_in), theta + s.padded_offset[l], int64_t(ld_in), z,
+    Products::gemm_rows_dot(g, K, n_out, n_in, ld_in, in, int64_t(ld_in), theta + s.padded_offset[l], int64_t(ld_in), z,
                   int64_t(ld_out), theta + s.bias_offset(l), accumulate);
   } else {
     const T* wt = l == 1 ? theta + s.padded_offset[1] : WT + s.wt_offset[l];
-    gemm_rows(g, K, n_in, n_out, in, int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z, int64_t(ld_out),
+    Products::gemm_rows(g, K, n_in, n_out, in, int64_t(ld_in), int64_t(1), wt, int64_t(ld_out), z, int64_t(ld_out),
               wt + int64_t(n_in) * ld_out, accumulate);
   }
 }
 
 // Forward pass: z_l = a_{l-1} W_l^T + b_l, a_l = σ(z_l), from pass.X.
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void mlp_forward(const G& g, const MlpSpec& s, const T* theta, const T* WT, int K, const Pass<T>& pass) {
   for (int l = 1; l <= s.layers; ++l) {
     const int n_out = s.out(l), ld_out = padded(n_out);
     T* z = TaskWorkspace<T>::layer(pass.Z, s, K, l);
-    forward_product(g, s, l, K, layer_input(s, pass, K, l), theta, WT, z, false);
+    forward_product<Products>(g, s, l, K, layer_input(s, pass, K, l), theta, WT, z, false);
     g.sync();
     if (l < s.layers) {
       T* a = TaskWorkspace<T>::layer(pass.A, s, K, l);
@@ -588,23 +340,23 @@ PYMAML_HD void mlp_loss(const G& g, const MlpSpec& s, Targets<T> y, int K, bool 
 // d2[k, o] in2[k, :] when d2 is given), and the bias = Σ_k d1[k, o] when the MLP has biases;
 // added to `out` when accumulate. Layer 1 is stored transposed and takes the same sums as
 // W^T[i, :] = Σ_k in1[k, i] d1[k, :]. The sums over k run in order (weight_products blocks them).
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void weight_products_in_order(const G& g, const MlpSpec& s, int K, int l, const T* d1, const T* in1,
                                         const T* d2, const T* in2, T* out, bool accumulate) {
   const int n_in = s.in(l), n_out = s.out(l), ld_in = padded(n_in), ld_out = padded(n_out);
   T* W = out + s.padded_offset[l];
   if (l == 1) {
-    gemm_rows(g, n_in, K, n_out, in1, int64_t(1), int64_t(ld_in), d1, int64_t(ld_out), W, int64_t(ld_out),
+    Products::gemm_rows(g, n_in, K, n_out, in1, int64_t(1), int64_t(ld_in), d1, int64_t(ld_out), W, int64_t(ld_out),
               static_cast<const T*>(nullptr), accumulate);
     if (d2) {
-      gemm_rows(g, n_in, K, n_out, in2, int64_t(1), int64_t(ld_in), d2, int64_t(ld_out), W, int64_t(ld_out),
+      Products::gemm_rows(g, n_in, K, n_out, in2, int64_t(1), int64_t(ld_in), d2, int64_t(ld_out), W, int64_t(ld_out),
                 static_cast<const T*>(nullptr), true);
     }
   } else {
-    gemm_rows(g, n_out, K, n_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), W, int64_t(ld_in),
+    Products::gemm_rows(g, n_out, K, n_in, d1, int64_t(1), int64_t(ld_out), in1, int64_t(ld_in), W, int64_t(ld_in),
               static_cast<const T*>(nullptr), accumulate);
     if (d2) {
-      gemm_rows(g, n_out, K, n_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), W, int64_t(ld_in),
+      Products::gemm_rows(g, n_out, K, n_in, d2, int64_t(1), int64_t(ld_out), in2, int64_t(ld_in), W, int64_t(ld_in),
                 static_cast<const T*>(nullptr), true);
     }
   }
@@ -633,12 +385,12 @@ PYMAML_HD void weight_products_in_order(const G& g, const MlpSpec& s, int K, int
 // added pairwise (see kPointBlock) when K is larger than one block. point_sums holds
 // point_sum_slots(K) padded vectors; only layer l's block [padded_offset[l], bias_offset(l) +
 // pad(n_l)) of each is used.
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const T* d1, const T* in1, const T* d2,
                                const T* in2, T* out, bool accumulate, T* point_sums) {
   const int blocks = point_blocks(K);
   if (blocks <= 1) {
-    weight_products_in_order(g, s, K, l, d1, in1, d2, in2, out, accumulate);
+    weight_products_in_order<Products>(g, s, K, l, d1, in1, d2, in2, out, accumulate);
     return;
   }
   const int64_t PP = s.num_padded_params, begin = s.padded_offset[l];
@@ -648,7 +400,7 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
   T* block = point_sums + current * PP;
   for (int b = 0; b < blocks; ++b) {
     const int k0 = b * kPointBlock, points = K - k0 < kPointBlock ? K - k0 : kPointBlock;
-    weight_products_in_order(g, s, points, l, d1 + k0 * ld_out, in1 + k0 * ld_in, d2 ? d2 + k0 * ld_out : nullptr,
+    weight_products_in_order<Products>(g, s, points, l, d1 + k0 * ld_out, in1 + k0 * ld_in, d2 ? d2 + k0 * ld_out : nullptr,
                              in2 ? in2 + k0 * ld_in : nullptr, block, false);
     g.sync();
     int j = 0;
@@ -679,7 +431,7 @@ PYMAML_HD void weight_products(const G& g, const MlpSpec& s, int K, int l, const
 // Back-propagation from δ_L in the pass: δ_{l-1} = t ⊙ σ'(z_{l-1}) with t = δ_l W_l (kept in
 // the pass for activations with curvature), and, when grad is not null, gW_l = δ_l^T a_{l-1},
 // gb_l = Σ_k δ_l into it.
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K, const Pass<T>& pass, T* grad,
                              T* point_sums) {
   const bool curvature = has_curvature(s.activation);
@@ -688,13 +440,13 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K,
     const T* in = layer_input(s, pass, K, l);
     const T* delta = TaskWorkspace<T>::layer(pass.D, s, K, l);
     if (grad) {
-      weight_products(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad, false,
+      weight_products<Products>(g, s, K, l, delta, in, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), grad, false,
                       point_sums);
     }
     if (l > 1) {
       T* prev = TaskWorkspace<T>::layer(pass.D, s, K, l - 1);
       T* product = curvature ? TaskWorkspace<T>::layer(pass.Dt, s, K, l - 1) : prev;
-      gemm_rows(g, K, n_out, n_in, delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
+      Products::gemm_rows(g, K, n_out, n_in, delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
                 product, int64_t(ld_in), static_cast<const T*>(nullptr), false);
       g.sync();
       for (int k = g.rank(); k < K; k += g.size()) {
@@ -708,18 +460,18 @@ PYMAML_HD void mlp_backward(const G& g, const MlpSpec& s, const T* theta, int K,
 
 // Loss and gradient at a padded theta whose transposed weights are WT; the pass keeps the
 // activations and δs, and the loss is left in ws.cell[0]. grad may be null (δs only).
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void mlp_gradient(const G& g, const MlpSpec& s, const T* theta, const T* WT, Targets<T> y, int K,
                             const Pass<T>& pass, const TaskWorkspace<T>& ws, T* grad) {
-  mlp_forward(g, s, theta, WT, K, pass);
+  mlp_forward<Products>(g, s, theta, WT, K, pass);
   mlp_loss(g, s, y, K, true, pass, ws);
-  mlp_backward(g, s, theta, K, pass, grad, ws.point_sums);
+  mlp_backward<Products>(g, s, theta, K, pass, grad, ws.point_sums);
 }
 
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* theta, const T* WT, Targets<T> y, int K,
                         const Pass<T>& pass, const TaskWorkspace<T>& ws) {
-  mlp_forward(g, s, theta, WT, K, pass);
+  mlp_forward<Products>(g, s, theta, WT, K, pass);
   mlp_loss(g, s, y, K, false, pass, ws);
   return ws.cell[0];
 }
@@ -731,17 +483,17 @@ PYMAML_HD T mlp_loss_at(const G& g, const MlpSpec& s, const T* theta, const T* W
 //   R(δ_L): MSE 2 R(z_L)/(K n_L);  cross-entropy p ⊙ (R(z) - p·R(z))/K
 //   R(gW_l) = R(δ_l)^T a_{l-1} + δ_l^T R(a_{l-1}),  R(gb_l) = Σ_k R(δ_l)
 //   R(δ_{l-1}) = (R(δ_l) W_l + δ_l U_l) ⊙ σ'(z_{l-1}) + (δ_l W_l) ⊙ σ''(z_{l-1}) ⊙ R(z_{l-1})
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* u, const T* UT,
                                  int K, const Pass<T>& pass, const TaskWorkspace<T>& ws, T* hv, bool accumulate) {
   for (int l = 1; l <= s.layers; ++l) {
     const int n_out = s.out(l), ld_out = padded(n_out);
     const T* in = layer_input(s, pass, K, l);
     T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l);
-    forward_product(g, s, l, K, in, u, UT, rz, false);
+    forward_product<Products>(g, s, l, K, in, u, UT, rz, false);
     if (l > 1) {
       const T* r_in = TaskWorkspace<T>::layer(ws.RA, s, K, l - 1);
-      forward_product(g, s, l, K, r_in, theta, WT, rz, true);
+      forward_product<Products>(g, s, l, K, r_in, theta, WT, rz, true);
     }
     g.sync();
     if (l < s.layers) {
@@ -779,12 +531,12 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
     const T* delta = TaskWorkspace<T>::layer(pass.D, s, K, l);
     const T* r_delta = TaskWorkspace<T>::layer(ws.RD, s, K, l);
     const T* r_in = l == 1 ? nullptr : TaskWorkspace<T>::layer(ws.RA, s, K, l - 1);
-    weight_products(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv, accumulate, ws.point_sums);
+    weight_products<Products>(g, s, K, l, r_delta, in, r_in ? delta : nullptr, r_in, hv, accumulate, ws.point_sums);
     if (l > 1) {
       T* r_prev = TaskWorkspace<T>::layer(ws.RD, s, K, l - 1);
-      gemm_rows(g, K, n_out, n_in, r_delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
+      Products::gemm_rows(g, K, n_out, n_in, r_delta, int64_t(ld_out), int64_t(1), theta + s.padded_offset[l], int64_t(ld_in),
                 r_prev, int64_t(ld_in), static_cast<const T*>(nullptr), false);
-      gemm_rows(g, K, n_out, n_in, delta, int64_t(ld_out), int64_t(1), u + s.padded_offset[l], int64_t(ld_in), r_prev,
+      Products::gemm_rows(g, K, n_out, n_in, delta, int64_t(ld_out), int64_t(1), u + s.padded_offset[l], int64_t(ld_in), r_prev,
                 int64_t(ld_in), static_cast<const T*>(nullptr), true);
       g.sync();
       const T* rz = TaskWorkspace<T>::layer(ws.RZ, s, K, l - 1);
@@ -800,14 +552,14 @@ PYMAML_HD void mlp_hvp_from_pass(const G& g, const MlpSpec& s, const T* theta, c
 
 // Hessian-vector product at theta (its transposed weights in WT) on the points x, and the
 // gradient into grad when it is not null; uses pass 0 of the workspace.
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void mlp_hvp(const G& g, const MlpSpec& s, const T* theta, const T* WT, const T* u, const T* x, Targets<T> y,
                        int K, const TaskWorkspace<T>& ws, T* grad, T* hv) {
-  transpose_weights(g, s, u, ws.UT);
+  transpose_weights<Products>(g, s, u, ws.UT);
   load_input(g, s, x, K, ws.Xs);
   const Pass<T> pass = ws.pass(s, K, 0, ws.Xs);
-  mlp_gradient(g, s, theta, WT, y, K, pass, ws, grad);
-  mlp_hvp_from_pass(g, s, theta, WT, u, ws.UT, K, pass, ws, hv, false);
+  mlp_gradient<Products>(g, s, theta, WT, y, K, pass, ws, grad);
+  mlp_hvp_from_pass<Products>(g, s, theta, WT, u, ws.UT, K, pass, ws, hv, false);
 }
 
 // What one meta-step computes, beyond the model.
@@ -832,7 +584,7 @@ struct MetaStepShape {
 // holds w_1..w_S. Outputs: the task loss, the
 // query loss at θ_0, L_query(θ_s) for s = 1..S (the step weights' gradients), v_0 and the
 // [S, PP] step-size gradients (padded).
-template <class T, class G>
+template <class Products, class T, class G>
 PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape& m, const T* theta0, const T* WT0,
                               const T* lrs, const T* step_weights, const T* support_x, Targets<T> support_y,
                               const T* query_x, Targets<T> query_y, T* workspace, T* task_loss, T* pre_loss,
@@ -845,28 +597,28 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
   if (S > 0) load_input(g, s, support_x, Ks, ws.Xs);
   // θ_0 is every task's: a launcher may pass its transposed weights, computed once.
   auto WT_at = [&](int step) -> const T* { return step == 0 && WT0 != nullptr ? WT0 : ws.WTs + step * WS; };
-  if (WT0 == nullptr) transpose_weights(g, s, theta0, ws.WTs);
+  if (WT0 == nullptr) transpose_weights<Products>(g, s, theta0, ws.WTs);
   const Pass<T> query = ws.pass(s, K, S, ws.Xq);
   if (S == 0) {
-    mlp_gradient(g, s, theta0, WT_at(0), query_y, Kq, query, ws, grad_theta);
+    mlp_gradient<Products>(g, s, theta0, WT_at(0), query_y, Kq, query, ws, grad_theta);
     if (g.rank() == 0) *pre_loss = *task_loss = ws.cell[0];
     g.sync();
     return;
   }
-  const T pre = mlp_loss_at(g, s, theta0, WT_at(0), query_y, Kq, query, ws);
+  const T pre = mlp_loss_at<Products>(g, s, theta0, WT_at(0), query_y, Kq, query, ws);
   if (g.rank() == 0) *pre_loss = pre;
   // Inner loop; pass `step` keeps the support activations and δs at θ_step for its HVP.
   for (int step = 0; step < S; ++step) {
     const T* theta = theta_at(step);
     T* grad = ws.grads + step * PP;
-    mlp_gradient(g, s, theta, WT_at(step), support_y, Ks, ws.pass(s, K, step, ws.Xs), ws, grad);
+    mlp_gradient<Products>(g, s, theta, WT_at(step), support_y, Ks, ws.pass(s, K, step, ws.Xs), ws, grad);
     g.sync();
     const T* lr = lrs + step * PP;
     T* next = ws.thetas + step * PP;
     PYMAML_SIMD
     for (int64_t p = g.rank(); p < PP; p += g.size()) next[p] = theta[p] - lr[p] * grad[p];
     g.sync();
-    transpose_weights(g, s, next, ws.WTs + (step + 1) * WS);
+    transpose_weights<Products>(g, s, next, ws.WTs + (step + 1) * WS);
   }
   T total = 0;
   for (int step = 1; step < S; ++step) {
@@ -874,13 +626,13 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
       if (g.rank() == 0) step_losses[step - 1] = T(NAN);
       continue;
     }
-    const T loss = mlp_loss_at(g, s, theta_at(step), WT_at(step), query_y, Kq, query, ws);
+    const T loss = mlp_loss_at<Products>(g, s, theta_at(step), WT_at(step), query_y, Kq, query, ws);
     if (g.rank() == 0) step_losses[step - 1] = loss;
     total += step_weights[step - 1] * loss;
   }
   // The reverse chain, with v in grad_theta: v_S = w_S ∇L_query(θ_S).
   T* v = grad_theta;
-  mlp_gradient(g, s, theta_at(S), WT_at(S), query_y, Kq, query, ws, v);
+  mlp_gradient<Products>(g, s, theta_at(S), WT_at(S), query_y, Kq, query, ws, v);
   g.sync();
   const T last = ws.cell[0];
   if (g.rank() == 0) {
@@ -899,7 +651,7 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
     const int step = at + 1;
     const T w = step < S ? step_weights[step - 1] : T(0);
     if (w != T(0)) {  // v_step = v_{step+1} − H_step u + w_step ∇L_query(θ_step)
-      mlp_gradient(g, s, theta_at(step), WT_at(step), query_y, Kq, query, ws, ws.qg);
+      mlp_gradient<Products>(g, s, theta_at(step), WT_at(step), query_y, Kq, query, ws, ws.qg);
       g.sync();
       PYMAML_SIMD
       for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] += w * ws.qg[p];
@@ -916,8 +668,8 @@ PYMAML_HD void meta_step_task(const G& g, const MlpSpec& s, const MetaStepShape&
       PYMAML_SIMD
       for (int64_t p = g.rank(); p < PP; p += g.size()) ws.u[p] = -lr[p] * v[p];
       g.sync();
-      transpose_weights(g, s, ws.u, ws.UT);
-      mlp_hvp_from_pass(g, s, theta_at(at), WT_at(at), ws.u, ws.UT, Ks, ws.pass(s, K, at, ws.Xs), ws, v, true);
+      transpose_weights<Products>(g, s, ws.u, ws.UT);
+      mlp_hvp_from_pass<Products>(g, s, theta_at(at), WT_at(at), ws.u, ws.UT, Ks, ws.pass(s, K, at, ws.Xs), ws, v, true);
     }
     g.sync();
   }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "register_tiles.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -132,7 +133,7 @@ void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const Me
   std::vector<T> theta_padded(PP), lrs_padded(size_t(S) * PP);
   to_padded(g, spec, batch.theta, theta_padded.data());
   std::vector<T> wt0(spec.wt_size);
-  transpose_weights(g, spec, theta_padded.data(), wt0.data());
+  transpose_weights<cpu::CpuProducts>(g, spec, theta_padded.data(), wt0.data());
   for (int step = 0; step < S; ++step) to_padded(g, spec, batch.lrs + int64_t(step) * P, lrs_padded.data() + step * PP);
   // Every padded slot of a task's meta-gradient is written, so it starts uninitialized.
   const std::unique_ptr<T[]> task_grads(new T[size_t(tasks) * PP]);

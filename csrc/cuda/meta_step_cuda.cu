@@ -5,6 +5,7 @@
 
 #include "../core/meta_step_grid.h"
 #include "../core/mlp_task.h"
+#include "block_products.h"
 
 namespace pymaml {
 namespace {
@@ -47,7 +48,7 @@ __global__ void __launch_bounds__(kCudaThreadsPerBlock)
     meta_step_kernel(MlpSpec s, MetaStepShape m, MetaBatch<T> b, MetaResult<T> r, T* workspace,
                      unsigned int* counter, int* labels_ok) {
   __shared__ bool last;
-  meta_step_grid(BlockGroup{}, CudaGrid{&last}, s, m, b, r, workspace, counter, labels_ok);
+  meta_step_grid<BlockProducts>(BlockGroup{}, CudaGrid{&last}, s, m, b, r, workspace, counter, labels_ok);
 }
 
 // Makes `device` current for its lifetime and then restores the device that was current before.

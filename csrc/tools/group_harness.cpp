@@ -1,7 +1,7 @@
 // The CPU thread-group harness of the per-task math: meta_step_task, the HVP and the grid of a
 // one-launch meta-step (csrc/core/meta_step_grid.h) run by groups of P cooperating std::threads,
 // with sync() a barrier, exactly as a CUDA block runs them, and compiled with the loops the CUDA
-// build compiles (PYMAML_HOST_RUNS_CUDA_PATHS, csrc/core/common.h). Every output, and the whole
+// build compiles (BlockProducts, csrc/cuda/block_products.h). Every output, and the whole
 // task workspace, must be bitwise identical to SerialGroup's: in the CUDA loops each output is
 // computed whole by one rank in a fixed order, so any difference is a race, a missing barrier or
 // rank loops that overlap.
@@ -19,8 +19,6 @@
 //
 //   group_harness [--quick] [--schedule no-barrier|unsynchronized]   exit status 0 when every check passes
 //   (--quick: the ThreadSanitizer build's shorter list, .ci/sanitize.sh)
-#define PYMAML_HOST_RUNS_CUDA_PATHS 1
-
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -36,10 +34,7 @@
 
 #include "core/meta_step_grid.h"
 #include "cpu/meta_step_cpu.h"
-
-#if !defined(PYMAML_CUDA_PATHS)
-#error "the harness must compile the CUDA loops of the per-task math"
-#endif
+#include "cuda/block_products.h"
 
 namespace {
 
@@ -47,6 +42,8 @@ using pymaml::Activation;
 using pymaml::Loss;
 using pymaml::MetaStepShape;
 using pymaml::MlpSpec;
+// The products of a CUDA block, on CPU threads.
+using Products = pymaml::BlockProducts;
 
 // How the ranks of a group meet at sync().
 class Coordinator {
@@ -326,7 +323,7 @@ TaskRun<T> run_task(const Config& c, const MlpSpec& s, const Data<T>& d, int P, 
     for (int step = 0; step < S; ++step) {
       pymaml::to_padded(g, s, d.lrs.data() + int64_t(step) * s.num_params, lrs.data() + int64_t(step) * PP);
     }
-    pymaml::meta_step_task(g, s, m, theta.data(), static_cast<const T*>(nullptr), lrs.data(), d.step_weights.data(),
+    pymaml::meta_step_task<Products>(g, s, m, theta.data(), static_cast<const T*>(nullptr), lrs.data(), d.step_weights.data(),
                            d.support_x.data(), sy, d.query_x.data(), qy, run.workspace.data(), &run.losses[0],
                            &run.losses[1], run.step_losses.data(), run.grad_theta.data(),
                            c.lr_grad ? run.grad_lrs.data() : nullptr);
@@ -355,9 +352,9 @@ TaskRun<T> run_hvp(const Config& c, const MlpSpec& s, const Data<T>& d, int P, S
   auto body = [&](const auto& g) {
     pymaml::to_padded(g, s, d.theta.data(), theta.data());
     pymaml::to_padded(g, s, u_flat.data(), u.data());
-    pymaml::transpose_weights(g, s, theta.data(), WT.data());
+    pymaml::transpose_weights<Products>(g, s, theta.data(), WT.data());
     const pymaml::TaskWorkspace<T> ws(run.workspace.data(), s, K, 0);
-    pymaml::mlp_hvp(g, s, theta.data(), WT.data(), u.data(), d.support_x.data(), y, K, ws, run.grad_theta.data(),
+    pymaml::mlp_hvp<Products>(g, s, theta.data(), WT.data(), u.data(), d.support_x.data(), y, K, ws, run.grad_theta.data(),
                     run.grad_lrs.data());
   };
   if (P == 0) {
@@ -413,7 +410,7 @@ GridRun<T> run_grid(const Config& c, const MlpSpec& s, const Data<T>& d, int tas
       groups.emplace_back([&, block] {
         const HostGrid grid{block, blocks, &last[size_t(block)]};
         run_group(P, Schedule::threads, [&](const ThreadGroup& g) {
-          pymaml::meta_step_grid(g, grid, s, m, batch, run.result(), workspace.data(), &counter,
+          pymaml::meta_step_grid<Products>(g, grid, s, m, batch, run.result(), workspace.data(), &counter,
                                  c.loss == Loss::cross_entropy ? &labels_ok : nullptr);
         });
       });
@@ -446,7 +443,7 @@ GridRun<T> serial_launch(const Config& c, const MlpSpec& s, const Data<T>& d, in
                                 labels ? d.support_labels.data() + t * c.support_points : nullptr};
     const pymaml::Targets<T> qy{labels ? nullptr : d.query_values.data() + t * c.query_points * nL,
                                 labels ? d.query_labels.data() + t * c.query_points : nullptr};
-    pymaml::meta_step_task(g, s, m, theta.data(), static_cast<const T*>(nullptr), lrs.data(), d.step_weights.data(),
+    pymaml::meta_step_task<Products>(g, s, m, theta.data(), static_cast<const T*>(nullptr), lrs.data(), d.step_weights.data(),
                            d.support_x.data() + t * c.support_points * n0, sy,
                            d.query_x.data() + t * c.query_points * n0, qy, workspace.data(), &run.task_losses[t],
                            &run.pre_losses[t], out + PP + (c.lr_grad ? S * PP : 0), out,
