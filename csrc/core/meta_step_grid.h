@@ -17,7 +17,7 @@
 
 #include <cstdint>
 
-#include "mlp_task.h"
+#include "network_task.h"
 
 namespace pymaml {
 
@@ -28,7 +28,7 @@ struct GridLayout {
   int64_t task_workspace, block_stride, per_task_stride, labels_slot;
 };
 
-PYMAML_HD GridLayout grid_layout(const MlpSpec& s, const MetaStepShape& m) {
+PYMAML_HD GridLayout grid_layout(const Network& s, const MetaStepShape& m) {
   const int points = m.support_points > m.query_points ? m.support_points : m.query_points;
   const int64_t PP = s.num_padded_params, S = m.steps;
   GridLayout out;
@@ -40,7 +40,7 @@ PYMAML_HD GridLayout grid_layout(const MlpSpec& s, const MetaStepShape& m) {
 }
 
 // Elements of the workspace a launch of `blocks` groups over `tasks` tasks needs.
-inline int64_t grid_workspace_elements(const MlpSpec& s, const MetaStepShape& m, int tasks, int blocks) {
+inline int64_t grid_workspace_elements(const Network& s, const MetaStepShape& m, int tasks, int blocks) {
   const GridLayout lay = grid_layout(s, m);
   return int64_t(blocks) * lay.block_stride + int64_t(tasks) * lay.per_task_stride;
 }
@@ -59,11 +59,11 @@ PYMAML_HD bool labels_in_range(const int64_t* labels, int points, int classes) {
 // [0, n_L), else 0; a task with a label outside gets NaN losses and gradients and is not run, so
 // that no label indexes outside the logits.
 template <class Products, class T, class G, class Grid, class Batch, class Result>
-PYMAML_HD void meta_step_grid(const G& g, const Grid& grid, const MlpSpec& s, const MetaStepShape& m, const Batch& b,
+PYMAML_HD void meta_step_grid(const G& g, const Grid& grid, const Network& s, const MetaStepShape& m, const Batch& b,
                               const Result& r, T* workspace, unsigned int* counter, int* labels_ok) {
   const GridLayout lay = grid_layout(s, m);
   const int64_t P = s.num_params, PP = s.num_padded_params;
-  const int S = m.steps, n0 = s.widths[0], nL = s.outputs();
+  const int S = m.steps, n0 = s.inputs(), nL = s.outputs();
   const bool labels = s.loss == Loss::cross_entropy;
   T* block_base = workspace + int64_t(grid.block()) * lay.block_stride;
   T* theta = block_base + lay.task_workspace;

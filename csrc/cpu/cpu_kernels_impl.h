@@ -24,10 +24,10 @@ using UnitProducts = CpuProducts;
 
 template <class T>
 void run_task(const TaskArgs<T>& a) {
-  const MlpSpec& s = *a.spec;
+  const Network& s = *a.spec;
   const MetaStepShape& m = *a.shape;
   const MetaBatch<T>& b = *a.batch;
-  const int t = a.task, n0 = s.widths[0], nL = s.outputs();
+  const int t = a.task, n0 = s.inputs(), nL = s.outputs();
   const bool labels = s.loss == Loss::cross_entropy;
   const Targets<T> support_y{labels ? nullptr : b.support_values + int64_t(t) * m.support_points * nL,
                              labels ? b.support_labels + int64_t(t) * m.support_points : nullptr};
@@ -41,7 +41,7 @@ void run_task(const TaskArgs<T>& a) {
 
 template <class T>
 void run_hvp(const HvpArgs<T>& a) {
-  const MlpSpec& s = *a.spec;
+  const Network& s = *a.spec;
   const SerialGroup g;
   const int64_t PP = s.num_padded_params;
   T *theta = a.scratch, *v = a.scratch + PP, *hv = a.scratch + 2 * PP, *grad = a.scratch + 3 * PP;
@@ -49,7 +49,7 @@ void run_hvp(const HvpArgs<T>& a) {
   to_padded(g, s, a.theta, theta);
   to_padded(g, s, a.v, v);
   transpose_weights<UnitProducts>(g, s, theta, ws.WTs);
-  mlp_hvp<UnitProducts>(g, s, theta, ws.WTs, v, a.x, a.y, a.points, ws, a.grad ? grad : nullptr, hv);
+  network_hvp<UnitProducts>(g, s, theta, ws.WTs, v, a.x, a.y, a.points, ws, a.grad ? grad : nullptr, hv);
   from_padded(g, s, hv, a.hv);
   if (a.grad) from_padded(g, s, grad, a.grad);
 }
