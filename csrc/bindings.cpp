@@ -86,16 +86,16 @@ struct BatchShape {
 
 // The meta-batch against the MLP: [T, K, n_0] inputs, [T, K, n_L] targets of theta's dtype (MSE)
 // or [T, K] int64 labels in range (cross-entropy), and on the CPU finite inputs.
-BatchShape check_batch(const pymaml::MlpSpec& spec, DLDataType real, int steps, const ArrayArg& support_x,
+BatchShape check_batch(const pymaml::Network& spec, DLDataType real, int steps, const ArrayArg& support_x,
                        const ArrayArg& support_y, const ArrayArg& query_x, const ArrayArg& query_y,
                        DLDeviceType device) {
   support_x.require_ndim(3, "[tasks, support points, inputs]");
   const int tasks = int(support_x.dim(0)), Ks = int(support_x.dim(1));
   if (tasks < 1) throw py::value_error("support_x has no tasks");
-  support_x.require_shape({tasks, Ks, spec.widths[0]}, "[tasks, support points, inputs]");
+  support_x.require_shape({tasks, Ks, spec.inputs()}, "[tasks, support points, inputs]");
   query_x.require_ndim(3, "[tasks, query points, inputs]");
   const int Kq = int(query_x.dim(1));
-  query_x.require_shape({tasks, Kq, spec.widths[0]}, "[tasks, query points, inputs]");
+  query_x.require_shape({tasks, Kq, spec.inputs()}, "[tasks, query points, inputs]");
   if (steps > 0 && Ks < 1) throw py::value_error("support_x has no points per task; the inner loop needs at least one");
   if (Kq < 1) throw py::value_error("query_x has no points per task");
   support_x.require_dtype(real, "it must match theta");
@@ -134,7 +134,7 @@ BatchShape check_batch(const pymaml::MlpSpec& spec, DLDataType real, int steps, 
 
 // The checked arguments of a meta-step call, on the CPU or on one CUDA device.
 struct MetaStepCall {
-  pymaml::MlpSpec spec;
+  pymaml::Network spec;
   pymaml::MetaStepShape shape{};
   int tasks = 0;
   bool is_f32 = true;
@@ -193,8 +193,8 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
                              const std::vector<int>& widths, const std::string& activation, bool bias,
                              const std::string& loss, bool first_order, bool all_step_losses, DLDeviceType device) {
   MetaStepCall call;
-  pymaml::MlpSpec& spec = call.spec;
-  if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
+  pymaml::Network& spec = call.spec;
+  if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
                          &spec)) {
     throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
                           " positive layer widths (input, hidden..., output)");
@@ -371,7 +371,7 @@ class MlpPlan {
           bool first_order, int steps, double inner_lr, py::handle params, py::handle grads, py::handle exp_avg,
           py::handle exp_avg_sq, py::handle adam_steps)
       : first_order_(first_order), steps_(steps) {
-    if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
+    if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
                            &spec_)) {
       throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
                             " positive layer widths (input, hidden..., output)");
@@ -527,7 +527,7 @@ class MlpPlan {
     return error;
   }
 
-  pymaml::MlpSpec spec_;
+  pymaml::Network spec_;
   bool first_order_;
   int steps_;
   DLDataType real_{};
@@ -570,8 +570,8 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
 // that the launcher's block cap (pymaml/ops/mlp_meta_step.py) is testable without CUDA.
 pymaml::GridLayout cuda_grid_layout(const std::vector<int>& widths, bool bias, int steps, int support_points,
                                     int query_points, bool lr_grad) {
-  pymaml::MlpSpec spec;
-  if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, pymaml::Activation::none, pymaml::Loss::mse,
+  pymaml::Network spec;
+  if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, pymaml::Activation::none, pymaml::Loss::mse,
                          &spec)) {
     throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) + " positive layer widths");
   }
@@ -649,8 +649,8 @@ void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weight
 void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handle y_obj, const std::vector<int>& widths,
              const std::string& activation, bool bias, const std::string& loss, py::handle hv_obj,
              py::handle grad_obj, int threads) {
-  pymaml::MlpSpec spec;
-  if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
+  pymaml::Network spec;
+  if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
                          &spec)) {
     throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
                           " positive layer widths (input, hidden..., output)");
@@ -672,7 +672,7 @@ void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handl
   x.require_ndim(3, "[tasks, points, inputs]");
   const int points = int(x.dim(1));
   if (points < 1) throw py::value_error("x has no points per task");
-  x.require_shape({tasks, points, spec.widths[0]}, "[tasks, points, inputs]");
+  x.require_shape({tasks, points, spec.inputs()}, "[tasks, points, inputs]");
   for (const ArrayArg* a : {&v, &hv}) a->require_shape({tasks, P}, "[tasks, parameters]");
   for (const ArrayArg* a : {&v, &x, &hv}) a->require_dtype(real, "it must match theta");
   if (grad) {

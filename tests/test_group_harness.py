@@ -53,6 +53,24 @@ def test_thread_groups_are_bitwise_identical_to_serial_group(harness):
     assert sum(line.startswith("ok   labels_ok bad ") for line in lines) == 6
 
 
+def test_harness_covers_every_layer_kind(harness):
+    """The network of csrc/core/network.h beyond the MLP: Flatten layers, a different activation
+    in each place (Tanh, ReLU, Sigmoid, Identity), Linear layers with and without bias and two
+    Linear layers in a row, bitwise for every group size and in the grid; and Flatten computes
+    exactly what the network without it computes."""
+    run = _run(harness)
+    lines = run.stdout.splitlines()
+    for name in ("flatten_mixed_layers", "linear_linear_mse"):
+        for P in GROUP_SIZES:
+            for dtype in ("f32", "f64"):
+                for what in ("meta_step_task", "mlp_hvp"):
+                    assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
+        assert any(line.startswith(f"ok   grid {name} ") for line in lines), name
+    for dtype in ("f32", "f64"):
+        for what in ("layout", "meta_step_task", "hvp"):
+            assert f"ok   flatten {what} {dtype}" in lines, (what, dtype)
+
+
 def test_harness_sees_a_missing_barrier(harness):
     """With sync() doing nothing and the ranks run one after another, no configuration matches
     SerialGroup: a pass of the harness means the barriers are where the math needs them."""

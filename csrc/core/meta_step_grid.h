@@ -1,6 +1,7 @@
 // The grid of a one-launch meta-step: groups of threads (CUDA blocks) take the tasks in turn
 // (grid-stride), each task's meta-step by meta_step_task, and the last group to finish takes the
-// means over tasks in task order. Written once for the CUDA kernel (csrc/cuda/meta_step_cuda.cu:
+// means over tasks in task order; the products come from the launcher (Products, csrc/core/products.h).
+// Written once for the CUDA kernel (csrc/cuda/meta_step_cuda.cu:
 // a BlockGroup and CudaGrid) and for the CPU thread-group harness (csrc/tools/group_harness.cpp:
 // groups of std::threads), so that the harness runs the handoff the GPU runs.
 //
@@ -16,7 +17,7 @@
 
 #include <cstdint>
 
-#include "mlp_task.h"
+#include "network_task.h"
 
 namespace pymaml {
 
@@ -27,7 +28,7 @@ struct GridLayout {
   int64_t task_workspace, block_stride, per_task_stride, labels_slot;
 };
 
-PYMAML_HD GridLayout grid_layout(const MlpSpec& s, const MetaStepShape& m) {
+PYMAML_HD GridLayout grid_layout(const Network& s, const MetaStepShape& m) {
   const int points = m.support_points > m.query_points ? m.support_points : m.query_points;
   const int64_t PP = s.num_padded_params, S = m.steps;
   GridLayout out;
@@ -39,7 +40,7 @@ PYMAML_HD GridLayout grid_layout(const MlpSpec& s, const MetaStepShape& m) {
 }
 
 // Elements of the workspace a launch of `blocks` groups over `tasks` tasks needs.
-inline int64_t grid_workspace_elements(const MlpSpec& s, const MetaStepShape& m, int tasks, int blocks) {
+inline int64_t grid_workspace_elements(const Network& s, const MetaStepShape& m, int tasks, int blocks) {
   const GridLayout lay = grid_layout(s, m);
   return int64_t(blocks) * lay.block_stride + int64_t(tasks) * lay.per_task_stride;
 }
@@ -57,12 +58,12 @@ PYMAML_HD bool labels_in_range(const int64_t* labels, int points, int classes) {
 // labels_ok (cross-entropy only, else null) receives 1 when every task's labels were in
 // [0, n_L), else 0; a task with a label outside gets NaN losses and gradients and is not run, so
 // that no label indexes outside the logits.
-template <class T, class G, class Grid, class Batch, class Result>
-PYMAML_HD void meta_step_grid(const G& g, const Grid& grid, const MlpSpec& s, const MetaStepShape& m, const Batch& b,
+template <class Products, class T, class G, class Grid, class Batch, class Result>
+PYMAML_HD void meta_step_grid(const G& g, const Grid& grid, const Network& s, const MetaStepShape& m, const Batch& b,
                               const Result& r, T* workspace, unsigned int* counter, int* labels_ok) {
   const GridLayout lay = grid_layout(s, m);
   const int64_t P = s.num_params, PP = s.num_padded_params;
-  const int S = m.steps, n0 = s.widths[0], nL = s.outputs();
+  const int S = m.steps, n0 = s.inputs(), nL = s.outputs();
   const bool labels = s.loss == Loss::cross_entropy;
   T* block_base = workspace + int64_t(grid.block()) * lay.block_stride;
   T* theta = block_base + lay.task_workspace;
@@ -93,7 +94,7 @@ PYMAML_HD void meta_step_grid(const G& g, const Grid& grid, const MlpSpec& s, co
     const Targets<T> support_y{labels ? nullptr : b.support_values + int64_t(t) * m.support_points * nL,
                                support_labels};
     const Targets<T> query_y{labels ? nullptr : b.query_values + int64_t(t) * m.query_points * nL, query_labels};
-    meta_step_task(g, s, m, theta, static_cast<const T*>(nullptr), lrs, b.step_weights,
+    meta_step_task<Products>(g, s, m, theta, static_cast<const T*>(nullptr), lrs, b.step_weights,
                    b.support_x + int64_t(t) * m.support_points * n0, support_y,
                    b.query_x + int64_t(t) * m.query_points * n0, query_y, block_base, r.task_losses + t,
                    r.pre_losses + t, out + PP + (m.lr_grad ? int64_t(S) * PP : 0), out,

@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "../core/common.h"
-#include "../core/mlp_task.h"
+#include "../core/network_task.h"
 #include "meta_step_cpu.h"
 
 namespace pymaml {
@@ -14,7 +14,7 @@ namespace cpu {
 
 template <class T>
 struct TaskArgs {
-  const MlpSpec* spec;
+  const Network* spec;
   const MetaStepShape* shape;
   const MetaBatch<T>* batch;
   const T* theta_padded;  // [PP]
@@ -31,7 +31,7 @@ struct TaskArgs {
 
 template <class T>
 struct HvpArgs {
-  const MlpSpec* spec;
+  const Network* spec;
   int points;
   const T* theta;  // flat [P]
   const T* v;      // flat [P]

@@ -3,22 +3,37 @@
 // linkage, so each unit keeps the code compiled for its own level.
 #include "cpu_kernels.h"
 
+// The products: the register tiles of this unit's ISA level, or, in a build that defines
+// PYMAML_HOST_RUNS_CUDA_PATHS, the loops a CUDA block runs (one output per rank), so that the
+// oracle check covers those loops without a GPU (tests/test_group_harness.py).
+#if defined(PYMAML_HOST_RUNS_CUDA_PATHS)
+#include "../cuda/block_products.h"
+#else
+#include "register_tiles.h"
+#endif
+
 namespace pymaml {
 namespace cpu {
 namespace {
 
+#if defined(PYMAML_HOST_RUNS_CUDA_PATHS)
+using UnitProducts = BlockProducts;
+#else
+using UnitProducts = CpuProducts;
+#endif
+
 template <class T>
 void run_task(const TaskArgs<T>& a) {
-  const MlpSpec& s = *a.spec;
+  const Network& s = *a.spec;
   const MetaStepShape& m = *a.shape;
   const MetaBatch<T>& b = *a.batch;
-  const int t = a.task, n0 = s.widths[0], nL = s.outputs();
+  const int t = a.task, n0 = s.inputs(), nL = s.outputs();
   const bool labels = s.loss == Loss::cross_entropy;
   const Targets<T> support_y{labels ? nullptr : b.support_values + int64_t(t) * m.support_points * nL,
                              labels ? b.support_labels + int64_t(t) * m.support_points : nullptr};
   const Targets<T> query_y{labels ? nullptr : b.query_values + int64_t(t) * m.query_points * nL,
                            labels ? b.query_labels + int64_t(t) * m.query_points : nullptr};
-  meta_step_task(SerialGroup{}, s, m, a.theta_padded, a.wt0, a.lrs_padded, b.step_weights,
+  meta_step_task<UnitProducts>(SerialGroup{}, s, m, a.theta_padded, a.wt0, a.lrs_padded, b.step_weights,
                  b.support_x + int64_t(t) * m.support_points * n0, support_y,
                  b.query_x + int64_t(t) * m.query_points * n0, query_y, a.workspace, a.task_loss, a.pre_loss,
                  a.step_losses, a.grad_theta, a.grad_lrs);
@@ -26,15 +41,15 @@ void run_task(const TaskArgs<T>& a) {
 
 template <class T>
 void run_hvp(const HvpArgs<T>& a) {
-  const MlpSpec& s = *a.spec;
+  const Network& s = *a.spec;
   const SerialGroup g;
   const int64_t PP = s.num_padded_params;
   T *theta = a.scratch, *v = a.scratch + PP, *hv = a.scratch + 2 * PP, *grad = a.scratch + 3 * PP;
   const TaskWorkspace<T> ws(a.workspace, s, a.points, 0);
   to_padded(g, s, a.theta, theta);
   to_padded(g, s, a.v, v);
-  transpose_weights(g, s, theta, ws.WTs);
-  mlp_hvp(g, s, theta, ws.WTs, v, a.x, a.y, a.points, ws, a.grad ? grad : nullptr, hv);
+  transpose_weights<UnitProducts>(g, s, theta, ws.WTs);
+  network_hvp<UnitProducts>(g, s, theta, ws.WTs, v, a.x, a.y, a.points, ws, a.grad ? grad : nullptr, hv);
   from_padded(g, s, hv, a.hv);
   if (a.grad) from_padded(g, s, grad, a.grad);
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "register_tiles.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -59,19 +60,22 @@ inline void dispatch(const TaskArgs<double>& a) { kernels().task_f64(a); }
 inline void dispatch(const HvpArgs<float>& a) { kernels().hvp_f32(a); }
 inline void dispatch(const HvpArgs<double>& a) { kernels().hvp_f64(a); }
 
-// The calling thread's workspace for the meta-step of one layout (MLP, points, steps), kept
+// The calling thread's workspace for the meta-step of one layout (network, points, steps), kept
 // between calls and zeroed only when the layout changes: no routine sums a padding lane into a
 // real value, so what a call leaves in the padding (NaN, after non-finite parameters) is harmless. Allocating and zeroing it
 // on every call cost about 8% of the sinusoid meta-step.
 template <class T>
-T* cached_workspace(const MlpSpec& spec, int points, int steps, size_t elements) {
+T* cached_workspace(const Network& spec, int points, int steps, size_t elements) {
   struct Cache {
     std::vector<T> buffer;
     std::vector<int64_t> key;
   };
   thread_local Cache cache;
-  std::vector<int64_t> key{spec.layers, spec.bias, points, steps, int64_t(elements)};
-  key.insert(key.end(), spec.widths, spec.widths + spec.layers + 1);
+  std::vector<int64_t> key{spec.count, points, steps, int64_t(elements)};
+  for (int i = 0; i < spec.count; ++i) {
+    const Layer& layer = spec.layers[i];
+    key.insert(key.end(), {int64_t(layer.kind), layer.in, layer.out, layer.bias});
+  }
   if (key != cache.key) {
     cache.buffer.assign(elements, T(0));
     cache.key = std::move(key);
@@ -118,7 +122,7 @@ void mean_over_tasks(const T* per_task, int tasks, int64_t n, T* out, int thread
 }  // namespace
 
 template <class T>
-void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+void mlp_meta_step_cpu(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
                        const MetaResult<T>& result, int threads) {
   const int tasks = batch.tasks, S = shape.steps;
   const int64_t P = spec.num_params, PP = spec.num_padded_params;
@@ -132,7 +136,7 @@ void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const Me
   std::vector<T> theta_padded(PP), lrs_padded(size_t(S) * PP);
   to_padded(g, spec, batch.theta, theta_padded.data());
   std::vector<T> wt0(spec.wt_size);
-  transpose_weights(g, spec, theta_padded.data(), wt0.data());
+  transpose_weights<cpu::CpuProducts>(g, spec, theta_padded.data(), wt0.data());
   for (int step = 0; step < S; ++step) to_padded(g, spec, batch.lrs + int64_t(step) * P, lrs_padded.data() + step * PP);
   // Every padded slot of a task's meta-gradient is written, so it starts uninitialized.
   const std::unique_ptr<T[]> task_grads(new T[size_t(tasks) * PP]);
@@ -173,10 +177,10 @@ void mlp_meta_step_cpu(const MlpSpec& spec, const MetaStepShape& shape, const Me
 }
 
 template <class T>
-void mlp_hvp_cpu(const MlpSpec& spec, int tasks, int points, const T* theta, const T* v, const T* x,
+void mlp_hvp_cpu(const Network& spec, int tasks, int points, const T* theta, const T* v, const T* x,
                  const T* values, const int64_t* labels, T* hv, T* grad, int threads) {
   threads = useful_threads(threads, tasks, 8.0 * double(spec.num_params) * points);  // forward, backward, R-op
-  const int64_t P = spec.num_params, PP = spec.num_padded_params, n0 = spec.widths[0], nL = spec.outputs();
+  const int64_t P = spec.num_params, PP = spec.num_padded_params, n0 = spec.inputs(), nL = spec.outputs();
   const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, 0) + 4 * PP;
   std::vector<T> workspace(size_t(threads) * workspace_size);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
@@ -189,14 +193,14 @@ void mlp_hvp_cpu(const MlpSpec& spec, int tasks, int points, const T* theta, con
   }
 }
 
-template void mlp_hvp_cpu<float>(const MlpSpec&, int, int, const float*, const float*, const float*, const float*,
+template void mlp_hvp_cpu<float>(const Network&, int, int, const float*, const float*, const float*, const float*,
                                  const int64_t*, float*, float*, int);
-template void mlp_hvp_cpu<double>(const MlpSpec&, int, int, const double*, const double*, const double*,
+template void mlp_hvp_cpu<double>(const Network&, int, int, const double*, const double*, const double*,
                                   const double*, const int64_t*, double*, double*, int);
 
-template void mlp_meta_step_cpu<float>(const MlpSpec&, const MetaStepShape&, const MetaBatch<float>&,
+template void mlp_meta_step_cpu<float>(const Network&, const MetaStepShape&, const MetaBatch<float>&,
                                        const MetaResult<float>&, int);
-template void mlp_meta_step_cpu<double>(const MlpSpec&, const MetaStepShape&, const MetaBatch<double>&,
+template void mlp_meta_step_cpu<double>(const Network&, const MetaStepShape&, const MetaBatch<double>&,
                                         const MetaResult<double>&, int);
 
 std::vector<std::string> cpu_levels() {

@@ -4,7 +4,8 @@
 #include <cuda_runtime.h>
 
 #include "../core/meta_step_grid.h"
-#include "../core/mlp_task.h"
+#include "../core/network_task.h"
+#include "block_products.h"
 
 namespace pymaml {
 namespace {
@@ -44,10 +45,10 @@ struct CudaGrid {
 
 template <class T>
 __global__ void __launch_bounds__(kCudaThreadsPerBlock)
-    meta_step_kernel(MlpSpec s, MetaStepShape m, MetaBatch<T> b, MetaResult<T> r, T* workspace,
+    meta_step_kernel(Network s, MetaStepShape m, MetaBatch<T> b, MetaResult<T> r, T* workspace,
                      unsigned int* counter, int* labels_ok) {
   __shared__ bool last;
-  meta_step_grid(BlockGroup{}, CudaGrid{&last}, s, m, b, r, workspace, counter, labels_ok);
+  meta_step_grid<BlockProducts>(BlockGroup{}, CudaGrid{&last}, s, m, b, r, workspace, counter, labels_ok);
 }
 
 // Makes `device` current for its lifetime and then restores the device that was current before.
@@ -76,7 +77,7 @@ class DeviceGuard {
 }  // namespace
 
 template <class T>
-std::string mlp_meta_step_cuda(const MlpSpec& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+std::string mlp_meta_step_cuda(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
                                const MetaResult<T>& result, T* workspace, unsigned int* counter, int* labels_ok,
                                int device, int blocks, int threads_per_block, void* stream) {
   const DeviceGuard guard(device);
@@ -97,10 +98,10 @@ std::string mlp_meta_step_cuda(const MlpSpec& spec, const MetaStepShape& shape, 
   return error == cudaSuccess ? std::string() : std::string(cudaGetErrorString(error));
 }
 
-template std::string mlp_meta_step_cuda<float>(const MlpSpec&, const MetaStepShape&, const MetaBatch<float>&,
+template std::string mlp_meta_step_cuda<float>(const Network&, const MetaStepShape&, const MetaBatch<float>&,
                                                const MetaResult<float>&, float*, unsigned int*, int*, int, int, int,
                                                void*);
-template std::string mlp_meta_step_cuda<double>(const MlpSpec&, const MetaStepShape&, const MetaBatch<double>&,
+template std::string mlp_meta_step_cuda<double>(const Network&, const MetaStepShape&, const MetaBatch<double>&,
                                                 const MetaResult<double>&, double*, unsigned int*, int*, int, int,
                                                 int, void*);
 

@@ -1,7 +1,7 @@
 // The CPU thread-group harness of the per-task math: meta_step_task, the HVP and the grid of a
 // one-launch meta-step (csrc/core/meta_step_grid.h) run by groups of P cooperating std::threads,
 // with sync() a barrier, exactly as a CUDA block runs them, and compiled with the loops the CUDA
-// build compiles (PYMAML_HOST_RUNS_CUDA_PATHS, csrc/core/common.h). Every output, and the whole
+// build compiles (BlockProducts, csrc/cuda/block_products.h). Every output, and the whole
 // task workspace, must be bitwise identical to SerialGroup's: in the CUDA loops each output is
 // computed whole by one rank in a fixed order, so any difference is a race, a missing barrier or
 // rank loops that overlap.
@@ -19,8 +19,6 @@
 //
 //   group_harness [--quick] [--schedule no-barrier|unsynchronized]   exit status 0 when every check passes
 //   (--quick: the ThreadSanitizer build's shorter list, .ci/sanitize.sh)
-#define PYMAML_HOST_RUNS_CUDA_PATHS 1
-
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -36,17 +34,16 @@
 
 #include "core/meta_step_grid.h"
 #include "cpu/meta_step_cpu.h"
-
-#if !defined(PYMAML_CUDA_PATHS)
-#error "the harness must compile the CUDA loops of the per-task math"
-#endif
+#include "cuda/block_products.h"
 
 namespace {
 
 using pymaml::Activation;
 using pymaml::Loss;
 using pymaml::MetaStepShape;
-using pymaml::MlpSpec;
+using pymaml::Network;
+// The products of a CUDA block, on CPU threads.
+using Products = pymaml::BlockProducts;
 
 // How the ranks of a group meet at sync().
 class Coordinator {
@@ -195,7 +192,31 @@ struct Config {
   int steps, support_points, query_points;
   bool first_order, lr_grad, all_step_losses;
   std::vector<double> step_weights;  // empty: all ones
+  // A network given layer by layer (widths[0] its inputs; the other widths, activation and bias
+  // unused); empty: the MLP of widths, activation and bias.
+  std::vector<pymaml::Layer> layers = {};
 };
+
+pymaml::Layer linear_layer(int out, bool bias) {
+  pymaml::Layer layer;
+  layer.kind = pymaml::LayerKind::linear;
+  layer.out = out;
+  layer.bias = bias;
+  return layer;
+}
+
+pymaml::Layer activation_layer(Activation activation) {
+  pymaml::Layer layer;
+  layer.kind = pymaml::LayerKind::activation;
+  layer.activation = activation;
+  return layer;
+}
+
+pymaml::Layer flatten_layer() {
+  pymaml::Layer layer;
+  layer.kind = pymaml::LayerKind::flatten;
+  return layer;
+}
 
 std::vector<Config> configurations() {
   const Activation none = Activation::none, relu = Activation::relu, tanh = Activation::tanh,
@@ -216,12 +237,22 @@ std::vector<Config> configurations() {
       {"sigmoid_three_hidden", {2, 50, 50, 50, 2}, sigmoid, true, ce, 2, 12, 12, false, false, true, {}},
       {"one_point_S0", {1, 5, 1}, relu, true, mse, 0, 1, 1, false, false, true, {}},
       {"widest_relu_ce", {10, 128, 128, 10}, relu, true, ce, 3, 16, 16, false, true, true, {0.5, 1, 1}},
+      // Every layer kind, a different activation in each place, biases on some layers only.
+      {"flatten_mixed_layers", {5}, none, true, ce, 2, 6, 7, false, true, true, {0.5, 1},
+       {flatten_layer(), linear_layer(9, true), activation_layer(tanh), linear_layer(20, false),
+        activation_layer(relu), flatten_layer(), linear_layer(7, true), activation_layer(sigmoid),
+        linear_layer(3, true), activation_layer(none), flatten_layer()}},
+      {"linear_linear_mse", {3}, none, true, mse, 3, 5, 5, false, false, true, {},
+       {linear_layer(18, false), linear_layer(2, true), activation_layer(tanh), linear_layer(2, true)}},
   };
 }
 
-MlpSpec make(const Config& c) {
-  MlpSpec spec;
-  if (!pymaml::make_spec(c.widths.data(), int(c.widths.size()), c.bias, c.activation, c.loss, &spec)) {
+Network make(const Config& c) {
+  Network spec;
+  const bool built = c.layers.empty()
+      ? pymaml::make_mlp_network(c.widths.data(), int(c.widths.size()), c.bias, c.activation, c.loss, &spec)
+      : pymaml::make_network(c.layers.data(), int(c.layers.size()), c.widths[0], c.loss, &spec);
+  if (!built) {
     std::fprintf(stderr, "bad widths in %s\n", c.name.c_str());
     std::exit(2);
   }
@@ -234,14 +265,14 @@ struct Data {
   std::vector<T> theta, lrs, step_weights, support_x, support_values, query_x, query_values;
   std::vector<int64_t> support_labels, query_labels;
 
-  Data(const Config& c, const MlpSpec& s, int tasks, uint64_t seed) {
+  Data(const Config& c, const Network& s, int tasks, uint64_t seed) {
     std::mt19937_64 random(seed);
     std::uniform_real_distribution<double> uniform(-1.0, 1.0);
     auto fill = [&](std::vector<T>& v, int64_t n, double scale) {
       v.resize(size_t(n));
       for (T& x : v) x = T(scale * uniform(random));
     };
-    const int64_t P = s.num_params, S = c.steps, n0 = s.widths[0], nL = s.outputs();
+    const int64_t P = s.num_params, S = c.steps, n0 = s.inputs(), nL = s.outputs();
     fill(theta, P, 0.7);
     lrs.resize(size_t(S * P));
     for (T& x : lrs) x = T(0.05 + 0.1 * (uniform(random) + 1));
@@ -307,7 +338,7 @@ struct TaskRun {
 
 // meta_step_task of task 0 on group(s) of P ranks (P = 0: SerialGroup), θ_0 and α padded by the group.
 template <class T>
-TaskRun<T> run_task(const Config& c, const MlpSpec& s, const Data<T>& d, int P, Schedule schedule) {
+TaskRun<T> run_task(const Config& c, const Network& s, const Data<T>& d, int P, Schedule schedule) {
   const MetaStepShape m = shape_of(c);
   const int K = c.support_points > c.query_points ? c.support_points : c.query_points, S = c.steps;
   const int64_t PP = s.num_padded_params;
@@ -326,7 +357,7 @@ TaskRun<T> run_task(const Config& c, const MlpSpec& s, const Data<T>& d, int P, 
     for (int step = 0; step < S; ++step) {
       pymaml::to_padded(g, s, d.lrs.data() + int64_t(step) * s.num_params, lrs.data() + int64_t(step) * PP);
     }
-    pymaml::meta_step_task(g, s, m, theta.data(), static_cast<const T*>(nullptr), lrs.data(), d.step_weights.data(),
+    pymaml::meta_step_task<Products>(g, s, m, theta.data(), static_cast<const T*>(nullptr), lrs.data(), d.step_weights.data(),
                            d.support_x.data(), sy, d.query_x.data(), qy, run.workspace.data(), &run.losses[0],
                            &run.losses[1], run.step_losses.data(), run.grad_theta.data(),
                            c.lr_grad ? run.grad_lrs.data() : nullptr);
@@ -341,7 +372,7 @@ TaskRun<T> run_task(const Config& c, const MlpSpec& s, const Data<T>& d, int P, 
 
 // mlp_hvp on the support points of task 0 at θ_0, with u a random padded vector.
 template <class T>
-TaskRun<T> run_hvp(const Config& c, const MlpSpec& s, const Data<T>& d, int P, Schedule schedule) {
+TaskRun<T> run_hvp(const Config& c, const Network& s, const Data<T>& d, int P, Schedule schedule) {
   const int K = c.support_points, PP = int(s.num_padded_params);
   TaskRun<T> run;
   run.workspace.assign(size_t(pymaml::TaskWorkspace<T>::size(s, K, 0)), T(0));
@@ -355,9 +386,9 @@ TaskRun<T> run_hvp(const Config& c, const MlpSpec& s, const Data<T>& d, int P, S
   auto body = [&](const auto& g) {
     pymaml::to_padded(g, s, d.theta.data(), theta.data());
     pymaml::to_padded(g, s, u_flat.data(), u.data());
-    pymaml::transpose_weights(g, s, theta.data(), WT.data());
+    pymaml::transpose_weights<Products>(g, s, theta.data(), WT.data());
     const pymaml::TaskWorkspace<T> ws(run.workspace.data(), s, K, 0);
-    pymaml::mlp_hvp(g, s, theta.data(), WT.data(), u.data(), d.support_x.data(), y, K, ws, run.grad_theta.data(),
+    pymaml::network_hvp<Products>(g, s, theta.data(), WT.data(), u.data(), d.support_x.data(), y, K, ws, run.grad_theta.data(),
                     run.grad_lrs.data());
   };
   if (P == 0) {
@@ -391,7 +422,7 @@ struct GridRun {
     return {meta_loss.data(), task_losses.data(), pre_losses.data(), step_losses.data(), grad_theta.data(),
             grad_lrs.empty() ? nullptr : grad_lrs.data()};
   }
-  GridRun(const Config& c, const MlpSpec& s, int tasks)
+  GridRun(const Config& c, const Network& s, int tasks)
       : meta_loss(1), task_losses(size_t(tasks)), pre_losses(size_t(tasks)), step_losses(size_t(c.steps)),
         grad_theta(size_t(s.num_params)), grad_lrs(c.lr_grad ? size_t(c.steps * s.num_params) : 0) {}
 };
@@ -399,7 +430,7 @@ struct GridRun {
 // The launch modelled on the CPU: `blocks` groups of P threads at once, on a workspace of
 // garbage (NaN) and a counter that two launches in a row share.
 template <class T>
-GridRun<T> run_grid(const Config& c, const MlpSpec& s, const Data<T>& d, int tasks, int blocks, int P) {
+GridRun<T> run_grid(const Config& c, const Network& s, const Data<T>& d, int tasks, int blocks, int P) {
   const MetaStepShape m = shape_of(c);
   GridRun<T> run(c, s, tasks);
   std::vector<T> workspace(size_t(pymaml::grid_workspace_elements(s, m, tasks, blocks)), T(NAN));
@@ -413,7 +444,7 @@ GridRun<T> run_grid(const Config& c, const MlpSpec& s, const Data<T>& d, int tas
       groups.emplace_back([&, block] {
         const HostGrid grid{block, blocks, &last[size_t(block)]};
         run_group(P, Schedule::threads, [&](const ThreadGroup& g) {
-          pymaml::meta_step_grid(g, grid, s, m, batch, run.result(), workspace.data(), &counter,
+          pymaml::meta_step_grid<Products>(g, grid, s, m, batch, run.result(), workspace.data(), &counter,
                                  c.loss == Loss::cross_entropy ? &labels_ok : nullptr);
         });
       });
@@ -428,10 +459,10 @@ GridRun<T> run_grid(const Config& c, const MlpSpec& s, const Data<T>& d, int tas
 // The launch's results computed independently: each task alone on a SerialGroup, then the means
 // over tasks summed in task order.
 template <class T>
-GridRun<T> serial_launch(const Config& c, const MlpSpec& s, const Data<T>& d, int tasks) {
+GridRun<T> serial_launch(const Config& c, const Network& s, const Data<T>& d, int tasks) {
   const MetaStepShape m = shape_of(c);
   const int K = c.support_points > c.query_points ? c.support_points : c.query_points, S = c.steps;
-  const int64_t PP = s.num_padded_params, P = s.num_params, n0 = s.widths[0], nL = s.outputs();
+  const int64_t PP = s.num_padded_params, P = s.num_params, n0 = s.inputs(), nL = s.outputs();
   const int64_t width = PP + (c.lr_grad ? S * PP : 0) + (S > 0 ? S : 1);
   GridRun<T> run(c, s, tasks);
   std::vector<T> rows(size_t(tasks * width), T(0)), theta(size_t(PP), T(0)), lrs(size_t(S * PP), T(0));
@@ -446,7 +477,7 @@ GridRun<T> serial_launch(const Config& c, const MlpSpec& s, const Data<T>& d, in
                                 labels ? d.support_labels.data() + t * c.support_points : nullptr};
     const pymaml::Targets<T> qy{labels ? nullptr : d.query_values.data() + t * c.query_points * nL,
                                 labels ? d.query_labels.data() + t * c.query_points : nullptr};
-    pymaml::meta_step_task(g, s, m, theta.data(), static_cast<const T*>(nullptr), lrs.data(), d.step_weights.data(),
+    pymaml::meta_step_task<Products>(g, s, m, theta.data(), static_cast<const T*>(nullptr), lrs.data(), d.step_weights.data(),
                            d.support_x.data() + t * c.support_points * n0, sy,
                            d.query_x.data() + t * c.query_points * n0, qy, workspace.data(), &run.task_losses[t],
                            &run.pre_losses[t], out + PP + (c.lr_grad ? S * PP : 0), out,
@@ -474,7 +505,7 @@ GridRun<T> serial_launch(const Config& c, const MlpSpec& s, const Data<T>& d, in
 template <class T>
 void check_configuration(const Config& c, const std::vector<int>& group_sizes, Schedule schedule, bool grid,
                          Report& report) {
-  const MlpSpec s = make(c);
+  const Network s = make(c);
   const Data<T> d(c, s, 5, 12345 + c.widths.size() * 31 + uint64_t(c.steps));
   const std::string type = sizeof(T) == 4 ? "f32" : "f64";
   const TaskRun<T> serial = run_task(c, s, d, 0, schedule), serial_hvp = run_hvp(c, s, d, 0, schedule);
@@ -502,7 +533,7 @@ void check_configuration(const Config& c, const std::vector<int>& group_sizes, S
 template <class T>
 void check_label_range(Report& report) {
   const Config c{"labels", {3, 8, 4}, Activation::tanh, true, Loss::cross_entropy, 2, 5, 5, false, true, true, {}};
-  const MlpSpec s = make(c);
+  const Network s = make(c);
   const int tasks = 4;
   const std::string type = sizeof(T) == 4 ? "f32" : "f64";
   for (const int64_t bad : {int64_t(-1), int64_t(4), int64_t(1) << 40}) {
@@ -521,6 +552,25 @@ void check_label_range(Report& report) {
                       std::isnan(run.grad_theta[0]) && std::isnan(run.step_losses[0]),
                   "the bad task's results are not NaN");
   }
+}
+
+// Flatten changes no value: an MLP with Flatten layers at the start, between layers and at the
+// end computes what the MLP computes, bitwise, down to its whole workspace.
+template <class T>
+void check_flatten_is_identity(Report& report) {
+  const Config mlp{"mlp", {4, 16, 16, 2}, Activation::tanh, true, Loss::cross_entropy, 2, 5, 6, false, true, true, {}};
+  Config flattened = mlp;
+  flattened.layers = {flatten_layer(),          linear_layer(16, true), activation_layer(Activation::tanh),
+                      flatten_layer(),          linear_layer(16, true), flatten_layer(),
+                      activation_layer(Activation::tanh), linear_layer(2, true), flatten_layer()};
+  const Network a = make(mlp), b = make(flattened);
+  const Data<T> d(mlp, a, 5, 4242);
+  const std::string type = sizeof(T) == 4 ? "f32" : "f64";
+  report.expect("flatten layout " + type, a.num_params == b.num_params && a.units == b.units, "Flatten changed the layout");
+  const TaskRun<T> plain = run_task(mlp, a, d, 0, Schedule::threads), with = run_task(flattened, b, d, 0, Schedule::threads);
+  report.expect("flatten meta_step_task " + type, plain == with, "Flatten changed a result");
+  const TaskRun<T> plain_hvp = run_hvp(mlp, a, d, 0, Schedule::threads), with_hvp = run_hvp(flattened, b, d, 0, Schedule::threads);
+  report.expect("flatten hvp " + type, plain_hvp == with_hvp, "Flatten changed an HVP");
 }
 
 }  // namespace
@@ -565,6 +615,8 @@ int main(int argc, char** argv) {
     }
     check_label_range<double>(report);
     check_label_range<float>(report);
+    check_flatten_is_identity<double>(report);
+    check_flatten_is_identity<float>(report);
   }
   std::printf("group_harness: %d of %d checks passed\n", report.checks - report.failures, report.checks);
   return report.failures == 0 ? 0 : 1;

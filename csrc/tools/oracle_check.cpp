@@ -82,7 +82,7 @@ double relative_error(const std::vector<double>& actual, const std::vector<doubl
 
 struct Case {
   std::string name;
-  pymaml::MlpSpec spec;
+  pymaml::Network spec;
   bool labels = false;
 };
 
@@ -97,7 +97,7 @@ Case read_spec(Reader& reader) {
   const pymaml::Activation activation = parse_activation(reader.word());
   reader.expect("loss");
   const pymaml::Loss loss = parse_loss(reader.word());
-  if (!pymaml::make_spec(widths.data(), int(widths.size()), bias, activation, loss, &c.spec)) {
+  if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, activation, loss, &c.spec)) {
     throw std::runtime_error(c.name + ": invalid widths");
   }
   c.labels = loss == pymaml::Loss::cross_entropy;

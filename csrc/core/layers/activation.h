@@ -1,0 +1,179 @@
+// Activations a = σ(z) elementwise: ReLU, Tanh, Sigmoid and Identity (Activation::none), each
+// point's row of pad(n) values.
+//
+//   forward      a = σ(z)
+//   backward     dL/dz = σ'(z) ⊙ dL/da
+//   R-forward    R(a) = σ'(z) ⊙ R(z)
+//   R-backward   R(dL/dz) = σ'(z) ⊙ R(dL/da) + σ''(z) ⊙ dL/da ⊙ R(z)
+//
+// The backward and the R-backward run in place where σ'' = 0 (ReLU, Identity): the layer's input
+// gradient is its output gradient's buffer. With curvature (tanh, sigmoid) dL/da is kept apart
+// from dL/dz, since the R-backward needs it.
+#pragma once
+
+#include "../layer.h"
+#include "../math.h"
+
+namespace pymaml {
+
+// Non-finite values propagate as torch propagates them, so that a NaN or Inf in the weights
+// reaches the loss and the gradients exactly where autograd puts it:
+//   ReLU: relu(NaN) = NaN, and its backward is torch's threshold_backward on the result a:
+//   r where !(a <= 0), else exactly 0 (even for a NaN or infinite r); so a NaN unit passes r on.
+//   tanh, sigmoid: σ'(z) · r with σ' from a, as torch's tanh_backward and sigmoid_backward.
+// The selects compare a, never z, and are written as `a <= 0 ? 0 : r` so that a NaN takes the
+// r branch; with -fno-trapping-math they vectorize to a compare and a bit mask.
+//
+// σ'(z) and σ''(z) of the activations with curvature, from a = σ(z): tanh: σ' = 1 - a², σ'' =
+// -2a σ'; sigmoid: σ' = a(1 - a), σ'' = σ'(1 - 2a). (ReLU and none have σ'' = 0 and take
+// slope_times_row.)
+template <class T>
+PYMAML_HD T activation_slope(Activation act, T a) {
+  switch (act) {
+    case Activation::tanh: return T(1) - a * a;
+    case Activation::sigmoid: return a * (T(1) - a);
+    default: return T(1);
+  }
+}
+
+template <class T>
+PYMAML_HD T activation_curvature(Activation act, T a, T slope) {
+  switch (act) {
+    case Activation::tanh: return T(-2) * a * slope;
+    case Activation::sigmoid: return slope * (T(1) - T(2) * a);
+    default: return T(0);
+  }
+}
+
+// Row-wise elementwise passes, with the switch on the activation outside the loops so that
+// each loop vectorizes. Callers pass the padded width where the padding lanes may be written:
+// whole SIMD registers, no scalar tail. Padding lanes carry no meaning (they are zero while
+// every value is finite, and may hold NaN when a real value is not); no routine sums over them.
+// a[i] = σ(z[i])
+template <class T>
+PYMAML_HD void activate_row(Activation act, int n, const T* z, T* a) {
+  switch (act) {
+    case Activation::relu:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) a[i] = z[i] < T(0) ? T(0) : z[i];  // NaN stays NaN
+      break;
+    case Activation::tanh:
+      for (int i = 0; i < n; ++i) a[i] = math_tanh(z[i]);
+      break;
+    case Activation::sigmoid:
+      for (int i = 0; i < n; ++i) a[i] = T(1) / (T(1) + math_exp(-z[i]));
+      break;
+    default:
+      for (int i = 0; i < n; ++i) a[i] = z[i];
+  }
+}
+
+// out[i] = σ'(z[i]) · r[i] from a = σ(z)   (in place when out == r)
+template <class T>
+PYMAML_HD void slope_times_row(Activation act, int n, const T* a, const T* r, T* out) {
+  switch (act) {
+    case Activation::relu:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) out[i] = a[i] <= T(0) ? T(0) : r[i];
+      break;
+    case Activation::tanh:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) out[i] = (T(1) - a[i] * a[i]) * r[i];
+      break;
+    case Activation::sigmoid:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) out[i] = a[i] * (T(1) - a[i]) * r[i];
+      break;
+    default:
+      for (int i = 0; i < n; ++i) out[i] = r[i];
+  }
+}
+
+// R(δ) = R(t) σ'(z) + t σ''(z) R(z), in place over R(t) (rt), with t the back-propagated
+// product before the slope (δ = t σ'(z)).
+template <class T>
+PYMAML_HD void tangent_slope_row(Activation act, int n, int ld, const T* a, const T* rz, const T* t, T* rt) {
+  if (act == Activation::relu || act == Activation::none) {  // σ'' = 0
+    slope_times_row(act, ld, a, rt, rt);
+    return;
+  }
+  for (int i = 0; i < n; ++i) {
+    const T slope = activation_slope(act, a[i]);
+    rt[i] = rt[i] * slope + t[i] * activation_curvature(act, a[i], slope) * rz[i];
+  }
+}
+
+PYMAML_HD bool has_curvature(Activation act) { return act == Activation::tanh || act == Activation::sigmoid; }
+
+namespace {
+
+struct ActivationLayer {
+  static void configure(Layer& L) {
+    L.out = L.in;
+    L.params = 0;
+    L.padded_params = 0;
+    L.wt_size = 0;
+  }
+  static constexpr bool kAliasesInput = false;
+  // The backward writes dL/dz over dL/da.
+  static bool backward_in_place(const Layer& L) { return !has_curvature(L.activation); }
+  static constexpr bool kRBackwardInPlace = true;
+
+  template <class T, class G>
+  PYMAML_HD_STATIC_MEMBER void pack(const G&, const Layer&, const T*, T*) {}
+  template <class T, class G>
+  PYMAML_HD_STATIC_MEMBER void unpack(const G&, const Layer&, const T*, T*) {}
+  template <class Products, class T, class G>
+  PYMAML_HD_STATIC_MEMBER void transpose(const G&, const Layer&, const T*, T*) {}
+
+  template <class Products, class T, class G>
+  PYMAML_HD_STATIC_MEMBER void forward(const G& g, const Layer& L, int K, const LayerParams<T>&,
+                                       const LayerIO<T>& io) {
+    const int ld = padded(L.out);
+    const int width = L.activation == Activation::sigmoid ? L.out : ld;  // σ(0) = 0 keeps padding zero
+    for (int k = g.rank(); k < K; k += g.size()) {
+      activate_row(L.activation, width, io.in + int64_t(k) * ld, io.out + int64_t(k) * ld);
+    }
+    g.sync();
+  }
+
+  template <class Products, class T, class G>
+  PYMAML_HD_STATIC_MEMBER void backward(const G& g, const Layer& L, int K, const LayerParams<T>&,
+                                        const LayerIO<T>& io, T*, T*, int64_t) {
+    if (!io.grad_in) return;
+    const int ld = padded(L.out);
+    for (int k = g.rank(); k < K; k += g.size()) {
+      const int64_t row = int64_t(k) * ld;
+      slope_times_row(L.activation, ld, io.out + row, io.grad_out + row, io.grad_in + row);
+    }
+    g.sync();
+  }
+
+  template <class Products, class T, class G>
+  PYMAML_HD_STATIC_MEMBER void r_forward(const G& g, const Layer& L, int K, const LayerParams<T>&,
+                                         const LayerIO<T>& io) {
+    if (!io.r_in) return;
+    const int ld = padded(L.out);
+    for (int k = g.rank(); k < K; k += g.size()) {
+      const int64_t row = int64_t(k) * ld;
+      slope_times_row(L.activation, ld, io.out + row, io.r_in + row, io.r_out + row);
+    }
+    g.sync();
+  }
+
+  // In place over R(dL/da) (io.r_grad_in == io.r_grad_out).
+  template <class Products, class T, class G>
+  PYMAML_HD_STATIC_MEMBER void r_backward(const G& g, const Layer& L, int K, const LayerParams<T>&,
+                                          const LayerIO<T>& io, T*, bool, T*, int64_t) {
+    if (!io.r_grad_in) return;
+    const int ld = padded(L.out);
+    for (int k = g.rank(); k < K; k += g.size()) {
+      const int64_t row = int64_t(k) * ld;
+      tangent_slope_row(L.activation, L.out, ld, io.out + row, io.r_in + row, io.grad_out + row, io.r_grad_in + row);
+    }
+    g.sync();
+  }
+};
+
+}  // namespace
+}  // namespace pymaml
