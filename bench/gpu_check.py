@@ -759,7 +759,7 @@ def launch_settings(plan: Plan, tasks: int) -> list:
 def occupancy_section(plan: Plan, results: Results, section: dict, deadline: float) -> None:
     """The fused op of the first backend (cuda) under every launch setting: CUDA-event time, and
     whether its outputs are bitwise those of the launcher's own setting (each output is the same
-    ordered sum however the threads split the work, csrc/core/mlp_task.h). Decides the occupancy
+    ordered sum however the threads split the work, csrc/core/network_task.h). Decides the occupancy
     plan in the GPU section of bench/RESULTS.md."""
     result = section.setdefault("result", {"backend": plan.backends[0] if plan.backends else None, "rows": []})
     backend = result["backend"]

@@ -1,5 +1,5 @@
 """Triton kernel of the fused MAML meta-step of an MLP: one program per task, one launch per
-meta-step (the math is the fused CPU core's, csrc/core/mlp_task.h).
+meta-step (the math is the fused CPU core's, csrc/core/network_task.h and its layers).
 
 Per task t, with θ the flattened parameters and α_s = lrs[s]:
   g_s = ∇L_support(θ_s), θ_{s+1} = θ_s − α_s ⊙ g_s;  task loss Σ_s w_s L_query(θ_s);

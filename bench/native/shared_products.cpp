@@ -21,11 +21,12 @@
 #include <vector>
 
 #include "core/common.h"
-#include "core/mlp_task.h"
+#include "cpu/register_tiles.h"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using Products = pymaml::cpu::CpuProducts;
 
 template <class F>
 double best_microseconds(int repeats, F&& body) {
@@ -62,14 +63,14 @@ int main(int argc, char** argv) {
   const double per_task = best_microseconds(repeats, [&] {
     for (int call = 0; call < inner; ++call) {
       for (int t = 0; t < T; ++t) {
-        pymaml::gemm_rows(g, K, n, n, a.data() + size_t(t) * K * ld, int64_t(ld), int64_t(1), B.data(), int64_t(ld),
+        Products::gemm_rows(g, K, n, n, a.data() + size_t(t) * K * ld, int64_t(ld), int64_t(1), B.data(), int64_t(ld),
                           C.data() + size_t(t) * K * ld, int64_t(ld), bias, false);
       }
     }
   }) / inner;
   const double shared = best_microseconds(repeats, [&] {
     for (int call = 0; call < inner; ++call) {
-      pymaml::gemm_rows(g, T * K, n, n, a.data(), int64_t(ld), int64_t(1), B.data(), int64_t(ld), C.data(),
+      Products::gemm_rows(g, T * K, n, n, a.data(), int64_t(ld), int64_t(1), B.data(), int64_t(ld), C.data(),
                         int64_t(ld), bias, false);
     }
   }) / inner;
@@ -95,9 +96,9 @@ int main(int argc, char** argv) {
       for (int j = 0; j < K; ++j) {
         for (int i = 0; i < n; ++i) aT[size_t(i) * ldp + j] = a[size_t(j) * ld + i];
       }
-      pymaml::gemm_rows(g, K, n, K, a_prime, int64_t(ld), int64_t(1), aT.data(), int64_t(ldp), P.data(), int64_t(ldp),
+      Products::gemm_rows(g, K, n, K, a_prime, int64_t(ld), int64_t(1), aT.data(), int64_t(ldp), P.data(), int64_t(ldp),
                         static_cast<const float*>(nullptr), false);
-      pymaml::gemm_rows(g, K, K, n, P.data(), int64_t(ldp), int64_t(1), delta.data(), int64_t(ld), Q.data(),
+      Products::gemm_rows(g, K, K, n, P.data(), int64_t(ldp), int64_t(1), delta.data(), int64_t(ld), Q.data(),
                         int64_t(ld), static_cast<const float*>(nullptr), false);
     }
   }) / inner;
