@@ -62,6 +62,90 @@ pymaml::Loss parse_loss(const std::string& name) {
   throw py::value_error("loss must be 'mse' or 'cross_entropy', got '" + name + "'");
 }
 
+// The encoding of a network's layers (pymaml/ops/network.py writes it): the input shape
+// [C, H, W], then kLayerInts integers per layer, in this order, and one float per layer in
+// `constants`. The kinds are LayerKind's values (layer_kinds()), the activations Activation's.
+constexpr int kLayerInts = 8;
+enum LayerField { kKind, kOut, kKernel, kStride, kPadding, kBias, kAffine, kActivation };
+
+py::dict layer_kinds() {
+  py::dict kinds;
+#define PYMAML_LAYER_NAME(name, Type) kinds[#name] = int(pymaml::LayerKind::name);
+  PYMAML_LAYER_KINDS(PYMAML_LAYER_NAME)
+#undef PYMAML_LAYER_NAME
+  return kinds;
+}
+
+pymaml::Network decode_network(const std::vector<int>& layers, const std::vector<double>& constants,
+                               pymaml::Loss loss) {
+  const size_t count = layers.size() < 3 ? 0 : (layers.size() - 3) / kLayerInts;
+  if (layers.size() < 3 + kLayerInts || (layers.size() - 3) % kLayerInts != 0) {
+    throw py::value_error("layers must be the input shape [C, H, W] and " + std::to_string(kLayerInts) +
+                          " integers per layer, got " + std::to_string(layers.size()) + " integers");
+  }
+  if (constants.size() != count) {
+    throw py::value_error("layer_constants must hold one value per layer: " + std::to_string(count) + ", got " +
+                          std::to_string(constants.size()));
+  }
+  if (count > size_t(pymaml::kMaxNetworkLayers)) {
+    throw py::value_error("the network has " + std::to_string(count) + " layers; the fused kernel takes at most " +
+                          std::to_string(pymaml::kMaxNetworkLayers));
+  }
+  constexpr int kinds = 0
+#define PYMAML_LAYER_COUNT(name, Type) +1
+      PYMAML_LAYER_KINDS(PYMAML_LAYER_COUNT)
+#undef PYMAML_LAYER_COUNT
+      ;
+  std::vector<pymaml::Layer> decoded(count);
+  for (size_t i = 0; i < count; ++i) {
+    const int* f = layers.data() + 3 + i * kLayerInts;
+    if (f[kKind] < 0 || f[kKind] >= kinds) throw py::value_error("layer " + std::to_string(i) + " has an unknown kind");
+    if (f[kActivation] < int(pymaml::Activation::none) || f[kActivation] > int(pymaml::Activation::elu)) {
+      throw py::value_error("layer " + std::to_string(i) + " has an unknown activation");
+    }
+    pymaml::Layer& L = decoded[i];
+    L.kind = static_cast<pymaml::LayerKind>(f[kKind]);
+    L.channels_out = f[kOut];
+    L.kernel = f[kKernel];
+    L.stride = f[kStride];
+    L.padding = f[kPadding];
+    L.bias = f[kBias] != 0;
+    L.affine = f[kAffine] != 0;
+    L.activation = static_cast<pymaml::Activation>(f[kActivation]);
+    L.constant = constants[i];
+  }
+  pymaml::Network net;
+  if (!pymaml::make_network(decoded.data(), int(count), layers[0], layers[1], layers[2], loss, &net)) {
+    throw py::value_error("the layers do not form a network the fused kernel takes: each layer must accept its "
+                          "input's shape (positive sizes, a Flatten before a Linear on an image, a kernel no larger "
+                          "than its padded input), and the network must have parameters");
+  }
+  return net;
+}
+
+// The network of a call: the MLP of `widths` when `layers` is empty, else the decoded layers
+// (whose inputs and outputs `widths` must then give as [inputs, outputs]).
+pymaml::Network build_network(const std::vector<int>& widths, const std::string& activation, bool bias,
+                              const std::string& loss, const std::vector<int>& layers,
+                              const std::vector<double>& constants) {
+  pymaml::Network net;
+  if (layers.empty()) {
+    if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, parse_activation(activation),
+                                  parse_loss(loss), &net)) {
+      throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
+                            " positive layer widths (input, hidden..., output)");
+    }
+    return net;
+  }
+  net = decode_network(layers, constants, parse_loss(loss));
+  if (widths.size() != 2 || widths[0] != net.inputs() || widths[1] != net.outputs()) {
+    throw py::value_error("with layers, widths must be [inputs, outputs] = [" + std::to_string(net.inputs()) + ", " +
+                          std::to_string(net.outputs()) + "]");
+  }
+  return net;
+}
+
+
 void check_labels(const ArrayArg& labels, int classes) {
   const int64_t* data = labels.data<int64_t>();
   for (int64_t i = 0, n = labels.numel(); i < n; ++i) {
@@ -191,14 +275,11 @@ void take_grad_parts(py::handle object, DLDeviceType device, MetaStepCall& call)
 MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*>>& buffers, py::handle grad_theta_obj,
                              py::handle grad_lrs_obj,
                              const std::vector<int>& widths, const std::string& activation, bool bias,
-                             const std::string& loss, bool first_order, bool all_step_losses, DLDeviceType device) {
+                             const std::string& loss, const std::vector<int>& layers, const std::vector<double>& layer_constants, bool first_order,
+                             bool all_step_losses, DLDeviceType device) {
   MetaStepCall call;
   pymaml::Network& spec = call.spec;
-  if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
-                         &spec)) {
-    throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
-                          " positive layer widths (input, hidden..., output)");
-  }
+  spec = build_network(widths, activation, bias, loss, layers, layer_constants);
   for (const auto& [object, name] : buffers) call.arrays.push_back(std::make_unique<ArrayArg>(object, name, device));
   if (!grad_lrs_obj.is_none()) call.grad_lrs = std::make_unique<ArrayArg>(grad_lrs_obj, "grad_lrs", device);
   take_grad_parts(grad_theta_obj, device, call);
@@ -368,14 +449,10 @@ AdamSettings adam_settings(int64_t step, double lr, double beta1, double beta2, 
 class MlpPlan {
  public:
   MlpPlan(const std::vector<int>& widths, const std::string& activation, bool bias, const std::string& loss,
-          bool first_order, int steps, double inner_lr, py::handle params, py::handle grads, py::handle exp_avg,
+          const std::vector<int>& layers, const std::vector<double>& layer_constants, bool first_order, int steps, double inner_lr, py::handle params, py::handle grads, py::handle exp_avg,
           py::handle exp_avg_sq, py::handle adam_steps)
       : first_order_(first_order), steps_(steps) {
-    if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
-                           &spec_)) {
-      throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
-                            " positive layer widths (input, hidden..., output)");
-    }
+    spec_ = build_network(widths, activation, bias, loss, layers, layer_constants);
     if (steps < 0) throw py::value_error("steps must be >= 0, got " + std::to_string(steps));
     if (!std::isfinite(inner_lr)) throw py::value_error("inner_lr must be finite");
     params_ = buffer_list(params, "params");
@@ -543,10 +620,11 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
                    py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
                    py::handle grad_theta, py::handle grad_lrs, int threads, bool all_step_losses, py::handle adam_params,
                    py::handle adam_exp_avg, py::handle adam_exp_avg_sq, int64_t adam_step, double adam_lr,
-                   double adam_beta1, double adam_beta2, double adam_eps, double adam_weight_decay) {
+                   double adam_beta1, double adam_beta2, double adam_eps, double adam_weight_decay,
+                   const std::vector<int>& layers, const std::vector<double>& layer_constants) {
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
-                                            loss, first_order, all_step_losses, kDLCPU);
+                                            loss, layers, layer_constants, first_order, all_step_losses, kDLCPU);
   std::unique_ptr<AdamArgs> adam;
   AdamSettings settings;
   if (!adam_params.is_none()) {
@@ -568,13 +646,9 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
 // The CUDA launch's workspace, in values of theta's dtype: per block (the task workspace and the
 // padded θ_0 and α) and per task (its results, read by the last block). Host arithmetic only, so
 // that the launcher's block cap (pymaml/ops/mlp_meta_step.py) is testable without CUDA.
-pymaml::GridLayout cuda_grid_layout(const std::vector<int>& widths, bool bias, int steps, int support_points,
-                                    int query_points, bool lr_grad) {
-  pymaml::Network spec;
-  if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, pymaml::Activation::none, pymaml::Loss::mse,
-                         &spec)) {
-    throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) + " positive layer widths");
-  }
+pymaml::GridLayout cuda_grid_layout(const std::vector<int>& widths, bool bias, const std::vector<int>& layers, const std::vector<double>& layer_constants, int steps,
+                                    int support_points, int query_points, bool lr_grad) {
+  const pymaml::Network spec = build_network(widths, "none", bias, "mse", layers, layer_constants);
   if (steps < 0 || support_points < 0 || query_points < 0) {
     throw py::value_error("steps and point counts must be >= 0");
   }
@@ -583,14 +657,17 @@ pymaml::GridLayout cuda_grid_layout(const std::vector<int>& widths, bool bias, i
 }
 
 int64_t mlp_meta_step_cuda_workspace(const std::vector<int>& widths, bool bias, int tasks, int steps,
-                                     int support_points, int query_points, bool lr_grad, int blocks) {
-  const pymaml::GridLayout lay = cuda_grid_layout(widths, bias, steps, support_points, query_points, lr_grad);
+                                     int support_points, int query_points, bool lr_grad, int blocks,
+                                     const std::vector<int>& layers, const std::vector<double>& layer_constants) {
+  const pymaml::GridLayout lay =
+      cuda_grid_layout(widths, bias, layers, layer_constants, steps, support_points, query_points, lr_grad);
   return int64_t(blocks) * lay.block_stride + int64_t(tasks) * lay.per_task_stride;
 }
 
 py::tuple mlp_meta_step_cuda_workspace_parts(const std::vector<int>& widths, bool bias, int steps, int support_points,
-                                             int query_points, bool lr_grad) {
-  const pymaml::GridLayout lay = cuda_grid_layout(widths, bias, steps, support_points, query_points, lr_grad);
+                                             int query_points, bool lr_grad, const std::vector<int>& layers, const std::vector<double>& layer_constants) {
+  const pymaml::GridLayout lay =
+      cuda_grid_layout(widths, bias, layers, layer_constants, steps, support_points, query_points, lr_grad);
   return py::make_tuple(lay.block_stride, lay.per_task_stride);
 }
 
@@ -601,9 +678,9 @@ void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weight
                         py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
                         py::handle grad_theta, py::handle grad_lrs, py::handle workspace_obj, py::handle counter_obj,
                         uintptr_t stream, int blocks, py::handle labels_ok_obj, int threads_per_block,
-                        bool all_step_losses) {
+                        bool all_step_losses, const std::vector<int>& layers, const std::vector<double>& layer_constants) {
   const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
-                                            loss, first_order, all_step_losses, kDLCUDA);
+                                            loss, layers, layer_constants, first_order, all_step_losses, kDLCUDA);
   if (call.grad_parts.size() != 1) throw py::value_error("grad_theta must be one buffer of CUDA memory");
   if (blocks < 1 || threads_per_block < 32 || threads_per_block > pymaml::kCudaThreadsPerBlock ||
       threads_per_block % 32) {
@@ -648,13 +725,9 @@ void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weight
 
 void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handle y_obj, const std::vector<int>& widths,
              const std::string& activation, bool bias, const std::string& loss, py::handle hv_obj,
-             py::handle grad_obj, int threads) {
+             py::handle grad_obj, int threads, const std::vector<int>& layers, const std::vector<double>& layer_constants) {
   pymaml::Network spec;
-  if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, parse_activation(activation), parse_loss(loss),
-                         &spec)) {
-    throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
-                          " positive layer widths (input, hidden..., output)");
-  }
+  spec = build_network(widths, activation, bias, loss, layers, layer_constants);
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   const ArrayArg theta(theta_obj, "theta"), v(v_obj, "v"), x(x_obj, "x"), y(y_obj, "y"), hv(hv_obj, "hv");
   std::unique_ptr<ArrayArg> grad;
@@ -705,6 +778,8 @@ void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handl
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymaml's torch-free C++ core";
   m.def("build_info", &build_info, "Compiler, flags, OpenMP, CPU levels and CUDA archs of this build.");
+  m.def("layer_kinds", &layer_kinds, "The layer kinds' numbers in the `layers` encoding of a network.");
+  m.attr("LAYER_INTS") = kLayerInts;
   m.def("set_cpu_level", &pymaml::set_cpu_level, py::arg("level"),
         "Run the CPU kernels built for `level` (one of build_info()['cpu_levels']) instead of the best one.");
   m.def("mlp_meta_step", &mlp_meta_step, py::kw_only(), py::arg("theta"), py::arg("lrs"), py::arg("step_weights"),
@@ -715,8 +790,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("adam_params") = py::none(), py::arg("adam_exp_avg") = py::none(),
         py::arg("adam_exp_avg_sq") = py::none(), py::arg("adam_step") = 0, py::arg("adam_lr") = 0.0,
         py::arg("adam_beta1") = 0.9, py::arg("adam_beta2") = 0.999, py::arg("adam_eps") = 1e-8,
-        py::arg("adam_weight_decay") = 0.0,
-        "The fused MAML meta-step of an MLP over a batch of tasks, written into the output buffers.\n"
+        py::arg("adam_weight_decay") = 0.0, py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{},
+        "The fused MAML meta-step of an MLP (or, with layers, of the network they encode) over a batch of tasks, written into the output buffers.\n"
         "Inner loop θ_{s+1} = θ_s − lrs[s] ⊙ ∇L_support(θ_s); loss Σ_s step_weights[s-1] L_query(θ_s);\n"
         "exact meta-gradient through Hessian-vector products unless first_order. Means over tasks,\n"
         "except task_losses and pre_losses. Results do not depend on `threads`. all_step_losses=False\n"
@@ -727,10 +802,11 @@ PYBIND11_MODULE(_C, m) {
                       "torch's per-parameter step counters) are checked once and held; run() passes only the batch.\n"
                       "The held buffers are not checked again: the caller must build a new plan when one of the\n"
                       "tensors gets new storage or strides. Concurrent runs of one plan take turns.")
-      .def(py::init<const std::vector<int>&, const std::string&, bool, const std::string&, bool, int, double,
-                    py::handle, py::handle, py::handle, py::handle, py::handle>(),
+      .def(py::init<const std::vector<int>&, const std::string&, bool, const std::string&, const std::vector<int>&,
+                    const std::vector<double>&, bool, int, double, py::handle, py::handle, py::handle, py::handle,
+                    py::handle>(),
            py::kw_only(), py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"),
-           py::arg("first_order"), py::arg("steps"), py::arg("inner_lr"), py::arg("params"), py::arg("grads"),
+           py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{}, py::arg("first_order"), py::arg("steps"), py::arg("inner_lr"), py::arg("params"), py::arg("grads"),
            py::arg("adam_exp_avg") = py::none(), py::arg("adam_exp_avg_sq") = py::none(),
            py::arg("adam_steps") = py::none())
       .def("run", &MlpPlan::run, py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"),
@@ -746,18 +822,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_theta"), py::arg("grad_lrs"), py::arg("workspace"), py::arg("counter"),
         py::arg("stream"), py::arg("blocks"), py::arg("labels_ok") = py::none(),
         py::arg("threads_per_block") = pymaml::kCudaThreadsPerBlock, py::arg("all_step_losses") = true,
+        py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{},
         "mlp_meta_step on CUDA buffers of one device: one kernel launch on `stream` (a cudaStream_t as an\n"
         "integer) with theta's device current. counter: int32, zero, used by no other launch in flight.");
 #endif
   m.def("mlp_meta_step_cuda_workspace", &mlp_meta_step_cuda_workspace, py::kw_only(), py::arg("widths"),
         py::arg("bias"), py::arg("tasks"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"),
-        py::arg("lr_grad"), py::arg("blocks"), "Values of theta's dtype the CUDA meta-step needs as workspace.");
+        py::arg("lr_grad"), py::arg("blocks"), py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{},
+        "Values of theta's dtype the CUDA meta-step needs as workspace.");
   m.def("mlp_meta_step_cuda_workspace_parts", &mlp_meta_step_cuda_workspace_parts, py::kw_only(), py::arg("widths"),
         py::arg("bias"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"), py::arg("lr_grad"),
-        "(per block, per task): values of the CUDA workspace, blocks * per_block + tasks * per_task in all.");
+        py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{}, "(per block, per task): values of the CUDA workspace, blocks * per_block + tasks * per_task in all.");
   m.def("mlp_hvp", &mlp_hvp, py::kw_only(), py::arg("theta"), py::arg("v"), py::arg("x"), py::arg("y"),
         py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("hv"),
-        py::arg("grad") = py::none(), py::arg("threads") = 1,
+        py::arg("grad") = py::none(), py::arg("threads") = 1, py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{},
         "Batched Hessian-vector products of an MLP's per-task loss: hv[t] = H(theta[t]) v[t] (R-operator),\n"
         "and the per-task gradients into grad when given. theta, v, hv, grad: [T, P].");
 }

@@ -31,7 +31,7 @@
 
 namespace pymaml {
 
-enum class Activation : int { none = 0, relu = 1, tanh = 2, sigmoid = 3 };
+enum class Activation : int { none = 0, relu = 1, tanh = 2, sigmoid = 3, leaky_relu = 4, elu = 5 };
 enum class Loss : int { mse = 0, cross_entropy = 1 };
 
 // The most Linear layers of an MLP (csrc/core/network.h, make_mlp_network).

@@ -9,6 +9,17 @@
 // (Pearlmutter's R-operator, forward-over-reverse). A layer reads the gradient of its output from
 // grad_out and writes the gradient of its input to grad_in; a layer whose backward runs in place
 // (ReLU, Identity, Flatten) has grad_in == grad_out.
+//
+// Images are stored channels last: a point's row of a [C, H, W] value holds pixel (h, w)'s C
+// channels at (h·W + w)·C (load_input transposes the input from torch's [C, H, W]; a Linear after
+// Flatten reads its weights' columns in that order, see LinearLayer::pack). A vector of n
+// features is the image [n, 1, 1].
+//
+// Besides its slots a layer may use, in each routine, `scratch` (transient, shared by all layers:
+// scratch_fixed + K·scratch_per_point values), and `state` (its own state_size values per pass,
+// written by its forward and read by the routines after it on the same pass, e.g. batch
+// statistics) with `r_state` (state_size values of its own, written by its R-forward and read by
+// its R-backward in the same Hessian-vector product).
 #pragma once
 
 #include <cstdint>
@@ -25,10 +36,17 @@ struct Layer {
   int64_t wt_offset = 0;      // its block of the transposed weight copies (wt_size values), if any
   int64_t wt_size = 0;
   int in = 0, out = 0;        // features per point of its input and output
+  int channels_in = 0, height_in = 1, width_in = 1;    // in = channels_in·height_in·width_in
+  int channels_out = 0, height_out = 1, width_out = 1;  // out likewise; configure sets them
+  int kernel = 0, stride = 1, padding = 0;             // Conv2d, pooling
   int64_t params = 0;         // its parameter count in θ
+  int64_t scratch_fixed = 0, scratch_per_point = 0;    // transient scratch (values)
+  int64_t state_size = 0, state_offset = 0;            // per-pass state (values), offset in a pass's state
+  double constant = 0;        // LeakyReLU's negative slope, ELU's alpha, BatchNorm's eps
   LayerKind kind = LayerKind::linear;
   Activation activation = Activation::none;
   bool bias = false;
+  bool affine = false;        // BatchNorm with a weight and a bias
   // No layer with parameters comes before this one: the gradient of its input is not needed and
   // the tangent of its input is zero.
   bool input_is_data = true;
@@ -59,6 +77,9 @@ struct LayerIO {
   T* r_out;
   const T* r_grad_out;
   T* r_grad_in;
+  T* scratch;
+  T* state;    // null in a pass without state (state_size 0)
+  T* r_state;  // null outside a Hessian-vector product
 };
 
 }  // namespace pymaml

@@ -20,11 +20,11 @@
 namespace pymaml {
 
 // One pass over a set of points: per value slot (1..) its values and dL/d value, rows of
-// pad(width) per point ([K, pad(width)] per slot); the padded inputs X (slot 0) and the
-// log-sum-exp of each point (cross-entropy).
+// pad(width) per point ([K, pad(width)] per slot); the padded inputs X (slot 0), the
+// log-sum-exp of each point (cross-entropy) and the layers' state (state_size values).
 template <class T>
 struct Pass {
-  T *values, *grads, *lse;
+  T *values, *grads, *lse, *state;
   const T* X;
 };
 
@@ -36,9 +36,10 @@ PYMAML_HD T* slot_rows(T* buffer, const Network& s, int K, int slot) {
 }
 
 // Scratch for one task. Sizes in elements of T, with K = max(support, query) points, U the padded
-// units of all value slots but the input and PP the padded parameter count:
-//   passes: S + 1 of 2·K·U + K each (one per inner step on the support set, kept for its HVP,
-//           and one for the query set);  RV, RG: K·U each (the HVP's tangents of values and
+// units of all value slots but the input, PP the padded parameter count and Z the layers' state:
+//   passes: S + 1 of 2·K·U + K + Z each (one per inner step on the support set, kept for its HVP,
+//           and one for the query set);  RZ: Z (the HVP's tangents of the state);  scratch: the
+//           most a layer's routine uses over K points;  RV, RG: K·U each (the HVP's tangents of values and
 //           gradients);  Xs, Xq: K·pad(n_0) each;  rows: K;  cell: 2;  thetas (θ_1..θ_S), grads:
 //   S·PP each;  u, qg: PP each;  WTs: (S+1)·wt_size (the transposed weights of every θ_s);  UT:
 //   one more;  point_sums: point_sum_slots(K)·PP (the partial sums over points, none for
@@ -48,14 +49,17 @@ PYMAML_HD T* slot_rows(T* buffer, const Network& s, int K, int slot) {
 // a real value.
 template <class T>
 struct TaskWorkspace {
-  T *passes, *RV, *RG, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *u, *qg, *WTs, *UT, *point_sums;
+  T *passes, *RV, *RG, *RZ, *scratch, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *u, *qg, *WTs, *UT, *point_sums;
   int64_t pass_size;
 
-  PYMAML_HD_MEMBER static int64_t pass_elements(const Network& s, int K) { return 2 * int64_t(K) * s.units + K; }
+  PYMAML_HD_MEMBER static int64_t pass_elements(const Network& s, int K) {
+    return 2 * int64_t(K) * s.units + K + s.state_size;
+  }
 
   PYMAML_HD_MEMBER static int64_t size(const Network& s, int K, int S) {
     const int64_t PP = s.num_padded_params, act = int64_t(K) * s.units;
-    return (int64_t(S) + 1) * pass_elements(s, K) + 2 * act + 2 * int64_t(K) * padded(s.inputs()) + int64_t(K) + 2 +
+    return (int64_t(S) + 1) * pass_elements(s, K) + 2 * act + s.state_size + s.scratch(K) +
+           2 * int64_t(K) * padded(s.inputs()) + int64_t(K) + 2 +
            2 * int64_t(S) * PP + 2 * PP + (int64_t(S) + 2) * s.wt_size + int64_t(point_sum_slots(K)) * PP;
   }
 
@@ -66,6 +70,8 @@ struct TaskWorkspace {
     passes = p; p += (int64_t(S) + 1) * pass_size;
     RV = p; p += act;
     RG = p; p += act;
+    RZ = p; p += s.state_size;
+    scratch = p; p += s.scratch(K);
     Xs = p; p += int64_t(K) * padded(s.inputs());
     Xq = p; p += int64_t(K) * padded(s.inputs());
     row_loss = p; p += K;
@@ -83,7 +89,7 @@ struct TaskWorkspace {
   PYMAML_HD_MEMBER Pass<T> pass(const Network& s, int K, int i, const T* X) const {
     T* base = passes + int64_t(i) * pass_size;
     const int64_t act = int64_t(K) * s.units;
-    return Pass<T>{base, base + act, base + 2 * act, X};
+    return Pass<T>{base, base + act, base + 2 * act, base + 2 * act + K, X};
   }
 };
 
@@ -94,19 +100,25 @@ struct Targets {
   const int64_t* labels;
 };
 
+// The padded rows X of the points x [K, C, H, W] (torch's order), stored channels last.
 template <class T, class G>
 PYMAML_HD void load_input(const G& g, const Network& s, const T* x, int K, T* X) {
-  const int n0 = s.inputs(), ld = padded(n0);
+  const int n0 = s.inputs(), ld = padded(n0), C = s.input_channels, P = s.input_height * s.input_width;
   for (int k = g.rank(); k < K; k += g.size()) {
-    for (int i = 0; i < n0; ++i) X[int64_t(k) * ld + i] = x[int64_t(k) * n0 + i];
+    const T* point = x + int64_t(k) * n0;
+    T* row = X + int64_t(k) * ld;
+    for (int c = 0; c < C; ++c) {
+      for (int p = 0; p < P; ++p) row[int64_t(p) * C + c] = point[int64_t(c) * P + p];
+    }
   }
   g.sync();
 }
 
-// Layer L's buffers in a pass; with tangents (RV, RG not null) for the R-operator. Gradient and
-// tangent buffers the layer has none of (an input that is data) are null.
+// Layer L's buffers in a pass; with tangents (RV, RG, RZ not null) for the R-operator. Gradient
+// and tangent buffers the layer has none of (an input that is data) are null.
 template <class T>
-PYMAML_HD LayerIO<T> layer_io(const Network& s, const Layer& L, int K, const Pass<T>& pass, T* RV, T* RG) {
+PYMAML_HD LayerIO<T> layer_io(const Network& s, const Layer& L, int K, const Pass<T>& pass, T* RV, T* RG, T* RZ,
+                              T* scratch) {
   LayerIO<T> io;
   io.in = L.value_in == 0 ? pass.X : slot_rows(pass.values, s, K, L.value_in);
   io.out = L.value_out == 0 ? nullptr : slot_rows(pass.values, s, K, L.value_out);
@@ -117,16 +129,21 @@ PYMAML_HD LayerIO<T> layer_io(const Network& s, const Layer& L, int K, const Pas
   io.r_out = tangents && L.value_out != 0 ? slot_rows(RV, s, K, L.value_out) : nullptr;
   io.r_grad_out = tangents && L.r_grad_out >= 0 ? slot_rows(RG, s, K, L.r_grad_out) : nullptr;
   io.r_grad_in = tangents && L.r_grad_in >= 0 ? slot_rows(RG, s, K, L.r_grad_in) : nullptr;
+  io.scratch = scratch;
+  io.state = L.state_size > 0 ? pass.state + L.state_offset : nullptr;
+  io.r_state = tangents && L.state_size > 0 ? RZ + L.state_offset : nullptr;
   return io;
 }
 
 // Forward pass from pass.X through every layer.
 template <class Products, class T, class G>
-PYMAML_HD void network_forward(const G& g, const Network& s, const T* theta, const T* WT, int K, const Pass<T>& pass) {
+PYMAML_HD void network_forward(const G& g, const Network& s, const T* theta, const T* WT, int K, const Pass<T>& pass,
+                               T* scratch) {
   const LayerParams<T> p{theta, WT, nullptr, nullptr};
   for (int i = 0; i < s.count; ++i) {
     const Layer& L = s.layers[i];
-    const LayerIO<T> io = layer_io(s, L, K, pass, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+    const LayerIO<T> io = layer_io(s, L, K, pass, static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr),
+                                   scratch);
     visit_layer(L.kind, [&](auto kind) { decltype(kind)::template forward<Products>(g, L, K, p, io); });
   }
 }
@@ -178,11 +195,12 @@ PYMAML_HD void network_loss(const G& g, const Network& s, Targets<T> y, int K, b
 // grad when it is not null.
 template <class Products, class T, class G>
 PYMAML_HD void network_backward(const G& g, const Network& s, const T* theta, int K, const Pass<T>& pass, T* grad,
-                                T* point_sums) {
+                                T* point_sums, T* scratch) {
   const LayerParams<T> p{theta, nullptr, nullptr, nullptr};
   for (int i = s.count - 1; i >= 0; --i) {
     const Layer& L = s.layers[i];
-    const LayerIO<T> io = layer_io(s, L, K, pass, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+    const LayerIO<T> io = layer_io(s, L, K, pass, static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr),
+                                   scratch);
     visit_layer(L.kind, [&](auto kind) {
       decltype(kind)::template backward<Products>(g, L, K, p, io, grad, point_sums, s.num_padded_params);
     });
@@ -194,15 +212,15 @@ PYMAML_HD void network_backward(const G& g, const Network& s, const T* theta, in
 template <class Products, class T, class G>
 PYMAML_HD void network_gradient(const G& g, const Network& s, const T* theta, const T* WT, Targets<T> y, int K,
                                 const Pass<T>& pass, const TaskWorkspace<T>& ws, T* grad) {
-  network_forward<Products>(g, s, theta, WT, K, pass);
+  network_forward<Products>(g, s, theta, WT, K, pass, ws.scratch);
   network_loss(g, s, y, K, true, pass, ws);
-  network_backward<Products>(g, s, theta, K, pass, grad, ws.point_sums);
+  network_backward<Products>(g, s, theta, K, pass, grad, ws.point_sums, ws.scratch);
 }
 
 template <class Products, class T, class G>
 PYMAML_HD T network_loss_at(const G& g, const Network& s, const T* theta, const T* WT, Targets<T> y, int K,
                             const Pass<T>& pass, const TaskWorkspace<T>& ws) {
-  network_forward<Products>(g, s, theta, WT, K, pass);
+  network_forward<Products>(g, s, theta, WT, K, pass, ws.scratch);
   network_loss(g, s, y, K, false, pass, ws);
   return ws.cell[0];
 }
@@ -219,7 +237,7 @@ PYMAML_HD void network_hvp_from_pass(const G& g, const Network& s, const T* thet
   const LayerParams<T> p{theta, WT, u, UT};
   for (int i = 0; i < s.count; ++i) {
     const Layer& L = s.layers[i];
-    const LayerIO<T> io = layer_io(s, L, K, pass, ws.RV, ws.RG);
+    const LayerIO<T> io = layer_io(s, L, K, pass, ws.RV, ws.RG, ws.RZ, ws.scratch);
     visit_layer(L.kind, [&](auto kind) { decltype(kind)::template r_forward<Products>(g, L, K, p, io); });
   }
   const int n = s.outputs(), ld = padded(n);
@@ -243,7 +261,7 @@ PYMAML_HD void network_hvp_from_pass(const G& g, const Network& s, const T* thet
   g.sync();
   for (int i = s.count - 1; i >= 0; --i) {
     const Layer& L = s.layers[i];
-    const LayerIO<T> io = layer_io(s, L, K, pass, ws.RV, ws.RG);
+    const LayerIO<T> io = layer_io(s, L, K, pass, ws.RV, ws.RG, ws.RZ, ws.scratch);
     visit_layer(L.kind, [&](auto kind) {
       decltype(kind)::template r_backward<Products>(g, L, K, p, io, hv, accumulate, ws.point_sums,
                                                     s.num_padded_params);

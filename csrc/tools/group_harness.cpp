@@ -200,7 +200,7 @@ struct Config {
 pymaml::Layer linear_layer(int out, bool bias) {
   pymaml::Layer layer;
   layer.kind = pymaml::LayerKind::linear;
-  layer.out = out;
+  layer.channels_out = out;
   layer.bias = bias;
   return layer;
 }
@@ -251,7 +251,7 @@ Network make(const Config& c) {
   Network spec;
   const bool built = c.layers.empty()
       ? pymaml::make_mlp_network(c.widths.data(), int(c.widths.size()), c.bias, c.activation, c.loss, &spec)
-      : pymaml::make_network(c.layers.data(), int(c.layers.size()), c.widths[0], c.loss, &spec);
+      : pymaml::make_network(c.layers.data(), int(c.layers.size()), c.widths[0], 1, 1, c.loss, &spec);
   if (!built) {
     std::fprintf(stderr, "bad widths in %s\n", c.name.c_str());
     std::exit(2);

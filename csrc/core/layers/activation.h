@@ -108,16 +108,20 @@ PYMAML_HD bool has_curvature(Activation act) { return act == Activation::tanh ||
 namespace {
 
 struct ActivationLayer {
-  static void configure(Layer& L) {
+  static bool configure(Layer& L) {
     L.out = L.in;
+    L.channels_out = L.channels_in;
+    L.height_out = L.height_in;
+    L.width_out = L.width_in;
     L.params = 0;
     L.padded_params = 0;
     L.wt_size = 0;
+    return true;
   }
-  static constexpr bool kAliasesInput = false;
+  static bool aliases_input(const Layer&) { return false; }
   // The backward writes dL/dz over dL/da.
   static bool backward_in_place(const Layer& L) { return !has_curvature(L.activation); }
-  static constexpr bool kRBackwardInPlace = true;
+  static bool r_backward_in_place(const Layer&) { return true; }
 
   template <class T, class G>
   PYMAML_HD_STATIC_MEMBER void pack(const G&, const Layer&, const T*, T*) {}

@@ -7,7 +7,11 @@
 #define PYMAML_LAYER_KINDS(X)     \
   X(linear, LinearLayer)          \
   X(activation, ActivationLayer)  \
-  X(flatten, FlattenLayer)
+  X(flatten, FlattenLayer)        \
+  X(conv2d, Conv2dLayer)          \
+  X(batch_norm, BatchNormLayer)   \
+  X(max_pool, MaxPoolLayer)       \
+  X(avg_pool, AvgPoolLayer)
 
 namespace pymaml {
 

@@ -35,15 +35,19 @@ struct LinearLayer {
     return L.padded_offset + (transposed(L) ? int64_t(i) * padded(L.out) + o : int64_t(o) * padded(L.in) + i);
   }
 
-  static constexpr bool kAliasesInput = false;
+  static bool aliases_input(const Layer&) { return false; }
   static bool backward_in_place(const Layer&) { return false; }
-  static constexpr bool kRBackwardInPlace = false;
+  static bool r_backward_in_place(const Layer&) { return false; }
 
-  // Sizes, from in, out, bias and input_is_data.
-  static void configure(Layer& L) {
+  // Sizes, from in, channels_out (the out features), bias and input_is_data. The input is a vector
+  // (nn.Linear on an image would act on its last axis; a Flatten comes first).
+  static bool configure(Layer& L) {
+    if (L.height_in != 1 || L.width_in != 1 || L.channels_out < 1) return false;
+    L.out = L.channels_out;
     L.params = int64_t(L.out) * L.in + (L.bias ? L.out : 0);
     L.padded_params = (transposed(L) ? int64_t(L.in) * padded(L.out) : int64_t(L.out) * padded(L.in)) + padded(L.out);
     L.wt_size = needs_transpose(L) ? (int64_t(L.in) + 1) * padded(L.out) : 0;
+    return true;
   }
 
   // Between the flat layout and the padded one (whose padding lanes must already be zero).

@@ -2,9 +2,12 @@
 #pragma once
 
 #include "activation.h"
+#include "batch_norm.h"
+#include "conv2d.h"
 #include "flatten.h"
 #include "kinds.h"
 #include "linear.h"
+#include "pool.h"
 
 namespace pymaml {
 
