@@ -75,7 +75,7 @@ def test_harness_covers_conv2d(harness):
     """Conv2d (csrc/core/layers/conv2d.h) in the thread groups: strides 1, 2 and over the kernel,
     kernels 1 to 5, padding beyond the kernel, with and without bias, channel counts that are and
     are not multiples of the padded chunk, convolutions in a row (input gradients and their
-    tangents), first and second order, and 50 points in several chunks of the products: bitwise
+    tangents), first and second order, and points in several chunks of the products: bitwise
     for every group size, in both serialized orders and in the grid."""
     run = _run(harness)
     lines = run.stdout.splitlines()
