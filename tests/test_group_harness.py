@@ -71,6 +71,29 @@ def test_harness_covers_every_layer_kind(harness):
             assert f"ok   flatten {what} {dtype}" in lines, (what, dtype)
 
 
+def test_harness_covers_conv2d(harness):
+    """Conv2d (csrc/core/layers/conv2d.h) in the thread groups: strides 1, 2 and over the kernel,
+    kernels 1 to 5, padding beyond the kernel, with and without bias, channel counts that are and
+    are not multiples of the padded chunk, convolutions in a row (input gradients and their
+    tangents), first and second order, and points in several chunks of the products: bitwise
+    for every group size, in both serialized orders and in the grid."""
+    run = _run(harness)
+    lines = run.stdout.splitlines()
+    names = ("conv_stride2_flatten_linear", "conv_nobias_kernels_1_2", "conv_kernel5_stride_over_kernel_first_order",
+             "conv_point_chunks")
+    for name in names:
+        for P in GROUP_SIZES:
+            for dtype in ("f32", "f64"):
+                for what in ("meta_step_task", "mlp_hvp"):
+                    assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
+        assert f"ok   meta_step_task {name} f64 P=3 ascending" in lines, name
+        assert f"ok   meta_step_task {name} f32 P=7 descending" in lines, name
+        for blocks, P in ((1, 1), (2, 3), (3, 7), (8, 2)):
+            for dtype in ("f32", "f64"):
+                assert f"ok   grid {name} {dtype} blocks={blocks} P={P}" in lines, (name, dtype, blocks, P)
+    assert not any(line.startswith("FAIL ") for line in lines)
+
+
 def test_harness_sees_a_missing_barrier(harness):
     """With sync() doing nothing and the ranks run one after another, no configuration matches
     SerialGroup: a pass of the harness means the barriers are where the math needs them."""

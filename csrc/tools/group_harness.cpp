@@ -218,6 +218,17 @@ pymaml::Layer flatten_layer() {
   return layer;
 }
 
+pymaml::Layer conv2d_layer(int out_channels, int kernel, int stride, int padding, bool bias) {
+  pymaml::Layer layer;
+  layer.kind = pymaml::LayerKind::conv2d;
+  layer.channels_out = out_channels;
+  layer.kernel = kernel;
+  layer.stride = stride;
+  layer.padding = padding;
+  layer.bias = bias;
+  return layer;
+}
+
 std::vector<Config> configurations() {
   const Activation none = Activation::none, relu = Activation::relu, tanh = Activation::tanh,
                    sigmoid = Activation::sigmoid;
@@ -244,6 +255,23 @@ std::vector<Config> configurations() {
         linear_layer(3, true), activation_layer(none), flatten_layer()}},
       {"linear_linear_mse", {3}, none, true, mse, 3, 5, 5, false, false, true, {},
        {linear_layer(18, false), linear_layer(2, true), activation_layer(tanh), linear_layer(2, true)}},
+      // Conv2d. The input is a vector [n, 1, 1]: a first convolution whose padding exceeds its
+      // kernel makes an image of it (every output pixel sees the one input pixel through another
+      // tap), on which the next convolutions work with input gradients; F = 16 and 32 read and
+      // write the channels-last rows in place, the other F through padded pixel rows.
+      {"conv_stride2_flatten_linear", {3}, none, true, ce, 2, 6, 7, false, true, true, {},
+       {conv2d_layer(16, 5, 1, 5, true), activation_layer(tanh), conv2d_layer(5, 3, 2, 1, true),
+        activation_layer(relu), flatten_layer(), linear_layer(3, true)}},
+      {"conv_nobias_kernels_1_2", {2}, none, true, mse, 3, 5, 5, false, false, true, {},
+       {conv2d_layer(3, 3, 1, 2, false), activation_layer(sigmoid), conv2d_layer(16, 1, 1, 0, false),
+        activation_layer(relu), conv2d_layer(4, 2, 2, 1, true), flatten_layer(), linear_layer(2, true)}},
+      {"conv_kernel5_stride_over_kernel_first_order", {4}, none, true, ce, 2, 4, 5, true, true, true, {1, 0.5},
+       {conv2d_layer(6, 4, 1, 4, true), activation_layer(relu), conv2d_layer(5, 1, 2, 0, true),
+        activation_layer(tanh), conv2d_layer(7, 5, 1, 2, true), flatten_layer(), linear_layer(3, true)}},
+      // The points run in chunks of two in the second convolution's products, the last one short.
+      {"conv_point_chunks", {2}, none, true, mse, 1, 7, 5, false, false, true, {},
+       {conv2d_layer(16, 3, 1, 5, true), activation_layer(relu), conv2d_layer(32, 3, 1, 1, true),
+        activation_layer(tanh), flatten_layer(), linear_layer(2, true)}},
   };
 }
 
