@@ -130,19 +130,22 @@ struct MaxPoolLayer : PoolGeometry {
         int m[kChunk];
         window_max(L, in + in_offset + c0, n, best, m);
         T* out = dst + out_offset + c0;
-        if (tangent) {
-          const T* window = tangent + in_offset + c0;
-          for (int c = 0; c < n; ++c) best[c] = window[c];
-          for (int i = 0; i < L.kernel; ++i) {
-            for (int j = i == 0 ? 1 : 0; j < L.kernel; ++j) {
-              const T* v = window + position(L, i, j);
-              const int q = i * L.kernel + j;
-              PYMAML_SIMD
-              for (int c = 0; c < n; ++c) best[c] = m[c] == q ? v[c] : best[c];
-            }
+        if (!tangent) {
+          for (int c = 0; c < n; ++c) out[c] = best[c];
+          continue;
+        }
+        const T* window = tangent + in_offset + c0;
+        T picked[kChunk];
+        for (int c = 0; c < n; ++c) picked[c] = window[c];
+        for (int i = 0; i < L.kernel; ++i) {
+          for (int j = i == 0 ? 1 : 0; j < L.kernel; ++j) {
+            const T* v = window + position(L, i, j);
+            const int q = i * L.kernel + j;
+            PYMAML_SIMD
+            for (int c = 0; c < n; ++c) picked[c] = m[c] == q ? v[c] : picked[c];
           }
         }
-        for (int c = 0; c < n; ++c) out[c] = best[c];
+        for (int c = 0; c < n; ++c) out[c] = picked[c];
       }
     }
     g.sync();
