@@ -94,6 +94,23 @@ def test_harness_covers_conv2d(harness):
     assert not any(line.startswith("FAIL ") for line in lines)
 
 
+def test_harness_covers_pooling_leaky_relu_and_elu(harness):
+    """MaxPool2d and AvgPool2d on an image input (a row of pixels in no window, a pooling after a
+    pooling), and LeakyReLU and ELU between Linear layers (ELU with curvature, so its backward is
+    not in place), bitwise for every group size, in both serialized orders and in the grid."""
+    run = _run(harness)
+    lines = run.stdout.splitlines()
+    for name in ("leaky_relu_elu", "elu_leaky_relu_mse", "max_pool_image", "avg_max_pool_image", "conv_pool_image"):
+        for P in GROUP_SIZES:
+            for dtype in ("f32", "f64"):
+                for what in ("meta_step_task", "mlp_hvp"):
+                    assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
+        assert f"ok   meta_step_task {name} f64 P=3 ascending" in lines, name
+        assert f"ok   meta_step_task {name} f32 P=7 descending" in lines, name
+        assert any(line.startswith(f"ok   grid {name} ") for line in lines), name
+    assert not any(line.startswith("FAIL ") for line in lines), run.stdout[-2000:]
+
+
 def test_harness_sees_a_missing_barrier(harness):
     """With sync() doing nothing and the ranks run one after another, no configuration matches
     SerialGroup: a pass of the harness means the barriers are where the math needs them."""

@@ -195,6 +195,8 @@ struct Config {
   // A network given layer by layer (widths[0] its inputs; the other widths, activation and bias
   // unused); empty: the MLP of widths, activation and bias.
   std::vector<pymaml::Layer> layers = {};
+  // The input image's height and width, with widths[0] channels (layers only).
+  int height = 1, width = 1;
 };
 
 pymaml::Layer linear_layer(int out, bool bias) {
@@ -209,6 +211,22 @@ pymaml::Layer activation_layer(Activation activation) {
   pymaml::Layer layer;
   layer.kind = pymaml::LayerKind::activation;
   layer.activation = activation;
+  return layer;
+}
+
+// An activation with a constant: LeakyReLU's negative slope, ELU's alpha.
+pymaml::Layer activation_layer(Activation activation, double constant) {
+  pymaml::Layer layer = activation_layer(activation);
+  layer.constant = constant;
+  return layer;
+}
+
+// MaxPool2d or AvgPool2d with kernel = stride = `kernel`, no padding.
+pymaml::Layer pool_layer(pymaml::LayerKind kind, int kernel) {
+  pymaml::Layer layer;
+  layer.kind = kind;
+  layer.kernel = kernel;
+  layer.stride = kernel;
   return layer;
 }
 
@@ -231,7 +249,8 @@ pymaml::Layer conv2d_layer(int out_channels, int kernel, int stride, int padding
 
 std::vector<Config> configurations() {
   const Activation none = Activation::none, relu = Activation::relu, tanh = Activation::tanh,
-                   sigmoid = Activation::sigmoid;
+                   sigmoid = Activation::sigmoid, leaky_relu = Activation::leaky_relu, elu = Activation::elu;
+  const pymaml::LayerKind max_pool = pymaml::LayerKind::max_pool, avg_pool = pymaml::LayerKind::avg_pool;
   const Loss mse = Loss::mse, ce = Loss::cross_entropy;
   return {
       {"sinusoid", {1, 40, 40, 1}, relu, true, mse, 1, 10, 10, false, false, true, {}},
@@ -272,6 +291,26 @@ std::vector<Config> configurations() {
       {"conv_point_chunks", {2}, none, true, mse, 1, 7, 5, false, false, true, {},
        {conv2d_layer(16, 3, 1, 5, true), activation_layer(relu), conv2d_layer(32, 3, 1, 1, true),
         activation_layer(tanh), flatten_layer(), linear_layer(2, true)}},
+      {"leaky_relu_elu", {6}, none, true, ce, 2, 9, 7, false, true, true, {0.5, 1},
+       {linear_layer(20, true), activation_layer(leaky_relu, 0.1), linear_layer(17, false),
+        activation_layer(elu, 0.7), linear_layer(3, true)}},
+      {"elu_leaky_relu_mse", {4}, none, true, mse, 3, 6, 6, false, false, true, {},
+       {linear_layer(33, true), activation_layer(elu, 1.0), linear_layer(9, true),
+        activation_layer(leaky_relu, 0.01), linear_layer(2, true)}},
+      // Pooling on a [3, 7, 5] image: the last row of pixels belongs to no 2x2 window; a pooling
+      // after a pooling.
+      {"max_pool_image", {3}, none, true, ce, 2, 6, 5, false, true, true, {},
+       {pool_layer(max_pool, 2), flatten_layer(), linear_layer(10, true), activation_layer(elu, 1.0),
+        linear_layer(4, true)}, 7, 5},
+      {"avg_max_pool_image", {2}, none, true, mse, 1, 5, 4, false, false, true, {},
+       {pool_layer(avg_pool, 2), pool_layer(max_pool, 2), flatten_layer(), linear_layer(6, true),
+        activation_layer(leaky_relu, 0.2), linear_layer(2, true)}, 6, 9},
+      // Pooling after convolutions on an image input, so that its backward and R-backward run inside
+      // a network (a Conv2d before it has parameters).
+      {"conv_pool_image", {3}, none, true, ce, 2, 6, 5, false, true, true, {},
+       {conv2d_layer(8, 3, 1, 1, true), activation_layer(relu), pool_layer(max_pool, 2),
+        conv2d_layer(5, 3, 1, 1, false), activation_layer(elu, 1.0), pool_layer(avg_pool, 2), flatten_layer(),
+        linear_layer(3, true)}, 9, 7},
   };
 }
 
@@ -279,7 +318,7 @@ Network make(const Config& c) {
   Network spec;
   const bool built = c.layers.empty()
       ? pymaml::make_mlp_network(c.widths.data(), int(c.widths.size()), c.bias, c.activation, c.loss, &spec)
-      : pymaml::make_network(c.layers.data(), int(c.layers.size()), c.widths[0], 1, 1, c.loss, &spec);
+      : pymaml::make_network(c.layers.data(), int(c.layers.size()), c.widths[0], c.height, c.width, c.loss, &spec);
   if (!built) {
     std::fprintf(stderr, "bad widths in %s\n", c.name.c_str());
     std::exit(2);
