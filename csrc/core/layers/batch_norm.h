@@ -40,6 +40,13 @@ struct BatchNormLayer {
   static constexpr int kMaxSums = 4;
   // Levels of the pairwise sum of blocks (bit j: 2^j blocks): enough for 2^46 values.
   static constexpr int kLevels = 40;
+  // Channels one rank sums together: a CUDA thread takes one (its neighbours take the next
+  // channels, so that a warp reads contiguous values); a CPU thread a vector register's worth.
+#if defined(__CUDA_ARCH__)
+  static constexpr int kLanes = 1;
+#else
+  static constexpr int kLanes = kChunk;
+#endif
 
   PYMAML_HD_STATIC_MEMBER float square_root(float x) { return ::sqrtf(x); }
   PYMAML_HD_STATIC_MEMBER double square_root(double x) { return ::sqrt(x); }
@@ -92,43 +99,56 @@ struct BatchNormLayer {
   // For every channel c (each whole on one rank): the M sums Σ_i term(index_i, c, m) over its N =
   // K·H·W values, i = k·H·W + p in order, blocked and pairwise, in double (see the header
   // comment); index_i the position of point k, pixel p, channel c in the rows. Then finish(c,
-  // sums) with the sums rounded to T.
+  // sums) with the sums rounded to T, on the rank that took them. A rank takes kLanes adjacent
+  // channels together (contiguous in the rows), each lane its own sum in the same order as alone.
   template <int M, class T, class G, class Term, class Finish>
   PYMAML_HD_STATIC_MEMBER void channel_sums(const G& g, const Layer& L, int K, const Term& term, const Finish& finish) {
     const int C = L.channels_in, P = L.height_in * L.width_in, ld = padded(L.in);
     const int64_t N = int64_t(K) * P, blocks = (N + kPointBlock - 1) / kPointBlock;
-    for (int c = g.rank(); c < C; c += g.size()) {
-      double partial[kLevels][M];
+    for (int c0 = g.rank() * kLanes; c0 < C; c0 += g.size() * kLanes) {
+      const int lanes = C - c0 < kLanes ? C - c0 : kLanes;
+      double partial[kLevels][M][kLanes];
       int k = 0, p = 0;
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t end = (b + 1) * kPointBlock < N ? (b + 1) * kPointBlock : N;
-        double sum[M];
-        for (int m = 0; m < M; ++m) sum[m] = 0;
+        double sum[M][kLanes];
+        for (int m = 0; m < M; ++m) {
+          for (int j = 0; j < kLanes; ++j) sum[m][j] = 0;
+        }
         for (int64_t i = b * kPointBlock; i < end; ++i) {
-          T values[M];
-          term(int64_t(k) * ld + int64_t(p) * C + c, c, values);
-          for (int m = 0; m < M; ++m) sum[m] += double(values[m]);
+          const int64_t base = int64_t(k) * ld + int64_t(p) * C + c0;
+          for (int j = 0; j < lanes; ++j) {
+            T values[M];
+            term(base + j, c0 + j, values);
+            for (int m = 0; m < M; ++m) sum[m][j] += double(values[m]);
+          }
           if (++p == P) {
             p = 0;
             ++k;
           }
         }
-        int j = 0;
-        for (; (b >> j) & 1; ++j) {
-          for (int m = 0; m < M; ++m) sum[m] = partial[j][m] + sum[m];
+        int level = 0;
+        for (; (b >> level) & 1; ++level) {
+          for (int m = 0; m < M; ++m) {
+            for (int j = 0; j < lanes; ++j) sum[m][j] = partial[level][m][j] + sum[m][j];
+          }
         }
-        for (int m = 0; m < M; ++m) partial[j][m] = sum[m];
-      }
-      double sum_total[M];
-      for (int m = 0; m < M; ++m) sum_total[m] = 0;
-      for (int j = 0; j < kLevels && (blocks >> j) != 0; ++j) {
-        if ((blocks >> j) & 1) {
-          for (int m = 0; m < M; ++m) sum_total[m] = partial[j][m] + sum_total[m];
+        for (int m = 0; m < M; ++m) {
+          for (int j = 0; j < lanes; ++j) partial[level][m][j] = sum[m][j];
         }
       }
-      T total[M];
-      for (int m = 0; m < M; ++m) total[m] = T(sum_total[m]);
-      finish(c, total);
+      for (int j = 0; j < lanes; ++j) {
+        double total[M];
+        for (int m = 0; m < M; ++m) total[m] = 0;
+        for (int level = 0; level < kLevels && (blocks >> level) != 0; ++level) {
+          if ((blocks >> level) & 1) {
+            for (int m = 0; m < M; ++m) total[m] = partial[level][m][j] + total[m];
+          }
+        }
+        T sums[M];
+        for (int m = 0; m < M; ++m) sums[m] = T(total[m]);
+        finish(c0 + j, sums);
+      }
     }
   }
 
@@ -198,12 +218,13 @@ struct BatchNormLayer {
                        [&](int c, const T* sums) {
                          sum_dy[c] = sums[0];
                          sum_dy_xhat[c] = sums[1];
+                         if (params) {
+                           grad[gamma_offset(L) + c] = sums[1];
+                           grad[beta_offset(L) + c] = sums[0];
+                         }
                        });
-    if (params) {
-      for (int c = g.rank(); c < padded(C); c += g.size()) {
-        grad[gamma_offset(L) + c] = c < C ? sum_dy_xhat[c] : T(0);
-        grad[beta_offset(L) + c] = c < C ? sum_dy[c] : T(0);
-      }
+    if (params) {  // the padding lanes of the block
+      for (int c = C + g.rank(); c < padded(C); c += g.size()) grad[gamma_offset(L) + c] = grad[beta_offset(L) + c] = T(0);
     }
     g.sync();
     if (io.grad_in) {
@@ -264,6 +285,8 @@ struct BatchNormLayer {
     const T *mean = io.state, *inv_std = io.state + C, *r_mean = io.r_state, *r_inv_std = io.r_state + C;
     T *sum_dy = io.scratch, *sum_dy_xhat = io.scratch + C, *r_sum_dy = io.scratch + 2 * C,
       *r_sum_dy_xhat = io.scratch + 3 * C;
+    const bool affine = L.affine;
+    T *hv_gamma = hv + gamma_offset(L), *hv_beta = hv + beta_offset(L);
     channel_sums<4, T>(g, L, K,
                        [&](int64_t i, int c, T* t) {
                          const T d = x[i] - mean[c], xhat = d * inv_std[c];
@@ -278,19 +301,17 @@ struct BatchNormLayer {
                          sum_dy_xhat[c] = sums[1];
                          r_sum_dy[c] = sums[2];
                          r_sum_dy_xhat[c] = sums[3];
+                         if (affine) {
+                           hv_gamma[c] = accumulate ? hv_gamma[c] + sums[3] : sums[3];
+                           hv_beta[c] = accumulate ? hv_beta[c] + sums[2] : sums[2];
+                         }
                        });
-    if (L.affine) {
-      T *hv_gamma = hv + gamma_offset(L), *hv_beta = hv + beta_offset(L);
-      for (int c = g.rank(); c < padded(C); c += g.size()) {
-        const T r_dgamma = c < C ? r_sum_dy_xhat[c] : T(0), r_dbeta = c < C ? r_sum_dy[c] : T(0);
-        hv_gamma[c] = accumulate ? hv_gamma[c] + r_dgamma : r_dgamma;
-        hv_beta[c] = accumulate ? hv_beta[c] + r_dbeta : r_dbeta;
-      }
+    if (affine && !accumulate) {  // the padding lanes of the block
+      for (int c = C + g.rank(); c < padded(C); c += g.size()) hv_gamma[c] = hv_beta[c] = T(0);
     }
     g.sync();
     if (io.r_grad_in) {
       const T *gamma = p.theta + gamma_offset(L), *u_gamma = p.u + gamma_offset(L);
-      const bool affine = L.affine;
       write_rows(g, L, K, io.r_grad_in, [&](int64_t i, int c) {
         const T s = inv_std[c], d = x[i] - mean[c], xhat = d * s;
         const T r_xhat = rx ? s * (rx[i] - r_mean[c]) + d * r_inv_std[c] : T(0);
