@@ -695,9 +695,11 @@ def kernel_arguments(layout: WorkspaceLayout, activation: str, loss: str, bias: 
 
 
 def mlp_meta_step_triton(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
-                         loss, first_order, lr_grad, all_step_losses=True):
+                         loss, first_order, lr_grad, layers=None, layer_constants=None, all_step_losses=True):
     """The outputs of pymaml::mlp_meta_step from one launch of the Triton kernel (CUDA tensors,
-    or CPU tensors under TRITON_INTERPRET=1)."""
+    or CPU tensors under TRITON_INTERPRET=1). The kernel computes MLPs only: `layers` must be empty."""
+    if layers:
+        raise ValueError("the Triton kernel computes MLPs; this network (layers) runs on the cpp or func backend")
     tasks, steps = support_x.shape[0], lrs.shape[0]
     points = max(support_x.shape[1], query_x.shape[1])
     reason = unsupported_reason(widths, theta.dtype, points)
@@ -775,10 +777,11 @@ def mlp_hvp_triton(theta, v, x, y, widths, activation, bias, loss):
 def mlp_meta_step_triton_op(
     theta: torch.Tensor, lrs: torch.Tensor, step_weights: torch.Tensor, support_x: torch.Tensor,
     support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor, widths: list[int], activation: str,
-    bias: bool, loss: str, first_order: bool, lr_grad: bool,
+    bias: bool, loss: str, first_order: bool, lr_grad: bool, layers: list[int] | None = None,
+    layer_constants: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return mlp_meta_step_triton(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
-                                bias, loss, first_order, lr_grad)
+                                bias, loss, first_order, lr_grad, layers, layer_constants)
 
 
 mlp_meta_step_triton_op.register_fake(meta_step_fake)

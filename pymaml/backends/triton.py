@@ -18,7 +18,7 @@ import os
 import torch
 
 from .base import MetaConfig
-from .cpp import CppBackend
+from .cpp import CppBackend, mlp_only_reason
 
 
 def interpreting() -> bool:
@@ -50,6 +50,8 @@ class TritonBackend(CppBackend):
     def _accept(self, model):
         """cpp's acceptance, then the Triton kernel's limits on widths and dtype."""
         layout, reason = super()._accept(model)
+        if reason is None and not layout.is_mlp:
+            reason = mlp_only_reason(self.name)
         if reason is None:
             from ..kernels.mlp_meta_step import unsupported_reason
 

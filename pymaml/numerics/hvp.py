@@ -70,7 +70,9 @@ def hvp(
 
         names = layout.names
         flatten = lambda tensors: torch.cat([tensors[n].reshape(x.shape[0], -1) for n in names], dim=1)  # noqa: E731
-        flat = mlp_hvp(flatten(params), flatten(v), x, y, layout.widths, layout.activation, layout.bias, loss)
+        layers, constants, widths = layout.network(tuple(x.shape[2:]))
+        flat = mlp_hvp(flatten(params), flatten(v), x.reshape(*x.shape[:2], -1), y, widths, layout.activation,
+                       layout.bias, loss, layers, constants)
         out, offset = {}, 0
         for name in names:
             size = params[name][0].numel()

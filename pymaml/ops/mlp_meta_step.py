@@ -8,9 +8,12 @@ step weights w (first_order drops the Hessian terms), plus per-task losses. The 
 computes the gradients; the registered backward only scales them by the incoming gradient.
 
 Schema: (theta [P], lrs [S, P], step_weights [S], support_x [T, Ks, n_0], support_y, query_x,
-query_y, widths, activation, bias, loss, first_order, lr_grad) ->
+query_y, widths, activation, bias, loss, first_order, lr_grad, layers, layer_constants) ->
 (meta_loss [], task_losses [T], pre_losses [T], step_losses [S], grad_theta [P], grad_lrs [S or 0, P]).
 Targets are [T, K, n_L] floats for "mse" and [T, K] int64 labels for "cross_entropy".
+The model is the MLP of widths, activation and bias when `layers` is None or empty; otherwise the
+network that layers and layer_constants encode (pymaml/ops/network.py), with widths = [n_0, n_L]
+and each point's input [C, H, W] flattened to n_0 values in torch's order.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.func import grad, vmap
 from torch.utils.dlpack import to_dlpack
 
 from .._extension import extension
+from .network import network_apply
 
 ACTIVATIONS = {
     "none": lambda z: z,
@@ -50,6 +54,13 @@ def _mlp_apply(theta: Tensor, x: Tensor, widths: list[int], activation: str, bia
     return h
 
 
+def model_apply(theta: Tensor, x: Tensor, widths: list[int], activation: str, bias: bool, layers, layer_constants):
+    """The op's model on x [K, n_0]: the MLP, or the network `layers` encodes."""
+    if layers:
+        return network_apply(theta, x, layers, layer_constants)
+    return _mlp_apply(theta, x, widths, activation, bias)
+
+
 def _task_loss(prediction: Tensor, target: Tensor, loss: str) -> Tensor:
     if loss == "mse":
         return (prediction - target).square().mean()
@@ -59,6 +70,7 @@ def _task_loss(prediction: Tensor, target: Tensor, loss: str) -> Tensor:
 def mlp_meta_step_torch(
     theta: Tensor, lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor, query_x: Tensor,
     query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool, lr_grad: bool,
+    layers: list[int] | None = None, layer_constants: list[float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The pure-torch twin of the fused op (torch.func vmap over tasks, autograd for the gradients)."""
     steps = lrs.shape[0]
@@ -67,7 +79,7 @@ def mlp_meta_step_torch(
         lrs = lrs.detach().requires_grad_(lr_grad)
 
         def loss_at(parameters, x, y):
-            return _task_loss(_mlp_apply(parameters, x, widths, activation, bias), y, loss)
+            return _task_loss(model_apply(parameters, x, widths, activation, bias, layers, layer_constants), y, loss)
 
         def one_task(sx, sy, qx, qy):
             current, total, step_losses = theta, 0.0, []
@@ -92,7 +104,8 @@ def mlp_meta_step_torch(
 
 
 def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-               first_order, lr_grad, all_step_losses=True, grad_out=None, adam=None):
+               first_order, lr_grad, layers=None, layer_constants=None, all_step_losses=True, grad_out=None,
+               adam=None):
     """grad_out: tensors (contiguous, θ's dtype, sizes adding up to P) for the meta-gradient to be
     written into, in place of a new grad_theta, which is then returned as None. adam: the
     binding's adam_* arguments (one buffer per grad_out tensor), to take an Adam step in place."""
@@ -110,7 +123,8 @@ def _fused_cpu(theta, lrs, step_weights, support_x, support_y, query_x, query_y,
         first_order=first_order, meta_loss=_capsule(meta_loss), task_losses=_capsule(task_losses),
         pre_losses=_capsule(pre_losses), step_losses=_capsule(step_losses), grad_theta=grad_capsules,
         grad_lrs=_capsule(grad_lrs) if lr_grad else None, threads=torch.get_num_threads(),
-        all_step_losses=all_step_losses, **(adam or {}),
+        all_step_losses=all_step_losses, layers=list(layers or ()), layer_constants=list(layer_constants or ()),
+        **(adam or {}),
     )
     return meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs
 
@@ -160,7 +174,7 @@ def _cuda_counter(device: torch.device, stream) -> Tensor:
 
 
 def _fused_cuda(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                first_order, lr_grad, all_step_losses=True):
+                first_order, lr_grad, layers=None, layer_constants=None, all_step_losses=True):
     """One launch of the CUDA kernel on theta's device and that device's current torch stream,
     whatever device is current; the workspace comes from torch's allocator. No host
     synchronisation, so that the step can be captured in a CUDA graph: cross-entropy labels are
@@ -173,7 +187,8 @@ def _fused_cuda(theta, lrs, step_weights, support_x, support_y, query_x, query_y
         properties = torch.cuda.get_device_properties(device)
         per_block, per_task = extension().mlp_meta_step_cuda_workspace_parts(
             widths=list(widths), bias=bias, steps=steps, support_points=support_x.shape[1],
-            query_points=query_x.shape[1], lr_grad=lr_grad)
+            query_points=query_x.shape[1], lr_grad=lr_grad, layers=list(layers or ()),
+            layer_constants=list(layer_constants or ()))
         itemsize = theta.element_size()
         blocks = cuda_blocks(tasks, properties.multi_processor_count, per_block * itemsize, per_task * itemsize,
                              int(properties.total_memory * CUDA_WORKSPACE_FRACTION))
@@ -191,6 +206,7 @@ def _fused_cuda(theta, lrs, step_weights, support_x, support_y, query_x, query_y
             task_losses=task_losses, pre_losses=pre_losses, step_losses=step_losses, grad_theta=grad_theta,
             grad_lrs=grad_lrs if lr_grad else None, workspace=workspace, counter=counter,
             stream=stream.cuda_stream, blocks=blocks, labels_ok=labels_ok, all_step_losses=all_step_losses,
+            layers=list(layers or ()), layer_constants=list(layer_constants or ()),
         )
         if labels_ok is not None:
             torch._assert_async(labels_ok, f"pymaml: support_y or query_y has labels outside [0, {widths[-1]})")
@@ -203,13 +219,13 @@ def cuda_kernel_available() -> bool:
 
 
 def fused_forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                  first_order, lr_grad, all_step_losses=True):
+                  first_order, lr_grad, layers=None, layer_constants=None, all_step_losses=True):
     """The op's outputs, computed by the fused kernel for the tensors' device, or by the twin
     where the extension (or its CUDA launcher) is missing. No autograd. all_step_losses=False
     lets the kernel skip the query losses of steps with weight zero (step_losses then holds NaN
     there), for callers that do not differentiate with respect to the step weights."""
     arguments = (theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                 first_order, lr_grad)
+                 first_order, lr_grad, layers, layer_constants)
     if theta.device.type == "cpu" and extension() is not None:
         return _fused_cpu(*arguments, all_step_losses)
     if theta.device.type == "cuda" and cuda_kernel_available():
@@ -231,13 +247,14 @@ def _backward_formula(lr_grad, saved, grad_meta_loss):
 def mlp_meta_step_op(
     theta: Tensor, lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor, query_x: Tensor,
     query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool, lr_grad: bool,
+    layers: list[int] | None = None, layer_constants: list[float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return fused_forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
-                         loss, first_order, lr_grad)
+                         loss, first_order, lr_grad, layers, layer_constants)
 
 
 def meta_step_fake(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias, loss,
-                   first_order, lr_grad):
+                   first_order, lr_grad, layers=None, layer_constants=None):
     """The op's output shapes (the fake kernel of every implementation of the schema)."""
     tasks, steps, params = support_x.shape[0], lrs.shape[0], theta.shape[0]
     return (theta.new_empty(()), theta.new_empty(tasks), theta.new_empty(tasks), theta.new_empty(steps),
@@ -246,13 +263,13 @@ def meta_step_fake(theta, lrs, step_weights, support_x, support_y, query_x, quer
 
 def meta_step_setup_context(ctx, inputs, output):
     _, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = output
-    ctx.lr_grad = inputs[-1]
+    ctx.lr_grad = inputs[12]
     ctx.save_for_backward(grad_theta, grad_lrs, step_losses)
     ctx.mark_non_differentiable(task_losses, pre_losses, step_losses, grad_theta, grad_lrs)
 
 
 def meta_step_backward(ctx, grad_meta_loss, *_non_differentiable):
-    return (*_backward_formula(ctx.lr_grad, ctx.saved_tensors, grad_meta_loss), *([None] * 10))
+    return (*_backward_formula(ctx.lr_grad, ctx.saved_tensors, grad_meta_loss), *([None] * 12))
 
 
 mlp_meta_step_op.register_fake(meta_step_fake)
@@ -279,10 +296,11 @@ class _EagerMlpMetaStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, implementation, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
-                bias, loss, first_order, lr_grad, all_step_losses, *theta_parts):
+                bias, loss, first_order, lr_grad, layers, layer_constants, all_step_losses, *theta_parts):
         theta = theta_parts[0].reshape(-1) if len(theta_parts) == 1 else torch.cat([p.reshape(-1) for p in theta_parts])
         output = implementation.forward(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths,
-                                        activation, bias, loss, first_order, lr_grad, all_step_losses=all_step_losses)
+                                        activation, bias, loss, first_order, lr_grad, layers, layer_constants,
+                                        all_step_losses=all_step_losses)
         _, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = output
         ctx.lr_grad = lr_grad
         ctx.shapes = [p.shape for p in theta_parts]
@@ -298,22 +316,25 @@ class _EagerMlpMetaStep(torch.autograd.Function):
         else:
             parts = tuple(g.view(shape) for g, shape in
                           zip(grad_theta.split([shape.numel() for shape in ctx.shapes]), ctx.shapes))
-        return (None, grad_lrs, grad_step_weights, *([None] * 11), *parts)
+        return (None, grad_lrs, grad_step_weights, *([None] * 13), *parts)
 
 
 def mlp_meta_step(
     theta: Tensor, lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor, query_x: Tensor,
     query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool, lr_grad: bool,
+    layers: list[int] | None = None, layer_constants: list[float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """pymaml::mlp_meta_step (see the module docstring); under torch.compile the registered op."""
     return mlp_meta_step_from_parts([theta], lrs, step_weights, support_x, support_y, query_x, query_y, widths,
-                                    activation, bias, loss, first_order, lr_grad)
+                                    activation, bias, loss, first_order, lr_grad, layers=layers,
+                                    layer_constants=layer_constants)
 
 
 def mlp_meta_step_from_parts(
     theta_parts: list[Tensor], lrs: Tensor, step_weights: Tensor, support_x: Tensor, support_y: Tensor,
     query_x: Tensor, query_y: Tensor, widths: list[int], activation: str, bias: bool, loss: str, first_order: bool,
     lr_grad: bool, all_step_losses: bool = True, implementation: FusedImplementation | None = None,
+    layers: list[int] | None = None, layer_constants: list[float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """mlp_meta_step with θ the concatenation of the flattened theta_parts (a model's parameters in
     nn.Sequential order); the gradient reaches each part. all_step_losses: see fused_forward (it
@@ -323,7 +344,7 @@ def mlp_meta_step_from_parts(
     if torch.compiler.is_compiling():
         theta = torch.cat([p.reshape(-1) for p in theta_parts])
         return implementation.op(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
-                                 bias, loss, first_order, lr_grad)
+                                 bias, loss, first_order, lr_grad, layers, layer_constants)
     return _EagerMlpMetaStep.apply(implementation, lrs, step_weights, support_x, support_y, query_x, query_y, widths,
-                                   activation, bias, loss, first_order, lr_grad,
+                                   activation, bias, loss, first_order, lr_grad, layers, layer_constants,
                                    all_step_losses or step_weights.requires_grad, *theta_parts)

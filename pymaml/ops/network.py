@@ -1,0 +1,123 @@
+"""The encoding of a network for the fused ops, and the network's pure-torch forward (the twins' model).
+
+`layers` is the input shape of one point [C, H, W] (a vector of n features: [n, 1, 1]) followed by
+LAYER_INTS integers per layer: kind, out (Linear's out features, Conv2d's out channels), kernel,
+stride, padding, bias, affine (BatchNorm), activation; `layer_constants` holds one float per layer
+(LeakyReLU's negative slope, ELU's alpha, BatchNorm's eps; 0 elsewhere). csrc/bindings.cpp
+(decode_network) reads the same encoding; KINDS and ACTIVATIONS are the C++ enums' values
+(tests/test_network_encoding.py checks them against the extension's own table).
+
+θ holds the parameters flattened in module order, each layer's as torch stores them: Linear
+weight [out, in] then bias; Conv2d weight [out, in, k, k] then bias; BatchNorm weight and bias
+(affine only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LAYER_INTS = 8
+KINDS = {"linear": 0, "activation": 1, "flatten": 2, "conv2d": 3, "batch_norm": 4, "max_pool": 5, "avg_pool": 6}
+ACTIVATIONS = {"none": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "leaky_relu": 4, "elu": 5}
+_KIND_NAMES = {value: name for name, value in KINDS.items()}
+_ACTIVATION_NAMES = {value: name for name, value in ACTIVATIONS.items()}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of an encoded network."""
+
+    kind: str
+    out: int = 0
+    kernel: int = 0
+    stride: int = 1
+    padding: int = 0
+    bias: bool = False
+    affine: bool = False
+    activation: str = "none"
+    constant: float = 0.0
+
+    def ints(self) -> list[int]:
+        return [KINDS[self.kind], self.out, self.kernel, self.stride, self.padding, int(self.bias), int(self.affine),
+                ACTIVATIONS[self.activation]]
+
+
+def encode(input_shape: tuple[int, int, int], specs: list[LayerSpec]) -> tuple[list[int], list[float]]:
+    """(layers, layer_constants) of the network `specs` on points of shape input_shape = (C, H, W)."""
+    layers = [int(n) for n in input_shape]
+    for spec in specs:
+        layers += spec.ints()
+    return layers, [float(spec.constant) for spec in specs]
+
+
+def decode(layers: list[int], layer_constants: list[float]) -> tuple[tuple[int, int, int], list[LayerSpec]]:
+    """The inverse of encode."""
+    if len(layers) < 3 or (len(layers) - 3) % LAYER_INTS or (len(layers) - 3) // LAYER_INTS != len(layer_constants):
+        raise ValueError(f"layers must be [C, H, W] and {LAYER_INTS} integers per layer, with one layer constant "
+                         f"per layer; got {len(layers)} integers and {len(layer_constants)} constants")
+    specs = []
+    for index, constant in enumerate(layer_constants):
+        kind, out, kernel, stride, padding, bias, affine, activation = layers[3 + LAYER_INTS * index:
+                                                                             3 + LAYER_INTS * (index + 1)]
+        specs.append(LayerSpec(_KIND_NAMES[kind], out, kernel, stride, padding, bool(bias), bool(affine),
+                               _ACTIVATION_NAMES[activation], float(constant)))
+    return (layers[0], layers[1], layers[2]), specs
+
+
+def _activate(h: Tensor, spec: LayerSpec) -> Tensor:
+    if spec.activation == "relu":
+        return torch.relu(h)
+    if spec.activation == "tanh":
+        return torch.tanh(h)
+    if spec.activation == "sigmoid":
+        return torch.sigmoid(h)
+    if spec.activation == "leaky_relu":
+        return F.leaky_relu(h, spec.constant)
+    if spec.activation == "elu":
+        return F.elu(h, spec.constant)
+    return h
+
+
+def network_apply(theta: Tensor, x: Tensor, layers: list[int], layer_constants: list[float]) -> Tensor:
+    """The network on the points x [K, C·H·W] (each point's [C, H, W] in torch's order), with its
+    parameters sliced from the flat theta: the computation the fused kernel performs."""
+    (channels, height, width), specs = decode(list(layers), list(layer_constants))
+    h = x.reshape(x.shape[0], channels, height, width) if (height, width) != (1, 1) else x.reshape(x.shape[0], -1)
+    offset = 0
+
+    def take(*shape):
+        nonlocal offset
+        count = 1
+        for n in shape:
+            count *= n
+        part = theta[offset:offset + count].view(*shape)
+        offset += count
+        return part
+
+    for spec in specs:
+        if spec.kind == "linear":
+            weight = take(spec.out, h.shape[1])
+            h = F.linear(h, weight, take(spec.out) if spec.bias else None)
+        elif spec.kind == "conv2d":
+            if h.dim() == 2:
+                h = h.reshape(h.shape[0], h.shape[1], 1, 1)
+            weight = take(spec.out, h.shape[1], spec.kernel, spec.kernel)
+            h = F.conv2d(h, weight, take(spec.out) if spec.bias else None, stride=spec.stride, padding=spec.padding)
+        elif spec.kind == "batch_norm":
+            channels = h.shape[1]
+            weight, bias = (take(channels), take(channels)) if spec.affine else (None, None)
+            h = F.batch_norm(h, None, None, weight, bias, training=True, eps=spec.constant)
+        elif spec.kind in ("max_pool", "avg_pool"):
+            if h.dim() == 2:
+                h = h.reshape(h.shape[0], h.shape[1], 1, 1)
+            pool = F.max_pool2d if spec.kind == "max_pool" else F.avg_pool2d
+            h = pool(h, spec.kernel, spec.kernel)
+        elif spec.kind == "flatten":
+            h = h.flatten(1)
+        else:
+            h = _activate(h, spec)
+    return h.flatten(1) if h.dim() > 2 else h
