@@ -117,10 +117,16 @@ struct BatchNormLayer {
         }
         for (int64_t i = b * kPointBlock; i < end; ++i) {
           const int64_t base = int64_t(k) * ld + int64_t(p) * C + c0;
-          for (int j = 0; j < lanes; ++j) {
+          auto add = [&](int j) {
             T values[M];
             term(base + j, c0 + j, values);
             for (int m = 0; m < M; ++m) sum[m][j] += double(values[m]);
+          };
+          if (lanes == kLanes) {  // a whole register of channels; the last chunk may be partial
+            PYMAML_SIMD
+            for (int j = 0; j < kLanes; ++j) add(j);
+          } else {
+            for (int j = 0; j < lanes; ++j) add(j);
           }
           if (++p == P) {
             p = 0;
@@ -157,11 +163,13 @@ struct BatchNormLayer {
   template <class T, class G, class Value>
   PYMAML_HD_STATIC_MEMBER void write_rows(const G& g, const Layer& L, int K, T* out, const Value& value) {
     const int C = L.channels_in, n = L.in, ld = padded(n);
+    const int P = n / C;
     for (int k = g.rank(); k < K; k += g.size()) {
       const int64_t row = int64_t(k) * ld;
-      for (int i = 0, c = 0; i < n; ++i) {
-        out[row + i] = value(row + i, c);
-        if (++c == C) c = 0;
+      for (int p = 0; p < P; ++p) {
+        const int64_t pixel = row + int64_t(p) * C;
+        PYMAML_SIMD
+        for (int c = 0; c < C; ++c) out[pixel + c] = value(pixel + c, c);
       }
       for (int i = n; i < ld; ++i) out[row + i] = T(0);
     }
