@@ -71,6 +71,45 @@ def test_harness_covers_every_layer_kind(harness):
             assert f"ok   flatten {what} {dtype}" in lines, (what, dtype)
 
 
+def test_harness_covers_conv2d(harness):
+    """Conv2d (csrc/core/layers/conv2d.h) in the thread groups: strides 1, 2 and over the kernel,
+    kernels 1 to 5, padding beyond the kernel, with and without bias, channel counts that are and
+    are not multiples of the padded chunk, convolutions in a row (input gradients and their
+    tangents), first and second order, and points in several chunks of the products: bitwise
+    for every group size, in both serialized orders and in the grid."""
+    run = _run(harness)
+    lines = run.stdout.splitlines()
+    names = ("conv_stride2_flatten_linear", "conv_nobias_kernels_1_2", "conv_kernel5_stride_over_kernel_first_order",
+             "conv_point_chunks")
+    for name in names:
+        for P in GROUP_SIZES:
+            for dtype in ("f32", "f64"):
+                for what in ("meta_step_task", "mlp_hvp"):
+                    assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
+        assert f"ok   meta_step_task {name} f64 P=3 ascending" in lines, name
+        assert f"ok   meta_step_task {name} f32 P=7 descending" in lines, name
+        for blocks, P in ((1, 1), (2, 3), (3, 7), (8, 2)):
+            for dtype in ("f32", "f64"):
+                assert f"ok   grid {name} {dtype} blocks={blocks} P={P}" in lines, (name, dtype, blocks, P)
+    assert not any(line.startswith("FAIL ") for line in lines)
+
+
+def test_harness_covers_pooling_leaky_relu_and_elu(harness):
+    """MaxPool2d and AvgPool2d on an image input (a row of pixels in no window, a pooling after a
+    pooling), and LeakyReLU and ELU between Linear layers (ELU with curvature, so its backward is
+    not in place), bitwise for every group size, in both serialized orders and in the grid."""
+    run = _run(harness)
+    lines = run.stdout.splitlines()
+    for name in ("leaky_relu_elu", "elu_leaky_relu_mse", "max_pool_image", "avg_max_pool_image", "conv_pool_image"):
+        for P in GROUP_SIZES:
+            for dtype in ("f32", "f64"):
+                for what in ("meta_step_task", "mlp_hvp"):
+                    assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
+        assert f"ok   meta_step_task {name} f64 P=3 ascending" in lines, name
+        assert f"ok   meta_step_task {name} f32 P=7 descending" in lines, name
+        assert any(line.startswith(f"ok   grid {name} ") for line in lines), name
+    assert not any(line.startswith("FAIL ") for line in lines), run.stdout[-2000:]
+
 
 def test_harness_covers_batch_norm(harness):
     """BatchNorm on the batch statistics of each pass (csrc/core/layers/batch_norm.h), whose sums
@@ -79,7 +118,8 @@ def test_harness_covers_batch_norm(harness):
     one block of kPointBlock; bitwise for every group size, in both serialized orders, in the grid."""
     run = _run(harness)
     lines = run.stdout.splitlines()
-    for name in ("batch_norm_affine", "batch_norm_on_data", "batch_norm_data_no_affine", "batch_norm_point_blocks"):
+    for name in ("batch_norm_affine", "batch_norm_on_data", "batch_norm_data_no_affine", "batch_norm_point_blocks",
+                 "conv_batch_norm_image"):
         for P in GROUP_SIZES:
             for dtype in ("f32", "f64"):
                 for what in ("meta_step_task", "mlp_hvp"):
@@ -90,6 +130,7 @@ def test_harness_covers_batch_norm(harness):
             for dtype in ("f32", "f64"):
                 assert f"ok   grid {name} {dtype} blocks={blocks} P={P}" in lines, (name, dtype, blocks, P)
     assert not any(line.startswith("FAIL ") for line in lines), [line for line in lines if line.startswith("FAIL ")]
+
 
 def test_harness_sees_a_missing_barrier(harness):
     """With sync() doing nothing and the ranks run one after another, no configuration matches

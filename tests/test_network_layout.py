@@ -193,3 +193,56 @@ def test_points_that_do_not_fit_the_network_raise_naming_the_layer():
     x = torch.randn(2, 4, 5, dtype=torch.float64)
     with pytest.raises(ValueError, match="takes 3 inputs"):
         maml(x, torch.randn(2, 4, 2, dtype=torch.float64), x, torch.randn(2, 4, 2, dtype=torch.float64))
+
+
+def _twin_case():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3, track_running_stats=False),
+                          nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.Conv2d(3, 4, 1, bias=False), nn.ELU(0.7),
+                          nn.AvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+                          nn.BatchNorm1d(5, affine=False, track_running_stats=False), nn.Sigmoid(),
+                          nn.Linear(5, 3)).double()
+    generator = torch.Generator().manual_seed(2)
+    images = lambda: torch.randn(3, 6, 2, 9, 9, generator=generator, dtype=torch.float64)  # noqa: E731
+    labels = lambda: torch.randint(0, 3, (3, 6), generator=generator)  # noqa: E731
+    return model, (images(), labels(), images(), labels())
+
+
+def test_the_twin_computes_the_oracles_meta_gradient_of_a_conv_network(monkeypatch):
+    """The pure-torch twin of the fused op (its fallback) on every layer kind, second order: torch's
+    own batch_norm has wrong second derivatives under vmap(grad), so the twin must not use it."""
+    from pymaml.backends import layout as layout_module
+    from pymaml.ops.mlp_meta_step import mlp_meta_step_torch
+
+    monkeypatch.setattr(layout_module, "UNBUILT_LAYERS", set())
+    model, (sx, sy, qx, qy) = _twin_case()
+    layout, reason = mlp_layout(model)
+    assert reason is None
+    layers, constants, widths = layout.network((2, 9, 9))
+    theta = torch.cat([p.detach().reshape(-1) for p in layout.parameters()])
+    lrs = torch.full((2, theta.numel()), 0.1, dtype=torch.float64)
+    step_weights = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    out = mlp_meta_step_torch(theta, lrs, step_weights, sx.flatten(2), sy, qx.flatten(2), qy, widths, "none", False,
+                              "cross_entropy", False, False, layers, constants)
+    loss = pymaml.reference.meta_loss(model, sx, sy, qx, qy, inner_lr=0.1, inner_steps=2, loss="cross_entropy")
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    assert relative_error(out[0], loss.detach()) <= TOLERANCE[torch.float64]
+    assert relative_error(out[4], grad) <= TOLERANCE[torch.float64]
+
+
+def test_the_hvp_twin_matches_torch_func_on_a_conv_network(monkeypatch):
+    from pymaml.backends import layout as layout_module
+    from pymaml.ops.mlp_hvp import mlp_hvp_torch
+
+    monkeypatch.setattr(layout_module, "UNBUILT_LAYERS", set())
+    model, (x, y, _, _) = _twin_case()
+    layout, _ = mlp_layout(model)
+    layers, constants, widths = layout.network((2, 9, 9))
+    generator = torch.Generator().manual_seed(5)
+    params = {name: p.detach().expand(3, *p.shape).clone() for name, p in model.named_parameters()}
+    v = {name: torch.randn(p.shape, generator=generator, dtype=torch.float64) for name, p in params.items()}
+    expected = pymaml.hvp(model, params, x, y, v, fused=False, loss="cross_entropy")
+    flat = lambda tensors: torch.cat([tensors[n].reshape(3, -1) for n in layout.names], dim=1)  # noqa: E731
+    actual = mlp_hvp_torch(flat(params), flat(v), x.flatten(2), y, widths, "none", False, "cross_entropy", layers,
+                           constants)
+    assert relative_error(actual, flat(expected)) <= TOLERANCE[torch.float64]

@@ -111,6 +111,27 @@ def test_sampler_matches_one_task_loop():
                 assert relative_error(batched.rewards[task, trajectory, step], reward) <= FLOAT64
 
 
+def test_sampler_share_equals_its_slice_of_the_whole_meta_batch():
+    """A share of the tasks (a process's part of the meta-batch) gets the trajectories those tasks
+    get when the whole meta-batch is sampled, and leaves the generator in the same state."""
+    policy, env = small_policy(), Navigation2D(horizon=HORIZON)
+    goals = env.sample_tasks(5, torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = {name: p + 0.1 * torch.randn(5, *p.shape, dtype=p.dtype) for name, p in parameters(policy).items()}
+    whole_generator = torch.Generator().manual_seed(2)
+    whole = sample(policy, params, env, goals, TRAJECTORIES, whole_generator)
+    for share in (range(0, 3), range(3, 5)):
+        generator = torch.Generator().manual_seed(2)
+        part = sample(policy, {name: p[share.start:share.stop] for name, p in params.items()}, env, goals,
+                      TRAJECTORIES, generator, share)
+        for name in ("observations", "actions", "rewards"):
+            assert torch.equal(getattr(part, name), getattr(whole, name)[share.start:share.stop])
+        assert torch.equal(generator.get_state(), whole_generator.get_state())
+    with pytest.raises(ValueError, match="the parameters hold \\[5\\] tasks but the share has 2"):
+        sample(policy, params, env, goals, TRAJECTORIES, torch.Generator(), range(3, 5))
+    with pytest.raises(ValueError, match="share must be a non-empty contiguous range"):
+        sample(policy, params, env, goals, TRAJECTORIES, torch.Generator(), range(3, 8))
+
+
 def test_sampler_refuses_tasks_of_another_dtype():
     policy, env = small_policy(), Navigation2D(horizon=HORIZON)
     goals = env.sample_tasks(TASKS, torch.Generator().manual_seed(0))
@@ -310,12 +331,14 @@ def test_halfcheetah_matches_one_simulator_loop(family, tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     goals = env.sample_tasks(2, generator, dtype=torch.float64)
     state = generator.get_state()
-    observations = env.reset(goals, 2, generator)
+    observations = initial = env.reset(goals, 2, generator)
     actions = torch.randn(2, 2, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.5
     batched = []
     for step in range(4):
         observations, reward = env.step(observations, actions[:, :, step], goals)
         batched.append((observations, reward))
+    second_task = env.reset(goals, 2, torch.Generator().set_state(state), range(1, 2))
+    assert torch.equal(second_task, initial[1:])
     seeds = torch.randint(0, 2**31 - 1, (4,), generator=torch.Generator().set_state(state)).tolist()
     for index, seed in enumerate(seeds):
         task, trajectory = divmod(index, 2)
@@ -361,11 +384,3 @@ def test_rl_command_names_the_missing_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "mujoco", None)
     assert main(["rl", "--env", "halfcheetah-dir", "--iterations", "1", "--out", str(tmp_path / "out")]) == 1
     assert 'pip install "pymaml[rl]"' in capsys.readouterr().err
-
-
-def test_rl_command_refuses_torchrun(tmp_path, capsys, monkeypatch):
-    from pymaml.jobs.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["rl", "--iterations", "1", "--out", str(tmp_path / "out")]) == 1
-    assert "torchrun" in capsys.readouterr().err

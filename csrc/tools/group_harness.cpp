@@ -195,6 +195,8 @@ struct Config {
   // A network given layer by layer (widths[0] its inputs; the other widths, activation and bias
   // unused); empty: the MLP of widths, activation and bias.
   std::vector<pymaml::Layer> layers = {};
+  // The input image's height and width, with widths[0] channels (layers only).
+  int height = 1, width = 1;
 };
 
 pymaml::Layer linear_layer(int out, bool bias) {
@@ -220,15 +222,43 @@ pymaml::Layer activation_layer(Activation activation) {
   return layer;
 }
 
+// An activation with a constant: LeakyReLU's negative slope, ELU's alpha.
+pymaml::Layer activation_layer(Activation activation, double constant) {
+  pymaml::Layer layer = activation_layer(activation);
+  layer.constant = constant;
+  return layer;
+}
+
+// MaxPool2d or AvgPool2d with kernel = stride = `kernel`, no padding.
+pymaml::Layer pool_layer(pymaml::LayerKind kind, int kernel) {
+  pymaml::Layer layer;
+  layer.kind = kind;
+  layer.kernel = kernel;
+  layer.stride = kernel;
+  return layer;
+}
+
 pymaml::Layer flatten_layer() {
   pymaml::Layer layer;
   layer.kind = pymaml::LayerKind::flatten;
   return layer;
 }
 
+pymaml::Layer conv2d_layer(int out_channels, int kernel, int stride, int padding, bool bias) {
+  pymaml::Layer layer;
+  layer.kind = pymaml::LayerKind::conv2d;
+  layer.channels_out = out_channels;
+  layer.kernel = kernel;
+  layer.stride = stride;
+  layer.padding = padding;
+  layer.bias = bias;
+  return layer;
+}
+
 std::vector<Config> configurations() {
   const Activation none = Activation::none, relu = Activation::relu, tanh = Activation::tanh,
-                   sigmoid = Activation::sigmoid;
+                   sigmoid = Activation::sigmoid, leaky_relu = Activation::leaky_relu, elu = Activation::elu;
+  const pymaml::LayerKind max_pool = pymaml::LayerKind::max_pool, avg_pool = pymaml::LayerKind::avg_pool;
   const Loss mse = Loss::mse, ce = Loss::cross_entropy;
   return {
       {"sinusoid", {1, 40, 40, 1}, relu, true, mse, 1, 10, 10, false, false, true, {}},
@@ -252,6 +282,43 @@ std::vector<Config> configurations() {
         linear_layer(3, true), activation_layer(none), flatten_layer()}},
       {"linear_linear_mse", {3}, none, true, mse, 3, 5, 5, false, false, true, {},
        {linear_layer(18, false), linear_layer(2, true), activation_layer(tanh), linear_layer(2, true)}},
+      // Conv2d. The input is a vector [n, 1, 1]: a first convolution whose padding exceeds its
+      // kernel makes an image of it (every output pixel sees the one input pixel through another
+      // tap), on which the next convolutions work with input gradients; F = 16 and 32 read and
+      // write the channels-last rows in place, the other F through padded pixel rows.
+      {"conv_stride2_flatten_linear", {3}, none, true, ce, 2, 6, 7, false, true, true, {},
+       {conv2d_layer(16, 5, 1, 5, true), activation_layer(tanh), conv2d_layer(5, 3, 2, 1, true),
+        activation_layer(relu), flatten_layer(), linear_layer(3, true)}},
+      {"conv_nobias_kernels_1_2", {2}, none, true, mse, 3, 5, 5, false, false, true, {},
+       {conv2d_layer(3, 3, 1, 2, false), activation_layer(sigmoid), conv2d_layer(16, 1, 1, 0, false),
+        activation_layer(relu), conv2d_layer(4, 2, 2, 1, true), flatten_layer(), linear_layer(2, true)}},
+      {"conv_kernel5_stride_over_kernel_first_order", {4}, none, true, ce, 2, 4, 5, true, true, true, {1, 0.5},
+       {conv2d_layer(6, 4, 1, 4, true), activation_layer(relu), conv2d_layer(5, 1, 2, 0, true),
+        activation_layer(tanh), conv2d_layer(7, 5, 1, 2, true), flatten_layer(), linear_layer(3, true)}},
+      // The points run in chunks of two in the second convolution's products, the last one short.
+      {"conv_point_chunks", {2}, none, true, mse, 1, 7, 5, false, false, true, {},
+       {conv2d_layer(16, 3, 1, 5, true), activation_layer(relu), conv2d_layer(32, 3, 1, 1, true),
+        activation_layer(tanh), flatten_layer(), linear_layer(2, true)}},
+      {"leaky_relu_elu", {6}, none, true, ce, 2, 9, 7, false, true, true, {0.5, 1},
+       {linear_layer(20, true), activation_layer(leaky_relu, 0.1), linear_layer(17, false),
+        activation_layer(elu, 0.7), linear_layer(3, true)}},
+      {"elu_leaky_relu_mse", {4}, none, true, mse, 3, 6, 6, false, false, true, {},
+       {linear_layer(33, true), activation_layer(elu, 1.0), linear_layer(9, true),
+        activation_layer(leaky_relu, 0.01), linear_layer(2, true)}},
+      // Pooling on a [3, 7, 5] image: the last row of pixels belongs to no 2x2 window; a pooling
+      // after a pooling.
+      {"max_pool_image", {3}, none, true, ce, 2, 6, 5, false, true, true, {},
+       {pool_layer(max_pool, 2), flatten_layer(), linear_layer(10, true), activation_layer(elu, 1.0),
+        linear_layer(4, true)}, 7, 5},
+      {"avg_max_pool_image", {2}, none, true, mse, 1, 5, 4, false, false, true, {},
+       {pool_layer(avg_pool, 2), pool_layer(max_pool, 2), flatten_layer(), linear_layer(6, true),
+        activation_layer(leaky_relu, 0.2), linear_layer(2, true)}, 6, 9},
+      // Pooling after convolutions on an image input, so that its backward and R-backward run inside
+      // a network (a Conv2d before it has parameters).
+      {"conv_pool_image", {3}, none, true, ce, 2, 6, 5, false, true, true, {},
+       {conv2d_layer(8, 3, 1, 1, true), activation_layer(relu), pool_layer(max_pool, 2),
+        conv2d_layer(5, 3, 1, 1, false), activation_layer(elu, 1.0), pool_layer(avg_pool, 2), flatten_layer(),
+        linear_layer(3, true)}, 9, 7},
       // BatchNorm on the batch statistics: affine between Linear layers; first on the data (affine,
       // and without parameters, whose output gradient nothing needs); without affine between
       // layers; over more than one block of values (kPointBlock).
@@ -265,6 +332,11 @@ std::vector<Config> configurations() {
         linear_layer(4, true)}},
       {"batch_norm_point_blocks", {4}, none, true, mse, 1, 300, 140, false, false, true, {},
        {linear_layer(17, false), batch_norm_layer(false, 1e-5), activation_layer(tanh), linear_layer(2, true)}},
+      // BatchNorm2d on the channels of images, between a convolution and a pooling.
+      {"conv_batch_norm_image", {3}, none, true, ce, 2, 6, 5, false, true, true, {},
+       {conv2d_layer(8, 3, 1, 1, true), batch_norm_layer(true, 1e-5), activation_layer(relu), pool_layer(max_pool, 2),
+        conv2d_layer(5, 3, 1, 1, false), batch_norm_layer(false, 1e-5), activation_layer(tanh), flatten_layer(),
+        linear_layer(3, true)}, 6, 5},
   };
 }
 
@@ -272,7 +344,7 @@ Network make(const Config& c) {
   Network spec;
   const bool built = c.layers.empty()
       ? pymaml::make_mlp_network(c.widths.data(), int(c.widths.size()), c.bias, c.activation, c.loss, &spec)
-      : pymaml::make_network(c.layers.data(), int(c.layers.size()), c.widths[0], 1, 1, c.loss, &spec);
+      : pymaml::make_network(c.layers.data(), int(c.layers.size()), c.widths[0], c.height, c.width, c.loss, &spec);
   if (!built) {
     std::fprintf(stderr, "bad widths in %s\n", c.name.c_str());
     std::exit(2);

@@ -50,13 +50,8 @@ FUSED_LAYERS = {nn.Linear: ("weight", "bias"), nn.Conv2d: ("weight", "bias"), nn
                 **{activation: () for activation in ACTIVATION_NAMES}}
 # Layer classes whose native layer kind this version does not compute yet: refused by name.
 UNBUILT_LAYERS = {
-    nn.Conv2d,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.LeakyReLU,
-    nn.ELU,
 }
 # BatchNorm's buffers, which must all be None (batch statistics only).
 BATCH_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

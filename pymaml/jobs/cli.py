@@ -1,8 +1,8 @@
 """Command line: `pymaml sinusoid ...`, `pymaml fewshot ...` (alias `pymaml omniglot` for
 `--dataset omniglot`), `pymaml rl ...` and `pymaml backends`.
 
-`torchrun --nproc_per_node N -m pymaml sinusoid|fewshot|omniglot ...` splits every meta-batch over N
-processes (`pymaml rl` does not split yet and refuses to run under torchrun).
+`torchrun --nproc_per_node N -m pymaml sinusoid|fewshot|omniglot|rl ...` splits every meta-batch over N
+processes.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _rl(args) -> int:
+    from .. import distributed
     from .rl import DEFAULT_META_BATCH as RL_META_BATCH, RLConfig, run, summary
 
     config = RLConfig(
@@ -91,9 +92,12 @@ def _rl(args) -> int:
         seed=args.seed, eval_tasks=args.eval_tasks, eval_steps=args.eval_steps, horizon=args.horizon,
         checkpoint=str(args.checkpoint) if args.checkpoint else None, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress)
-    report = run(config, args.out)
-    print(summary(report))
-    print(f"wrote {args.out / 'report.json'} and {args.out / report['figure']}")
+    # Under torchrun: one process per rank, gloo (the policies and simulators live on the CPU).
+    with distributed.init(device="cpu") as context:
+        report = run(config, args.out, context)
+    if report is not None:
+        print(summary(report))
+        print(f"wrote {args.out / 'report.json'} and {args.out / report['figure']}")
     return 0
 
 

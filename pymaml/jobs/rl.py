@@ -11,12 +11,17 @@ pretrained policy starts from the same initialisation and takes one TRPO step pe
 the trajectories of the same tasks, without the inner step. Evaluation: 40 new tasks, returns
 averaged over 20 trajectories per task, the same step size α and the same noise stream for every
 policy.
+
+Under torchrun every rank draws the same meta-batch of tasks and the same noise from the seed,
+samples, adapts and differentiates its share of the tasks, and the TRPO step all-reduces the
+meta-gradient, the Fisher-vector products and the line search's losses and KLs over the ranks
+(pymaml.rl.trpo), so that every rank keeps the policy of a single-process run; rank 0 alone
+writes the checkpoints, evaluates, and writes report.json and the figure.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +29,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..distributed import DistributedContext, broadcast_state
 from ..rl import ENVIRONMENTS, GaussianMLPPolicy, MetaTRPO, TRPOSettings, returns_after_steps
-from .training import (JobError, TrajectorySettings, check_checkpoint_writable, check_writable, finite_or_none,
-                       iterations_summary, load_checkpoint, progress_bar, save_checkpoint, write_report)
+from .training import (JobError, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
+                       finite_or_none, iterations_summary, progress_bar, resume, save_checkpoint, write_report)
 
 DEFAULT_ITERATIONS = 500
 # The paper's meta-batch sizes: 20 tasks for navigation, 40 for the locomotion tasks.
@@ -90,29 +96,40 @@ def initial_policy(env, seed: int) -> GaussianMLPPolicy:
     return GaussianMLPPolicy(env.observation_size, env.action_size)
 
 
-def train(config: RLConfig) -> RLTrainResult:
+def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrainResult:
     """Meta-train and pretrain, one meta-batch of tasks per iteration for both; resumes from
-    config.checkpoint when it exists."""
+    config.checkpoint when it exists.
+
+    context: a distributed context (pymaml.distributed.init()) to split every meta-batch across
+    its ranks; None or a single-process context trains in this process alone.
+    """
+    context = DistributedContext() if context is None else context
+    context.check_same("the rl settings", (config.trajectory(), config.iterations))
+    if config.meta_batch < context.world_size:
+        raise JobError(f"the meta-batch has {config.meta_batch} tasks but there are {context.world_size} ranks; "
+                       f"every rank needs at least one task (--meta-batch)")
     env = config.environment()
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
-    if checkpoint is not None:
-        check_checkpoint_writable(checkpoint)
+    check_checkpoint_on_main(checkpoint, context)
     meta_policy, pretrained_policy = initial_policy(env, config.seed), initial_policy(env, config.seed)
     settings = TRPOSettings(inner_lr=config.inner_lr, first_order=config.first_order, max_kl=config.max_kl)
-    meta = MetaTRPO(meta_policy, env, settings, config.trajectories)
-    pretrain = MetaTRPO(pretrained_policy, env, settings, config.trajectories, multitask=True)
+    meta = MetaTRPO(meta_policy, env, settings, config.trajectories, context=context)
+    pretrain = MetaTRPO(pretrained_policy, env, settings, config.trajectories, multitask=True, context=context)
     task_generator = torch.Generator().manual_seed(config.seed)
     sampling_generator = torch.Generator().manual_seed(config.seed + 1)
     history: list[dict] = []
     start = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, config, JOB_KEYS)
+    state = resume(checkpoint, config, context, JOB_KEYS)
+    if state is not None:
         meta_policy.load_state_dict(state["model"])
         pretrained_policy.load_state_dict(state["pretrained"])
         task_generator.set_state(state["task_generator"])
         sampling_generator.set_state(state["sampling_generator"])
         history = list(state["history"])
         start = int(state["iteration"])
+    # Every rank starts from rank 0's policies (the same seed gives the same ones; this makes sure).
+    broadcast_state(meta_policy, context)
+    broadcast_state(pretrained_policy, context)
 
     def snapshot(done: int) -> dict:
         # TRPO keeps no optimizer state; the key is there because every job's checkpoint has it.
@@ -121,8 +138,10 @@ def train(config: RLConfig) -> RLTrainResult:
                 "history": history, "iteration": done, "trajectory": config.trajectory()}
 
     began = time.perf_counter()
+    ranks = f", {context.world_size} ranks" if context.is_distributed else ""
     bar = progress_bar(range(start, config.iterations), start=start, total=config.iterations,
-                       enabled=config.progress, description=f"meta-train [{config.env}]")
+                       enabled=config.progress and context.is_main, description=f"meta-train [{config.env}{ranks}]")
+    saves = checkpoint is not None and context.is_main
     for iteration in bar:
         tasks = env.sample_tasks(config.meta_batch, task_generator)
         meta_stats = meta.step(tasks, sampling_generator)
@@ -133,11 +152,11 @@ def train(config: RLConfig) -> RLTrainResult:
         bar.set_postfix(post=f"{meta_stats.post_return:.1f}", pre=f"{meta_stats.pre_return:.1f}",
                         pretrained=f"{pretrain_stats.post_return:.1f}", refresh=False)
         done = iteration + 1
-        if checkpoint is not None and done % config.checkpoint_every == 0:
+        if saves and done % config.checkpoint_every == 0:
             save_checkpoint(checkpoint, snapshot(done))
     bar.close()
     seconds = time.perf_counter() - began
-    if checkpoint is not None:
+    if saves:
         save_checkpoint(checkpoint, snapshot(config.iterations))
     return RLTrainResult(meta_policy, pretrained_policy, config.iterations, start, seconds, history)
 
@@ -194,15 +213,17 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def run(config: RLConfig, out_dir: Path) -> dict:
-    """Train, evaluate, and write report.json and <env>.png into out_dir (checked writable first)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise JobError("pymaml rl does not split the meta-batch over torchrun's ranks yet (every rank would train "
-                       "the whole run and write the same files); run it without torchrun")
-    check_writable(out_dir, "report.json and the figure (--out)")
+def run(config: RLConfig, out_dir: Path, context: DistributedContext | None = None) -> dict | None:
+    """Train, evaluate, and write report.json and <env>.png into out_dir (checked writable first);
+    with a distributed context every rank trains and rank 0 alone evaluates and writes (the other
+    ranks return None)."""
+    context = DistributedContext() if context is None else context
+    check_on_main(context, lambda: check_writable(out_dir, "report.json and the figure (--out)"))
     started = time.perf_counter()
-    result = train(config)
+    result = train(config, context)
     trained = time.perf_counter()
+    if not context.is_main:
+        return None
     env = config.environment()
     policies = {"meta-learned": result.meta_policy, "pretrained": result.pretrained_policy,
                 "random": initial_policy(env, config.seed)}
@@ -227,6 +248,8 @@ def run(config: RLConfig, out_dir: Path) -> dict:
         "history": result.history,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "world_size": context.world_size,
+        "distributed_backend": context.backend,
         "pymaml": __version__,
         "figure": image.name,
     }
@@ -240,7 +263,9 @@ def summary(report: dict) -> str:
     """The Figure 5 table as printed by the CLI."""
     steps = sorted(next(iter(report["evaluation"].values()))["mean"], key=int)
     lines = [iterations_summary(report, 0) + f" (train {report['seconds']['train']:.1f} s, "
-             f"evaluate {report['seconds']['evaluate']:.1f} s)",
+             f"evaluate {report['seconds']['evaluate']:.1f} s)"
+             + (f"; meta-batch split over {report['world_size']} ranks ({report['distributed_backend']})"
+                if report.get("world_size", 1) > 1 else ""),
              f"average return over {report['config']['eval_tasks']} new tasks (± 95% interval) after N "
              f"policy-gradient steps of α = {report['config']['inner_lr']:g}:",
              "  " + f"{'policy':<14}" + "".join(f"{'N=' + s:>18}" for s in steps)]

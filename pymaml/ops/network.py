@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..numerics import decomposed_norms
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -110,7 +112,8 @@ def network_apply(theta: Tensor, x: Tensor, layers: list[int], layer_constants: 
         elif spec.kind == "batch_norm":
             channels = h.shape[1]
             weight, bias = (take(channels), take(channels)) if spec.affine else (None, None)
-            h = F.batch_norm(h, None, None, weight, bias, training=True, eps=spec.constant)
+            # From primitives: torch's own batch_norm has wrong second derivatives under vmap(grad).
+            h = decomposed_norms.batch_norm(h, None, None, weight, bias, training=True, eps=spec.constant)
         elif spec.kind in ("max_pool", "avg_pool"):
             if h.dim() == 2:
                 h = h.reshape(h.shape[0], h.shape[1], 1, 1)

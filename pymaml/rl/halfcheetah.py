@@ -66,18 +66,22 @@ class HalfCheetah:
             mujoco.set_mju_user_warning(previous)
         return self._simulators[:count]
 
-    def reset(self, tasks: torch.Tensor, trajectories: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Every simulator reset (gymnasium's small random initial state, seeded from `generator`);
-        observations [T, N, 17]."""
+    def reset(self, tasks: torch.Tensor, trajectories: int, generator: torch.Generator | None = None,
+              share: range | None = None) -> torch.Tensor:
+        """The simulators of the tasks `share` (a range of the T tasks; all for None) reset
+        (gymnasium's small random initial state, seeded from `generator`); observations
+        [len(share), N, 17]. The seeds are drawn for all T·N simulators whatever the share."""
         import numpy
 
         self._check_tasks(tasks)
-        count = tasks.shape[0] * trajectories
+        share = range(tasks.shape[0]) if share is None else share
+        count = len(share) * trajectories
         generator = torch.Generator().manual_seed(0) if generator is None else generator
-        seeds = torch.randint(0, 2**31 - 1, (count,), generator=generator).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (tasks.shape[0] * trajectories,), generator=generator)
+        seeds = seeds[share.start * trajectories:share.stop * trajectories].tolist()
         observations = [simulator.reset(seed=seed)[0] for simulator, seed in zip(self._simulator_pool(count), seeds)]
         self._active = count
-        return torch.from_numpy(numpy.stack(observations)).to(tasks.dtype).reshape(tasks.shape[0], trajectories, -1)
+        return torch.from_numpy(numpy.stack(observations)).to(tasks.dtype).reshape(len(share), trajectories, -1)
 
     def step(self, observations: torch.Tensor, actions: torch.Tensor, tasks: torch.Tensor):
         """(next observations [T, N, 17], rewards [T, N]) for actions [T, N, 6]."""

@@ -33,10 +33,13 @@ class Navigation2D:
         """`count` goals [count, 2], uniform in [-GOAL_RANGE, GOAL_RANGE]²."""
         return (torch.rand(count, 2, generator=generator, dtype=torch.float64) * 2 - 1).mul(GOAL_RANGE).to(dtype)
 
-    def reset(self, tasks: torch.Tensor, trajectories: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Every agent at the origin: [T, N, 2] for goals [T, 2] (deterministic: `generator` unused)."""
+    def reset(self, tasks: torch.Tensor, trajectories: int, generator: torch.Generator | None = None,
+              share: range | None = None) -> torch.Tensor:
+        """Every agent of the tasks `share` (a range of the goals [T, 2]; all for None) at the origin:
+        [len(share), N, 2] (deterministic: `generator` unused)."""
         self._check_tasks(tasks)
-        return tasks.new_zeros(tasks.shape[0], trajectories, 2)
+        count = tasks.shape[0] if share is None else len(share)
+        return tasks.new_zeros(count, trajectories, 2)
 
     def step(self, observations: torch.Tensor, actions: torch.Tensor, tasks: torch.Tensor):
         """(next observations, rewards): observations and actions [T, N, 2], goals [T, 2]; rewards [T, N]."""

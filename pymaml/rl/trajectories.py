@@ -54,24 +54,42 @@ class PolicyBatch:
         return torch.cat([self.actions, self.advantages.unsqueeze(-1), old_log_prob.unsqueeze(-1)], dim=-1)
 
 
+def check_share(share: range | None, total: int) -> range:
+    """The tasks `share` of a meta-batch of `total` (all of them for None), checked to be a
+    non-empty contiguous range inside it."""
+    if share is None:
+        return range(total)
+    if not isinstance(share, range) or share.step != 1 or len(share) == 0 or share.start < 0 or share.stop > total:
+        raise ValueError(f"share must be a non-empty contiguous range of the meta-batch's {total} tasks, got {share!r}")
+    return share
+
+
 @torch.no_grad()
 def sample(policy: nn.Module, params: dict[str, torch.Tensor], env, tasks: torch.Tensor, trajectories: int,
-           generator: torch.Generator) -> Trajectories:
-    """`trajectories` trajectories per task, task t acting with params[name][t]; a = μ(s) + σ ε with
-    ε ~ N(0, I) drawn from `generator`, one draw [T, N, A] per time step after the reset's draws."""
+           generator: torch.Generator, share: range | None = None) -> Trajectories:
+    """`trajectories` trajectories for each task of `share` (a range of the T tasks of `tasks`; all
+    of them for None), its i-th task acting with params[name][i]; a = μ(s) + σ ε with ε ~ N(0, I)
+    drawn from `generator`, one draw [T, N, A] per time step after the reset's draws. The draws
+    cover all T tasks whatever the share, so that a task's trajectories and the generator's state
+    afterwards do not depend on how the meta-batch is split over processes."""
     dtypes = {p.dtype for p in params.values()}
     if dtypes != {tasks.dtype}:
         raise ValueError(f"the tasks are {tasks.dtype} but the policy's parameters are {sorted(map(str, dtypes))}; "
                          f"sample the tasks in the policy's dtype (sample_tasks(..., dtype=...))")
-    observation = env.reset(tasks, trajectories, generator)
+    share = check_share(share, tasks.shape[0])
+    counts = {p.shape[0] for p in params.values()}
+    if counts != {len(share)}:
+        raise ValueError(f"the parameters hold {sorted(counts)} tasks but the share has {len(share)}")
+    observation = env.reset(tasks, trajectories, generator, share)
+    local_tasks = tasks[share.start:share.stop]
     observations, actions, rewards = [], [], []
     for _ in range(env.horizon):
         mean, log_std = split(batched_outputs(policy, params, observation))
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        action = mean + torch.exp(log_std) * noise
+        noise = torch.randn((tasks.shape[0], *mean.shape[1:]), generator=generator, dtype=mean.dtype)
+        action = mean + torch.exp(log_std) * noise[share.start:share.stop]
         observations.append(observation)
         actions.append(action)
-        observation, reward = env.step(observation, action, tasks)
+        observation, reward = env.step(observation, action, local_tasks)
         rewards.append(reward)
     return Trajectories(torch.stack(observations, 2), torch.stack(actions, 2), torch.stack(rewards, 2))
 

@@ -13,6 +13,12 @@ second derivative of θ'_t drops out. H_t v and F_t u are batched Hessian-vector
 (pymaml.hvp: torch.func forward-over-reverse under vmap over tasks). First order: J_t = I.
 The step: s = CG(F, g), then θ - β s with β = √(2δ / sᵀFs), scaled by `backtrack_ratio` at each try until the
 surrogate improves and the KL is within δ (`max_backtracks` tries; otherwise θ is kept).
+
+Split over processes (torchrun), rank r holds the tasks S_r of the meta-batch and every mean over
+tasks above is (1/T) Σ_r Σ_{t ∈ S_r}: each rank sums over its own tasks and one all-reduce adds the
+ranks' sums (TaskSplit.mean), for g, for every Fv and for the line search's L and KL. Every rank
+then holds the same g, Fv, L and KL, takes the same CG iterations and line-search decisions, and
+so keeps the same θ.
 """
 
 from __future__ import annotations
@@ -20,16 +26,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import vmap
 
+from ..distributed import DistributedContext
 from ..numerics.hvp import hvp
 from .policy import (batched_gradients, batched_outputs, expand, kl_loss, log_prob, reinforce_loss,
                      surrogate_loss)
-from .trajectories import PolicyBatch, Trajectories, advantages, sample
+from .trajectories import PolicyBatch, Trajectories, advantages, check_share, sample
 
 
 @dataclass
@@ -79,10 +86,44 @@ def inner_step(policy: nn.Module, params: dict[str, torch.Tensor], batch: Policy
     return {name: params[name] - inner_lr * gradients[name] for name in params}
 
 
+@dataclass(frozen=True)
+class TaskSplit:
+    """This process's tasks `share` (a contiguous range) of a meta-batch of `total` tasks, and the
+    distributed context whose ranks hold the other tasks (a single-process context: share is all)."""
+
+    total: int
+    share: range
+    context: DistributedContext = field(default_factory=DistributedContext)
+
+    def __post_init__(self):
+        check_share(self.share, self.total)
+        if not self.context.is_distributed and len(self.share) != self.total:
+            raise ValueError(f"a single process holds all {self.total} tasks of the meta-batch, not {self.share!r}")
+
+    @classmethod
+    def whole(cls, total: int) -> TaskSplit:
+        return cls(total, range(total))
+
+    @classmethod
+    def of(cls, total: int, context: DistributedContext) -> TaskSplit:
+        """The contiguous share of this rank (pymaml.distributed.shard_range)."""
+        return cls(total, context.shard_range(total), context)
+
+    def mean(self, local_sum: torch.Tensor) -> torch.Tensor:
+        """(1/T) Σ over all tasks, from the sum over this process's tasks: one all-reduce of the
+        ranks' sums, so every rank gets the same tensor."""
+        if self.context.is_distributed:
+            self.context.require_process_group()
+            local_sum = local_sum.clone()
+            torch.distributed.all_reduce(local_sum)
+        return local_sum / self.total
+
+
 @dataclass
 class OuterProblem:
     """The outer step at θ: the pre-adaptation batch (None for multi-task training, where θ'_t = θ),
-    the post-adaptation batch, θ'_t and the old policy's outputs on the post-adaptation states."""
+    the post-adaptation batch, θ'_t and the old policy's outputs on the post-adaptation states, for
+    this process's tasks `split.share` of the meta-batch."""
 
     params: dict[str, torch.Tensor]
     pre: PolicyBatch | None
@@ -90,20 +131,27 @@ class OuterProblem:
     adapted: dict[str, torch.Tensor]
     old_outputs: torch.Tensor
     surrogate_targets: torch.Tensor
+    split: TaskSplit
 
     @property
     def tasks(self) -> int:
+        """This process's task count."""
         return self.post.observations.shape[0]
 
 
 def outer_problem(policy: nn.Module, params: dict[str, torch.Tensor], pre: PolicyBatch | None, post: PolicyBatch,
-                  inner_lr: float) -> OuterProblem:
+                  inner_lr: float, split: TaskSplit | None = None) -> OuterProblem:
+    """split: this process's share of the meta-batch; None: the batches hold the whole meta-batch."""
+    tasks = post.observations.shape[0]
+    split = TaskSplit.whole(tasks) if split is None else split
+    if len(split.share) != tasks:
+        raise ValueError(f"the batches hold {tasks} tasks but this process's share has {len(split.share)}")
     params = {name: p.detach() for name, p in params.items()}
     with torch.no_grad():
-        adapted = adapted_at(policy, params, pre, inner_lr, post.observations.shape[0])
+        adapted = adapted_at(policy, params, pre, inner_lr, tasks)
         old_outputs = batched_outputs(policy, adapted, post.observations)
         old_log_prob = log_prob(old_outputs, post.actions)
-    return OuterProblem(params, pre, post, adapted, old_outputs, post.surrogate_targets(old_log_prob))
+    return OuterProblem(params, pre, post, adapted, old_outputs, post.surrogate_targets(old_log_prob), split)
 
 
 def adapted_at(policy: nn.Module, params: dict[str, torch.Tensor], pre: PolicyBatch | None, inner_lr: float,
@@ -127,7 +175,8 @@ def meta_gradient(policy: nn.Module, problem: OuterProblem, settings: TRPOSettin
     """g = (1/T) Σ_t J_tᵀ ∇L_out,t(θ'_t)."""
     outer = batched_gradients(policy, surrogate_loss, problem.adapted, problem.post.observations,
                               problem.surrogate_targets)
-    return {name: g.mean(0) for name, g in chain(policy, problem, settings, outer).items()}
+    local_sum = flatten(chain(policy, problem, settings, outer), batched=True).sum(0)
+    return unflatten(problem.split.mean(local_sum), problem.params)
 
 
 def fisher_vector_product(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings,
@@ -135,7 +184,8 @@ def fisher_vector_product(policy: nn.Module, problem: OuterProblem, settings: TR
     """Fv = (1/T) Σ_t J_tᵀ F_t J_t v, without damping."""
     inward = chain(policy, problem, settings, expand(vector, problem.tasks))
     fisher = hvp(policy, problem.adapted, problem.post.observations, problem.old_outputs, inward, loss=kl_loss)
-    return {name: u.mean(0) for name, u in chain(policy, problem, settings, fisher).items()}
+    local_sum = flatten(chain(policy, problem, settings, fisher), batched=True).sum(0)
+    return unflatten(problem.split.mean(local_sum), problem.params)
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int,
@@ -166,9 +216,10 @@ def surrogate_and_kl(policy: nn.Module, problem: OuterProblem, settings: TRPOSet
     with torch.no_grad():
         adapted = adapted_at(policy, params, problem.pre, settings.inner_lr, problem.tasks)
         outputs = batched_outputs(policy, adapted, problem.post.observations)
-        loss = vmap(surrogate_loss)(outputs, problem.surrogate_targets).mean()
-        kl = vmap(kl_loss)(outputs, problem.old_outputs).mean()
-    return loss.item(), kl.item()
+        local_sums = torch.stack([vmap(surrogate_loss)(outputs, problem.surrogate_targets).sum(),
+                                  vmap(kl_loss)(outputs, problem.old_outputs).sum()])
+        loss, kl = problem.split.mean(local_sums).tolist()
+    return loss, kl
 
 
 @dataclass
@@ -220,23 +271,30 @@ class IterationStats:
 
 class MetaTRPO:
     """Meta-trains `policy` in place on a task family, one meta-batch of tasks per `step`.
-    multitask=True: the "pretrained" baseline, TRPO on the trajectories of θ itself, no inner step."""
+    multitask=True: the "pretrained" baseline, TRPO on the trajectories of θ itself, no inner step.
+    context: a distributed context (pymaml.distributed.init()) whose ranks split every meta-batch;
+    every rank passes the same tasks and an identically seeded generator to `step`, starts from the
+    same θ and keeps the same θ. None: this process alone."""
 
     def __init__(self, policy: nn.Module, env, settings: TRPOSettings | None = None, trajectories: int = 20,
-                 multitask: bool = False):
+                 multitask: bool = False, context: DistributedContext | None = None):
         if trajectories < 2:
             raise ValueError(f"trajectories must be at least 2 (the advantages are normalised), got {trajectories}")
         self.policy, self.env, self.trajectories, self.multitask = policy, env, trajectories, multitask
         self.settings = TRPOSettings() if settings is None else settings
+        self.context = DistributedContext() if context is None else context
 
     def params(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.policy.named_parameters()}
 
     def step(self, tasks: torch.Tensor, generator: torch.Generator) -> IterationStats:
-        settings, params, count = self.settings, self.params(), tasks.shape[0]
+        """One meta-iteration on the meta-batch `tasks` [T, ...]; this rank samples, adapts and
+        differentiates its share of the T tasks."""
+        split = TaskSplit.of(tasks.shape[0], self.context)
+        settings, params, count = self.settings, self.params(), len(split.share)
         seconds = {"sampling": 0.0, "inner": 0.0, "outer": 0.0}
         began = time.perf_counter()
-        first = sample(self.policy, expand(params, count), self.env, tasks, self.trajectories, generator)
+        first = sample(self.policy, expand(params, count), self.env, tasks, self.trajectories, generator, split.share)
         seconds["sampling"] += time.perf_counter() - began
         if self.multitask:
             pre, after = None, first
@@ -247,17 +305,17 @@ class MetaTRPO:
                 adapted = inner_step(self.policy, expand(params, count), pre, settings.inner_lr)
             seconds["inner"] += time.perf_counter() - began
             began = time.perf_counter()
-            after = sample(self.policy, adapted, self.env, tasks, self.trajectories, generator)
+            after = sample(self.policy, adapted, self.env, tasks, self.trajectories, generator, split.share)
             seconds["sampling"] += time.perf_counter() - began
         began = time.perf_counter()
-        problem = outer_problem(self.policy, params, pre, advantages(after, settings.gamma), settings.inner_lr)
+        problem = outer_problem(self.policy, params, pre, advantages(after, settings.gamma), settings.inner_lr, split)
         result = trpo_step(self.policy, problem, settings)
         with torch.no_grad():
             for name, p in self.policy.named_parameters():
                 p.copy_(result.params[name])
         seconds["outer"] += time.perf_counter() - began
-        return IterationStats(first.returns.mean().item(), after.returns.mean().item(), result.accepted,
-                              result.backtracks, result.kl, seconds)
+        pre_return, post_return = split.mean(torch.stack([first.returns.sum(), after.returns.sum()])).tolist()
+        return IterationStats(pre_return, post_return, result.accepted, result.backtracks, result.kl, seconds)
 
 
 def returns_after_steps(policy: nn.Module, env, tasks: torch.Tensor, steps: int, inner_lr: float,

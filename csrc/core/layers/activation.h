@@ -1,14 +1,23 @@
-// Activations a = σ(z) elementwise: ReLU, Tanh, Sigmoid and Identity (Activation::none), each
-// point's row of pad(n) values.
+// Activations a = σ(z) elementwise: ReLU, LeakyReLU, ELU, Tanh, Sigmoid and Identity
+// (Activation::none), each point's row of pad(n) values. LeakyReLU's negative slope and ELU's
+// alpha are the layer's constant c:
+//   LeakyReLU  a = z if z > 0 else c·z;            σ' = 1 or c;                    σ'' = 0
+//   ELU        a = z if z > 0 else c·(exp(z) − 1);  σ' = 1 or c·exp(z) = a + c;  σ'' = c·exp(z) = a + c
+//              where z < 0, else 0 (torch's second derivative is 0 at z = 0, its first c)
 //
 //   forward      a = σ(z)
 //   backward     dL/dz = σ'(z) ⊙ dL/da
 //   R-forward    R(a) = σ'(z) ⊙ R(z)
 //   R-backward   R(dL/dz) = σ'(z) ⊙ R(dL/da) + σ''(z) ⊙ dL/da ⊙ R(z)
 //
-// The backward and the R-backward run in place where σ'' = 0 (ReLU, Identity): the layer's input
-// gradient is its output gradient's buffer. With curvature (tanh, sigmoid) dL/da is kept apart
-// from dL/dz, since the R-backward needs it.
+// The backward and the R-backward run in place where σ'' = 0 (ReLU, LeakyReLU, Identity): the
+// layer's input gradient is its output gradient's buffer. With curvature (ELU, tanh, sigmoid)
+// dL/da is kept apart from dL/dz, since the R-backward needs it.
+//
+// Every slope is taken from the output a: for LeakyReLU with c ≥ 0 and for ELU with c ≥ 0, a > 0
+// exactly when z > 0 (z ≤ 0 gives a ≤ 0, a NaN z a NaN a), so configure refuses a negative or
+// non-finite constant. Only ELU's σ'' reads z (its input, which the pass keeps): for z just below
+// 0, exp(z) − 1 rounds to a = 0, which cannot tell z < 0 from z = 0.
 #pragma once
 
 #include "../layer.h"
@@ -20,13 +29,20 @@ namespace pymaml {
 // reaches the loss and the gradients exactly where autograd puts it:
 //   ReLU: relu(NaN) = NaN, and its backward is torch's threshold_backward on the result a:
 //   r where !(a <= 0), else exactly 0 (even for a NaN or infinite r); so a NaN unit passes r on.
+//   LeakyReLU: leaky_relu(NaN) = NaN, and its backward is torch's leaky_relu_backward on z:
+//   r where z > 0, else c·r; a NaN unit is not > 0 and passes c·r on.
+//   ELU: elu(NaN) = NaN, and its backward is torch's vectorized elu_backward on z: r where z > 0,
+//   else c·exp(z)·r, so a NaN unit gives NaN (torch's scalar loop, which takes the elements past
+//   the last whole vector, tests z ≤ 0 instead and passes r on). The forward is torch's
+//   (exp(z) − 1)·c where z ≤ 0.
 //   tanh, sigmoid: σ'(z) · r with σ' from a, as torch's tanh_backward and sigmoid_backward.
-// The selects compare a, never z, and are written as `a <= 0 ? 0 : r` so that a NaN takes the
-// r branch; with -fno-trapping-math they vectorize to a compare and a bit mask.
+// The selects compare a and are written as `a <= 0 ? 0 : r` (ReLU) and `a > 0 ? r : c·r`
+// (LeakyReLU, ELU) so that a NaN takes torch's branch; with -fno-trapping-math they vectorize to a
+// compare and a bit mask.
 //
 // σ'(z) and σ''(z) of the activations with curvature, from a = σ(z): tanh: σ' = 1 - a², σ'' =
-// -2a σ'; sigmoid: σ' = a(1 - a), σ'' = σ'(1 - 2a). (ReLU and none have σ'' = 0 and take
-// slope_times_row.)
+// -2a σ'; sigmoid: σ' = a(1 - a), σ'' = σ'(1 - 2a). (ReLU, LeakyReLU and none have σ'' = 0 and
+// take slope_times_row; ELU its own select in tangent_slope_row.)
 template <class T>
 PYMAML_HD T activation_slope(Activation act, T a) {
   switch (act) {
@@ -45,17 +61,28 @@ PYMAML_HD T activation_curvature(Activation act, T a, T slope) {
   }
 }
 
+PYMAML_HD bool has_curvature(Activation act) {
+  return act == Activation::tanh || act == Activation::sigmoid || act == Activation::elu;
+}
+
 // Row-wise elementwise passes, with the switch on the activation outside the loops so that
 // each loop vectorizes. Callers pass the padded width where the padding lanes may be written:
 // whole SIMD registers, no scalar tail. Padding lanes carry no meaning (they are zero while
 // every value is finite, and may hold NaN when a real value is not); no routine sums over them.
 // a[i] = σ(z[i])
 template <class T>
-PYMAML_HD void activate_row(Activation act, int n, const T* z, T* a) {
+PYMAML_HD void activate_row(Activation act, T c, int n, const T* z, T* a) {
   switch (act) {
     case Activation::relu:
       PYMAML_SIMD
       for (int i = 0; i < n; ++i) a[i] = z[i] < T(0) ? T(0) : z[i];  // NaN stays NaN
+      break;
+    case Activation::leaky_relu:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) a[i] = z[i] > T(0) ? z[i] : c * z[i];  // NaN stays NaN
+      break;
+    case Activation::elu:
+      for (int i = 0; i < n; ++i) a[i] = z[i] > T(0) ? z[i] : (math_exp(z[i]) - T(1)) * c;  // NaN stays NaN
       break;
     case Activation::tanh:
       for (int i = 0; i < n; ++i) a[i] = math_tanh(z[i]);
@@ -70,11 +97,19 @@ PYMAML_HD void activate_row(Activation act, int n, const T* z, T* a) {
 
 // out[i] = σ'(z[i]) · r[i] from a = σ(z)   (in place when out == r)
 template <class T>
-PYMAML_HD void slope_times_row(Activation act, int n, const T* a, const T* r, T* out) {
+PYMAML_HD void slope_times_row(Activation act, T c, int n, const T* a, const T* r, T* out) {
   switch (act) {
     case Activation::relu:
       PYMAML_SIMD
       for (int i = 0; i < n; ++i) out[i] = a[i] <= T(0) ? T(0) : r[i];
+      break;
+    case Activation::leaky_relu:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) out[i] = a[i] > T(0) ? r[i] : c * r[i];
+      break;
+    case Activation::elu:
+      PYMAML_SIMD
+      for (int i = 0; i < n; ++i) out[i] = a[i] > T(0) ? r[i] : (a[i] + c) * r[i];
       break;
     case Activation::tanh:
       PYMAML_SIMD
@@ -90,11 +125,19 @@ PYMAML_HD void slope_times_row(Activation act, int n, const T* a, const T* r, T*
 }
 
 // R(δ) = R(t) σ'(z) + t σ''(z) R(z), in place over R(t) (rt), with t the back-propagated
-// product before the slope (δ = t σ'(z)).
+// product before the slope (δ = t σ'(z)); z is read by ELU only.
 template <class T>
-PYMAML_HD void tangent_slope_row(Activation act, int n, int ld, const T* a, const T* rz, const T* t, T* rt) {
-  if (act == Activation::relu || act == Activation::none) {  // σ'' = 0
-    slope_times_row(act, ld, a, rt, rt);
+PYMAML_HD void tangent_slope_row(Activation act, T c, int n, int ld, const T* z, const T* a, const T* rz, const T* t,
+                                 T* rt) {
+  if (!has_curvature(act)) {  // σ'' = 0
+    slope_times_row(act, c, ld, a, rt, rt);
+    return;
+  }
+  if (act == Activation::elu) {  // σ' = a + c where z ≤ 0, σ'' = a + c where z < 0
+    PYMAML_SIMD
+    for (int i = 0; i < ld; ++i) {
+      rt[i] = a[i] > T(0) ? rt[i] : (rt[i] + (z[i] < T(0) ? t[i] * rz[i] : T(0))) * (a[i] + c);
+    }
     return;
   }
   for (int i = 0; i < n; ++i) {
@@ -103,12 +146,17 @@ PYMAML_HD void tangent_slope_row(Activation act, int n, int ld, const T* a, cons
   }
 }
 
-PYMAML_HD bool has_curvature(Activation act) { return act == Activation::tanh || act == Activation::sigmoid; }
-
 namespace {
 
 struct ActivationLayer {
+  // LeakyReLU's slope and ELU's alpha must not be negative: the slopes are read from the sign of
+  // the output a (see above), which is the sign of z only then. They must be finite in float32 too
+  // (at most FLT_MAX), and a NaN constant fails both tests.
+  static constexpr double kFloatMax = 3.4028234663852886e38;
   static bool configure(Layer& L) {
+    if (L.activation == Activation::leaky_relu || L.activation == Activation::elu) {
+      if (!(L.constant >= 0 && L.constant <= kFloatMax)) return false;
+    }
     L.out = L.in;
     L.channels_out = L.channels_in;
     L.height_out = L.height_in;
@@ -136,7 +184,7 @@ struct ActivationLayer {
     const int ld = padded(L.out);
     const int width = L.activation == Activation::sigmoid ? L.out : ld;  // σ(0) = 0 keeps padding zero
     for (int k = g.rank(); k < K; k += g.size()) {
-      activate_row(L.activation, width, io.in + int64_t(k) * ld, io.out + int64_t(k) * ld);
+      activate_row(L.activation, T(L.constant), width, io.in + int64_t(k) * ld, io.out + int64_t(k) * ld);
     }
     g.sync();
   }
@@ -148,7 +196,7 @@ struct ActivationLayer {
     const int ld = padded(L.out);
     for (int k = g.rank(); k < K; k += g.size()) {
       const int64_t row = int64_t(k) * ld;
-      slope_times_row(L.activation, ld, io.out + row, io.grad_out + row, io.grad_in + row);
+      slope_times_row(L.activation, T(L.constant), ld, io.out + row, io.grad_out + row, io.grad_in + row);
     }
     g.sync();
   }
@@ -160,7 +208,7 @@ struct ActivationLayer {
     const int ld = padded(L.out);
     for (int k = g.rank(); k < K; k += g.size()) {
       const int64_t row = int64_t(k) * ld;
-      slope_times_row(L.activation, ld, io.out + row, io.r_in + row, io.r_out + row);
+      slope_times_row(L.activation, T(L.constant), ld, io.out + row, io.r_in + row, io.r_out + row);
     }
     g.sync();
   }
@@ -173,7 +221,8 @@ struct ActivationLayer {
     const int ld = padded(L.out);
     for (int k = g.rank(); k < K; k += g.size()) {
       const int64_t row = int64_t(k) * ld;
-      tangent_slope_row(L.activation, L.out, ld, io.out + row, io.r_in + row, io.grad_out + row, io.r_grad_in + row);
+      tangent_slope_row(L.activation, T(L.constant), L.out, ld, io.in + row, io.out + row, io.r_in + row,
+                        io.grad_out + row, io.r_grad_in + row);
     }
     g.sync();
   }
