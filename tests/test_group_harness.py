@@ -111,6 +111,27 @@ def test_harness_covers_pooling_leaky_relu_and_elu(harness):
     assert not any(line.startswith("FAIL ") for line in lines), run.stdout[-2000:]
 
 
+def test_harness_covers_batch_norm(harness):
+    """BatchNorm on the batch statistics of each pass (csrc/core/layers/batch_norm.h), whose sums
+    over the points of a channel are taken whole by one rank: affine between Linear layers, first
+    on the data with and without affine, without affine between layers, and over more values than
+    one block of kPointBlock; bitwise for every group size, in both serialized orders, in the grid."""
+    run = _run(harness)
+    lines = run.stdout.splitlines()
+    for name in ("batch_norm_affine", "batch_norm_on_data", "batch_norm_data_no_affine", "batch_norm_point_blocks",
+                 "conv_batch_norm_image"):
+        for P in GROUP_SIZES:
+            for dtype in ("f32", "f64"):
+                for what in ("meta_step_task", "mlp_hvp"):
+                    assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
+        assert f"ok   meta_step_task {name} f64 P=32 ascending" in lines, name
+        assert f"ok   mlp_hvp {name} f32 P=7 descending" in lines, name
+        for blocks, P in ((1, 1), (2, 3), (3, 7), (8, 2)):
+            for dtype in ("f32", "f64"):
+                assert f"ok   grid {name} {dtype} blocks={blocks} P={P}" in lines, (name, dtype, blocks, P)
+    assert not any(line.startswith("FAIL ") for line in lines), [line for line in lines if line.startswith("FAIL ")]
+
+
 def test_harness_sees_a_missing_barrier(harness):
     """With sync() doing nothing and the ranks run one after another, no configuration matches
     SerialGroup: a pass of the harness means the barriers are where the math needs them."""

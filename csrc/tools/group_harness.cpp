@@ -207,6 +207,14 @@ pymaml::Layer linear_layer(int out, bool bias) {
   return layer;
 }
 
+pymaml::Layer batch_norm_layer(bool affine, double eps) {
+  pymaml::Layer layer;
+  layer.kind = pymaml::LayerKind::batch_norm;
+  layer.affine = affine;
+  layer.constant = eps;
+  return layer;
+}
+
 pymaml::Layer activation_layer(Activation activation) {
   pymaml::Layer layer;
   layer.kind = pymaml::LayerKind::activation;
@@ -311,6 +319,24 @@ std::vector<Config> configurations() {
        {conv2d_layer(8, 3, 1, 1, true), activation_layer(relu), pool_layer(max_pool, 2),
         conv2d_layer(5, 3, 1, 1, false), activation_layer(elu, 1.0), pool_layer(avg_pool, 2), flatten_layer(),
         linear_layer(3, true)}, 9, 7},
+      // BatchNorm on the batch statistics: affine between Linear layers; first on the data (affine,
+      // and without parameters, whose output gradient nothing needs); without affine between
+      // layers; over more than one block of values (kPointBlock).
+      {"batch_norm_affine", {6}, none, true, ce, 2, 7, 9, false, true, true, {0.5, 1},
+       {linear_layer(12, true), batch_norm_layer(true, 1e-5), activation_layer(relu), linear_layer(3, true)}},
+      {"batch_norm_on_data", {5}, none, true, mse, 2, 6, 5, false, true, true, {},
+       {batch_norm_layer(true, 1e-3), linear_layer(8, true), activation_layer(tanh), batch_norm_layer(false, 1e-5),
+        linear_layer(2, true)}},
+      {"batch_norm_data_no_affine", {3}, none, true, ce, 1, 5, 4, false, false, true, {},
+       {batch_norm_layer(false, 1e-5), linear_layer(9, false), activation_layer(sigmoid), batch_norm_layer(true, 0.1),
+        linear_layer(4, true)}},
+      {"batch_norm_point_blocks", {4}, none, true, mse, 1, 300, 140, false, false, true, {},
+       {linear_layer(17, false), batch_norm_layer(false, 1e-5), activation_layer(tanh), linear_layer(2, true)}},
+      // BatchNorm2d on the channels of images, between a convolution and a pooling.
+      {"conv_batch_norm_image", {3}, none, true, ce, 2, 6, 5, false, true, true, {},
+       {conv2d_layer(8, 3, 1, 1, true), batch_norm_layer(true, 1e-5), activation_layer(relu), pool_layer(max_pool, 2),
+        conv2d_layer(5, 3, 1, 1, false), batch_norm_layer(false, 1e-5), activation_layer(tanh), flatten_layer(),
+        linear_layer(3, true)}, 6, 5},
   };
 }
 
