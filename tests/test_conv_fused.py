@@ -6,9 +6,6 @@ changed in place, images that do not fit, NaN in the images, running statistics)
 
 A convolution's bias before a BatchNorm has a true gradient of 0, so gradients are compared as
 one flat vector (relative error over the whole of it), never per tensor.
-
-Each test needs the native layer kinds of its layers; until a kind is built
-(pymaml/backends/layout.py UNBUILT_LAYERS) `cpp` refuses models with it and the test skips.
 """
 
 import copy
@@ -25,7 +22,6 @@ from helpers import TOLERANCE, backend_meta_gradient, flat_grad, oracle_meta_gra
 from pymaml import reference
 from pymaml._extension import extension
 from pymaml.backends import get_backend
-from pymaml.backends.layout import UNBUILT_LAYERS
 
 FUSED_BACKEND = "cpp"
 HAS_EXTENSION = pymaml.build_info()["extension"]
@@ -36,21 +32,6 @@ ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": 
                "sigmoid": nn.Sigmoid, "identity": nn.Identity}
 OUTPUTS = {"mse": 3, "cross_entropy": 5}  # MSE targets per point; classes
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
-
-
-def missing_layers(model: nn.Module) -> list[str]:
-    """The classes of the model's layers whose native layer kind is not built yet."""
-    return sorted({type(m).__name__ for m in model.modules() if type(m) in UNBUILT_LAYERS})
-
-
-def built(*layers):
-    missing = [layer.__name__ for layer in layers if layer in UNBUILT_LAYERS]
-    return pytest.mark.skipif(bool(missing), reason=f"the native core does not compute {missing} yet")
-
-
-def built_for(model: nn.Module):
-    missing = missing_layers(model)
-    return pytest.mark.skipif(bool(missing), reason=f"the native core does not compute {missing} yet")
 
 
 def randomized(model: nn.Module, dtype=torch.float64, seed=0) -> nn.Module:
@@ -185,12 +166,15 @@ def test_the_grid_covers_every_pair_of_settings():
             assert seen == set(itertools.product(FACTORS[a], FACTORS[b])), (a, b)
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=built_for(grid_model(case)), id=_grid_id(case))
+@pytest.mark.parametrize("case", [pytest.param(case, id=_grid_id(case))
                                   for case in GRID])
 def test_grid_matches_oracle(case):
     dtype = DTYPES[case["dtype"]]
     model = randomized(grid_model(case), dtype)
-    batch = image_batch(2, 3, 4, (case["channels"], case["size"], case["size"]), case["loss"], dtype)
+    # 5 and 6 points: a BatchNorm on the 1-pixel images some cases leave normalizes over that few
+    # values per channel, and over 3 or 4 its second-order meta-gradient is so ill-conditioned that
+    # float32 rounding alone (the oracle's own) comes near the float32 tolerance.
+    batch = image_batch(2, 5, 6, (case["channels"], case["size"], case["size"]), case["loss"], dtype)
     assert_matches_oracle(model, batch, inner_lr=0.1, inner_steps=case["steps"], first_order=case["first_order"],
                           loss=case["loss"])
 
@@ -215,10 +199,8 @@ def rich_batch(loss="cross_entropy", dtype=torch.float64, seed=1, tasks=2):
     return image_batch(tasks, 4, 5, RICH_IMAGE, loss, dtype, seed)
 
 
-needs_rich = built_for(rich_net())
 
 
-@needs_rich
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 def test_every_layer_kind_in_one_network(first_order, dtype):
@@ -255,7 +237,6 @@ def assert_maml_matches_oracle(maml, batch):
     return expected
 
 
-@needs_rich
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("mode", ["scalar", "per_layer_per_step", "per_parameter"])
 def test_learned_step_sizes(mode, first_order):
@@ -265,7 +246,6 @@ def test_learned_step_sizes(mode, first_order):
     assert expected[model_size:].abs().max() > 0  # the step sizes do get gradients
 
 
-@needs_rich
 @pytest.mark.parametrize("first_order,mode", [(False, None), (True, "per_layer_per_step")],
                          ids=["second-fixed-lr", "first-lslr"])
 def test_step_weights(first_order, mode):
@@ -273,7 +253,6 @@ def test_step_weights(first_order, mode):
     assert_maml_matches_oracle(maml, rich_batch())
 
 
-@needs_rich
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("adapt,mode", [([HEAD], None), (lambda name, p: not name.startswith(("0.", "1.")), "per_parameter")],
                          ids=["head-only", "all-but-the-first-block-meta-sgd"])
@@ -287,7 +266,6 @@ def _flat(tensors):
     return torch.cat([torch.as_tensor(t).detach().double().reshape(-1) for t in tensors])
 
 
-@needs_rich
 def test_meta_train_step_with_adam_equals_the_oracle_and_torchs_adam():
     """Three fused training steps (the Adam step inside the kernel call) against the oracle's
     meta-gradient followed by torch.optim.Adam's own step: the same parameters, moments and counts."""
@@ -315,7 +293,6 @@ def test_meta_train_step_with_adam_equals_the_oracle_and_torchs_adam():
     assert not torch.equal(_flat(fused_model.parameters()), _flat(randomized(rich_net()).parameters()))
 
 
-@needs_rich
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_fused_hvp_of_a_conv_net_matches_torch_func(dtype, loss):
@@ -340,10 +317,8 @@ def test_fused_hvp_of_a_conv_net_matches_torch_func(dtype, loss):
 
 OMNIGLOT = dict(in_channels=1, ways=5, hidden=64, image_size=28, strided=True)
 MINI_IMAGENET = dict(in_channels=3, ways=5, hidden=8, image_size=20, strided=False)
-needs_conv4 = built(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
 
 
-@needs_conv4
 @pytest.mark.parametrize("variant,dtype,steps,first_order", [
     (OMNIGLOT, torch.float32, 1, False), (OMNIGLOT, torch.float64, 2, True),
     (MINI_IMAGENET, torch.float64, 2, False), (MINI_IMAGENET, torch.float32, 3, True),
@@ -361,7 +336,6 @@ def test_conv4_through_auto(variant, dtype, steps, first_order):
     assert relative_error(actual_grad, expected_grad) <= TOLERANCE[dtype]
 
 
-@needs_conv4
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_results_do_not_depend_on_the_thread_count(dtype):
     """Enough work for the launcher to use both threads; loss, task losses and every gradient bitwise equal."""
@@ -389,7 +363,6 @@ def cpu_level(request):
     extension().set_cpu_level(LEVELS[0])
 
 
-@needs_rich
 @pytest.mark.parametrize("cpu_level", LEVELS, indirect=True)
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_every_cpu_level_matches_oracle(cpu_level, dtype):
@@ -406,7 +379,6 @@ def small_conv_net() -> nn.Sequential:
 SMALL_OPTIONS = dict(inner_lr=0.2, inner_steps=2, loss="mse")
 
 
-@built(nn.Conv2d)
 def test_stride_and_padding_changed_in_place_are_computed_on_the_next_call():
     """Stride and padding are settings, not parameters: changing them between calls must not leave
     the fused kernel computing the old network. 7 + 2·2 - 3 over stride 2 gives the same 5×5 output,
@@ -431,7 +403,6 @@ def test_stride_and_padding_changed_in_place_are_computed_on_the_next_call():
         maml(*batch)
 
 
-@built(nn.Conv2d, nn.MaxPool2d)
 @pytest.mark.parametrize("image,message", [
     ((1, 9, 9), r"layer 3 \(Linear\) takes 100 inputs after a layer of 196"),
     ((3, 7, 7), r"layer 0 \(Conv2d\) takes images of 1 channels, got \[3, 7, 7\]"),
@@ -451,7 +422,6 @@ def test_images_that_do_not_fit_raise_naming_the_layer(image, message):
         pymaml.MAML(pooled, backend=FUSED_BACKEND, **SMALL_OPTIONS)(*image_batch(2, 3, 3, (1, 2, 2), "mse"))
 
 
-@built(nn.Conv2d)
 @pytest.mark.parametrize("tensor", ["support_x", "query_x"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_nonfinite_images_are_rejected(tensor, value):
@@ -465,7 +435,6 @@ def test_nonfinite_images_are_rejected(tensor, value):
             maml(*batch.values())
 
 
-@built(nn.Conv2d, nn.BatchNorm2d)
 def test_batch_norm_with_running_statistics_falls_back_with_the_reason():
     """Running statistics are refused by name; `auto` then runs `func`, which gives the oracle's numbers."""
     model = randomized(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),

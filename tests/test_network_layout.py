@@ -12,7 +12,6 @@ import pymaml
 from helpers import TOLERANCE, assert_backend_matches_oracle, make_batch, relative_error
 from pymaml.backends import MetaConfig, get_backend
 from pymaml.backends.cpp import mlp_layout
-from pymaml.backends.layout import UNBUILT_LAYERS
 from pymaml.ops import network
 
 HAS_EXTENSION = pymaml.build_info()["extension"]
@@ -144,13 +143,7 @@ def test_refused_networks_name_the_layer(name):
         assert auto.backend in ("func", "reference") and re.search(reason, auto.backend_choice)
 
 
-def built(*layers):
-    missing = [layer.__name__ for layer in layers if layer in UNBUILT_LAYERS]
-    return pytest.mark.skipif(bool(missing), reason=f"the native core does not compute {missing} yet")
-
-
 @needs_extension
-@built(nn.LeakyReLU)
 def test_a_layer_setting_changed_in_place_is_seen_on_the_next_call():
     """A setting is not a parameter: changing a LeakyReLU's slope between calls must not leave the
     fused kernel computing the old network."""
@@ -169,7 +162,6 @@ def test_a_layer_setting_changed_in_place_is_seen_on_the_next_call():
 
 
 @needs_extension
-@built(nn.BatchNorm1d)
 def test_batch_norm_given_running_statistics_later_is_refused_on_the_next_call():
     model = _double(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)))
     assert mlp_layout(model)[1] is None
@@ -208,13 +200,11 @@ def _twin_case():
     return model, (images(), labels(), images(), labels())
 
 
-def test_the_twin_computes_the_oracles_meta_gradient_of_a_conv_network(monkeypatch):
+def test_the_twin_computes_the_oracles_meta_gradient_of_a_conv_network():
     """The pure-torch twin of the fused op (its fallback) on every layer kind, second order: torch's
     own batch_norm has wrong second derivatives under vmap(grad), so the twin must not use it."""
-    from pymaml.backends import layout as layout_module
     from pymaml.ops.mlp_meta_step import mlp_meta_step_torch
 
-    monkeypatch.setattr(layout_module, "UNBUILT_LAYERS", set())
     model, (sx, sy, qx, qy) = _twin_case()
     layout, reason = mlp_layout(model)
     assert reason is None
@@ -230,11 +220,9 @@ def test_the_twin_computes_the_oracles_meta_gradient_of_a_conv_network(monkeypat
     assert relative_error(out[4], grad) <= TOLERANCE[torch.float64]
 
 
-def test_the_hvp_twin_matches_torch_func_on_a_conv_network(monkeypatch):
-    from pymaml.backends import layout as layout_module
+def test_the_hvp_twin_matches_torch_func_on_a_conv_network():
     from pymaml.ops.mlp_hvp import mlp_hvp_torch
 
-    monkeypatch.setattr(layout_module, "UNBUILT_LAYERS", set())
     model, (x, y, _, _) = _twin_case()
     layout, _ = mlp_layout(model)
     layers, constants, widths = layout.network((2, 9, 9))
@@ -246,3 +234,28 @@ def test_the_hvp_twin_matches_torch_func_on_a_conv_network(monkeypatch):
     actual = mlp_hvp_torch(flat(params), flat(v), x.flatten(2), y, widths, "none", False, "cross_entropy", layers,
                            constants)
     assert relative_error(actual, flat(expected)) <= TOLERANCE[torch.float64]
+
+
+@needs_extension
+@pytest.mark.parametrize("support,query,steps", [(1, 3, 1), (3, 1, 1), (1, 3, 0)])
+def test_batch_norm_of_one_value_per_channel_raises_as_torch_does(support, query, steps):
+    """Batch statistics of a single value are undefined: torch raises, and so must the fused path
+    (the kernel would give x̂ = 0), except for a support set that no inner step uses."""
+    model = _double(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Tanh(),
+                                  nn.Linear(4, 2)))
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(2, support, 3, generator=generator, dtype=torch.float64),
+             torch.randn(2, support, 2, generator=generator, dtype=torch.float64),
+             torch.randn(2, query, 3, generator=generator, dtype=torch.float64),
+             torch.randn(2, query, 2, generator=generator, dtype=torch.float64))
+    options = dict(inner_lr=0.3, inner_steps=steps, loss="mse")
+    if support == 1 and steps == 0:
+        assert_backend_matches_oracle(model, batch, "cpp", **options)
+        return
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        pymaml.reference.meta_loss(model, *batch, **options)
+    maml = pymaml.MAML(model, backend="cpp", **options)
+    with pytest.raises(ValueError, match=r"layer 1 \(BatchNorm1d\) gets one value per channel"):
+        maml(*batch)
+    with pytest.raises(ValueError, match=r"layer 1 \(BatchNorm1d\) gets one value per channel"):
+        maml.meta_gradient(*batch, accumulate=False)

@@ -252,7 +252,9 @@ class CppBackend(Backend):
             return None
         layout = self._layout(model)
         params = layout.parameters()
-        layers, constants, widths = layout.network(tuple(batch.support_x.shape[2:]))
+        point_shape = tuple(batch.support_x.shape[2:])
+        layers, constants, widths = layout.network(point_shape)
+        layout.check_points(point_shape, batch.support_x.shape[1], batch.query_x.shape[1], config.inner_steps)
         settings = (config, float(inner_lr), tuple(widths), layout.activation, layout.bias, tuple(layers or ()),
                     tuple(constants or ()))
         owner = model if optimizer is None else optimizer
@@ -347,6 +349,7 @@ class CppBackend(Backend):
             width = layout.widths[0]
             raise ValueError(f"support_x must be [T, K, {width}] for this MLP, got {tuple(batch.support_x.shape)}")
         layers, constants, widths = layout.network(point_shape)
+        layout.check_points(point_shape, batch.support_x.shape[1], batch.query_x.shape[1], config.inner_steps)
         like, steps = params[0], config.inner_steps  # like: the dtype and device of θ
         if isinstance(inner_lr, (int, float)):
             lrs = self._constant("lrs", like, steps, layout.num_params, inner_lr)

@@ -48,11 +48,6 @@ POOLS = {nn.MaxPool2d: "max_pool", nn.AvgPool2d: "avg_pool"}
 FUSED_LAYERS = {nn.Linear: ("weight", "bias"), nn.Conv2d: ("weight", "bias"), nn.BatchNorm1d: ("weight", "bias"),
                 nn.BatchNorm2d: ("weight", "bias"), nn.MaxPool2d: (), nn.AvgPool2d: (), nn.Flatten: (),
                 **{activation: () for activation in ACTIVATION_NAMES}}
-# Layer classes whose native layer kind this version does not compute yet: refused by name.
-UNBUILT_LAYERS = {
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-}
 # BatchNorm's buffers, which must all be None (batch statistics only).
 BATCH_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 MAX_LAYERS = 16  # Linear layers of an MLP
@@ -232,8 +227,6 @@ def _layer_reason(name: str, module: nn.Module) -> str | None:
             if tensor is not None and type(tensor) is not nn.Parameter:
                 return (f"{what} holds a {type(tensor).__name__}, a subclass of nn.Parameter, which the fused kernel "
                         f"does not take")
-    if kind in UNBUILT_LAYERS:
-        return f"{what} is not computed by the fused kernel of this version"
     return None
 
 
@@ -287,6 +280,7 @@ class NetworkLayout:
         self._params = tuple(self.parameters())
         self.num_params = sum(p.numel() for p in self._params)
         self._networks: dict = {}
+        self._batch_norm_pixels: dict = {}  # per point shape: (layer, pixels per channel) of each BatchNorm
         # What `unchanged` compares, gathered so that each comparison runs as one C loop. Nothing
         # here refers to the model itself: the caches that hold a layout are weak in the model.
         self._model_type = type(model)
@@ -358,11 +352,25 @@ class NetworkLayout:
             cached = self._networks[point_shape] = self._encode(point_shape)
         return cached
 
+    def check_points(self, point_shape: tuple[int, ...], support_points: int, query_points: int, steps: int) -> None:
+        """Raises ValueError where a BatchNorm would see one value per channel (torch raises
+        "Expected more than 1 value per channel when training" there; the batch statistics of a
+        single value are undefined)."""
+        if self.is_mlp:
+            return
+        self.network(point_shape)
+        for what, pixels in self._batch_norm_pixels[tuple(int(n) for n in point_shape)]:
+            for name, points in (("support", support_points if steps > 0 else 2), ("query", query_points)):
+                if points * pixels == 1:
+                    raise ValueError(f"{what} gets one value per channel from each {name} set ({points} point of "
+                                     f"{pixels} pixel); batch statistics need more than one (torch raises "
+                                     f"'Expected more than 1 value per channel when training')")
+
     def _encode(self, point_shape: tuple[int, ...]):
         if len(point_shape) not in (1, 3) or min(point_shape, default=0) < 1:
             raise ValueError(f"each point must be a vector [n] or an image [C, H, W] of positive sizes for the fused "
                              f"kernel, got {list(point_shape)}")
-        shape, specs = point_shape, []
+        shape, specs, batch_norms = point_shape, [], []
         for name, module in zip(self.leaf_names, self.leaves):
             what = f"layer {name} ({type(module).__name__})"
             kind = type(module)
@@ -391,6 +399,7 @@ class NetworkLayout:
                     raise ValueError(f"{what} takes {'vectors' if wanted == 1 else 'images'} of "
                                      f"{module.num_features} channels, got {list(shape)}")
                 specs.append(LayerSpec("batch_norm", affine=module.affine, constant=float(module.eps)))
+                batch_norms.append((what, math.prod(shape[1:])))
             elif kind in POOLS:
                 k = _pair(module.kernel_size)[0]
                 if len(shape) != 3 or shape[1] < k or shape[2] < k:
@@ -410,6 +419,7 @@ class NetworkLayout:
             raise ValueError(f"the fused kernel takes at most {MAX_NETWORK_LAYERS} layers, got {len(specs)}")
         input_shape = point_shape if len(point_shape) == 3 else (point_shape[0], 1, 1)
         layers, constants = encode(input_shape, specs)
+        self._batch_norm_pixels[point_shape] = batch_norms
         return layers, constants, [math.prod(point_shape), shape[0]]
 
 

@@ -71,6 +71,7 @@ def hvp(
         names = layout.names
         flatten = lambda tensors: torch.cat([tensors[n].reshape(x.shape[0], -1) for n in names], dim=1)  # noqa: E731
         layers, constants, widths = layout.network(tuple(x.shape[2:]))
+        layout.check_points(tuple(x.shape[2:]), x.shape[1], x.shape[1], 1)
         flat = mlp_hvp(flatten(params), flatten(v), x.reshape(*x.shape[:2], -1), y, widths, layout.activation,
                        layout.bias, loss, layers, constants)
         out, offset = {}, 0
