@@ -7,7 +7,7 @@ first call pages in (about 95 MB of torch for the func paths) and the allocator'
 count as set-up, not as the meta-step's growth. bench/test_conv4_memory.py runs it.
 
 python bench/conv4_memory.py PROVIDER STEPS [TASK_CHUNK]
-PROVIDER: reference (the oracle's graph), func-graph (second_order="graph"), func (memory-efficient)
+PROVIDER: reference (the oracle's graph), func-graph (second_order="graph"), func (memory-efficient), cpp (fused)
 """
 
 import json
@@ -31,6 +31,7 @@ PROVIDERS = {
     "reference": dict(backend="reference"),
     "func-graph": dict(backend="func", second_order="graph"),
     "func": dict(backend="func", second_order="memory_efficient"),
+    "cpp": dict(backend="cpp"),
 }
 
 
