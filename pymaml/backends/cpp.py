@@ -241,6 +241,24 @@ class CppBackend(Backend):
             self._constants[key] = value
         return self._constants[key]
 
+    @staticmethod
+    def _network(layout, config: MetaConfig, batch: TaskBatch):
+        """(layers, layer_constants, widths) of the fused op for this batch's points, after checking
+        that support_x and query_x are [T, K, *point] with one point shape the model takes."""
+        point_shape = tuple(batch.support_x.shape[2:])
+        if batch.support_x.dim() < 3:
+            raise ValueError(f"support_x must be [T, K, ...], got {tuple(batch.support_x.shape)}")
+        if layout.is_mlp and point_shape != (layout.widths[0],):
+            width = layout.widths[0]
+            raise ValueError(f"support_x must have shape [T, K, {width}] for this MLP, got "
+                             f"{tuple(batch.support_x.shape)}")
+        if tuple(batch.query_x.shape[2:]) != point_shape or batch.query_x.dim() < 3:
+            raise ValueError(f"query_x must be [T, K, {', '.join(map(str, point_shape))}] like support_x, got "
+                             f"{tuple(batch.query_x.shape)}")
+        layers, constants, widths = layout.network(point_shape)
+        layout.check_points(point_shape, batch.support_x.shape[1], batch.query_x.shape[1], config.inner_steps)
+        return layers, constants, widths
+
     def _plan(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights,
               optimizer=None) -> _Plan | None:
         """The held native plan for this model (and Adam optimizer), built or rebuilt when anything
@@ -252,9 +270,7 @@ class CppBackend(Backend):
             return None
         layout = self._layout(model)
         params = layout.parameters()
-        point_shape = tuple(batch.support_x.shape[2:])
-        layers, constants, widths = layout.network(point_shape)
-        layout.check_points(point_shape, batch.support_x.shape[1], batch.query_x.shape[1], config.inner_steps)
+        layers, constants, widths = self._network(layout, config, batch)
         settings = (config, float(inner_lr), tuple(widths), layout.activation, layout.bias, tuple(layers or ()),
                     tuple(constants or ()))
         owner = model if optimizer is None else optimizer
@@ -339,17 +355,7 @@ class CppBackend(Backend):
         point flattened ([T, K, n_0])."""
         layout = self._layout(model)
         params = layout.parameters()
-        point_shape = tuple(batch.support_x.shape[2:])
-        if batch.support_x.dim() < 3:
-            raise ValueError(f"support_x must be [T, K, ...], got {tuple(batch.support_x.shape)}")
-        if tuple(batch.query_x.shape[2:]) != point_shape or batch.query_x.dim() < 3:
-            raise ValueError(f"query_x must be [T, K, {', '.join(map(str, point_shape))}] like support_x, got "
-                             f"{tuple(batch.query_x.shape)}")
-        if layout.is_mlp and point_shape != (layout.widths[0],):
-            width = layout.widths[0]
-            raise ValueError(f"support_x must be [T, K, {width}] for this MLP, got {tuple(batch.support_x.shape)}")
-        layers, constants, widths = layout.network(point_shape)
-        layout.check_points(point_shape, batch.support_x.shape[1], batch.query_x.shape[1], config.inner_steps)
+        layers, constants, widths = self._network(layout, config, batch)
         like, steps = params[0], config.inner_steps  # like: the dtype and device of θ
         if isinstance(inner_lr, (int, float)):
             lrs = self._constant("lrs", like, steps, layout.num_params, inner_lr)
