@@ -88,3 +88,25 @@ def test_concurrent_meta_train_steps_share_one_optimizer():
     steps = {float(optimizer.state[p]["step"]) for p in maml.parameters()}
     assert steps == {1.0 + len(BATCHES) * ITERATIONS}
     assert all(torch.isfinite(p).all() for p in maml.parameters())
+
+
+class _ClearedByAnotherThread(dict):
+    """A cache that another thread clears right after each insertion, the worst moment for a reader."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.clear()
+
+
+def test_the_constant_cache_survives_being_cleared_between_insert_and_read(monkeypatch):
+    backend = pymaml.backends.get_backend("cpp")
+    monkeypatch.setattr(backend, "_constants", _ClearedByAnotherThread())
+    like = torch.zeros((), dtype=torch.float64)
+    lrs = backend._constant("lrs", like, 3, 4, 0.25)
+    assert torch.equal(lrs, torch.full((3, 4), 0.25, dtype=torch.float64))
+    assert torch.equal(backend._constant("weights", like, 3, 4), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    model = make_mlp((3, 4, 2), "tanh")
+    batch = BATCHES[0]
+    out = pymaml.MAML(model, inner_lr=0.1, inner_steps=2, backend="cpp")(*batch)
+    expected = pymaml.reference.meta_loss(model, *batch, inner_lr=0.1, inner_steps=2)
+    assert relative_error(out.loss, expected) <= TOLERANCE[torch.float64]

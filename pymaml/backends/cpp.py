@@ -229,7 +229,8 @@ class CppBackend(Backend):
         """Tensors that only depend on the shapes, built once and reused: kind "lrs" is α = inner_lr
         for every step and parameter ([S, P]); kind "weights" is (0, ..., 0, 1) ([S])."""
         key = (kind, steps, num_params, float(inner_lr), like.dtype, like.device)
-        if key not in self._constants:
+        value = self._constants.get(key)  # one lookup: another thread may clear the cache at any moment
+        if value is None:
             if kind == "lrs":
                 value = like.new_full((steps, num_params), float(inner_lr))
             else:
@@ -239,7 +240,7 @@ class CppBackend(Backend):
             if len(self._constants) > 64:  # settings rarely change; keep the cache small
                 self._constants.clear()
             self._constants[key] = value
-        return self._constants[key]
+        return value
 
     @staticmethod
     def _network(layout, config: MetaConfig, batch: TaskBatch):
