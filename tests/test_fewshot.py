@@ -1,6 +1,5 @@
 """pymaml.data.FewShot: N-way K-shot tasks from a class-indexed image set."""
 
-import numpy as np
 import pytest
 import torch
 
