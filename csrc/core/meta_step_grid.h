@@ -29,10 +29,9 @@ struct GridLayout {
 };
 
 PYMAML_HD GridLayout grid_layout(const Network& s, const MetaStepShape& m) {
-  const int points = m.support_points > m.query_points ? m.support_points : m.query_points;
   const int64_t PP = s.num_padded_params, S = m.steps;
   GridLayout out;
-  out.task_workspace = TaskWorkspace<double>::size(s, points, m.steps);
+  out.task_workspace = TaskWorkspace<double>::size(s, m.support_points, m.query_points, m.steps);
   out.block_stride = out.task_workspace + PP + S * PP;
   out.labels_slot = PP + (m.lr_grad ? S * PP : 0) + (S > 0 ? S : 1);
   out.per_task_stride = out.labels_slot + 1;

@@ -35,45 +35,49 @@ PYMAML_HD T* slot_rows(T* buffer, const Network& s, int K, int slot) {
   return slot == 0 ? nullptr : buffer + int64_t(K) * s.slot_offset[slot];
 }
 
-// Scratch for one task. Sizes in elements of T, with K = max(support, query) points, U the padded
-// units of all value slots but the input, PP the padded parameter count and Z the layers' state:
-//   passes: S + 1 of 2·K·U + K + Z each (one per inner step on the support set, kept for its HVP,
-//           and one for the query set);  RZ: Z (the HVP's tangents of the state);  scratch: the
-//           most a layer's routine uses over K points;  RV, RG: K·U each (the HVP's tangents of values and
-//           gradients);  Xs, Xq: K·pad(n_0) each;  rows: K;  cell: 2;  thetas (θ_1..θ_S), grads:
-//   S·PP each;  u, qg: PP each;  WTs: (S+1)·wt_size (the transposed weights of every θ_s);  UT:
-//   one more;  point_sums: point_sum_slots(K)·PP (the partial sums over points, none for
-//   K <= kPointBlock).
-// That is O(S·(|θ| + K·width)) per task, and no graph. It must start zeroed. After non-finite
-// values its padding lanes may hold NaN, which is harmless: no routine sums a padding lane into
-// a real value.
+// Scratch for one task. Sizes in elements of T, with Ks support and Kq query points, K their
+// maximum, U the padded units of all value slots but the input, PP the padded parameter count
+// and Z the layers' state:
+//   passes: S support passes of 2·Ks·U + Ks + Z each (one per inner step, kept for its HVP), then
+//           one query pass of 2·Kq·U + Kq + Z;  RZ: Z (the HVP's tangents of the state);  scratch:
+//           the most a layer's routine uses over K points;  RV, RG: K·U each (the HVP's tangents of
+//           values and gradients);  Xs: Ks·pad(n_0);  Xq: Kq·pad(n_0);  rows: K;  cell: 2;
+//           thetas (θ_1..θ_S), grads: S·PP each;  u, qg: PP each;  WTs: (S+1)·wt_size (the
+//           transposed weights of every θ_s);  UT: one more;  point_sums: point_sum_slots(K)·PP
+//           (the partial sums over points, none for K <= kPointBlock).
+// That is O(S·(|θ| + Ks·width) + Kq·width) per task, and no graph: S passes sized by the query set
+// would make a few-shot task with many queries (W3: 5 support, 75 query points) cost S times its
+// query activations. It must start zeroed. After non-finite values its padding lanes may hold
+// NaN, which is harmless: no routine sums a padding lane into a real value.
 template <class T>
 struct TaskWorkspace {
   T *passes, *RV, *RG, *RZ, *scratch, *Xs, *Xq, *row_loss, *cell, *thetas, *grads, *u, *qg, *WTs, *UT, *point_sums;
-  int64_t pass_size;
+  int support_points, query_points, steps;
 
   PYMAML_HD_MEMBER static int64_t pass_elements(const Network& s, int K) {
     return 2 * int64_t(K) * s.units + K + s.state_size;
   }
 
-  PYMAML_HD_MEMBER static int64_t size(const Network& s, int K, int S) {
+  PYMAML_HD_MEMBER static int64_t size(const Network& s, int Ks, int Kq, int S) {
+    const int K = Ks > Kq ? Ks : Kq;
     const int64_t PP = s.num_padded_params, act = int64_t(K) * s.units;
-    return (int64_t(S) + 1) * pass_elements(s, K) + 2 * act + s.state_size + s.scratch(K) +
-           2 * int64_t(K) * padded(s.inputs()) + int64_t(K) + 2 +
+    return int64_t(S) * pass_elements(s, Ks) + pass_elements(s, Kq) + 2 * act + s.state_size + s.scratch(K) +
+           (int64_t(Ks) + Kq) * padded(s.inputs()) + int64_t(K) + 2 +
            2 * int64_t(S) * PP + 2 * PP + (int64_t(S) + 2) * s.wt_size + int64_t(point_sum_slots(K)) * PP;
   }
 
-  PYMAML_HD_MEMBER TaskWorkspace(T* base, const Network& s, int K, int S) {
+  PYMAML_HD_MEMBER TaskWorkspace(T* base, const Network& s, int Ks, int Kq, int S)
+      : support_points(Ks), query_points(Kq), steps(S) {
+    const int K = Ks > Kq ? Ks : Kq;
     const int64_t PP = s.num_padded_params, act = int64_t(K) * s.units;
-    pass_size = pass_elements(s, K);
     T* p = base;
-    passes = p; p += (int64_t(S) + 1) * pass_size;
+    passes = p; p += int64_t(S) * pass_elements(s, Ks) + pass_elements(s, Kq);
     RV = p; p += act;
     RG = p; p += act;
     RZ = p; p += s.state_size;
     scratch = p; p += s.scratch(K);
-    Xs = p; p += int64_t(K) * padded(s.inputs());
-    Xq = p; p += int64_t(K) * padded(s.inputs());
+    Xs = p; p += int64_t(Ks) * padded(s.inputs());
+    Xq = p; p += int64_t(Kq) * padded(s.inputs());
     row_loss = p; p += K;
     cell = p; p += 2;
     thetas = p; p += int64_t(S) * PP;
@@ -85,9 +89,11 @@ struct TaskWorkspace {
     point_sums = p;
   }
 
-  // Pass i (0..S) over the points whose padded inputs are X.
-  PYMAML_HD_MEMBER Pass<T> pass(const Network& s, int K, int i, const T* X) const {
-    T* base = passes + int64_t(i) * pass_size;
+  // Pass i over the points whose padded inputs are X: i < S the support pass of inner step i
+  // (Ks points), i = S the query pass (Kq points).
+  PYMAML_HD_MEMBER Pass<T> pass(const Network& s, int i, const T* X) const {
+    const int K = i < steps ? support_points : query_points;
+    T* base = passes + int64_t(i) * pass_elements(s, support_points);
     const int64_t act = int64_t(K) * s.units;
     return Pass<T>{base, base + act, base + 2 * act, base + 2 * act + K, X};
   }
@@ -276,7 +282,7 @@ PYMAML_HD void network_hvp(const G& g, const Network& s, const T* theta, const T
                            Targets<T> y, int K, const TaskWorkspace<T>& ws, T* grad, T* hv) {
   transpose_weights<Products>(g, s, u, ws.UT);
   load_input(g, s, x, K, ws.Xs);
-  const Pass<T> pass = ws.pass(s, K, 0, ws.Xs);
+  const Pass<T> pass = ws.pass(s, 0, ws.Xs);
   network_gradient<Products>(g, s, theta, WT, y, K, pass, ws, grad);
   network_hvp_from_pass<Products>(g, s, theta, WT, u, ws.UT, K, pass, ws, hv, false);
 }
@@ -309,15 +315,15 @@ PYMAML_HD void meta_step_task(const G& g, const Network& s, const MetaStepShape&
                               const T* query_x, Targets<T> query_y, T* workspace, T* task_loss, T* pre_loss,
                               T* step_losses, T* grad_theta, T* grad_lrs) {
   const int64_t PP = s.num_padded_params, WS = s.wt_size;
-  const int S = m.steps, Ks = m.support_points, Kq = m.query_points, K = Ks > Kq ? Ks : Kq;
-  const TaskWorkspace<T> ws(workspace, s, K, S);
+  const int S = m.steps, Ks = m.support_points, Kq = m.query_points;
+  const TaskWorkspace<T> ws(workspace, s, Ks, Kq, S);
   auto theta_at = [&](int step) { return step == 0 ? theta0 : ws.thetas + int64_t(step - 1) * PP; };
   load_input(g, s, query_x, Kq, ws.Xq);
   if (S > 0) load_input(g, s, support_x, Ks, ws.Xs);
   // θ_0 is every task's: a launcher may pass its transposed weights, computed once.
   auto WT_at = [&](int step) -> const T* { return step == 0 && WT0 != nullptr ? WT0 : ws.WTs + step * WS; };
   if (WT0 == nullptr) transpose_weights<Products>(g, s, theta0, ws.WTs);
-  const Pass<T> query = ws.pass(s, K, S, ws.Xq);
+  const Pass<T> query = ws.pass(s, S, ws.Xq);
   if (S == 0) {
     network_gradient<Products>(g, s, theta0, WT_at(0), query_y, Kq, query, ws, grad_theta);
     if (g.rank() == 0) *pre_loss = *task_loss = ws.cell[0];
@@ -330,7 +336,7 @@ PYMAML_HD void meta_step_task(const G& g, const Network& s, const MetaStepShape&
   for (int step = 0; step < S; ++step) {
     const T* theta = theta_at(step);
     T* grad = ws.grads + step * PP;
-    network_gradient<Products>(g, s, theta, WT_at(step), support_y, Ks, ws.pass(s, K, step, ws.Xs), ws, grad);
+    network_gradient<Products>(g, s, theta, WT_at(step), support_y, Ks, ws.pass(s, step, ws.Xs), ws, grad);
     g.sync();
     const T* lr = lrs + step * PP;
     T* next = ws.thetas + step * PP;
@@ -388,7 +394,7 @@ PYMAML_HD void meta_step_task(const G& g, const Network& s, const MetaStepShape&
       for (int64_t p = g.rank(); p < PP; p += g.size()) ws.u[p] = -lr[p] * v[p];
       g.sync();
       transpose_weights<Products>(g, s, ws.u, ws.UT);
-      network_hvp_from_pass<Products>(g, s, theta_at(at), WT_at(at), ws.u, ws.UT, Ks, ws.pass(s, K, at, ws.Xs), ws, v, true);
+      network_hvp_from_pass<Products>(g, s, theta_at(at), WT_at(at), ws.u, ws.UT, Ks, ws.pass(s, at, ws.Xs), ws, v, true);
     }
     g.sync();
   }

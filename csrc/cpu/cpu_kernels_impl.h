@@ -45,7 +45,7 @@ void run_hvp(const HvpArgs<T>& a) {
   const SerialGroup g;
   const int64_t PP = s.num_padded_params;
   T *theta = a.scratch, *v = a.scratch + PP, *hv = a.scratch + 2 * PP, *grad = a.scratch + 3 * PP;
-  const TaskWorkspace<T> ws(a.workspace, s, a.points, 0);
+  const TaskWorkspace<T> ws(a.workspace, s, a.points, a.points, 0);
   to_padded(g, s, a.theta, theta);
   to_padded(g, s, a.v, v);
   transpose_weights<UnitProducts>(g, s, theta, ws.WTs);

@@ -65,13 +65,13 @@ inline void dispatch(const HvpArgs<double>& a) { kernels().hvp_f64(a); }
 // real value, so what a call leaves in the padding (NaN, after non-finite parameters) is harmless. Allocating and zeroing it
 // on every call cost about 8% of the sinusoid meta-step.
 template <class T>
-T* cached_workspace(const Network& spec, int points, int steps, size_t elements) {
+T* cached_workspace(const Network& spec, int support_points, int query_points, int steps, size_t elements) {
   struct Cache {
     std::vector<T> buffer;
     std::vector<int64_t> key;
   };
   thread_local Cache cache;
-  std::vector<int64_t> key{spec.count, points, steps, int64_t(elements)};
+  std::vector<int64_t> key{spec.count, support_points, query_points, steps, int64_t(elements)};
   for (int i = 0; i < spec.count; ++i) {
     const Layer& layer = spec.layers[i];
     key.insert(key.end(), {int64_t(layer.kind), layer.in, layer.out, layer.bias});
@@ -130,9 +130,9 @@ void mlp_meta_step_cpu(const Network& spec, const MetaStepShape& shape, const Me
   // Per task: S support passes with HVPs (~12 flops per parameter and point), S + 1 query passes.
   threads = useful_threads(threads, tasks, 12.0 * double(P) * (double(S) * shape.support_points +
                                                                double(S + 1) * shape.query_points));
-  const int points = std::max(shape.support_points, shape.query_points);
-  const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, S);
-  T* workspace = cached_workspace<T>(spec, points, S, size_t(threads) * workspace_size);
+  const int Ks = shape.support_points, Kq = shape.query_points;
+  const int64_t workspace_size = TaskWorkspace<T>::size(spec, Ks, Kq, S);
+  T* workspace = cached_workspace<T>(spec, Ks, Kq, S, size_t(threads) * workspace_size);
   std::vector<T> theta_padded(PP), lrs_padded(size_t(S) * PP);
   to_padded(g, spec, batch.theta, theta_padded.data());
   std::vector<T> wt0(spec.wt_size);
@@ -181,14 +181,14 @@ void mlp_hvp_cpu(const Network& spec, int tasks, int points, const T* theta, con
                  const T* values, const int64_t* labels, T* hv, T* grad, int threads) {
   threads = useful_threads(threads, tasks, 8.0 * double(spec.num_params) * points);  // forward, backward, R-op
   const int64_t P = spec.num_params, PP = spec.num_padded_params, n0 = spec.inputs(), nL = spec.outputs();
-  const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, 0) + 4 * PP;
+  const int64_t workspace_size = TaskWorkspace<T>::size(spec, points, points, 0) + 4 * PP;
   std::vector<T> workspace(size_t(threads) * workspace_size);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int t = 0; t < tasks; ++t) {
     T* base = workspace.data() + thread_index() * workspace_size;
     const Targets<T> y{values ? values + int64_t(t) * points * nL : nullptr, labels ? labels + int64_t(t) * points : nullptr};
     HvpArgs<T> args{&spec, points, theta + t * P, v + t * P, x + int64_t(t) * points * n0, y,
-                    base, base + TaskWorkspace<T>::size(spec, points, 0), hv + t * P, grad ? grad + t * P : nullptr};
+                    base, base + TaskWorkspace<T>::size(spec, points, points, 0), hv + t * P, grad ? grad + t * P : nullptr};
     dispatch(args);
   }
 }

@@ -433,10 +433,10 @@ struct TaskRun {
 template <class T>
 TaskRun<T> run_task(const Config& c, const Network& s, const Data<T>& d, int P, Schedule schedule) {
   const MetaStepShape m = shape_of(c);
-  const int K = c.support_points > c.query_points ? c.support_points : c.query_points, S = c.steps;
+  const int S = c.steps;
   const int64_t PP = s.num_padded_params;
   TaskRun<T> run;
-  run.workspace.assign(size_t(pymaml::TaskWorkspace<T>::size(s, K, S)), T(0));
+  run.workspace.assign(size_t(pymaml::TaskWorkspace<T>::size(s, c.support_points, c.query_points, S)), T(0));
   run.grad_theta.assign(size_t(PP), T(0));
   run.grad_lrs.assign(size_t(S * PP), T(0));
   run.step_losses.assign(size_t(S), T(0));
@@ -468,7 +468,7 @@ template <class T>
 TaskRun<T> run_hvp(const Config& c, const Network& s, const Data<T>& d, int P, Schedule schedule) {
   const int K = c.support_points, PP = int(s.num_padded_params);
   TaskRun<T> run;
-  run.workspace.assign(size_t(pymaml::TaskWorkspace<T>::size(s, K, 0)), T(0));
+  run.workspace.assign(size_t(pymaml::TaskWorkspace<T>::size(s, K, K, 0)), T(0));
   run.grad_theta.assign(size_t(PP), T(0));  // the gradient
   run.grad_lrs.assign(size_t(PP), T(0));    // the HVP
   std::vector<T> theta(size_t(PP), T(0)), u(size_t(PP), T(0)), WT(size_t(s.wt_size), T(0));
@@ -480,7 +480,7 @@ TaskRun<T> run_hvp(const Config& c, const Network& s, const Data<T>& d, int P, S
     pymaml::to_padded(g, s, d.theta.data(), theta.data());
     pymaml::to_padded(g, s, u_flat.data(), u.data());
     pymaml::transpose_weights<Products>(g, s, theta.data(), WT.data());
-    const pymaml::TaskWorkspace<T> ws(run.workspace.data(), s, K, 0);
+    const pymaml::TaskWorkspace<T> ws(run.workspace.data(), s, K, K, 0);
     pymaml::network_hvp<Products>(g, s, theta.data(), WT.data(), u.data(), d.support_x.data(), y, K, ws, run.grad_theta.data(),
                     run.grad_lrs.data());
   };
@@ -554,7 +554,7 @@ GridRun<T> run_grid(const Config& c, const Network& s, const Data<T>& d, int tas
 template <class T>
 GridRun<T> serial_launch(const Config& c, const Network& s, const Data<T>& d, int tasks) {
   const MetaStepShape m = shape_of(c);
-  const int K = c.support_points > c.query_points ? c.support_points : c.query_points, S = c.steps;
+  const int S = c.steps;
   const int64_t PP = s.num_padded_params, P = s.num_params, n0 = s.inputs(), nL = s.outputs();
   const int64_t width = PP + (c.lr_grad ? S * PP : 0) + (S > 0 ? S : 1);
   GridRun<T> run(c, s, tasks);
@@ -564,7 +564,7 @@ GridRun<T> serial_launch(const Config& c, const Network& s, const Data<T>& d, in
   for (int step = 0; step < S; ++step) pymaml::to_padded(g, s, d.lrs.data() + step * P, lrs.data() + step * PP);
   const bool labels = c.loss == Loss::cross_entropy;
   for (int t = 0; t < tasks; ++t) {
-    std::vector<T> workspace(size_t(pymaml::TaskWorkspace<T>::size(s, K, S)), T(0));
+    std::vector<T> workspace(size_t(pymaml::TaskWorkspace<T>::size(s, c.support_points, c.query_points, S)), T(0));
     T* out = rows.data() + t * width;
     const pymaml::Targets<T> sy{labels ? nullptr : d.support_values.data() + t * c.support_points * nL,
                                 labels ? d.support_labels.data() + t * c.support_points : nullptr};
