@@ -111,12 +111,16 @@ def test_cuda_archs_are_compiled_in():
 @pytest.mark.skipif(os.environ.get("PYMAML_WHEEL_TEST") != "1",
                     reason="slow (builds a wheel and a fresh venv); set PYMAML_WHEEL_TEST=1 (CI does)")
 def test_wheel_installs_into_a_fresh_venv_next_to_torch(tmp_path):
-    """`pip wheel .` builds a wheel (with the CUDA launcher where nvcc exists) that installs into a fresh
-    virtual environment beside torch and runs the sinusoid meta-step with the fused kernel."""
+    """`pip wheel .` builds a wheel that installs into a fresh virtual environment beside torch and runs
+    the sinusoid meta-step with the fused kernel. The wheel is built without the CUDA launcher: what
+    this checks (the wheel's files, its install beside torch, the fused kernel loading there) does
+    not depend on it, and the wheel that pip built for this environment's own install is the one
+    whose embedded CUDA archs test_cuda_archs_are_compiled_in checks. A third nvcc build of the
+    launcher would add several minutes to CI and check nothing more."""
     source = _copy_checkout(tmp_path / "source")
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", str(dist)],
-                   check=True, capture_output=True, cwd=tmp_path)
+                   check=True, capture_output=True, cwd=tmp_path, env={**os.environ, "PYMAML_CUDA": "0"})
     (wheel,) = dist.glob("pymaml-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("pymaml/_C") and n.endswith(".so")]
@@ -137,10 +141,9 @@ fused = pymaml.MAML(model, backend="cpp")(*batch).loss
 plain = pymaml.MAML(model, backend="func")(*batch).loss
 (plain_grad,) = torch.autograd.grad(plain, [model[0].weight])
 assert ((fused_grad - plain_grad).norm() / plain_grad.norm()).item() < 1e-5
-print("ok", info["cuda_archs"])
+assert info["cuda_archs"] == [], info
+print("ok")
 """
     result = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
-    if os.environ.get("PYMAML_REQUIRE_CUDA_BUILD") == "1":
-        assert "'80'" in result.stdout and "'90'" in result.stdout
