@@ -5,7 +5,8 @@ GFLOP/s (bench/flops.py). bench/RESULTS.md ("Conv4 on the fused cpp path") quote
 
 python bench/interleaved_conv4.py THREADS w3 ROUNDS PROVIDERS STEPS QUERIES [first]
 python bench/interleaved_conv4.py THREADS w4 ROUNDS PROVIDERS [first]
-PROVIDERS: comma-separated names of bench/providers.py (pymaml-cpp,pymaml-func,learn2learn,...)
+PROVIDERS: comma-separated names of bench/providers.py (pymaml-cpp,pymaml-func,learn2learn,...);
+NAME@LEVEL (pymaml-cpp@x86-64-v3) runs that provider with the CPU kernels of one ISA level.
 """
 
 import json
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+import pymaml
 from flops import conv_meta_step_flops
 from providers import PROVIDERS, miniimagenet_conv4, omniglot_conv4
 
@@ -30,9 +32,15 @@ def main(argv: list[str]) -> None:
     batch = workload.batch(seed=1)
     gflop = conv_meta_step_flops(workload.make_model(), workload.image_shape, workload.tasks, batch[0].shape[1],
                                  batch[2].shape[1], workload.steps, workload.first_order) / 1e9
-    built = {}
+    built, levels = {}, {}
+    set_level = pymaml._extension.extension().set_cpu_level if any("@" in n for n in names) else None
+    default_level = pymaml.build_info()["cpu_level"]
     for name in names:
-        provider = PROVIDERS[name]
+        base, _, level = name.partition("@")
+        levels[name] = level or default_level
+        if set_level:
+            set_level(levels[name])
+        provider = PROVIDERS[base]
         reason = provider.unavailable_reason() or provider.unsupported_reason(workload)
         if reason:
             print(f"{name} skipped: {reason}")
@@ -44,6 +52,8 @@ def main(argv: list[str]) -> None:
     times = {name: [] for name in built}
     for _ in range(rounds):
         for name, (step, data) in built.items():
+            if set_level:
+                set_level(levels[name])
             start = time.perf_counter()
             step.train_step(data)
             times[name].append(time.perf_counter() - start)

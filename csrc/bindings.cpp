@@ -113,6 +113,12 @@ pymaml::Network decode_network(const std::vector<int>& layers, const std::vector
     L.affine = f[kAffine] != 0;
     L.activation = static_cast<pymaml::Activation>(f[kActivation]);
     L.constant = constants[i];
+    // A BatchNorm's `out` is the rows of its γ and β (pymaml.nn.PerStepBatchNorm2d: one per inner
+    // step); 0 or 1: one row.
+    if (L.kind == pymaml::LayerKind::batch_norm) {
+      L.rows = f[kOut] > 1 ? f[kOut] : 1;
+      L.channels_out = 0;
+    }
   }
   pymaml::Network net;
   if (!pymaml::make_network(decoded.data(), int(count), layers[0], layers[1], layers[2], loss, &net)) {

@@ -47,6 +47,7 @@ struct Layer {
   Activation activation = Activation::none;
   bool bias = false;
   bool affine = false;        // BatchNorm with a weight and a bias
+  int rows = 1;               // BatchNorm's rows of γ and β: row min(s, rows − 1) at inner step s
   // No layer with parameters comes before this one: the gradient of its input is not needed and
   // the tangent of its input is zero.
   bool input_is_data = true;
@@ -56,13 +57,15 @@ struct Layer {
 };
 
 // The parameters at which a layer is evaluated, all in the padded layout: θ and its transposed
-// weight copies WT (transpose_weights), and for the R-operator the direction u and its copies UT.
+// weight copies WT (transpose_weights), and for the R-operator the direction u and its copies UT;
+// step: the inner step s of θ (θ_s), which selects a per-step BatchNorm's row.
 template <class T>
 struct LayerParams {
   const T* theta;
   const T* WT;
   const T* u;
   const T* UT;
+  int step = 0;
 };
 
 // One layer's buffers in one pass over K points: values, gradients and their tangents (null where

@@ -141,11 +141,12 @@ PYMAML_HD LayerIO<T> layer_io(const Network& s, const Layer& L, int K, const Pas
   return io;
 }
 
-// Forward pass from pass.X through every layer.
+// Forward pass from pass.X through every layer, at θ = θ_step (step: the inner step, which selects
+// a per-step BatchNorm's row; 0 outside the inner loop).
 template <class Products, class T, class G>
-PYMAML_HD void network_forward(const G& g, const Network& s, const T* theta, const T* WT, int K, const Pass<T>& pass,
-                               T* scratch) {
-  const LayerParams<T> p{theta, WT, nullptr, nullptr};
+PYMAML_HD void network_forward(const G& g, const Network& s, const T* theta, const T* WT, int step, int K,
+                               const Pass<T>& pass, T* scratch) {
+  const LayerParams<T> p{theta, WT, nullptr, nullptr, step};
   for (int i = 0; i < s.count; ++i) {
     const Layer& L = s.layers[i];
     const LayerIO<T> io = layer_io(s, L, K, pass, static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr),
@@ -200,9 +201,9 @@ PYMAML_HD void network_loss(const G& g, const Network& s, Targets<T> y, int K, b
 // Back-propagation from δ of the output in the pass, layer by layer; the parameter gradients into
 // grad when it is not null.
 template <class Products, class T, class G>
-PYMAML_HD void network_backward(const G& g, const Network& s, const T* theta, int K, const Pass<T>& pass, T* grad,
-                                T* point_sums, T* scratch) {
-  const LayerParams<T> p{theta, nullptr, nullptr, nullptr};
+PYMAML_HD void network_backward(const G& g, const Network& s, const T* theta, int step, int K, const Pass<T>& pass,
+                                T* grad, T* point_sums, T* scratch) {
+  const LayerParams<T> p{theta, nullptr, nullptr, nullptr, step};
   for (int i = s.count - 1; i >= 0; --i) {
     const Layer& L = s.layers[i];
     const LayerIO<T> io = layer_io(s, L, K, pass, static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr),
@@ -216,17 +217,17 @@ PYMAML_HD void network_backward(const G& g, const Network& s, const T* theta, in
 // Loss and gradient at a padded theta whose transposed weights are WT; the pass keeps the
 // values and gradients, and the loss is left in ws.cell[0]. grad may be null (δs only).
 template <class Products, class T, class G>
-PYMAML_HD void network_gradient(const G& g, const Network& s, const T* theta, const T* WT, Targets<T> y, int K,
-                                const Pass<T>& pass, const TaskWorkspace<T>& ws, T* grad) {
-  network_forward<Products>(g, s, theta, WT, K, pass, ws.scratch);
+PYMAML_HD void network_gradient(const G& g, const Network& s, const T* theta, const T* WT, int step, Targets<T> y,
+                                int K, const Pass<T>& pass, const TaskWorkspace<T>& ws, T* grad) {
+  network_forward<Products>(g, s, theta, WT, step, K, pass, ws.scratch);
   network_loss(g, s, y, K, true, pass, ws);
-  network_backward<Products>(g, s, theta, K, pass, grad, ws.point_sums, ws.scratch);
+  network_backward<Products>(g, s, theta, step, K, pass, grad, ws.point_sums, ws.scratch);
 }
 
 template <class Products, class T, class G>
-PYMAML_HD T network_loss_at(const G& g, const Network& s, const T* theta, const T* WT, Targets<T> y, int K,
+PYMAML_HD T network_loss_at(const G& g, const Network& s, const T* theta, const T* WT, int step, Targets<T> y, int K,
                             const Pass<T>& pass, const TaskWorkspace<T>& ws) {
-  network_forward<Products>(g, s, theta, WT, K, pass, ws.scratch);
+  network_forward<Products>(g, s, theta, WT, step, K, pass, ws.scratch);
   network_loss(g, s, y, K, false, pass, ws);
   return ws.cell[0];
 }
@@ -237,10 +238,10 @@ PYMAML_HD T network_loss_at(const G& g, const Network& s, const T* theta, const 
 // its header) between the loss's
 //   R(δ): MSE 2 R(z)/(K n_L);  cross-entropy p ⊙ (R(z) - p·R(z))/K.
 template <class Products, class T, class G>
-PYMAML_HD void network_hvp_from_pass(const G& g, const Network& s, const T* theta, const T* WT, const T* u,
+PYMAML_HD void network_hvp_from_pass(const G& g, const Network& s, const T* theta, const T* WT, int step, const T* u,
                                      const T* UT, int K, const Pass<T>& pass, const TaskWorkspace<T>& ws, T* hv,
                                      bool accumulate) {
-  const LayerParams<T> p{theta, WT, u, UT};
+  const LayerParams<T> p{theta, WT, u, UT, step};
   for (int i = 0; i < s.count; ++i) {
     const Layer& L = s.layers[i];
     const LayerIO<T> io = layer_io(s, L, K, pass, ws.RV, ws.RG, ws.RZ, ws.scratch);
@@ -283,8 +284,8 @@ PYMAML_HD void network_hvp(const G& g, const Network& s, const T* theta, const T
   transpose_weights<Products>(g, s, u, ws.UT);
   load_input(g, s, x, K, ws.Xs);
   const Pass<T> pass = ws.pass(s, 0, ws.Xs);
-  network_gradient<Products>(g, s, theta, WT, y, K, pass, ws, grad);
-  network_hvp_from_pass<Products>(g, s, theta, WT, u, ws.UT, K, pass, ws, hv, false);
+  network_gradient<Products>(g, s, theta, WT, 0, y, K, pass, ws, grad);
+  network_hvp_from_pass<Products>(g, s, theta, WT, 0, u, ws.UT, K, pass, ws, hv, false);
 }
 
 // What one meta-step computes, beyond the model.
@@ -325,18 +326,18 @@ PYMAML_HD void meta_step_task(const G& g, const Network& s, const MetaStepShape&
   if (WT0 == nullptr) transpose_weights<Products>(g, s, theta0, ws.WTs);
   const Pass<T> query = ws.pass(s, S, ws.Xq);
   if (S == 0) {
-    network_gradient<Products>(g, s, theta0, WT_at(0), query_y, Kq, query, ws, grad_theta);
+    network_gradient<Products>(g, s, theta0, WT_at(0), 0, query_y, Kq, query, ws, grad_theta);
     if (g.rank() == 0) *pre_loss = *task_loss = ws.cell[0];
     g.sync();
     return;
   }
-  const T pre = network_loss_at<Products>(g, s, theta0, WT_at(0), query_y, Kq, query, ws);
+  const T pre = network_loss_at<Products>(g, s, theta0, WT_at(0), 0, query_y, Kq, query, ws);
   if (g.rank() == 0) *pre_loss = pre;
   // Inner loop; pass `step` keeps the support activations and δs at θ_step for its HVP.
   for (int step = 0; step < S; ++step) {
     const T* theta = theta_at(step);
     T* grad = ws.grads + step * PP;
-    network_gradient<Products>(g, s, theta, WT_at(step), support_y, Ks, ws.pass(s, step, ws.Xs), ws, grad);
+    network_gradient<Products>(g, s, theta, WT_at(step), step, support_y, Ks, ws.pass(s, step, ws.Xs), ws, grad);
     g.sync();
     const T* lr = lrs + step * PP;
     T* next = ws.thetas + step * PP;
@@ -351,13 +352,13 @@ PYMAML_HD void meta_step_task(const G& g, const Network& s, const MetaStepShape&
       if (g.rank() == 0) step_losses[step - 1] = T(NAN);
       continue;
     }
-    const T loss = network_loss_at<Products>(g, s, theta_at(step), WT_at(step), query_y, Kq, query, ws);
+    const T loss = network_loss_at<Products>(g, s, theta_at(step), WT_at(step), step, query_y, Kq, query, ws);
     if (g.rank() == 0) step_losses[step - 1] = loss;
     total += step_weights[step - 1] * loss;
   }
   // The reverse chain, with v in grad_theta: v_S = w_S ∇L_query(θ_S).
   T* v = grad_theta;
-  network_gradient<Products>(g, s, theta_at(S), WT_at(S), query_y, Kq, query, ws, v);
+  network_gradient<Products>(g, s, theta_at(S), WT_at(S), S, query_y, Kq, query, ws, v);
   g.sync();
   const T last = ws.cell[0];
   if (g.rank() == 0) {
@@ -376,7 +377,7 @@ PYMAML_HD void meta_step_task(const G& g, const Network& s, const MetaStepShape&
     const int step = at + 1;
     const T w = step < S ? step_weights[step - 1] : T(0);
     if (w != T(0)) {  // v_step = v_{step+1} − H_step u + w_step ∇L_query(θ_step)
-      network_gradient<Products>(g, s, theta_at(step), WT_at(step), query_y, Kq, query, ws, ws.qg);
+      network_gradient<Products>(g, s, theta_at(step), WT_at(step), step, query_y, Kq, query, ws, ws.qg);
       g.sync();
       PYMAML_SIMD
       for (int64_t p = g.rank(); p < PP; p += g.size()) v[p] += w * ws.qg[p];
@@ -394,7 +395,8 @@ PYMAML_HD void meta_step_task(const G& g, const Network& s, const MetaStepShape&
       for (int64_t p = g.rank(); p < PP; p += g.size()) ws.u[p] = -lr[p] * v[p];
       g.sync();
       transpose_weights<Products>(g, s, ws.u, ws.UT);
-      network_hvp_from_pass<Products>(g, s, theta_at(at), WT_at(at), ws.u, ws.UT, Ks, ws.pass(s, at, ws.Xs), ws, v, true);
+      network_hvp_from_pass<Products>(g, s, theta_at(at), WT_at(at), at, ws.u, ws.UT, Ks, ws.pass(s, at, ws.Xs), ws, v,
+                                      true);
     }
     g.sync();
   }

@@ -5,6 +5,8 @@ Accepted: an nn.Sequential itself (or pymaml.models.Conv4, which adds nothing to
 nn.Sequential containers flattened, of these layers, the classes themselves:
   nn.Linear, nn.Conv2d (square kernel, stride and padding, zero padding, dilation 1, groups 1),
   nn.BatchNorm1d on vectors and nn.BatchNorm2d on images (batch statistics: track_running_stats=False),
+  pymaml.nn.PerStepBatchNorm2d in training mode (batch statistics; row min(s, steps) of its per-step
+  weight and bias at inner step s; its running statistics are not read),
   nn.MaxPool2d and nn.AvgPool2d (kernel = stride, no padding, floor mode), nn.Flatten (start_dim 1,
   end_dim -1), nn.ReLU, nn.LeakyReLU (negative_slope ≥ 0), nn.ELU (alpha ≥ 0), nn.Tanh,
   nn.Sigmoid, nn.Identity;
@@ -38,6 +40,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
+from ..nn import PerStepBatchNorm2d
 from ..ops.network import LayerSpec, encode
 
 MLP_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "none"}
@@ -46,10 +49,12 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 POOLS = {nn.MaxPool2d: "max_pool", nn.AvgPool2d: "avg_pool"}
 # The layer classes the fused kernel computes, and their parameters.
 FUSED_LAYERS = {nn.Linear: ("weight", "bias"), nn.Conv2d: ("weight", "bias"), nn.BatchNorm1d: ("weight", "bias"),
-                nn.BatchNorm2d: ("weight", "bias"), nn.MaxPool2d: (), nn.AvgPool2d: (), nn.Flatten: (),
-                **{activation: () for activation in ACTIVATION_NAMES}}
+                nn.BatchNorm2d: ("weight", "bias"), PerStepBatchNorm2d: ("weight", "bias"), nn.MaxPool2d: (),
+                nn.AvgPool2d: (), nn.Flatten: (), **{activation: () for activation in ACTIVATION_NAMES}}
 # BatchNorm's buffers, which must all be None (batch statistics only).
 BATCH_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+# PerStepBatchNorm2d's buffers: its per-step running statistics, which training mode does not read.
+PER_STEP_BATCH_NORM_BUFFERS = ("running_mean", "running_var")
 MAX_LAYERS = 16  # Linear layers of an MLP
 MAX_NETWORK_LAYERS = 2 * MAX_LAYERS  # csrc/core/network.h kMaxNetworkLayers
 FUSED_DTYPES = (torch.float32, torch.float64)
@@ -109,6 +114,9 @@ def layer_settings(module: nn.Module) -> tuple:
                 module.dilation, module.groups, module.padding_mode, module.transposed, module.output_padding)
     if kind in BATCH_NORMS:
         return (module.num_features, module.eps, module.affine, module.track_running_stats)
+    if kind is PerStepBatchNorm2d:
+        return (module.num_features, module.steps, module.eps, module.per_step_affine, module.training,
+                tuple(module._buffers))
     if kind is nn.MaxPool2d:
         return (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
                 module.return_indices)
@@ -147,6 +155,14 @@ def _settings_reason(what: str, module: nn.Module) -> str | None:
                     f"track_running_stats=False)")
         if not (isinstance(module.eps, (int, float)) and module.eps > 0):
             return f"{what} has eps={module.eps!r}; the fused kernel takes a positive eps"
+    elif kind is PerStepBatchNorm2d:
+        if not module.training:
+            return (f"{what} is in eval mode, where it normalizes with its per-step running statistics; the fused "
+                    f"kernel normalizes with the batch statistics of each set it sees (training mode)")
+        if not (isinstance(module.eps, (int, float)) and module.eps > 0):
+            return f"{what} has eps={module.eps!r}; the fused kernel takes a positive eps"
+        if not (isinstance(module.steps, int) and module.steps >= 0):
+            return f"{what} has steps={module.steps!r}; the fused kernel takes an integer >= 0"
     elif kind in POOLS:
         kernel = _pair(module.kernel_size)
         stride = _pair(module.stride) if module.stride is not None else kernel
@@ -184,16 +200,19 @@ def _layer_reason(name: str, module: nn.Module) -> str | None:
     if kind not in FUSED_LAYERS:
         for base in FUSED_LAYERS:
             if isinstance(module, base):
-                return (f"{what} is a subclass of nn.{base.__name__}; the fused kernel takes nn.{base.__name__} "
-                        f"itself (a subclass may compute something else)")
-        return (f"{what} is not supported by the fused kernel (Linear, Conv2d, BatchNorm1d/2d, MaxPool2d, AvgPool2d, "
-                f"Flatten, and ReLU, LeakyReLU, ELU, Tanh, Sigmoid or Identity)")
+                name = f"pymaml.nn.{base.__name__}" if base is PerStepBatchNorm2d else f"nn.{base.__name__}"
+                return (f"{what} is a subclass of {name}; the fused kernel takes {name} itself (a subclass may "
+                        f"compute something else)")
+        return (f"{what} is not supported by the fused kernel (Linear, Conv2d, BatchNorm1d/2d, "
+                f"pymaml.nn.PerStepBatchNorm2d, MaxPool2d, AvgPool2d, Flatten, and ReLU, LeakyReLU, ELU, Tanh, "
+                f"Sigmoid or Identity)")
     known = FUSED_LAYERS[kind]
     extra = [key for key in module._parameters if key not in known]
     if extra:
         return (f"{what} holds parameters {extra} beside its own; the fused kernel takes only a "
                 f"{kind.__name__}'s weight and bias")
-    buffers = [key for key in module._buffers if not (kind in BATCH_NORMS and key in BATCH_NORM_BUFFERS)]
+    buffers = [key for key in module._buffers if not (kind in BATCH_NORMS and key in BATCH_NORM_BUFFERS)
+               and not (kind is PerStepBatchNorm2d and key in PER_STEP_BATCH_NORM_BUFFERS)]
     if buffers:
         return f"{what} holds buffers {buffers}, which the fused kernel does not take"
     if module._modules:
@@ -214,14 +233,19 @@ def _layer_reason(name: str, module: nn.Module) -> str | None:
             if weight is None or tuple(weight.shape) != expected:
                 shape = None if weight is None else tuple(weight.shape)
                 return f"{what} has a weight of shape {shape}; its settings make it {expected}"
+        elif kind is PerStepBatchNorm2d:
+            expected = (module.steps + 1, module.num_features) if module.per_step_affine else (module.num_features,)
+            for name, tensor in (("weight", weight), ("bias", bias)):
+                if tensor is None or tuple(tensor.shape) != expected:
+                    shape = None if tensor is None else tuple(tensor.shape)
+                    return f"{what} has a {name} of shape {shape}; its settings make it {expected}"
         else:
             channels = module.num_features
             if module.affine != (weight is not None) or module.affine != (bias is not None):
                 return f"{what} has affine={module.affine} but weight {weight is not None} and bias {bias is not None}"
             if weight is not None and (tuple(weight.shape) != (channels,) or tuple(bias.shape) != (channels,)):
                 return f"{what} has a weight or bias not of shape ({channels},)"
-        if kind is not nn.BatchNorm1d and kind is not nn.BatchNorm2d and bias is not None \
-                and tuple(bias.shape) != (weight.shape[0],):
+        if kind in (nn.Linear, nn.Conv2d) and bias is not None and tuple(bias.shape) != (weight.shape[0],):
             return f"{what} has a bias of shape {tuple(bias.shape)} for a weight of shape {tuple(weight.shape)}"
         for tensor in (weight, bias):
             if tensor is not None and type(tensor) is not nn.Parameter:
@@ -298,7 +322,7 @@ class NetworkLayout:
         batch_norms = [m for m in self.leaves if type(m) in BATCH_NORMS]
         self._empty_dicts = (
             *(getattr(m, attribute) for m in modules for attribute, _ in MODULE_HOOKS),
-            *(m._buffers for m in (*containers, *self.leaves) if type(m) not in BATCH_NORMS),
+            *(m._buffers for m in (*containers, *self.leaves) if type(m) not in (*BATCH_NORMS, PerStepBatchNorm2d)),
             *(m._modules for m in self.leaves), *(c._parameters for c in containers),
             *(getattr(torch_module, attribute) for attribute, _ in GLOBAL_HOOKS))
         # BatchNorm's buffers stay None (batch statistics); the layers' settings stay as accepted.
@@ -399,6 +423,12 @@ class NetworkLayout:
                     raise ValueError(f"{what} takes {'vectors' if wanted == 1 else 'images'} of "
                                      f"{module.num_features} channels, got {list(shape)}")
                 specs.append(LayerSpec("batch_norm", affine=module.affine, constant=float(module.eps)))
+                batch_norms.append((what, math.prod(shape[1:])))
+            elif kind is PerStepBatchNorm2d:
+                if len(shape) != 3 or shape[0] != module.num_features:
+                    raise ValueError(f"{what} takes images of {module.num_features} channels, got {list(shape)}")
+                rows = module.steps + 1 if module.per_step_affine else 1
+                specs.append(LayerSpec("batch_norm", out=rows, affine=True, constant=float(module.eps)))
                 batch_norms.append((what, math.prod(shape[1:])))
             elif kind in POOLS:
                 k = _pair(module.kernel_size)[0]

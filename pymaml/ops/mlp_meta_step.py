@@ -54,10 +54,11 @@ def _mlp_apply(theta: Tensor, x: Tensor, widths: list[int], activation: str, bia
     return h
 
 
-def model_apply(theta: Tensor, x: Tensor, widths: list[int], activation: str, bias: bool, layers, layer_constants):
-    """The op's model on x [K, n_0]: the MLP, or the network `layers` encodes."""
+def model_apply(theta: Tensor, x: Tensor, widths: list[int], activation: str, bias: bool, layers, layer_constants,
+                step: int = 0):
+    """The op's model on x [K, n_0] at inner step `step`: the MLP, or the network `layers` encodes."""
     if layers:
-        return network_apply(theta, x, layers, layer_constants)
+        return network_apply(theta, x, layers, layer_constants, step)
     return _mlp_apply(theta, x, widths, activation, bias)
 
 
@@ -78,17 +79,18 @@ def mlp_meta_step_torch(
         theta = theta.detach().requires_grad_()
         lrs = lrs.detach().requires_grad_(lr_grad)
 
-        def loss_at(parameters, x, y):
-            return _task_loss(model_apply(parameters, x, widths, activation, bias, layers, layer_constants), y, loss)
+        def loss_at(parameters, x, y, step):
+            return _task_loss(model_apply(parameters, x, widths, activation, bias, layers, layer_constants, step), y,
+                              loss)
 
         def one_task(sx, sy, qx, qy):
             current, total, step_losses = theta, 0.0, []
             for s in range(steps):
-                g = grad(loss_at)(current, sx, sy)
+                g = grad(loss_at)(current, sx, sy, s)
                 current = current - lrs[s] * (g.detach() if first_order else g)
-                step_losses.append(loss_at(current, qx, qy))
+                step_losses.append(loss_at(current, qx, qy, s + 1))
                 total = total + step_weights[s] * step_losses[-1]
-            pre = loss_at(theta, qx, qy)
+            pre = loss_at(theta, qx, qy, 0)
             if steps == 0:
                 total = pre
             stacked = torch.stack(step_losses) if steps else pre.new_zeros(0)

@@ -1,7 +1,8 @@
 """The encoding of a network for the fused ops, and the network's pure-torch forward (the twins' model).
 
 `layers` is the input shape of one point [C, H, W] (a vector of n features: [n, 1, 1]) followed by
-LAYER_INTS integers per layer: kind, out (Linear's out features, Conv2d's out channels), kernel,
+LAYER_INTS integers per layer: kind, out (Linear's out features, Conv2d's out channels, BatchNorm's
+rows of γ and β: 0 or 1 for one, R for pymaml.nn.PerStepBatchNorm2d's per-step rows), kernel,
 stride, padding, bias, affine (BatchNorm), activation; `layer_constants` holds one float per layer
 (LeakyReLU's negative slope, ELU's alpha, BatchNorm's eps; 0 elsewhere). csrc/bindings.cpp
 (decode_network) reads the same encoding; KINDS and ACTIVATIONS are the C++ enums' values
@@ -9,7 +10,7 @@ stride, padding, bias, affine (BatchNorm), activation; `layer_constants` holds o
 
 θ holds the parameters flattened in module order, each layer's as torch stores them: Linear
 weight [out, in] then bias; Conv2d weight [out, in, k, k] then bias; BatchNorm weight and bias
-(affine only).
+(affine only; [R, C] each with R rows, of which the network at inner step s uses row min(s, R − 1)).
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def _activate(h: Tensor, spec: LayerSpec) -> Tensor:
     return h
 
 
-def network_apply(theta: Tensor, x: Tensor, layers: list[int], layer_constants: list[float]) -> Tensor:
+def network_apply(theta: Tensor, x: Tensor, layers: list[int], layer_constants: list[float], step: int = 0) -> Tensor:
     """The network on the points x [K, C·H·W] (each point's [C, H, W] in torch's order), with its
-    parameters sliced from the flat theta: the computation the fused kernel performs."""
+    parameters sliced from the flat theta, at inner step `step` (θ_step; it selects a per-step
+    BatchNorm's row): the computation the fused kernel performs."""
     (channels, height, width), specs = decode(list(layers), list(layer_constants))
     h = x.reshape(x.shape[0], channels, height, width) if (height, width) != (1, 1) else x.reshape(x.shape[0], -1)
     offset = 0
@@ -110,8 +112,11 @@ def network_apply(theta: Tensor, x: Tensor, layers: list[int], layer_constants: 
             weight = take(spec.out, h.shape[1], spec.kernel, spec.kernel)
             h = F.conv2d(h, weight, take(spec.out) if spec.bias else None, stride=spec.stride, padding=spec.padding)
         elif spec.kind == "batch_norm":
-            channels = h.shape[1]
-            weight, bias = (take(channels), take(channels)) if spec.affine else (None, None)
+            channels, rows = h.shape[1], max(spec.out, 1)
+            weight, bias = (take(rows, channels), take(rows, channels)) if spec.affine else (None, None)
+            if weight is not None:
+                row = min(step, rows - 1)
+                weight, bias = weight[row], bias[row]
             # From primitives: torch's own batch_norm has wrong second derivatives under vmap(grad).
             h = decomposed_norms.batch_norm(h, None, None, weight, bias, training=True, eps=spec.constant)
         elif spec.kind in ("max_pool", "avg_pool"):

@@ -5,6 +5,10 @@
 //   μ = Σ x_i / N,  d_i = x_i − μ,  σ² = Σ d_i² / N (biased),  s = 1/√(σ² + eps),  x̂_i = d_i s,
 //   y_i = γ x̂_i + β (affine; θ holds γ [C] then β [C], as nn.BatchNorm flattens them), else y_i = x̂_i.
 //
+// pymaml.nn.PerStepBatchNorm2d with per-step affine parameters has R = rows > 1: θ holds γ [R, C]
+// then β [R, C], and θ_s (inner step s) is normalized with row r = min(s, R − 1). The other rows
+// do not enter that pass: their gradient and Hessian-vector product are zero there.
+//
 // A channel of equal values has d = 0 and x̂ = 0·(1/√eps), as in torch. With g_i = dL/dy_i,
 // A = Σ g_i and B = Σ g_i x̂_i (γ = 1 without affine):
 //
@@ -51,18 +55,34 @@ struct BatchNormLayer {
   PYMAML_HD_STATIC_MEMBER float square_root(float x) { return ::sqrtf(x); }
   PYMAML_HD_STATIC_MEMBER double square_root(double x) { return ::sqrt(x); }
 
-  PYMAML_HD_STATIC_MEMBER int64_t gamma_offset(const Layer& L) { return L.padded_offset; }
-  PYMAML_HD_STATIC_MEMBER int64_t beta_offset(const Layer& L) { return L.padded_offset + padded(L.channels_in); }
+  // Padded layout: γ's rows, then β's, padded(C) values each.
+  PYMAML_HD_STATIC_MEMBER int row_at(const Layer& L, int step) { return step < L.rows ? step : L.rows - 1; }
+  PYMAML_HD_STATIC_MEMBER int64_t gamma_offset(const Layer& L, int step) {
+    return L.padded_offset + int64_t(row_at(L, step)) * padded(L.channels_in);
+  }
+  PYMAML_HD_STATIC_MEMBER int64_t beta_offset(const Layer& L, int step) {
+    return L.padded_offset + int64_t(L.rows + row_at(L, step)) * padded(L.channels_in);
+  }
+  // The rows other than step's, in a padded vector (gradient or HVP) of this layer: zero.
+  template <class T, class G>
+  PYMAML_HD_STATIC_MEMBER void zero_other_rows(const G& g, const Layer& L, int step, T* out) {
+    const int row = row_at(L, step), ld = padded(L.channels_in);
+    for (int r = 0; r < 2 * L.rows; ++r) {
+      if (r % L.rows == row) continue;
+      T* block = out + L.padded_offset + int64_t(r) * ld;
+      for (int c = g.rank(); c < ld; c += g.size()) block[c] = T(0);
+    }
+  }
 
   static bool configure(Layer& L) {
     const int C = L.channels_in;
-    if (C < 1) return false;
+    if (C < 1 || L.rows < 1 || (L.rows > 1 && !L.affine)) return false;
     L.channels_out = C;
     L.height_out = L.height_in;
     L.width_out = L.width_in;
     L.out = L.in;
-    L.params = L.affine ? 2 * int64_t(C) : 0;
-    L.padded_params = L.affine ? 2 * int64_t(padded(C)) : 0;
+    L.params = L.affine ? 2 * int64_t(L.rows) * C : 0;
+    L.padded_params = L.affine ? 2 * int64_t(L.rows) * padded(C) : 0;
     L.wt_size = 0;
     L.state_size = 2 * int64_t(C);           // μ, s
     L.scratch_fixed = int64_t(kMaxSums) * C;  // the sums of the backward and the R-backward
@@ -76,21 +96,25 @@ struct BatchNormLayer {
   template <class T, class G>
   PYMAML_HD_STATIC_MEMBER void pack(const G& g, const Layer& L, const T* flat, T* padded_out) {
     if (!L.affine) return;
-    const int C = L.channels_in;
+    const int C = L.channels_in, R = L.rows;
     const T* w = flat + L.param_offset;
-    for (int c = g.rank(); c < C; c += g.size()) {
-      padded_out[gamma_offset(L) + c] = w[c];
-      padded_out[beta_offset(L) + c] = w[C + c];
+    for (int r = 0; r < R; ++r) {
+      for (int c = g.rank(); c < C; c += g.size()) {
+        padded_out[gamma_offset(L, r) + c] = w[int64_t(r) * C + c];
+        padded_out[beta_offset(L, r) + c] = w[int64_t(R + r) * C + c];
+      }
     }
   }
   template <class T, class G>
   PYMAML_HD_STATIC_MEMBER void unpack(const G& g, const Layer& L, const T* padded_in, T* flat) {
     if (!L.affine) return;
-    const int C = L.channels_in;
+    const int C = L.channels_in, R = L.rows;
     T* w = flat + L.param_offset;
-    for (int c = g.rank(); c < C; c += g.size()) {
-      w[c] = padded_in[gamma_offset(L) + c];
-      w[C + c] = padded_in[beta_offset(L) + c];
+    for (int r = 0; r < R; ++r) {
+      for (int c = g.rank(); c < C; c += g.size()) {
+        w[int64_t(r) * C + c] = padded_in[gamma_offset(L, r) + c];
+        w[int64_t(R + r) * C + c] = padded_in[beta_offset(L, r) + c];
+      }
     }
   }
   template <class Products, class T, class G>
@@ -197,8 +221,8 @@ struct BatchNormLayer {
                        },
                        [&](int c, const T* sums) { inv_std[c] = T(1) / square_root(sums[0] / N + eps); });
     g.sync();
-    const T* gamma = p.theta + gamma_offset(L);
-    const T* beta = p.theta + beta_offset(L);
+    const T* gamma = p.theta + gamma_offset(L, p.step);
+    const T* beta = p.theta + beta_offset(L, p.step);
     if (L.affine) {
       write_rows(g, L, K, io.out,
                  [&](int64_t i, int c) { return gamma[c] * ((x[i] - mean[c]) * inv_std[c]) + beta[c]; });
@@ -227,16 +251,19 @@ struct BatchNormLayer {
                          sum_dy[c] = sums[0];
                          sum_dy_xhat[c] = sums[1];
                          if (params) {
-                           grad[gamma_offset(L) + c] = sums[1];
-                           grad[beta_offset(L) + c] = sums[0];
+                           grad[gamma_offset(L, p.step) + c] = sums[1];
+                           grad[beta_offset(L, p.step) + c] = sums[0];
                          }
                        });
-    if (params) {  // the padding lanes of the block
-      for (int c = C + g.rank(); c < padded(C); c += g.size()) grad[gamma_offset(L) + c] = grad[beta_offset(L) + c] = T(0);
+    if (params) {  // the padding lanes of the block, and the rows of other steps
+      for (int c = C + g.rank(); c < padded(C); c += g.size()) {
+        grad[gamma_offset(L, p.step) + c] = grad[beta_offset(L, p.step) + c] = T(0);
+      }
+      if (L.rows > 1) zero_other_rows(g, L, p.step, grad);
     }
     g.sync();
     if (io.grad_in) {
-      const T* gamma = p.theta + gamma_offset(L);
+      const T* gamma = p.theta + gamma_offset(L, p.step);
       const bool affine = L.affine;
       write_rows(g, L, K, io.grad_in, [&](int64_t i, int c) {
         const T xhat = (x[i] - mean[c]) * inv_std[c];
@@ -267,7 +294,8 @@ struct BatchNormLayer {
       for (int c = g.rank(); c < C; c += g.size()) r_mean[c] = r_inv_std[c] = T(0);
     }
     g.sync();
-    const T *gamma = p.theta + gamma_offset(L), *u_gamma = p.u + gamma_offset(L), *u_beta = p.u + beta_offset(L);
+    const T *gamma = p.theta + gamma_offset(L, p.step), *u_gamma = p.u + gamma_offset(L, p.step),
+            *u_beta = p.u + beta_offset(L, p.step);
     if (L.affine) {
       write_rows(g, L, K, io.r_out, [&](int64_t i, int c) {
         const T d = x[i] - mean[c], xhat = d * inv_std[c];
@@ -294,7 +322,7 @@ struct BatchNormLayer {
     T *sum_dy = io.scratch, *sum_dy_xhat = io.scratch + C, *r_sum_dy = io.scratch + 2 * C,
       *r_sum_dy_xhat = io.scratch + 3 * C;
     const bool affine = L.affine;
-    T *hv_gamma = hv + gamma_offset(L), *hv_beta = hv + beta_offset(L);
+    T *hv_gamma = hv + gamma_offset(L, p.step), *hv_beta = hv + beta_offset(L, p.step);
     channel_sums<4, T>(g, L, K,
                        [&](int64_t i, int c, T* t) {
                          const T d = x[i] - mean[c], xhat = d * inv_std[c];
@@ -314,12 +342,13 @@ struct BatchNormLayer {
                            hv_beta[c] = accumulate ? hv_beta[c] + sums[2] : sums[2];
                          }
                        });
-    if (affine && !accumulate) {  // the padding lanes of the block
+    if (affine && !accumulate) {  // the padding lanes of the block, and the rows of other steps
       for (int c = C + g.rank(); c < padded(C); c += g.size()) hv_gamma[c] = hv_beta[c] = T(0);
+      if (L.rows > 1) zero_other_rows(g, L, p.step, hv);
     }
     g.sync();
     if (io.r_grad_in) {
-      const T *gamma = p.theta + gamma_offset(L), *u_gamma = p.u + gamma_offset(L);
+      const T *gamma = p.theta + gamma_offset(L, p.step), *u_gamma = p.u + gamma_offset(L, p.step);
       write_rows(g, L, K, io.r_grad_in, [&](int64_t i, int c) {
         const T s = inv_std[c], d = x[i] - mean[c], xhat = d * s;
         const T r_xhat = rx ? s * (rx[i] - r_mean[c]) + d * r_inv_std[c] : T(0);
