@@ -108,6 +108,7 @@ class ArrayArg {
     const DLTensor& t = managed_->dl_tensor;
     return reinterpret_cast<T*>(static_cast<char*>(t.data) + t.byte_offset);
   }
+  void* raw_data() const { return data<char>(); }
 
  private:
   std::string name_;

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
-#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -14,7 +13,9 @@
 #include "build_info.h"
 #include "core/common.h"
 #include "core/meta_step_grid.h"
+#include "cpu/adam.h"
 #include "cpu/meta_step_cpu.h"
+#include "cpu/meta_step_plan.h"
 #if defined(PYMAML_WITH_CUDA)
 #include "cuda/meta_step_cuda.h"
 #endif
@@ -347,57 +348,17 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
    {support_y, "support_y"}, {query_x, "query_x"}, {query_y, "query_y"}, {meta_loss, "meta_loss"},       \
    {task_losses, "task_losses"}, {pre_losses, "pre_losses"}, {step_losses, "step_losses"}}
 
-// a·b + c rounded once, as torch's CPU kernels compute it (they use FMA): in float64 the product
-// of two floats is exact and the sum is rounded to float64 and then to float, which equals the
-// fused result except where that double rounding meets a tie. float64 rounds a·b and the sum apart.
-inline float multiply_add(float a, float b, float c) { return float(double(a) * double(b) + double(c)); }
-inline double multiply_add(double a, double b, double c) { return a * b + c; }
+using pymaml::AdamSettings;
 
-// The hyperparameters of one Adam step; `step` is the step being taken (the counters plus one).
-struct AdamSettings {
-  int64_t step = 0;
-  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
-};
-
-// torch.optim.Adam's update (amsgrad and maximize off), applied in place to the parameters and
-// their moments right after the meta-gradient, so the gradient never returns to Python first.
-// It follows torch's default CPU implementation (_single_tensor_adam, and the foreach one, which
-// runs the same tensor ops) operation by operation: the scalars in float64 as Python computes
-// them, each then rounded to the parameters' dtype where the tensor op takes it,
-//   g' = g + wd·p                          (grad.add(param, alpha=wd); only when wd != 0)
-//   m  = lerp(m, g', 1−β1)                 (exp_avg.lerp_(grad, 1 − beta1))
-//   v  = v·β2 + ((1−β2)·g')·g'             (exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 − beta2))
-//   p  = p + (−lr/(1−β1^t))·m / (sqrt(v)/sqrt(1−β2^t) + eps)   (param.addcdiv_(exp_avg, denom, value=−step_size))
-// so that a float32 step gives torch's moments bit for bit (but for rare double-rounding ties in
-// multiply_add) and its parameters to an ulp (torch's float32 sqrt on the CPU, from its vector math
-// library, is not always correctly rounded).
+// Adam's buffers as the one-shot call takes them (csrc/cpu/adam.h has the update).
 struct AdamArgs {
   std::vector<std::unique_ptr<ArrayArg>> params, exp_avg, exp_avg_sq;
 
   template <class T>
   void apply(const std::vector<std::unique_ptr<ArrayArg>>& grads, const AdamSettings& settings) const {
-    const double t = double(settings.step);
-    const double bias_correction1 = 1 - std::pow(settings.beta1, t);
-    const double bias_correction2 = 1 - std::pow(settings.beta2, t);
-    const double step_size = settings.lr / bias_correction1;
-    const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);  // Python's bc2 ** 0.5
-    const T neg_step_size = T(-step_size), sqrt_bias2 = T(bias_correction2_sqrt), eps = T(settings.eps);
-    const T weight_decay = T(settings.weight_decay), beta2 = T(settings.beta2), grad_weight2 = T(1 - settings.beta2);
-    // torch's lerp: start + w·(end − start) for |w| < 0.5, else end + (w − 1)·(end − start).
-    const T lerp_weight = T(1 - settings.beta1);
-    const bool small_weight = std::abs(lerp_weight) < T(0.5);
-    const T lerp_coefficient = small_weight ? lerp_weight : lerp_weight - T(1);
-    const bool decay = settings.weight_decay != 0;
     for (size_t i = 0; i < params.size(); ++i) {
-      T *p = params[i]->data<T>(), *m = exp_avg[i]->data<T>(), *v = exp_avg_sq[i]->data<T>();
-      const T* g = grads[i]->data<T>();
-      for (int64_t j = 0, n = params[i]->numel(); j < n; ++j) {
-        const T grad = decay ? multiply_add(p[j], weight_decay, g[j]) : g[j];
-        m[j] = multiply_add(lerp_coefficient, grad - m[j], small_weight ? m[j] : grad);
-        v[j] = multiply_add(grad_weight2 * grad, grad, v[j] * beta2);
-        const T denom = std::sqrt(v[j]) / sqrt_bias2 + eps;
-        p[j] = p[j] + neg_step_size * m[j] / denom;
-      }
+      pymaml::adam_update<T>(settings, params[i]->numel(), grads[i]->data<T>(), params[i]->data<T>(),
+                             exp_avg[i]->data<T>(), exp_avg_sq[i]->data<T>());
     }
   }
 };
@@ -442,22 +403,18 @@ AdamSettings adam_settings(int64_t step, double lr, double beta1, double beta2, 
   return AdamSettings{step, lr, beta1, beta2, eps, weight_decay};
 }
 
-// A meta-step of one MLP whose parameter, gradient and (optionally) Adam buffers are checked once
-// and then held, so that each call passes only the batch: θ is gathered from the parameters, the
-// meta-gradient scattered into the gradient buffers and, with Adam, the step taken in place and
-// the step counters advanced. α_s = inner_lr everywhere; the loss is L_query(θ_S).
-// The held buffers are DLPack views: their memory stays allocated while the plan lives, but a
-// tensor given new storage or strides (.data =, set_, share_memory_) no longer uses them, so the
-// caller checks every held tensor's data pointer, sizes and strides before each run
-// (pymaml.backends.cpp._Plan) and builds a new plan when one changed.
-// run() releases the GIL; concurrent runs of one plan take turns (they read and write the same
-// parameters, gradients and moments), and each has its own θ, losses and scratch buffers.
+// The held meta-step (csrc/cpu/meta_step_plan.h) of buffers checked once here. The held buffers
+// are DLPack views: their memory stays allocated while the plan lives, but a tensor given new
+// storage or strides (.data =, set_, share_memory_) no longer uses them, so the caller checks
+// every held tensor's data pointer, sizes and strides before each run (pymaml.backends.cpp._Plan)
+// and builds a new plan when one changed. run() releases the GIL.
 class MlpPlan {
  public:
   MlpPlan(const std::vector<int>& widths, const std::string& activation, bool bias, const std::string& loss,
-          const std::vector<int>& layers, const std::vector<double>& layer_constants, bool first_order, int steps, double inner_lr, py::handle params, py::handle grads, py::handle exp_avg,
-          py::handle exp_avg_sq, py::handle adam_steps)
-      : first_order_(first_order), steps_(steps) {
+          const std::vector<int>& layers, const std::vector<double>& layer_constants, bool first_order, int steps,
+          double inner_lr, py::handle params, py::handle grads, py::handle exp_avg, py::handle exp_avg_sq,
+          py::handle adam_steps)
+      : steps_(steps) {
     spec_ = build_network(widths, activation, bias, loss, layers, layer_constants);
     if (steps < 0) throw py::value_error("steps must be >= 0, got " + std::to_string(steps));
     if (!std::isfinite(inner_lr)) throw py::value_error("inner_lr must be finite");
@@ -484,6 +441,7 @@ class MlpPlan {
       throw py::value_error("the params hold " + std::to_string(total) + " values; the MLP has " +
                             std::to_string(spec_.num_params) + " parameters");
     }
+    pymaml::HeldAdam held_adam;
     if (!exp_avg.is_none()) {
       adam_ = check_adam_buffers(grads_, real_, params, exp_avg, exp_avg_sq);
       counters_ = buffer_list(adam_steps, "adam_steps");
@@ -492,16 +450,14 @@ class MlpPlan {
         if (counter->numel() != 1 || !(counter->is(kDLFloat, 32) || counter->is(kDLFloat, 64))) {
           throw py::type_error(counter->name() + " must be one float32 or float64 value (torch's Adam step)");
         }
+        held_adam.counters.push_back({counter->raw_data(), counter->is(kDLFloat, 32)});
       }
+      held_adam.exp_avg = held(adam_->exp_avg);
+      held_adam.exp_avg_sq = held(adam_->exp_avg_sq);
     }
-    const size_t bytes = real_.bits / 8, P = size_t(spec_.num_params);
-    lrs_.resize(size_t(steps) * P * bytes);
-    step_weights_.resize(size_t(steps) * bytes);
-    if (is_f32()) {
-      fill_constants<float>(inner_lr);
-    } else {
-      fill_constants<double>(inner_lr);
-    }
+    plan_ = std::make_unique<pymaml::MetaStepPlan>(spec_, real_.bits == 32, first_order, steps, inner_lr,
+                                                   held(adam_ ? adam_->params : params_), held(grads_),
+                                                   adam_ ? &held_adam : nullptr);
   }
 
   // losses: [T + 2] of the parameters' dtype: the meta-loss, the mean pre-adaptation loss, then
@@ -515,109 +471,33 @@ class MlpPlan {
     const BatchShape batch = check_batch(spec_, real_, steps_, sx, sy, qx, qy, kDLCPU);
     out.require_dtype(real_, "it must match the parameters");
     out.require_shape({batch.tasks + 2}, "the meta-loss, the mean pre-adaptation loss and one loss per task");
-    // The step is validated now and taken from the counters under the lock (a concurrent run may
-    // advance them first).
+    // The step is validated now and taken from the counters under the plan's lock (a concurrent
+    // run may advance them first).
     const AdamSettings adam = adam_ ? adam_settings(1, adam_lr, adam_beta1, adam_beta2, adam_eps, adam_weight_decay)
                                     : AdamSettings{};
-    const pymaml::MetaStepShape shape{steps_, batch.support_points, batch.query_points, first_order_, false, false};
     std::string error;
     {
       py::gil_scoped_release release;
-      const std::lock_guard<std::mutex> lock(mutex_);
-      if (is_f32()) {
-        error = run_typed<float>(shape, batch.tasks, sx, sy, qx, qy, out.data<float>(), threads, adam);
-      } else {
-        error = run_typed<double>(shape, batch.tasks, sx, sy, qx, qy, out.data<double>(), threads, adam);
-      }
+      error = plan_->run(batch.tasks, batch.support_points, batch.query_points, sx.raw_data(), sy.raw_data(),
+                         qx.raw_data(), qy.raw_data(), out.raw_data(), threads, adam);
     }
     if (!error.empty()) throw py::value_error(error);
   }
 
  private:
-  bool is_f32() const { return real_.bits == 32; }
-
-  template <class T>
-  void fill_constants(double inner_lr) {
-    std::fill_n(reinterpret_cast<T*>(lrs_.data()), lrs_.size() / sizeof(T), T(inner_lr));
-    T* weights = reinterpret_cast<T*>(step_weights_.data());
-    std::fill_n(weights, steps_, T(0));
-    if (steps_ > 0) weights[steps_ - 1] = T(1);
-  }
-
-  static double counter_value(const ArrayArg& counter) {
-    return counter.is(kDLFloat, 32) ? double(*counter.data<float>()) : *counter.data<double>();
-  }
-
-  // The Adam step to take: one more than the counters, which must agree; 0 and the reason if not.
-  int64_t next_adam_step(std::string& error) const {
-    const double first = counter_value(*counters_[0]);
-    for (const auto& counter : counters_) {
-      if (counter_value(*counter) != first) {
-        error = "the parameters' Adam step counters differ";
-        return 0;
-      }
-    }
-    if (!(first >= 0) || first != std::floor(first)) {
-      error = "invalid Adam step counter";
-      return 0;
-    }
-    return int64_t(first) + 1;
-  }
-
-  // The meta-step (and Adam step), without the GIL and holding the plan's lock: "" or the error.
-  template <class T>
-  std::string run_typed(const pymaml::MetaStepShape& shape, int tasks, const ArrayArg& sx, const ArrayArg& sy,
-                        const ArrayArg& qx, const ArrayArg& qy, T* losses, int threads, AdamSettings adam) {
-    std::string error;
-    if (adam_) {
-      adam.step = next_adam_step(error);
-      if (!error.empty()) return error;
-    }
-    const bool labels = spec_.loss == pymaml::Loss::cross_entropy;
-    const size_t P = size_t(spec_.num_params);
-    std::vector<T> theta(P), pre(static_cast<size_t>(tasks)), step_losses(static_cast<size_t>(steps_));
-    std::vector<T> gathered(grads_.size() == 1 ? 0 : P);
-    T* cursor = theta.data();
-    for (const auto& param : params_) cursor = std::copy_n(param->data<T>(), param->numel(), cursor);
-    const pymaml::MetaBatch<T> batch{tasks, theta.data(), reinterpret_cast<const T*>(lrs_.data()),
-                                     reinterpret_cast<const T*>(step_weights_.data()), sx.data<T>(),
-                                     labels ? nullptr : sy.data<T>(), labels ? sy.data<int64_t>() : nullptr,
-                                     qx.data<T>(), labels ? nullptr : qy.data<T>(),
-                                     labels ? qy.data<int64_t>() : nullptr};
-    T* grad = grads_.size() == 1 ? grads_[0]->data<T>() : gathered.data();
-    const pymaml::MetaResult<T> result{losses, losses + 2, pre.data(), step_losses.data(), grad, nullptr};
-    pymaml::mlp_meta_step_cpu<T>(spec_, shape, batch, result, threads);
-    T pre_sum = 0;
-    for (int t = 0; t < tasks; ++t) pre_sum += pre[t];
-    losses[1] = pre_sum / T(tasks);
-    if (grads_.size() > 1) {
-      const T* flat = grad;
-      for (const auto& part : grads_) {
-        std::copy_n(flat, part->numel(), part->data<T>());
-        flat += part->numel();
-      }
-    }
-    if (adam_) {
-      adam_->apply<T>(grads_, adam);
-      for (const auto& counter : counters_) {
-        if (counter->is(kDLFloat, 32)) {
-          *counter->data<float>() = float(adam.step);
-        } else {
-          *counter->data<double>() = double(adam.step);
-        }
-      }
-    }
-    return error;
+  static std::vector<pymaml::HeldBuffer> held(const std::vector<std::unique_ptr<ArrayArg>>& buffers) {
+    std::vector<pymaml::HeldBuffer> out;
+    for (const auto& buffer : buffers) out.push_back({buffer->raw_data(), buffer->numel()});
+    return out;
   }
 
   pymaml::Network spec_;
-  bool first_order_;
   int steps_;
   DLDataType real_{};
+  // The checked buffers, whose DLPack views keep their memory alive while the plan holds them.
   std::vector<std::unique_ptr<ArrayArg>> params_, grads_, counters_;
   std::unique_ptr<AdamArgs> adam_;
-  std::vector<unsigned char> lrs_, step_weights_;
-  std::mutex mutex_;
+  std::unique_ptr<pymaml::MetaStepPlan> plan_;
 };
 
 void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
