@@ -115,11 +115,12 @@ def test_harness_covers_batch_norm(harness):
     """BatchNorm on the batch statistics of each pass (csrc/core/layers/batch_norm.h), whose sums
     over the points of a channel are taken whole by one rank: affine between Linear layers, first
     on the data with and without affine, without affine between layers, and over more values than
-    one block of kPointBlock; bitwise for every group size, in both serialized orders, in the grid."""
+    one block of kPointBlock, and per-step rows of γ and β (pymaml.nn.PerStepBatchNorm2d, more inner
+    steps than rows); bitwise for every group size, in both serialized orders, in the grid."""
     run = _run(harness)
     lines = run.stdout.splitlines()
     for name in ("batch_norm_affine", "batch_norm_on_data", "batch_norm_data_no_affine", "batch_norm_point_blocks",
-                 "conv_batch_norm_image"):
+                 "conv_batch_norm_image", "per_step_batch_norm_image"):
         for P in GROUP_SIZES:
             for dtype in ("f32", "f64"):
                 for what in ("meta_step_task", "mlp_hvp"):

@@ -207,11 +207,12 @@ pymaml::Layer linear_layer(int out, bool bias) {
   return layer;
 }
 
-pymaml::Layer batch_norm_layer(bool affine, double eps) {
+pymaml::Layer batch_norm_layer(bool affine, double eps, int rows = 1) {
   pymaml::Layer layer;
   layer.kind = pymaml::LayerKind::batch_norm;
   layer.affine = affine;
   layer.constant = eps;
+  layer.rows = rows;
   return layer;
 }
 
@@ -337,6 +338,11 @@ std::vector<Config> configurations() {
        {conv2d_layer(8, 3, 1, 1, true), batch_norm_layer(true, 1e-5), activation_layer(relu), pool_layer(max_pool, 2),
         conv2d_layer(5, 3, 1, 1, false), batch_norm_layer(false, 1e-5), activation_layer(tanh), flatten_layer(),
         linear_layer(3, true)}, 6, 5},
+      // PerStepBatchNorm2d: rows 0..2 of γ and β at inner steps 0..2, row 2 again at step 3; the
+      // other rows' gradients and HVPs are zero, written by whichever rank owns their lanes.
+      {"per_step_batch_norm_image", {2}, none, true, ce, 3, 5, 6, false, true, true, {0.25, 0, 1},
+       {conv2d_layer(6, 3, 1, 1, true), batch_norm_layer(true, 1e-5, 3), activation_layer(relu),
+        pool_layer(avg_pool, 2), flatten_layer(), linear_layer(3, true)}, 5, 5},
   };
 }
 
