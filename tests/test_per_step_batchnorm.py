@@ -236,3 +236,31 @@ def test_rows_changed_in_place_are_read_on_the_next_call():
     _, expected_grad = oracle_meta_gradient(model, batch, **OPTIONS)
     _, actual_grad = backend_meta_gradient(model, batch, "cpp", **OPTIONS)
     assert relative_error(actual_grad, expected_grad) <= TOLERANCE[torch.float64]
+
+
+@needs_extension
+@pytest.mark.parametrize("step", [0, 1, STEPS, STEPS + 2])
+def test_hvp_at_an_inner_step_uses_its_row(step):
+    """pymaml.hvp inside inner_step(s) evaluates row min(s, steps), as torch.func does: the fused
+    kernel evaluates step 0, so at another step `fused=None` runs torch.func and `fused=True` raises."""
+    model, batch = make_model(), make_batch()
+    tasks = batch[0].shape[0]
+    generator = torch.Generator().manual_seed(6)
+    params = {name: p.detach().expand(tasks, *p.shape).clone() for name, p in model.named_parameters()}
+    v = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype) for name, p in params.items()}
+    with inner_step(step):
+        expected = pymaml.hvp(model, params, batch[0], batch[1], v, loss="cross_entropy", fused=False)
+        actual = pymaml.hvp(model, params, batch[0], batch[1], v, loss="cross_entropy")
+        if step == 0:
+            fused = pymaml.hvp(model, params, batch[0], batch[1], v, loss="cross_entropy", fused=True)
+        else:
+            with pytest.raises(RuntimeError, match=f"runs at inner step {step}"):
+                pymaml.hvp(model, params, batch[0], batch[1], v, loss="cross_entropy", fused=True)
+    flat = lambda d: torch.cat([d[n].reshape(tasks, -1) for n in params], dim=1)  # noqa: E731
+    assert relative_error(flat(actual), flat(expected)) <= TOLERANCE[torch.float64]
+    if step == 0:
+        assert relative_error(flat(fused), flat(expected)) <= TOLERANCE[torch.float64]
+    else:  # the rows differ, so step 0's HVP is not this one
+        with inner_step(0):
+            at_zero = pymaml.hvp(model, params, batch[0], batch[1], v, loss="cross_entropy", fused=False)
+        assert relative_error(flat(at_zero), flat(expected)) > 1e-3

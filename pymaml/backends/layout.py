@@ -299,6 +299,9 @@ class NetworkLayout:
         self.leaf_names = [name for name, _ in leaves]
         self.param_modules = [m for m in self.leaves if FUSED_LAYERS[type(m)]]
         self.linears = [m for m in self.leaves if type(m) is nn.Linear]
+        # A PerStepBatchNorm2d with a weight and bias per step: the network depends on the inner step.
+        self.per_step_rows = any(type(m) is PerStepBatchNorm2d and m.per_step_affine and m.steps > 0
+                                 for m in self.leaves)
         self._tables = [m._parameters for m in self.param_modules]
         self.names = names
         self._params = tuple(self.parameters())

@@ -49,6 +49,7 @@ def hvp(
     """
     from .._extension import EXTENSION_ERROR, extension
     from ..backends.cpp import current_mlp_layout
+    from ..nn import current_inner_step
 
     if params.keys() != v.keys():
         raise ValueError(f"params and v must have the same names; got {sorted(params)} and {sorted(v)}")
@@ -59,6 +60,10 @@ def hvp(
     layout, reason = current_mlp_layout(model)
     if layout is not None and list(params) != layout.names:
         layout, reason = None, f"the fused kernel needs every parameter of the MLP, in order ({layout.names})"
+    if layout is not None and layout.per_step_rows and current_inner_step() != 0:
+        layout, reason = None, (f"the model has a PerStepBatchNorm2d with a weight and bias per step and this runs at "
+                                f"inner step {current_inner_step()} (pymaml.nn.inner_step); the fused HVP evaluates "
+                                f"step 0")
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in [*params.values(), *v.values(), x])
     if x.device.type != "cpu" or extension() is None or not isinstance(loss, str):
         reason = reason or (EXTENSION_ERROR if extension() is None else "the fused kernel needs a CPU tensor and a named loss")
