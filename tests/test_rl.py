@@ -246,6 +246,41 @@ def test_line_search_keeps_the_kl_bound_and_improves_the_surrogate(problem_data,
     assert (loss, kl) == (result.loss_after, result.kl)
 
 
+@pytest.mark.parametrize("first_order, multitask, builds", [(False, False, 2), (True, False, 1), (False, True, 1)],
+                         ids=["second_order", "first_order", "multitask"])
+def test_a_trpo_step_builds_each_products_graph_once(problem_data, monkeypatch, first_order, multitask, builds):
+    """The meta-gradient, the CG's Fisher products and the step's curvature all take their HVPs
+    (H_t through the inner step, F_t of the KL) from one retained gradient graph per kind: built
+    once per TRPO step, not once per product; and the step equals one whose every product builds
+    its graph anew."""
+    import pymaml.rl.trpo as trpo
+
+    policy, params, pre, post = problem_data
+    settings = TRPOSettings(first_order=first_order)
+    built = []
+    original = trpo._retained_hvp
+
+    def counting(*arguments):
+        built.append(arguments[1])
+        return original(*arguments)
+
+    monkeypatch.setattr(trpo, "_retained_hvp", counting)
+    problem = outer_problem(policy, params, None if multitask else pre, post, 0.1)
+    result = trpo_step(policy, problem, settings)
+    assert len(built) == builds
+    assert built[-1] is kl_loss and (builds == 1 or built[0] is reinforce_loss)
+
+    def fresh(self, policy, which):  # every product from a graph of its own
+        self._products.clear()
+        return original_hvp(self, policy, which)
+
+    original_hvp = trpo.OuterProblem.hvp
+    monkeypatch.setattr(trpo.OuterProblem, "hvp", fresh)
+    again = trpo_step(policy, outer_problem(policy, params, None if multitask else pre, post, 0.1), settings)
+    assert len(built) > 2 * builds
+    assert relative_error(flatten(again.params), flatten(result.params)) <= FLOAT64
+
+
 def test_trpo_step_without_gradient_keeps_the_parameters(problem_data):
     policy, params, pre, post = problem_data
     post.advantages = torch.zeros_like(post.advantages)

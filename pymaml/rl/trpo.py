@@ -9,8 +9,13 @@ With J_t = ∂θ'_t/∂θ = I - α H_t, H_t = ∇²L_in,t(θ):
   meta-gradient   g  = (1/T) Σ_t J_tᵀ ∇L_out,t(θ'_t)
   Fisher product  Fv = (1/T) Σ_t J_tᵀ F_t J_t v,  F_t = ∇²_θ' KL_t at θ'_t,
 exact because ∇_θ' KL_t vanishes at θ₀ (the old policy minimises the KL), so the term with the
-second derivative of θ'_t drops out. H_t v and F_t u are batched Hessian-vector products
-(pymaml.hvp: torch.func forward-over-reverse under vmap over tasks). First order: J_t = I.
+second derivative of θ'_t drops out. H_t v and F_t u are batched Hessian-vector products. The
+data and the points (θ, θ'_t) stay fixed through a TRPO step while CG asks for up to
+cg_iterations + 1 Fisher products, each of three HVPs; so each kind of product keeps, for the
+whole step, the autograd graph of the batched gradient ∇_P Σ_t L_t(P_t) at its point (P [T, ...]
+per name, taken once with create_graph), and each HVP is one backward pass through that graph
+with the vector as its output gradient (reverse over reverse): the forward and first backward
+passes are not redone for every product (OuterProblem.hvp). First order: J_t = I.
 The step: s = CG(F, g), then θ - β s with β = √(2δ / sᵀFs), scaled by `backtrack_ratio` at each try until the
 surrogate improves and the KL is within δ (`max_backtracks` tries; otherwise θ is kept).
 
@@ -33,7 +38,6 @@ from torch import nn
 from torch.func import vmap
 
 from ..distributed import DistributedContext
-from ..numerics.hvp import hvp
 from .policy import (batched_gradients, batched_outputs, expand, kl_loss, log_prob, reinforce_loss,
                      surrogate_loss)
 from .trajectories import PolicyBatch, Trajectories, advantages, check_share, sample
@@ -132,11 +136,52 @@ class OuterProblem:
     old_outputs: torch.Tensor
     surrogate_targets: torch.Tensor
     split: TaskSplit
+    # The HVPs' retained gradient graphs, built on first use (hvp).
+    _products: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tasks(self) -> int:
         """This process's task count."""
         return self.post.observations.shape[0]
+
+    def hvp(self, policy: nn.Module, which: str) -> Callable[[dict], dict]:
+        """u ↦ H u for every task, u and H u [T, ...] per name: which = "inner", H_t of the
+        REINFORCE loss at θ on the pre-adaptation batch; "fisher", F_t of the KL at θ'_t on the
+        post-adaptation batch. The batched gradient's graph is built on the first call and kept
+        while this problem lives; each product is one backward pass through it."""
+        product = self._products.get(which)
+        if product is None:
+            if which == "inner":
+                point, loss, x, y = expand(self.params, self.tasks), reinforce_loss, self.pre.observations, \
+                    self.pre.reinforce_targets
+            else:
+                point, loss, x, y = self.adapted, kl_loss, self.post.observations, self.old_outputs
+            product = self._products[which] = _retained_hvp(policy, loss, point, x, y)
+        return product
+
+
+def _retained_hvp(policy: nn.Module, loss, point: dict[str, torch.Tensor], x: torch.Tensor,
+                  y: torch.Tensor) -> Callable[[dict], dict]:
+    """u ↦ ∇_P (g(P) · u) with g(P) = ∇_P Σ_t loss_t(P_t) at P = point: per task H_t u_t, the tasks'
+    losses being separable. g's graph is built here, once, and kept by the returned function."""
+    names = list(point)
+    leaves = [point[name].detach().requires_grad_() for name in names]
+    with torch.enable_grad():
+        outputs = batched_outputs(policy, dict(zip(names, leaves)), x)
+        gradients = torch.autograd.grad(vmap(loss)(outputs, y).sum(), leaves, create_graph=True)
+    # A gradient that does not depend on P (a constant) adds nothing to any product.
+    varying = [i for i, g in enumerate(gradients) if g.requires_grad]
+
+    def product(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not varying:
+            return {name: torch.zeros_like(leaf) for name, leaf in zip(names, leaves)}
+        with torch.enable_grad():
+            products = torch.autograd.grad([gradients[i] for i in varying], leaves,
+                                           grad_outputs=[vectors[names[i]] for i in varying], retain_graph=True,
+                                           allow_unused=True, materialize_grads=True)
+        return dict(zip(names, products))
+
+    return product
 
 
 def outer_problem(policy: nn.Module, params: dict[str, torch.Tensor], pre: PolicyBatch | None, post: PolicyBatch,
@@ -166,8 +211,7 @@ def chain(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings,
     """J_tᵀ u_t = J_t u_t = u_t - α H_t u_t for every task (J_t = I first order or without inner step)."""
     if problem.pre is None or settings.first_order:
         return vectors
-    products = hvp(policy, expand(problem.params, problem.tasks), problem.pre.observations,
-                   problem.pre.reinforce_targets, vectors, loss=reinforce_loss)
+    products = problem.hvp(policy, "inner")(vectors)
     return {name: vectors[name] - settings.inner_lr * products[name] for name in vectors}
 
 
@@ -183,7 +227,7 @@ def fisher_vector_product(policy: nn.Module, problem: OuterProblem, settings: TR
                           vector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fv = (1/T) Σ_t J_tᵀ F_t J_t v, without damping."""
     inward = chain(policy, problem, settings, expand(vector, problem.tasks))
-    fisher = hvp(policy, problem.adapted, problem.post.observations, problem.old_outputs, inward, loss=kl_loss)
+    fisher = problem.hvp(policy, "fisher")(inward)
     local_sum = flatten(chain(policy, problem, settings, fisher), batched=True).sum(0)
     return unflatten(problem.split.mean(local_sum), problem.params)
 
