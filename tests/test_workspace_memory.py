@@ -49,8 +49,10 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is read from /proc/self/status (Linux)")
-def test_many_query_points_do_not_multiply_the_workspace_by_the_steps():
-    run = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=600)
+def test_many_query_points_do_not_multiply_the_workspace_by_the_steps(tmp_path):
+    # Run outside the checkout: `python -c` puts the working directory first on sys.path, where the
+    # source tree's pymaml (without the built extension of a non-editable install) would shadow it.
+    run = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["backend"] == "cpp"
