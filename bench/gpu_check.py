@@ -687,15 +687,17 @@ def launches_section(plan: Plan, results: Results, section: dict, warm, deadline
 
 
 def fused_op_call(backend: str, model, case, batch):
-    """A call of the backend's fused op alone (pymaml.ops.mlp_meta_step's schema), its arguments
+    """A call of the backend's fused op alone (pymaml::meta_step's schema), its arguments
     made beforehand; raises when the backend has no fused op."""
+    from pymaml.ops import encode_mlp
+
     implementation = pymaml.backends.get_backend(backend).implementation()
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     lrs = theta.new_full((case.steps, theta.numel()), case.inner_lr)
     weights = theta.new_zeros(case.steps)
     weights[-1] = 1.0
-    arguments = (theta, lrs, weights, *batch, list(case.widths), case.activation, True, case.loss, case.first_order,
-                 False)
+    arguments = (theta, lrs, weights, *batch, *encode_mlp(case.widths, case.activation, True), case.loss,
+                 case.first_order, False)
     return lambda: implementation.forward(*arguments)
 
 
@@ -704,8 +706,8 @@ def cuda_launch(threads: int, blocks: int | None):
     """The CUDA launcher run with `threads` per block and `blocks` blocks (None: its own choice):
     the binding's keyword arguments overridden on their way from pymaml.ops, whatever else the
     op passes."""
-    # The module, not the function pymaml.ops exports under the same name.
-    ops = importlib.import_module("pymaml.ops.mlp_meta_step")
+    # The module whose `extension` the CUDA launcher calls.
+    ops = importlib.import_module("pymaml.ops.meta_step.cuda")
     original = ops.extension
     real = original()
 
@@ -713,16 +715,16 @@ def cuda_launch(threads: int, blocks: int | None):
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def mlp_meta_step_cuda(self, **arguments):
+        def meta_step_cuda(self, **arguments):
             arguments["threads_per_block"] = threads
             if blocks is not None:
                 arguments["blocks"] = blocks
-            return real.mlp_meta_step_cuda(**arguments)
+            return real.meta_step_cuda(**arguments)
 
-        def mlp_meta_step_cuda_workspace(self, **arguments):
+        def meta_step_cuda_workspace(self, **arguments):
             if blocks is not None:
                 arguments["blocks"] = blocks
-            return real.mlp_meta_step_cuda_workspace(**arguments)
+            return real.meta_step_cuda_workspace(**arguments)
 
     proxy = Override()
     ops.extension = lambda: proxy

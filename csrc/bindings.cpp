@@ -49,14 +49,6 @@ py::dict build_info() {
   return info;
 }
 
-pymaml::Activation parse_activation(const std::string& name) {
-  if (name == "none") return pymaml::Activation::none;
-  if (name == "relu") return pymaml::Activation::relu;
-  if (name == "tanh") return pymaml::Activation::tanh;
-  if (name == "sigmoid") return pymaml::Activation::sigmoid;
-  throw py::value_error("activation must be one of 'none', 'relu', 'tanh', 'sigmoid', got '" + name + "'");
-}
-
 pymaml::Loss parse_loss(const std::string& name) {
   if (name == "mse") return pymaml::Loss::mse;
   if (name == "cross_entropy") return pymaml::Loss::cross_entropy;
@@ -130,26 +122,11 @@ pymaml::Network decode_network(const std::vector<int>& layers, const std::vector
   return net;
 }
 
-// The network of a call: the MLP of `widths` when `layers` is empty, else the decoded layers
-// (whose inputs and outputs `widths` must then give as [inputs, outputs]).
-pymaml::Network build_network(const std::vector<int>& widths, const std::string& activation, bool bias,
-                              const std::string& loss, const std::vector<int>& layers,
+// The network of a call, from its encoding (pymaml/ops/meta_step/network.py); an MLP is encoded
+// like any other network.
+pymaml::Network build_network(const std::string& loss, const std::vector<int>& layers,
                               const std::vector<double>& constants) {
-  pymaml::Network net;
-  if (layers.empty()) {
-    if (!pymaml::make_mlp_network(widths.data(), int(widths.size()), bias, parse_activation(activation),
-                                  parse_loss(loss), &net)) {
-      throw py::value_error("widths must be 2 to " + std::to_string(pymaml::kMaxLayers + 1) +
-                            " positive layer widths (input, hidden..., output)");
-    }
-    return net;
-  }
-  net = decode_network(layers, constants, parse_loss(loss));
-  if (widths.size() != 2 || widths[0] != net.inputs() || widths[1] != net.outputs()) {
-    throw py::value_error("with layers, widths must be [inputs, outputs] = [" + std::to_string(net.inputs()) + ", " +
-                          std::to_string(net.outputs()) + "]");
-  }
-  return net;
+  return decode_network(layers, constants, parse_loss(loss));
 }
 
 
@@ -175,7 +152,7 @@ struct BatchShape {
   int tasks, support_points, query_points;
 };
 
-// The meta-batch against the MLP: [T, K, n_0] inputs, [T, K, n_L] targets of theta's dtype (MSE)
+// The meta-batch against the network: [T, K, n_0] inputs, [T, K, n_L] targets of theta's dtype (MSE)
 // or [T, K] int64 labels in range (cross-entropy), and on the CPU finite inputs.
 BatchShape check_batch(const pymaml::Network& spec, DLDataType real, int steps, const ArrayArg& support_x,
                        const ArrayArg& support_y, const ArrayArg& query_x, const ArrayArg& query_y,
@@ -280,13 +257,12 @@ void take_grad_parts(py::handle object, DLDeviceType device, MetaStepCall& call)
 }
 
 MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*>>& buffers, py::handle grad_theta_obj,
-                             py::handle grad_lrs_obj,
-                             const std::vector<int>& widths, const std::string& activation, bool bias,
-                             const std::string& loss, const std::vector<int>& layers, const std::vector<double>& layer_constants, bool first_order,
+                             py::handle grad_lrs_obj, const std::string& loss, const std::vector<int>& layers,
+                             const std::vector<double>& layer_constants, bool first_order,
                              bool all_step_losses, DLDeviceType device) {
   MetaStepCall call;
   pymaml::Network& spec = call.spec;
-  spec = build_network(widths, activation, bias, loss, layers, layer_constants);
+  spec = build_network(loss, layers, layer_constants);
   for (const auto& [object, name] : buffers) call.arrays.push_back(std::make_unique<ArrayArg>(object, name, device));
   if (!grad_lrs_obj.is_none()) call.grad_lrs = std::make_unique<ArrayArg>(grad_lrs_obj, "grad_lrs", device);
   take_grad_parts(grad_theta_obj, device, call);
@@ -306,7 +282,7 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
   call.is_f32 = is_f32;
   const DLDataType real = theta.dtype();
   const int64_t P = spec.num_params;
-  theta.require_shape({P}, "the flattened MLP parameters");
+  theta.require_shape({P}, "the flattened network parameters");
   lrs.require_ndim(2, "[steps, parameters]");
   const int S = int(lrs.dim(0));
   lrs.require_shape({S, P}, "[steps, parameters]");
@@ -320,12 +296,12 @@ MetaStepCall check_meta_step(const std::vector<std::pair<py::handle, const char*
   pre_losses.require_shape({tasks}, "one loss per task");
   step_losses.require_shape({S}, "one loss per inner step");
   if (call.grad_parts.size() == 1) {
-    call.grad_parts[0]->require_shape({P}, "the flattened MLP parameters");
+    call.grad_parts[0]->require_shape({P}, "the flattened network parameters");
   } else {
     int64_t total = 0;
     for (const auto& part : call.grad_parts) total += part->numel();
     if (total != P) {
-      throw py::value_error("the grad_theta buffers hold " + std::to_string(total) + " values; the MLP has " +
+      throw py::value_error("the grad_theta buffers hold " + std::to_string(total) + " values; the network has " +
                             std::to_string(P) + " parameters");
     }
     call.gathered.resize(size_t(P) * (real.bits / 8));
@@ -408,14 +384,14 @@ AdamSettings adam_settings(int64_t step, double lr, double beta1, double beta2, 
 // storage or strides (.data =, set_, share_memory_) no longer uses them, so the caller checks
 // every held tensor's data pointer, sizes and strides before each run (pymaml.backends.cpp._Plan)
 // and builds a new plan when one changed. run() releases the GIL.
-class MlpPlan {
+class PlanBinding {
  public:
-  MlpPlan(const std::vector<int>& widths, const std::string& activation, bool bias, const std::string& loss,
-          const std::vector<int>& layers, const std::vector<double>& layer_constants, bool first_order, int steps,
+  PlanBinding(const std::string& loss, const std::vector<int>& layers, const std::vector<double>& layer_constants,
+              bool first_order, int steps,
           double inner_lr, py::handle params, py::handle grads, py::handle exp_avg, py::handle exp_avg_sq,
           py::handle adam_steps)
       : steps_(steps) {
-    spec_ = build_network(widths, activation, bias, loss, layers, layer_constants);
+    spec_ = build_network(loss, layers, layer_constants);
     if (steps < 0) throw py::value_error("steps must be >= 0, got " + std::to_string(steps));
     if (!std::isfinite(inner_lr)) throw py::value_error("inner_lr must be finite");
     params_ = buffer_list(params, "params");
@@ -438,7 +414,7 @@ class MlpPlan {
       total += params_[i]->numel();
     }
     if (total != spec_.num_params) {
-      throw py::value_error("the params hold " + std::to_string(total) + " values; the MLP has " +
+      throw py::value_error("the params hold " + std::to_string(total) + " values; the network has " +
                             std::to_string(spec_.num_params) + " parameters");
     }
     pymaml::HeldAdam held_adam;
@@ -500,17 +476,16 @@ class MlpPlan {
   std::unique_ptr<pymaml::MetaStepPlan> plan_;
 };
 
-void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
-                   py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& widths,
-                   const std::string& activation, bool bias, const std::string& loss, bool first_order,
+void meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
+                   py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& layers,
+                   const std::vector<double>& layer_constants, const std::string& loss, bool first_order,
                    py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
                    py::handle grad_theta, py::handle grad_lrs, int threads, bool all_step_losses, py::handle adam_params,
                    py::handle adam_exp_avg, py::handle adam_exp_avg_sq, int64_t adam_step, double adam_lr,
-                   double adam_beta1, double adam_beta2, double adam_eps, double adam_weight_decay,
-                   const std::vector<int>& layers, const std::vector<double>& layer_constants) {
+                   double adam_beta1, double adam_beta2, double adam_eps, double adam_weight_decay) {
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
-  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
-                                            loss, layers, layer_constants, first_order, all_step_losses, kDLCPU);
+  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, loss, layers,
+                                            layer_constants, first_order, all_step_losses, kDLCPU);
   std::unique_ptr<AdamArgs> adam;
   AdamSettings settings;
   if (!adam_params.is_none()) {
@@ -519,11 +494,11 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
   }
   py::gil_scoped_release release;
   if (call.is_f32) {
-    pymaml::mlp_meta_step_cpu<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(), threads);
+    pymaml::meta_step_cpu<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(), threads);
     call.scatter_grad<float>();
     if (adam) adam->apply<float>(call.grad_parts, settings);
   } else {
-    pymaml::mlp_meta_step_cpu<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(), threads);
+    pymaml::meta_step_cpu<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(), threads);
     call.scatter_grad<double>();
     if (adam) adam->apply<double>(call.grad_parts, settings);
   }
@@ -531,10 +506,10 @@ void mlp_meta_step(py::handle theta, py::handle lrs, py::handle step_weights, py
 
 // The CUDA launch's workspace, in values of theta's dtype: per block (the task workspace and the
 // padded θ_0 and α) and per task (its results, read by the last block). Host arithmetic only, so
-// that the launcher's block cap (pymaml/ops/mlp_meta_step.py) is testable without CUDA.
-pymaml::GridLayout cuda_grid_layout(const std::vector<int>& widths, bool bias, const std::vector<int>& layers, const std::vector<double>& layer_constants, int steps,
-                                    int support_points, int query_points, bool lr_grad) {
-  const pymaml::Network spec = build_network(widths, "none", bias, "mse", layers, layer_constants);
+// that the launcher's block cap (pymaml/ops/meta_step.py) is testable without CUDA.
+pymaml::GridLayout cuda_grid_layout(const std::vector<int>& layers, const std::vector<double>& layer_constants,
+                                    int steps, int support_points, int query_points, bool lr_grad) {
+  const pymaml::Network spec = build_network("mse", layers, layer_constants);
   if (steps < 0 || support_points < 0 || query_points < 0) {
     throw py::value_error("steps and point counts must be >= 0");
   }
@@ -542,31 +517,30 @@ pymaml::GridLayout cuda_grid_layout(const std::vector<int>& widths, bool bias, c
   return pymaml::grid_layout(spec, shape);
 }
 
-int64_t mlp_meta_step_cuda_workspace(const std::vector<int>& widths, bool bias, int tasks, int steps,
-                                     int support_points, int query_points, bool lr_grad, int blocks,
-                                     const std::vector<int>& layers, const std::vector<double>& layer_constants) {
+int64_t meta_step_cuda_workspace(const std::vector<int>& layers, const std::vector<double>& layer_constants,
+                                 int tasks, int steps, int support_points, int query_points, bool lr_grad, int blocks) {
   const pymaml::GridLayout lay =
-      cuda_grid_layout(widths, bias, layers, layer_constants, steps, support_points, query_points, lr_grad);
+      cuda_grid_layout(layers, layer_constants, steps, support_points, query_points, lr_grad);
   return int64_t(blocks) * lay.block_stride + int64_t(tasks) * lay.per_task_stride;
 }
 
-py::tuple mlp_meta_step_cuda_workspace_parts(const std::vector<int>& widths, bool bias, int steps, int support_points,
-                                             int query_points, bool lr_grad, const std::vector<int>& layers, const std::vector<double>& layer_constants) {
+py::tuple meta_step_cuda_workspace_parts(const std::vector<int>& layers, const std::vector<double>& layer_constants,
+                                         int steps, int support_points, int query_points, bool lr_grad) {
   const pymaml::GridLayout lay =
-      cuda_grid_layout(widths, bias, layers, layer_constants, steps, support_points, query_points, lr_grad);
+      cuda_grid_layout(layers, layer_constants, steps, support_points, query_points, lr_grad);
   return py::make_tuple(lay.block_stride, lay.per_task_stride);
 }
 
 #if defined(PYMAML_WITH_CUDA)
-void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
-                        py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& widths,
-                        const std::string& activation, bool bias, const std::string& loss, bool first_order,
+void meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weights, py::handle support_x,
+                        py::handle support_y, py::handle query_x, py::handle query_y, const std::vector<int>& layers,
+                        const std::vector<double>& layer_constants, const std::string& loss, bool first_order,
                         py::handle meta_loss, py::handle task_losses, py::handle pre_losses, py::handle step_losses,
                         py::handle grad_theta, py::handle grad_lrs, py::handle workspace_obj, py::handle counter_obj,
                         uintptr_t stream, int blocks, py::handle labels_ok_obj, int threads_per_block,
-                        bool all_step_losses, const std::vector<int>& layers, const std::vector<double>& layer_constants) {
-  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, widths, activation, bias,
-                                            loss, layers, layer_constants, first_order, all_step_losses, kDLCUDA);
+                        bool all_step_losses) {
+  const MetaStepCall call = check_meta_step(PYMAML_META_STEP_BUFFERS, grad_theta, grad_lrs, loss, layers,
+                                            layer_constants, first_order, all_step_losses, kDLCUDA);
   if (call.grad_parts.size() != 1) throw py::value_error("grad_theta must be one buffer of CUDA memory");
   if (blocks < 1 || threads_per_block < 32 || threads_per_block > pymaml::kCudaThreadsPerBlock ||
       threads_per_block % 32) {
@@ -599,21 +573,21 @@ void mlp_meta_step_cuda(py::handle theta, py::handle lrs, py::handle step_weight
   }
   int* flag = labels_ok ? labels_ok->data<int>() : nullptr;
   const std::string error = call.is_f32
-      ? pymaml::mlp_meta_step_cuda<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(),
+      ? pymaml::meta_step_cuda<float>(call.spec, call.shape, call.batch<float>(), call.result<float>(),
                                           workspace.data<float>(), counter.data<unsigned int>(), flag, device, blocks,
                                           threads_per_block, reinterpret_cast<void*>(stream))
-      : pymaml::mlp_meta_step_cuda<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(),
+      : pymaml::meta_step_cuda<double>(call.spec, call.shape, call.batch<double>(), call.result<double>(),
                                            workspace.data<double>(), counter.data<unsigned int>(), flag, device,
                                            blocks, threads_per_block, reinterpret_cast<void*>(stream));
-  if (!error.empty()) throw std::runtime_error("pymaml::mlp_meta_step CUDA launch failed: " + error);
+  if (!error.empty()) throw std::runtime_error("pymaml::meta_step CUDA launch failed: " + error);
 }
 #endif
 
-void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handle y_obj, const std::vector<int>& widths,
-             const std::string& activation, bool bias, const std::string& loss, py::handle hv_obj,
-             py::handle grad_obj, int threads, const std::vector<int>& layers, const std::vector<double>& layer_constants) {
+void hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handle y_obj, const std::vector<int>& layers,
+         const std::vector<double>& layer_constants, const std::string& loss, py::handle hv_obj, py::handle grad_obj,
+         int threads) {
   pymaml::Network spec;
-  spec = build_network(widths, activation, bias, loss, layers, layer_constants);
+  spec = build_network(loss, layers, layer_constants);
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   const ArrayArg theta(theta_obj, "theta"), v(v_obj, "v"), x(x_obj, "x"), y(y_obj, "y"), hv(hv_obj, "hv");
   std::unique_ptr<ArrayArg> grad;
@@ -649,11 +623,11 @@ void mlp_hvp(py::handle theta_obj, py::handle v_obj, py::handle x_obj, py::handl
   }
   py::gil_scoped_release release;
   if (is_f32) {
-    pymaml::mlp_hvp_cpu<float>(spec, tasks, points, theta.data<float>(), v.data<float>(), x.data<float>(),
+    pymaml::hvp_cpu<float>(spec, tasks, points, theta.data<float>(), v.data<float>(), x.data<float>(),
                                labels ? nullptr : y.data<float>(), labels ? y.data<int64_t>() : nullptr,
                                hv.data<float>(), grad ? grad->data<float>() : nullptr, threads);
   } else {
-    pymaml::mlp_hvp_cpu<double>(spec, tasks, points, theta.data<double>(), v.data<double>(), x.data<double>(),
+    pymaml::hvp_cpu<double>(spec, tasks, points, theta.data<double>(), v.data<double>(), x.data<double>(),
                                 labels ? nullptr : y.data<double>(), labels ? y.data<int64_t>() : nullptr,
                                 hv.data<double>(), grad ? grad->data<double>() : nullptr, threads);
   }
@@ -668,60 +642,60 @@ PYBIND11_MODULE(_C, m) {
   m.attr("LAYER_INTS") = kLayerInts;
   m.def("set_cpu_level", &pymaml::set_cpu_level, py::arg("level"),
         "Run the CPU kernels built for `level` (one of build_info()['cpu_levels']) instead of the best one.");
-  m.def("mlp_meta_step", &mlp_meta_step, py::kw_only(), py::arg("theta"), py::arg("lrs"), py::arg("step_weights"),
-        py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"), py::arg("widths"),
-        py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"), py::arg("meta_loss"),
+  m.def("meta_step", &meta_step, py::kw_only(), py::arg("theta"), py::arg("lrs"), py::arg("step_weights"),
+        py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"), py::arg("layers"),
+        py::arg("layer_constants"), py::arg("loss"), py::arg("first_order"), py::arg("meta_loss"),
         py::arg("task_losses"), py::arg("pre_losses"), py::arg("step_losses"), py::arg("grad_theta"),
         py::arg("grad_lrs") = py::none(), py::arg("threads") = 1, py::arg("all_step_losses") = true,
         py::arg("adam_params") = py::none(), py::arg("adam_exp_avg") = py::none(),
         py::arg("adam_exp_avg_sq") = py::none(), py::arg("adam_step") = 0, py::arg("adam_lr") = 0.0,
         py::arg("adam_beta1") = 0.9, py::arg("adam_beta2") = 0.999, py::arg("adam_eps") = 1e-8,
-        py::arg("adam_weight_decay") = 0.0, py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{},
-        "The fused MAML meta-step of an MLP (or, with layers, of the network they encode) over a batch of tasks, written into the output buffers.\n"
+        py::arg("adam_weight_decay") = 0.0,
+        "The fused MAML meta-step of the network `layers` and `layer_constants` encode, over a batch of\n"
+        "tasks, written into the output buffers.\n"
         "Inner loop θ_{s+1} = θ_s − lrs[s] ⊙ ∇L_support(θ_s); loss Σ_s step_weights[s-1] L_query(θ_s);\n"
         "exact meta-gradient through Hessian-vector products unless first_order. Means over tasks,\n"
         "except task_losses and pre_losses. Results do not depend on `threads`. all_step_losses=False\n"
         "skips L_query(θ_s) where step_weights[s-1] is zero (their step_losses are NaN). With adam_params\n"
         "(one buffer per parameter, grad_theta likewise) it then takes torch.optim.Adam's step in place.");
-  py::class_<MlpPlan>(m, "MlpPlan",
-                      "A fused meta-step of one MLP whose parameter, gradient and optional Adam buffers (moments and\n"
-                      "torch's per-parameter step counters) are checked once and held; run() passes only the batch.\n"
-                      "The held buffers are not checked again: the caller must build a new plan when one of the\n"
-                      "tensors gets new storage or strides. Concurrent runs of one plan take turns.")
-      .def(py::init<const std::vector<int>&, const std::string&, bool, const std::string&, const std::vector<int>&,
-                    const std::vector<double>&, bool, int, double, py::handle, py::handle, py::handle, py::handle,
-                    py::handle>(),
-           py::kw_only(), py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"),
-           py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{}, py::arg("first_order"), py::arg("steps"), py::arg("inner_lr"), py::arg("params"), py::arg("grads"),
+  py::class_<PlanBinding>(m, "MetaStepPlan",
+                          "A fused meta-step of one network whose parameter, gradient and optional Adam buffers\n"
+                          "(moments and torch's per-parameter step counters) are checked once and held; run() passes\n"
+                          "only the batch. The held buffers are not checked again: the caller must build a new plan\n"
+                          "when one of the tensors gets new storage or strides. Concurrent runs of one plan take turns.")
+      .def(py::init<const std::string&, const std::vector<int>&, const std::vector<double>&, bool, int, double,
+                    py::handle, py::handle, py::handle, py::handle, py::handle>(),
+           py::kw_only(), py::arg("loss"), py::arg("layers"), py::arg("layer_constants"), py::arg("first_order"),
+           py::arg("steps"), py::arg("inner_lr"), py::arg("params"), py::arg("grads"),
            py::arg("adam_exp_avg") = py::none(), py::arg("adam_exp_avg_sq") = py::none(),
            py::arg("adam_steps") = py::none())
-      .def("run", &MlpPlan::run, py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"),
+      .def("run", &PlanBinding::run, py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"),
            py::arg("losses"), py::arg("threads") = 1, py::arg("adam_lr") = 0.0, py::arg("adam_beta1") = 0.9,
            py::arg("adam_beta2") = 0.999, py::arg("adam_eps") = 1e-8, py::arg("adam_weight_decay") = 0.0,
            "The meta-gradient into the gradient buffers (and the Adam step, if planned); losses [T + 2]\n"
            "receives the meta-loss, the mean pre-adaptation loss and the per-task losses.");
 #if defined(PYMAML_WITH_CUDA)
-  m.def("mlp_meta_step_cuda", &mlp_meta_step_cuda, py::kw_only(), py::arg("theta"), py::arg("lrs"),
+  m.def("meta_step_cuda", &meta_step_cuda, py::kw_only(), py::arg("theta"), py::arg("lrs"),
         py::arg("step_weights"), py::arg("support_x"), py::arg("support_y"), py::arg("query_x"), py::arg("query_y"),
-        py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("first_order"),
+        py::arg("layers"), py::arg("layer_constants"), py::arg("loss"), py::arg("first_order"),
         py::arg("meta_loss"), py::arg("task_losses"), py::arg("pre_losses"), py::arg("step_losses"),
         py::arg("grad_theta"), py::arg("grad_lrs"), py::arg("workspace"), py::arg("counter"),
         py::arg("stream"), py::arg("blocks"), py::arg("labels_ok") = py::none(),
         py::arg("threads_per_block") = pymaml::kCudaThreadsPerBlock, py::arg("all_step_losses") = true,
-        py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{},
-        "mlp_meta_step on CUDA buffers of one device: one kernel launch on `stream` (a cudaStream_t as an\n"
+        "meta_step on CUDA buffers of one device: one kernel launch on `stream` (a cudaStream_t as an\n"
         "integer) with theta's device current. counter: int32, zero, used by no other launch in flight.");
 #endif
-  m.def("mlp_meta_step_cuda_workspace", &mlp_meta_step_cuda_workspace, py::kw_only(), py::arg("widths"),
-        py::arg("bias"), py::arg("tasks"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"),
-        py::arg("lr_grad"), py::arg("blocks"), py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{},
+  m.def("meta_step_cuda_workspace", &meta_step_cuda_workspace, py::kw_only(), py::arg("layers"),
+        py::arg("layer_constants"), py::arg("tasks"), py::arg("steps"), py::arg("support_points"),
+        py::arg("query_points"), py::arg("lr_grad"), py::arg("blocks"),
         "Values of theta's dtype the CUDA meta-step needs as workspace.");
-  m.def("mlp_meta_step_cuda_workspace_parts", &mlp_meta_step_cuda_workspace_parts, py::kw_only(), py::arg("widths"),
-        py::arg("bias"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"), py::arg("lr_grad"),
-        py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{}, "(per block, per task): values of the CUDA workspace, blocks * per_block + tasks * per_task in all.");
-  m.def("mlp_hvp", &mlp_hvp, py::kw_only(), py::arg("theta"), py::arg("v"), py::arg("x"), py::arg("y"),
-        py::arg("widths"), py::arg("activation"), py::arg("bias"), py::arg("loss"), py::arg("hv"),
-        py::arg("grad") = py::none(), py::arg("threads") = 1, py::arg("layers") = std::vector<int>{}, py::arg("layer_constants") = std::vector<double>{},
-        "Batched Hessian-vector products of an MLP's per-task loss: hv[t] = H(theta[t]) v[t] (R-operator),\n"
-        "and the per-task gradients into grad when given. theta, v, hv, grad: [T, P].");
+  m.def("meta_step_cuda_workspace_parts", &meta_step_cuda_workspace_parts, py::kw_only(), py::arg("layers"),
+        py::arg("layer_constants"), py::arg("steps"), py::arg("support_points"), py::arg("query_points"),
+        py::arg("lr_grad"),
+        "(per block, per task): values of the CUDA workspace, blocks * per_block + tasks * per_task in all.");
+  m.def("hvp", &hvp, py::kw_only(), py::arg("theta"), py::arg("v"), py::arg("x"), py::arg("y"), py::arg("layers"),
+        py::arg("layer_constants"), py::arg("loss"), py::arg("hv"), py::arg("grad") = py::none(),
+        py::arg("threads") = 1,
+        "Batched Hessian-vector products of the encoded network's per-task loss: hv[t] = H(theta[t]) v[t]\n"
+        "(R-operator), and the per-task gradients into grad when given. theta, v, hv, grad: [T, P].");
 }

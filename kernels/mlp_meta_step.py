@@ -29,7 +29,7 @@ Precision: tl.dot runs with input_precision="ieee" (full fp32), since the meta-g
 compared with float64 references at 1e-4; tf32 would be faster on Ampere and later GPUs.
 
 File pattern (Liger-Kernel): the @triton.jit kernel and its helpers, the host launcher
-`mlp_meta_step_triton`, then the torch.library op `pymaml::mlp_meta_step_triton`.
+`mlp_meta_step_triton`, then the torch.library op `pymaml::meta_step_triton` (the network schema).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.mlp_meta_step import FusedImplementation, meta_step_backward, meta_step_fake, meta_step_setup_context
+from ..ops.meta_step.network import as_mlp
+from ..ops.meta_step.op import FusedImplementation, meta_step_backward, meta_step_fake, meta_step_setup_context
 
 DOT_PRECISION: tl.constexpr = tl.constexpr("ieee")
 # Multiply-adds contract to FMAs, as in the C++ core; asked for explicitly (Triton's default changes in 3.10).
@@ -695,11 +696,9 @@ def kernel_arguments(layout: WorkspaceLayout, activation: str, loss: str, bias: 
 
 
 def mlp_meta_step_triton(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation, bias,
-                         loss, first_order, lr_grad, layers=None, layer_constants=None, all_step_losses=True):
-    """The outputs of pymaml::mlp_meta_step from one launch of the Triton kernel (CUDA tensors,
-    or CPU tensors under TRITON_INTERPRET=1). The kernel computes MLPs only: `layers` must be empty."""
-    if layers:
-        raise ValueError("the Triton kernel computes MLPs; this network (layers) runs on the cpp or func backend")
+                         loss, first_order, lr_grad, all_step_losses=True):
+    """The outputs of pymaml::meta_step for the MLP of widths, activation and bias from one launch
+    of the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     tasks, steps = support_x.shape[0], lrs.shape[0]
     points = max(support_x.shape[1], query_x.shape[1])
     reason = unsupported_reason(widths, theta.dtype, points)
@@ -769,24 +768,36 @@ def mlp_hvp_triton(theta, v, x, y, widths, activation, bias, loss):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library ops: the same schemas, fake kernels and autograd formulas as pymaml::mlp_meta_step
-# and pymaml::mlp_hvp (pymaml/ops), with the Triton launchers as their implementation.
+# The torch.library op: the schema, fake kernel and autograd formula of pymaml::meta_step
+# (pymaml/ops/meta_step), with the Triton launcher as its implementation.
 
 
-@torch.library.custom_op("pymaml::mlp_meta_step_triton", mutates_args=())
-def mlp_meta_step_triton_op(
-    theta: torch.Tensor, lrs: torch.Tensor, step_weights: torch.Tensor, support_x: torch.Tensor,
-    support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor, widths: list[int], activation: str,
-    bias: bool, loss: str, first_order: bool, lr_grad: bool, layers: list[int] | None = None,
-    layer_constants: list[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def meta_step_triton(theta, lrs, step_weights, support_x, support_y, query_x, query_y, layers, layer_constants, loss,
+                     first_order, lr_grad, all_step_losses=True):
+    """pymaml::meta_step's outputs from the Triton kernel, which computes MLPs only: the encoded
+    network must be one (pymaml.ops.meta_step.encode_mlp's form)."""
+    mlp = as_mlp(layers, layer_constants)
+    if mlp is None:
+        raise ValueError("the Triton kernel computes MLPs (Linear layers with one activation between each two); "
+                         "this network runs on the cpp or func backend")
+    widths, activation, bias = mlp
     return mlp_meta_step_triton(theta, lrs, step_weights, support_x, support_y, query_x, query_y, widths, activation,
-                                bias, loss, first_order, lr_grad, layers, layer_constants)
+                                bias, loss, first_order, lr_grad, all_step_losses=all_step_losses)
 
 
-mlp_meta_step_triton_op.register_fake(meta_step_fake)
-mlp_meta_step_triton_op.register_autograd(meta_step_backward, setup_context=meta_step_setup_context)
-TRITON_IMPLEMENTATION = FusedImplementation(mlp_meta_step_triton, mlp_meta_step_triton_op)
+@torch.library.custom_op("pymaml::meta_step_triton", mutates_args=())
+def meta_step_triton_op(
+    theta: torch.Tensor, lrs: torch.Tensor, step_weights: torch.Tensor, support_x: torch.Tensor,
+    support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor, layers: list[int],
+    layer_constants: list[float], loss: str, first_order: bool, lr_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return meta_step_triton(theta, lrs, step_weights, support_x, support_y, query_x, query_y, layers, layer_constants,
+                            loss, first_order, lr_grad)
+
+
+meta_step_triton_op.register_fake(meta_step_fake)
+meta_step_triton_op.register_autograd(meta_step_backward, setup_context=meta_step_setup_context)
+TRITON_IMPLEMENTATION = FusedImplementation(meta_step_triton, meta_step_triton_op)
 
 
 def compile_ahead(target, kernel: str, widths, activation="relu", loss="mse", bias=True, steps=1, points=10,

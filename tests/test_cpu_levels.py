@@ -9,7 +9,7 @@ import torch
 import pymaml
 from helpers import TOLERANCE, make_batch, make_mlp, oracle_meta_gradient, relative_error
 from pymaml._extension import extension
-from pymaml.ops import mlp_hvp
+from pymaml.ops import encode_mlp, hvp
 
 needs_extension = pytest.mark.skipif(pymaml.build_info()["extension"] is False, reason="pymaml._C is not built")
 LEVELS = pymaml.build_info().get("cpu_levels", [])
@@ -80,7 +80,7 @@ def test_level_hvp_matches_autograd(cpu_level):
     generator = torch.Generator().manual_seed(3)
     v = torch.randn(tasks, theta.numel(), generator=generator, dtype=torch.float64)
     x, y, _, _ = make_batch(tasks, points, widths[0], widths[-1], "mse", torch.float64)
-    hv = mlp_hvp(thetas, v, x, y, list(widths), "tanh", True, "mse")
+    hv = hvp(thetas, v, x, y, *encode_mlp(widths, "tanh", True), "mse")
     for t in range(tasks):
         def loss_at(flat):
             params, offset = {}, 0

@@ -47,17 +47,17 @@ def test_gpu_backends_match_oracle(widths, steps, loss, first_order, dtype):
 
 @needs_gpu
 def test_one_kernel_launch_per_fused_meta_step():
-    from pymaml.ops import mlp_meta_step
+    from pymaml.ops import encode_mlp, meta_step
 
     model = make_mlp((1, 40, 40, 1), "relu", torch.float32).cuda()
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     batch = to_cuda(pymaml.data.Sinusoid(0).sample(25, 10).tasks)
     lrs, weights = theta.new_full((1, theta.numel()), 0.01), theta.new_ones(1)
-    arguments = (theta, lrs, weights, *batch, [1, 40, 40, 1], "relu", True, "mse", False, False)
-    mlp_meta_step(*arguments)
+    arguments = (theta, lrs, weights, *batch, *encode_mlp([1, 40, 40, 1], "relu", True), "mse", False, False)
+    meta_step(*arguments)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        mlp_meta_step(*arguments)
+        meta_step(*arguments)
         torch.cuda.synchronize()
     kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 1, [e.name for e in kernels]
@@ -124,11 +124,11 @@ print("no error")
 def test_launches_on_two_streams_in_flight_match_one_stream():
     """Each stream's launches have their own completion counter, so two meta-steps in flight on
     two streams give what they give one after another."""
-    from pymaml.ops.mlp_meta_step import _cuda_counter
+    from pymaml.ops.meta_step.cuda import cuda_counter
 
     first, second = torch.cuda.Stream(), torch.cuda.Stream()
     device = torch.device("cuda", torch.cuda.current_device())
-    assert _cuda_counter(device, first).data_ptr() != _cuda_counter(device, second).data_ptr()
+    assert cuda_counter(device, first).data_ptr() != cuda_counter(device, second).data_ptr()
     widths, dtype = (2, 32, 32, 1), torch.float64
     models = [make_mlp(widths, "relu", dtype, seed=s).cuda() for s in (0, 1)]
     batches = [to_cuda(make_batch(64, 10, 2, 1, "mse", dtype, seed=s)) for s in (3, 4)]
@@ -167,15 +167,18 @@ H100 = dict(multiprocessors=132, memory=80 * 2**30)
 
 
 def _cuda_blocks(widths, tasks, steps, points, dtype_bytes, device=H100, lr_grad=False):
-    from pymaml.ops.mlp_meta_step import CUDA_WORKSPACE_FRACTION, cuda_blocks
+    from pymaml.ops import encode_mlp
+    from pymaml.ops.meta_step.cuda import CUDA_WORKSPACE_FRACTION, cuda_blocks
 
-    per_block, per_task = extension().mlp_meta_step_cuda_workspace_parts(
-        widths=list(widths), bias=True, steps=steps, support_points=points, query_points=points, lr_grad=lr_grad)
+    layers, constants = encode_mlp(widths, "relu", True)
+    per_block, per_task = extension().meta_step_cuda_workspace_parts(
+        layers=layers, layer_constants=constants, steps=steps, support_points=points, query_points=points,
+        lr_grad=lr_grad)
     limit = int(device["memory"] * CUDA_WORKSPACE_FRACTION)
     blocks = cuda_blocks(tasks, device["multiprocessors"], per_block * dtype_bytes, per_task * dtype_bytes, limit)
-    total = extension().mlp_meta_step_cuda_workspace(
-        widths=list(widths), bias=True, tasks=tasks, steps=steps, support_points=points, query_points=points,
-        lr_grad=lr_grad, blocks=blocks)
+    total = extension().meta_step_cuda_workspace(
+        layers=layers, layer_constants=constants, tasks=tasks, steps=steps, support_points=points,
+        query_points=points, lr_grad=lr_grad, blocks=blocks)
     assert total == blocks * per_block + tasks * per_task
     return blocks, total * dtype_bytes, limit, per_block * dtype_bytes
 
@@ -218,7 +221,7 @@ def test_kernel_launch_bounds_are_the_block_size_it_is_launched_with():
     if tool is None:
         pytest.skip("no cuobjdump (install the CUDA toolkit's, or triton, which ships one)")
     # The block size the binding launches with by default (its docstring's signature).
-    block = int(re.search(r"threads_per_block: [^=]*= (\d+)", extension().mlp_meta_step_cuda.__doc__).group(1))
+    block = int(re.search(r"threads_per_block: [^=]*= (\d+)", extension().meta_step_cuda.__doc__).group(1))
     elf = subprocess.run([tool, "-elf", extension().__file__], capture_output=True, text=True, check=True).stdout
     bounds = re.findall(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) 0x1 0x1", elf)
     registers = [int(r) for r in re.findall(r"meta_step_kernel\S*\s+register count: (\d+)", elf)]

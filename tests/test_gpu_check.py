@@ -314,14 +314,14 @@ def test_a_launch_setting_that_changes_the_results_is_a_failure(tmp_path):
 
 
 def test_cuda_launch_overrides_the_launchers_block_size_and_count(monkeypatch):
-    ops = importlib.import_module("pymaml.ops.mlp_meta_step")
+    ops = importlib.import_module("pymaml.ops.meta_step.cuda")
     calls = []
 
     class FakeExtension:
-        def mlp_meta_step_cuda(self, **arguments):
+        def meta_step_cuda(self, **arguments):
             calls.append(("launch", arguments))
 
-        def mlp_meta_step_cuda_workspace(self, **arguments):
+        def meta_step_cuda_workspace(self, **arguments):
             calls.append(("workspace", arguments))
             return 7
 
@@ -329,11 +329,11 @@ def test_cuda_launch_overrides_the_launchers_block_size_and_count(monkeypatch):
 
     monkeypatch.setattr(ops, "extension", lambda: FakeExtension())
     with gpu_check.cuda_launch(256, 528):
-        assert ops.extension().mlp_meta_step_cuda_workspace(tasks=25, blocks=25) == 7
-        ops.extension().mlp_meta_step_cuda(theta="θ", blocks=25, threads_per_block=128)
+        assert ops.extension().meta_step_cuda_workspace(tasks=25, blocks=25) == 7
+        ops.extension().meta_step_cuda(theta="θ", blocks=25, threads_per_block=128)
         assert ops.extension().build_info == "passed through"
     with gpu_check.cuda_launch(64, None):
-        ops.extension().mlp_meta_step_cuda(theta="θ", blocks=25)
+        ops.extension().meta_step_cuda(theta="θ", blocks=25)
     assert calls == [("workspace", {"tasks": 25, "blocks": 528}),
                      ("launch", {"theta": "θ", "blocks": 528, "threads_per_block": 256}),
                      ("launch", {"theta": "θ", "blocks": 25, "threads_per_block": 64})]

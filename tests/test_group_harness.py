@@ -43,7 +43,7 @@ def test_thread_groups_are_bitwise_identical_to_serial_group(harness):
     assert len(lines) == int(summary.group(2)) and all(line.startswith("ok   ") for line in lines)
     for P in GROUP_SIZES:
         for dtype in ("f32", "f64"):
-            for what in ("meta_step_task", "mlp_hvp"):
+            for what in ("meta_step_task", "hvp"):
                 assert any(line.startswith(f"ok   {what} ") and f" {dtype} P={P} threads" in line for line in lines), \
                     (what, dtype, P)
     # Both orders of the serialized schedule, and the grid of several groups with its counter.
@@ -63,7 +63,7 @@ def test_harness_covers_every_layer_kind(harness):
     for name in ("flatten_mixed_layers", "linear_linear_mse"):
         for P in GROUP_SIZES:
             for dtype in ("f32", "f64"):
-                for what in ("meta_step_task", "mlp_hvp"):
+                for what in ("meta_step_task", "hvp"):
                     assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
         assert any(line.startswith(f"ok   grid {name} ") for line in lines), name
     for dtype in ("f32", "f64"):
@@ -84,7 +84,7 @@ def test_harness_covers_conv2d(harness):
     for name in names:
         for P in GROUP_SIZES:
             for dtype in ("f32", "f64"):
-                for what in ("meta_step_task", "mlp_hvp"):
+                for what in ("meta_step_task", "hvp"):
                     assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
         assert f"ok   meta_step_task {name} f64 P=3 ascending" in lines, name
         assert f"ok   meta_step_task {name} f32 P=7 descending" in lines, name
@@ -103,7 +103,7 @@ def test_harness_covers_pooling_leaky_relu_and_elu(harness):
     for name in ("leaky_relu_elu", "elu_leaky_relu_mse", "max_pool_image", "avg_max_pool_image", "conv_pool_image"):
         for P in GROUP_SIZES:
             for dtype in ("f32", "f64"):
-                for what in ("meta_step_task", "mlp_hvp"):
+                for what in ("meta_step_task", "hvp"):
                     assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
         assert f"ok   meta_step_task {name} f64 P=3 ascending" in lines, name
         assert f"ok   meta_step_task {name} f32 P=7 descending" in lines, name
@@ -123,10 +123,10 @@ def test_harness_covers_batch_norm(harness):
                  "conv_batch_norm_image", "per_step_batch_norm_image"):
         for P in GROUP_SIZES:
             for dtype in ("f32", "f64"):
-                for what in ("meta_step_task", "mlp_hvp"):
+                for what in ("meta_step_task", "hvp"):
                     assert f"ok   {what} {name} {dtype} P={P} threads" in lines, (name, what, dtype, P)
         assert f"ok   meta_step_task {name} f64 P=32 ascending" in lines, name
-        assert f"ok   mlp_hvp {name} f32 P=7 descending" in lines, name
+        assert f"ok   hvp {name} f32 P=7 descending" in lines, name
         for blocks, P in ((1, 1), (2, 3), (3, 7), (8, 2)):
             for dtype in ("f32", "f64"):
                 assert f"ok   grid {name} {dtype} blocks={blocks} P={P}" in lines, (name, dtype, blocks, P)
@@ -158,7 +158,7 @@ def test_cuda_loops_match_the_oracle_in_the_cpu_launcher(tmp_path):
     subprocess.run([compiler, *flags, "-DPYMAML_HOST_RUNS_CUDA_PATHS=1", *sources, "-o", str(binary)], check=True,
                    capture_output=True, text=True)
     symbols = subprocess.run(["nm", "-C", str(binary)], capture_output=True, text=True, check=True).stdout
-    assert "gemm_tile" not in symbols and "mlp_meta_step_cpu" in symbols
+    assert "gemm_tile" not in symbols and "pymaml::meta_step_cpu" in symbols
     run = subprocess.run([str(binary), str(cases)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"oracle_check: {count} of {count} cases within 1e-10" in run.stdout, run.stdout

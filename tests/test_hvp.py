@@ -5,7 +5,7 @@ import torch
 
 import pymaml
 from helpers import TOLERANCE, make_batch, make_mlp, relative_error
-from pymaml.ops import mlp_hvp, mlp_hvp_torch
+from pymaml.ops import encode_mlp, hvp, hvp_torch
 
 HAS_EXTENSION = pymaml.build_info()["extension"]
 
@@ -66,9 +66,9 @@ def test_fused_hvp_op_equals_twin_and_opcheck():
     x, y, _, _ = make_batch(3, 4, 3, 2, "mse")
     theta = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     v = torch.randn_like(theta)
-    arguments = (theta, v, x, y, [3, 6, 2], "tanh", True, "mse")
-    assert relative_error(mlp_hvp(*arguments), mlp_hvp_torch(*arguments)) <= TOLERANCE[torch.float64]
-    torch.library.opcheck(torch.ops.pymaml.mlp_hvp.default, arguments)
+    arguments = (theta, v, x, y, *encode_mlp([3, 6, 2], "tanh", True), "mse")
+    assert relative_error(hvp(*arguments), hvp_torch(*arguments)) <= TOLERANCE[torch.float64]
+    torch.library.opcheck(torch.ops.pymaml.hvp.default, arguments)
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="pymaml._C is not built")
@@ -76,8 +76,8 @@ def test_fused_hvp_is_not_silently_differentiable():
     model = make_mlp((3, 6, 2), "tanh")
     x, y, _, _ = make_batch(2, 4, 3, 2, "mse")
     theta = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=torch.float64, requires_grad=True)
-    hv = mlp_hvp(theta, torch.ones_like(theta), x, y, [3, 6, 2], "tanh", True, "mse")
-    with pytest.raises(RuntimeError, match="pymaml::mlp_hvp is not differentiable"):
+    hv = hvp(theta, torch.ones_like(theta), x, y, *encode_mlp([3, 6, 2], "tanh", True), "mse")
+    with pytest.raises(RuntimeError, match="pymaml::hvp is not differentiable"):
         hv.sum().backward()
     params, v = per_task_state(model, 2)
     params = {n: p.requires_grad_() for n, p in params.items()}

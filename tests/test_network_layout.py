@@ -12,7 +12,7 @@ import pymaml
 from helpers import TOLERANCE, assert_backend_matches_oracle, make_batch, relative_error
 from pymaml.backends import MetaConfig, get_backend
 from pymaml.backends.cpp import mlp_layout
-from pymaml.ops import network
+from pymaml.ops.meta_step import network
 
 HAS_EXTENSION = pymaml.build_info()["extension"]
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="pymaml._C is not built")
@@ -203,17 +203,17 @@ def _twin_case():
 def test_the_twin_computes_the_oracles_meta_gradient_of_a_conv_network():
     """The pure-torch twin of the fused op (its fallback) on every layer kind, second order: torch's
     own batch_norm has wrong second derivatives under vmap(grad), so the twin must not use it."""
-    from pymaml.ops.mlp_meta_step import mlp_meta_step_torch
+    from pymaml.ops import meta_step_torch
 
     model, (sx, sy, qx, qy) = _twin_case()
     layout, reason = mlp_layout(model)
     assert reason is None
-    layers, constants, widths = layout.network((2, 9, 9))
+    layers, constants = layout.network((2, 9, 9))
     theta = torch.cat([p.detach().reshape(-1) for p in layout.parameters()])
     lrs = torch.full((2, theta.numel()), 0.1, dtype=torch.float64)
     step_weights = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    out = mlp_meta_step_torch(theta, lrs, step_weights, sx.flatten(2), sy, qx.flatten(2), qy, widths, "none", False,
-                              "cross_entropy", False, False, layers, constants)
+    out = meta_step_torch(theta, lrs, step_weights, sx.flatten(2), sy, qx.flatten(2), qy, layers, constants,
+                          "cross_entropy", False, False)
     loss = pymaml.reference.meta_loss(model, sx, sy, qx, qy, inner_lr=0.1, inner_steps=2, loss="cross_entropy")
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
     assert relative_error(out[0], loss.detach()) <= TOLERANCE[torch.float64]
@@ -221,18 +221,17 @@ def test_the_twin_computes_the_oracles_meta_gradient_of_a_conv_network():
 
 
 def test_the_hvp_twin_matches_torch_func_on_a_conv_network():
-    from pymaml.ops.mlp_hvp import mlp_hvp_torch
+    from pymaml.ops import hvp_torch
 
     model, (x, y, _, _) = _twin_case()
     layout, _ = mlp_layout(model)
-    layers, constants, widths = layout.network((2, 9, 9))
+    layers, constants = layout.network((2, 9, 9))
     generator = torch.Generator().manual_seed(5)
     params = {name: p.detach().expand(3, *p.shape).clone() for name, p in model.named_parameters()}
     v = {name: torch.randn(p.shape, generator=generator, dtype=torch.float64) for name, p in params.items()}
     expected = pymaml.hvp(model, params, x, y, v, fused=False, loss="cross_entropy")
     flat = lambda tensors: torch.cat([tensors[n].reshape(3, -1) for n in layout.names], dim=1)  # noqa: E731
-    actual = mlp_hvp_torch(flat(params), flat(v), x.flatten(2), y, widths, "none", False, "cross_entropy", layers,
-                           constants)
+    actual = hvp_torch(flat(params), flat(v), x.flatten(2), y, layers, constants, "cross_entropy")
     assert relative_error(actual, flat(expected)) <= TOLERANCE[torch.float64]
 
 

@@ -13,7 +13,7 @@ from pymaml import reference
 from pymaml.backends import MetaConfig, get_backend
 from pymaml.backends.cpp import mlp_layout
 from pymaml.nn import PerStepBatchNorm2d, current_inner_step, inner_step, update_step_statistics
-from pymaml.ops import mlp_meta_step, mlp_meta_step_torch
+from pymaml.ops import meta_step, meta_step_torch
 
 needs_extension = pytest.mark.skipif(not pymaml.build_info()["extension"], reason="pymaml._C is not built")
 
@@ -161,14 +161,14 @@ def test_fused_op_equals_its_torch_twin_on_a_per_step_network():
     model, batch = make_model(), make_batch()
     layout, reason = mlp_layout(model)
     assert layout is not None, reason
-    layers, constants, widths = layout.network(tuple(batch[0].shape[2:]))
+    layers, constants = layout.network(tuple(batch[0].shape[2:]))
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     generator = torch.Generator().manual_seed(4)
     lrs = 0.1 + 0.2 * torch.rand(3, theta.numel(), generator=generator, dtype=torch.float64)
     step_weights = torch.rand(3, generator=generator, dtype=torch.float64)
     flat = [b.flatten(2) if b.dim() > 2 else b for b in batch]
-    arguments = (theta, lrs, step_weights, *flat, widths, "none", True, "cross_entropy", False, True, layers, constants)
-    fused, twin = mlp_meta_step(*arguments), mlp_meta_step_torch(*arguments)
+    arguments = (theta, lrs, step_weights, *flat, layers, constants, "cross_entropy", False, True)
+    fused, twin = meta_step(*arguments), meta_step_torch(*arguments)
     for a, b in zip(fused, twin):
         assert a.shape == b.shape and relative_error(a, b) <= TOLERANCE[torch.float64]
 

@@ -1,4 +1,4 @@
-"""The cpp backend's held native plan (pymaml._C.MlpPlan): the parameter, gradient and Adam
+"""The cpp backend's held native plan (pymaml._C.MetaStepPlan): the parameter, gradient and Adam
 buffers are checked once, so every call must notice when any of them changed and stay exact."""
 
 import copy
@@ -11,10 +11,16 @@ import pymaml
 from helpers import TOLERANCE, make_batch, make_mlp, relative_error
 from pymaml._extension import extension
 from pymaml.backends.cpp import BACKEND as CPP
+from pymaml.ops import encode_mlp
 
 pytestmark = pytest.mark.skipif(extension() is None, reason="the compiled extension is not built")
 
 BATCHES = [make_batch(4, 5, 3, 2, "mse", seed=seed) for seed in range(4)]
+
+
+def _network(widths, activation="tanh", bias=True) -> dict:
+    layers, constants = encode_mlp(widths, activation, bias)
+    return dict(layers=layers, layer_constants=constants)
 
 
 def twins(dtype=torch.float64, **adam):
@@ -146,15 +152,15 @@ def test_native_plan_argument_errors():
     model = make_mlp((3, 9, 2), "tanh")
     params = [p.detach() for p in model.parameters()]
     grads = [torch.zeros_like(p) for p in params]
-    common = dict(widths=[3, 9, 2], activation="tanh", bias=True, loss="mse", first_order=False, steps=1,
+    common = dict(**_network((3, 9, 2)), loss="mse", first_order=False, steps=1,
                   inner_lr=0.1)
-    with pytest.raises(ValueError, match="the params hold 36 values; the MLP has 56"):
-        extension().MlpPlan(**common, params=params[:2], grads=grads[:2])
+    with pytest.raises(ValueError, match="the params hold 36 values; the network has 56"):
+        extension().MetaStepPlan(**common, params=params[:2], grads=grads[:2])
     with pytest.raises(ValueError, match="grads\\[1\\] holds 3 values"):
-        extension().MlpPlan(**common, params=params, grads=[grads[0], grads[0][0], *grads[2:]])
+        extension().MetaStepPlan(**common, params=params, grads=[grads[0], grads[0][0], *grads[2:]])
     with pytest.raises(TypeError, match="grads\\[0\\] has dtype float32"):
-        extension().MlpPlan(**common, params=params, grads=[grads[0].float(), *grads[1:]])
-    plan = extension().MlpPlan(**common, params=params, grads=grads)
+        extension().MetaStepPlan(**common, params=params, grads=[grads[0].float(), *grads[1:]])
+    plan = extension().MetaStepPlan(**common, params=params, grads=grads)
     batch = make_batch(2, 3, 3, 2, "mse")
     with pytest.raises(ValueError, match="losses must have shape \\(4,\\)"):
         plan.run(*batch, torch.empty(3, dtype=torch.float64))
@@ -235,10 +241,10 @@ def test_zero_size_batches():
     inner steps an empty support set is valid and the loss is the query loss at θ."""
     model = make_mlp((3, 9, 2), "tanh")
     params = [p.detach() for p in model.parameters()]
-    common = dict(widths=[3, 9, 2], activation="tanh", bias=True, loss="mse", first_order=False, inner_lr=0.1)
+    common = dict(**_network((3, 9, 2)), loss="mse", first_order=False, inner_lr=0.1)
     support_x, support_y, query_x, query_y = make_batch(2, 3, 3, 2, "mse")
     empty_x, empty_y = torch.empty(2, 0, 3, dtype=torch.float64), torch.empty(2, 0, 2, dtype=torch.float64)
-    plan = extension().MlpPlan(**common, steps=1, params=params, grads=[torch.zeros_like(p) for p in params])
+    plan = extension().MetaStepPlan(**common, steps=1, params=params, grads=[torch.zeros_like(p) for p in params])
     losses = torch.empty(4, dtype=torch.float64)
     with pytest.raises(ValueError, match="support_x has no points per task; the inner loop needs at least one"):
         plan.run(empty_x, empty_y, query_x, query_y, losses)
@@ -248,7 +254,7 @@ def test_zero_size_batches():
         plan.run(torch.empty(0, 3, 3, dtype=torch.float64), *[t[:0] for t in (support_y, query_x, query_y)],
                  torch.empty(2, dtype=torch.float64))
     grads = [torch.zeros_like(p) for p in params]
-    plan = extension().MlpPlan(**common, steps=0, params=params, grads=grads)
+    plan = extension().MetaStepPlan(**common, steps=0, params=params, grads=grads)
     plan.run(empty_x, empty_y, query_x, query_y, losses)
     expected = pymaml.reference.meta_loss(model, empty_x, empty_y, query_x, query_y, inner_lr=0.1, inner_steps=0)
     assert relative_error(losses[0], expected.detach()) <= TOLERANCE[torch.float64]

@@ -63,8 +63,9 @@ def test_kernels_compile_ahead_of_time(family, capability, monkeypatch, tmp_path
 
 
 def meta_step_case(tasks, seed):
-    """Arguments of pymaml::mlp_meta_step for a second-order, learned-step-size tanh MLP, float64."""
+    """Arguments of pymaml::meta_step for a second-order, learned-step-size tanh MLP, float64."""
     import pymaml
+    from pymaml.ops import encode_mlp
 
     widths = (3, 24, 18, 4)
     torch.manual_seed(seed)
@@ -74,7 +75,7 @@ def meta_step_case(tasks, seed):
     lrs = 0.05 + 0.1 * torch.rand(2, theta.numel(), generator=generator, dtype=torch.float64)
     step_weights = torch.rand(2, generator=generator, dtype=torch.float64)
     batch = make_batch(tasks, 6, widths[0], widths[-1], "cross_entropy", torch.float64, seed=seed)
-    return (theta, lrs, step_weights, *batch, list(widths), "tanh", True, "cross_entropy", False, True)
+    return (theta, lrs, step_weights, *batch, *encode_mlp(widths, "tanh", True), "cross_entropy", False, True)
 
 
 def on(arguments, device):
@@ -83,20 +84,20 @@ def on(arguments, device):
 
 
 def assert_matches_the_twin(got, arguments):
-    from pymaml.ops import mlp_meta_step_torch
+    from pymaml.ops import meta_step_torch
 
-    for a, b in zip(got, mlp_meta_step_torch(*arguments)):
+    for a, b in zip(got, meta_step_torch(*arguments)):
         assert relative_error(a.cpu(), b) <= GPU_TOLERANCE
 
 
 @needs_triton
 @needs_two_gpus
 def test_the_kernel_runs_on_the_tensors_device_not_the_current_one():
-    from pymaml.kernels.mlp_meta_step import mlp_meta_step_triton
+    from pymaml.kernels.mlp_meta_step import meta_step_triton
 
     arguments = meta_step_case(5, seed=0)
     with torch.cuda.device(0):
-        got = mlp_meta_step_triton(*on(arguments, "cuda:1"))
+        got = meta_step_triton(*on(arguments, "cuda:1"))
     torch.cuda.synchronize(1)
     assert all(t.device == torch.device("cuda:1") for t in got)
     assert_matches_the_twin(got, arguments)
@@ -105,7 +106,7 @@ def test_the_kernel_runs_on_the_tensors_device_not_the_current_one():
 @needs_triton
 @needs_cuda
 def test_launches_in_flight_on_two_streams_have_their_own_counters():
-    from pymaml.kernels.mlp_meta_step import mlp_meta_step_triton
+    from pymaml.kernels.mlp_meta_step import meta_step_triton
 
     cases = [meta_step_case(512, seed) for seed in (1, 2)]
     inputs = [on(case, "cuda") for case in cases]
@@ -114,7 +115,7 @@ def test_launches_in_flight_on_two_streams_have_their_own_counters():
     results = []
     for stream, arguments in zip(streams, inputs):
         with torch.cuda.stream(stream):
-            results.append([mlp_meta_step_triton(*arguments) for _ in range(3)])
+            results.append([meta_step_triton(*arguments) for _ in range(3)])
     torch.cuda.synchronize()
     for case, launches in zip(cases, results):
         for got in launches:
@@ -126,21 +127,21 @@ def test_launches_in_flight_on_two_streams_have_their_own_counters():
 def test_a_captured_launch_replays_beside_direct_launches():
     """A CUDA graph's launch has its own counter: replayed on one stream while the same
     configuration runs directly on another, both stay right."""
-    from pymaml.kernels.mlp_meta_step import mlp_meta_step_triton
+    from pymaml.kernels.mlp_meta_step import meta_step_triton
 
     captured_case, direct_case = meta_step_case(512, 3), meta_step_case(512, 4)
     captured_inputs, direct_inputs = on(captured_case, "cuda"), on(direct_case, "cuda")
     capture_stream, other = torch.cuda.Stream(), torch.cuda.Stream()
     with torch.cuda.stream(capture_stream):
-        mlp_meta_step_triton(*captured_inputs)  # compiles outside the capture
+        meta_step_triton(*captured_inputs)  # compiles outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=capture_stream):
-        captured = mlp_meta_step_triton(*captured_inputs)
+        captured = meta_step_triton(*captured_inputs)
     with torch.cuda.stream(other):
         graph.replay()
     with torch.cuda.stream(capture_stream):
-        direct = mlp_meta_step_triton(*direct_inputs)
+        direct = meta_step_triton(*direct_inputs)
     torch.cuda.synchronize()
     assert_matches_the_twin(captured, captured_case)
     assert_matches_the_twin(direct, direct_case)
@@ -148,9 +149,9 @@ def test_a_captured_launch_replays_beside_direct_launches():
 
 @needs_triton
 def test_tensors_on_two_devices_are_refused_by_name():
-    from pymaml.kernels.mlp_meta_step import mlp_meta_step_triton
+    from pymaml.kernels.mlp_meta_step import meta_step_triton
 
     arguments = on(meta_step_case(2, seed=0), "cpu")
     arguments[3] = arguments[3].to("meta")
     with pytest.raises(ValueError, match="tensors on one device, got cpu and meta"):
-        mlp_meta_step_triton(*arguments)
+        meta_step_triton(*arguments)

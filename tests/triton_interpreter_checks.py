@@ -13,7 +13,7 @@ import torch
 import pymaml
 from helpers import make_batch, relative_error
 from pymaml import reference
-from pymaml.ops import mlp_hvp_torch, mlp_meta_step_torch
+from pymaml.ops import encode_mlp, hvp_torch, meta_step_torch
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 TOLERANCE = 1e-4  # float32 kernel against float64 references
@@ -52,10 +52,10 @@ def test_meta_step_kernel_matches_the_twin(case):
     lrs = 0.05 + 0.1 * torch.rand(steps, theta.numel(), generator=generator, dtype=torch.float64)
     step_weights = torch.rand(steps, generator=generator, dtype=torch.float64)
     batch = make_batch(3, shots, widths[0], widths[-1], loss, torch.float64, queries=shots + 3)
-    arguments = (theta, lrs, step_weights, *batch, list(widths), activation, bias, loss, first_order, lr_grad)
-    expected = mlp_meta_step_torch(*arguments)
+    arguments = (theta, lrs, step_weights, *batch, *encode_mlp(widths, activation, bias), loss, first_order, lr_grad)
+    expected = meta_step_torch(*arguments)
     as_float = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in arguments]
-    got = kernels().mlp_meta_step_triton(*as_float)
+    got = kernels().meta_step_triton(*as_float)
     names = ["meta_loss", "task_losses", "pre_losses", "step_losses", "grad_theta", "grad_lrs"]
     for name, a, b in zip(names, got, expected):
         assert a.shape == b.shape, name
@@ -111,7 +111,7 @@ def test_hvp_kernel_matches_the_twin(loss):
     thetas = theta + 0.01 * torch.randn(tasks, theta.numel(), generator=generator, dtype=torch.float64)
     v = torch.randn(tasks, theta.numel(), generator=generator, dtype=torch.float64)
     x, y, _, _ = make_batch(tasks, 11, widths[0], widths[-1], loss, torch.float64)
-    expected = mlp_hvp_torch(thetas, v, x, y, list(widths), "tanh", True, loss)
+    expected = hvp_torch(thetas, v, x, y, *encode_mlp(widths, "tanh", True), loss)
     got = kernels().mlp_hvp_triton(thetas.float(), v.float(), x.float(), y if loss != "mse" else y.float(),
                                    list(widths), "tanh", True, loss)
     assert relative_error(got, expected) <= TOLERANCE

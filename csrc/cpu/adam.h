@@ -1,4 +1,4 @@
-// The fused Adam step of the CPU meta-step (MlpPlan and the one-shot call): torch.optim.Adam's
+// The fused Adam step of the CPU meta-step (PlanBinding and the one-shot call): torch.optim.Adam's
 // update (amsgrad and maximize off), applied in place to the parameters and their moments right
 // after the meta-gradient, so the gradient never returns to Python first.
 #pragma once

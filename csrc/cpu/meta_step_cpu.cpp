@@ -122,7 +122,7 @@ void mean_over_tasks(const T* per_task, int tasks, int64_t n, T* out, int thread
 }  // namespace
 
 template <class T>
-void mlp_meta_step_cpu(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+void meta_step_cpu(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
                        const MetaResult<T>& result, int threads) {
   const int tasks = batch.tasks, S = shape.steps;
   const int64_t P = spec.num_params, PP = spec.num_padded_params;
@@ -177,7 +177,7 @@ void mlp_meta_step_cpu(const Network& spec, const MetaStepShape& shape, const Me
 }
 
 template <class T>
-void mlp_hvp_cpu(const Network& spec, int tasks, int points, const T* theta, const T* v, const T* x,
+void hvp_cpu(const Network& spec, int tasks, int points, const T* theta, const T* v, const T* x,
                  const T* values, const int64_t* labels, T* hv, T* grad, int threads) {
   threads = useful_threads(threads, tasks, 8.0 * double(spec.num_params) * points);  // forward, backward, R-op
   const int64_t P = spec.num_params, PP = spec.num_padded_params, n0 = spec.inputs(), nL = spec.outputs();
@@ -193,14 +193,14 @@ void mlp_hvp_cpu(const Network& spec, int tasks, int points, const T* theta, con
   }
 }
 
-template void mlp_hvp_cpu<float>(const Network&, int, int, const float*, const float*, const float*, const float*,
+template void hvp_cpu<float>(const Network&, int, int, const float*, const float*, const float*, const float*,
                                  const int64_t*, float*, float*, int);
-template void mlp_hvp_cpu<double>(const Network&, int, int, const double*, const double*, const double*,
+template void hvp_cpu<double>(const Network&, int, int, const double*, const double*, const double*,
                                   const double*, const int64_t*, double*, double*, int);
 
-template void mlp_meta_step_cpu<float>(const Network&, const MetaStepShape&, const MetaBatch<float>&,
+template void meta_step_cpu<float>(const Network&, const MetaStepShape&, const MetaBatch<float>&,
                                        const MetaResult<float>&, int);
-template void mlp_meta_step_cpu<double>(const Network&, const MetaStepShape&, const MetaBatch<double>&,
+template void meta_step_cpu<double>(const Network&, const MetaStepShape&, const MetaBatch<double>&,
                                         const MetaResult<double>&, int);
 
 std::vector<std::string> cpu_levels() {

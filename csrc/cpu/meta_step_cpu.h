@@ -41,7 +41,7 @@ struct MetaResult {
 // Results do not depend on `threads`: each task is computed alone and the means over tasks
 // are summed in task order.
 template <class T>
-void mlp_meta_step_cpu(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+void meta_step_cpu(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
                        const MetaResult<T>& result, int threads);
 
 }  // namespace pymaml
@@ -51,7 +51,7 @@ namespace pymaml {
 // Batched Hessian-vector products: hv[t] = ∇²L(θ_t; x_t, y_t) v[t] for every task t, and the
 // gradients ∇L(θ_t) into grad[t] when grad is not null. theta, v, hv, grad are [T, P].
 template <class T>
-void mlp_hvp_cpu(const Network& spec, int tasks, int points, const T* theta, const T* v, const T* x,
+void hvp_cpu(const Network& spec, int tasks, int points, const T* theta, const T* v, const T* x,
                  const T* values, const int64_t* labels, T* hv, T* grad, int threads);
 
 }  // namespace pymaml

@@ -1,5 +1,5 @@
 // The held meta-step of one network on the CPU (pymaml.backends.cpp._Plan through the binding's
-// MlpPlan, which checks the buffers and keeps their DLPack views alive): the parameter, gradient
+// PlanBinding, which checks the buffers and keeps their DLPack views alive): the parameter, gradient
 // and, optionally, Adam buffers are given once as raw pointers, and each run passes only the
 // batch. θ is gathered from the parameters, the meta-gradient scattered into the gradient
 // buffers and, with Adam, the step taken in place and the step counters advanced. α_s = inner_lr
@@ -135,7 +135,7 @@ class MetaStepPlan {
                              labels ? static_cast<const int64_t*>(qy) : nullptr};
     T* grad = grads_.size() == 1 ? static_cast<T*>(grads_[0].data) : gathered.data();
     const MetaResult<T> result{losses, losses + 2, pre.data(), step_losses.data(), grad, nullptr};
-    mlp_meta_step_cpu<T>(spec_, shape, batch, result, threads);
+    meta_step_cpu<T>(spec_, shape, batch, result, threads);
     T pre_sum = 0;
     for (int t = 0; t < tasks; ++t) pre_sum += pre[t];
     losses[1] = pre_sum / T(tasks);

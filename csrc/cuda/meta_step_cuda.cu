@@ -77,7 +77,7 @@ class DeviceGuard {
 }  // namespace
 
 template <class T>
-std::string mlp_meta_step_cuda(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+std::string meta_step_cuda(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
                                const MetaResult<T>& result, T* workspace, unsigned int* counter, int* labels_ok,
                                int device, int blocks, int threads_per_block, void* stream) {
   const DeviceGuard guard(device);
@@ -98,10 +98,10 @@ std::string mlp_meta_step_cuda(const Network& spec, const MetaStepShape& shape, 
   return error == cudaSuccess ? std::string() : std::string(cudaGetErrorString(error));
 }
 
-template std::string mlp_meta_step_cuda<float>(const Network&, const MetaStepShape&, const MetaBatch<float>&,
+template std::string meta_step_cuda<float>(const Network&, const MetaStepShape&, const MetaBatch<float>&,
                                                const MetaResult<float>&, float*, unsigned int*, int*, int, int, int,
                                                void*);
-template std::string mlp_meta_step_cuda<double>(const Network&, const MetaStepShape&, const MetaBatch<double>&,
+template std::string meta_step_cuda<double>(const Network&, const MetaStepShape&, const MetaBatch<double>&,
                                                 const MetaResult<double>&, double*, unsigned int*, int*, int, int,
                                                 int, void*);
 

@@ -24,7 +24,7 @@ constexpr int kCudaThreadsPerBlock = 128;
 // labels_ok (cross-entropy, else null): one int the kernel sets to 1 when every label is in
 // range, else 0 (the tasks with a label outside then have NaN results).
 template <class T>
-std::string mlp_meta_step_cuda(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
+std::string meta_step_cuda(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
                                const MetaResult<T>& result, T* workspace, unsigned int* counter, int* labels_ok,
                                int device, int blocks, int threads_per_block, void* stream);
 

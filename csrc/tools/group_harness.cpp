@@ -469,7 +469,7 @@ TaskRun<T> run_task(const Config& c, const Network& s, const Data<T>& d, int P, 
   return run;
 }
 
-// mlp_hvp on the support points of task 0 at θ_0, with u a random padded vector.
+// hvp on the support points of task 0 at θ_0, with u a random padded vector.
 template <class T>
 TaskRun<T> run_hvp(const Config& c, const Network& s, const Data<T>& d, int P, Schedule schedule) {
   const int K = c.support_points, PP = int(s.num_padded_params);
@@ -613,7 +613,7 @@ void check_configuration(const Config& c, const std::vector<int>& group_sizes, S
     const TaskRun<T> task = run_task(c, s, d, P, schedule);
     report.expect("meta_step_task " + where, task == serial, "not bitwise identical to SerialGroup");
     const TaskRun<T> hvp = run_hvp(c, s, d, P, schedule);
-    report.expect("mlp_hvp " + where, hvp == serial_hvp, "not bitwise identical to SerialGroup");
+    report.expect("hvp " + where, hvp == serial_hvp, "not bitwise identical to SerialGroup");
   }
   if (!grid) return;
   const int tasks = 5;

@@ -1,6 +1,6 @@
 // A torch-free check of the CPU launcher's per-task math against cases exported from the oracle
-// (tests/native_cases.py writes them): for every case it runs pymaml::mlp_meta_step_cpu or
-// pymaml::mlp_hvp_cpu in float64 and compares each output with the oracle's, as
+// (tests/native_cases.py writes them): for every case it runs pymaml::meta_step_cpu or
+// pymaml::hvp_cpu in float64 and compares each output with the oracle's, as
 // ||actual − expected|| / ||expected|| ≤ tolerance. It needs nothing but a C++17 compiler, so
 // it builds for other architectures (aarch64) and runs under an emulator there.
 //
@@ -147,7 +147,7 @@ bool run_meta_step(Reader& reader, double tolerance) {
   const pymaml::MetaResult<double> result{out_loss.data(), out_task.data(), out_pre.data(), out_steps.data(),
                                           out_grad.data(), lr_grad ? out_grad_lrs.data() : nullptr};
   const pymaml::MetaStepShape shape{steps, support, query, first_order, lr_grad, true};
-  pymaml::mlp_meta_step_cpu<double>(c.spec, shape, batch, result, 1);
+  pymaml::meta_step_cpu<double>(c.spec, shape, batch, result, 1);
   return compare(c.name, {{"meta_loss", out_loss, meta_loss}, {"task_losses", out_task, task_losses},
                           {"pre_losses", out_pre, pre_losses}, {"grad_theta", out_grad, grad_theta},
                           {"grad_lrs", out_grad_lrs, grad_lrs}},
@@ -161,7 +161,7 @@ bool run_hvp(Reader& reader, double tolerance) {
                             y = reader.array("y"), hv = reader.array("hv"), grad = reader.array("grad");
   const std::vector<int64_t> labels = as_labels(y);
   std::vector<double> out_hv(theta.size()), out_grad(theta.size());
-  pymaml::mlp_hvp_cpu<double>(c.spec, tasks, points, theta.data(), v.data(), x.data(), c.labels ? nullptr : y.data(),
+  pymaml::hvp_cpu<double>(c.spec, tasks, points, theta.data(), v.data(), x.data(), c.labels ? nullptr : y.data(),
                               c.labels ? labels.data() : nullptr, out_hv.data(), out_grad.data(), 1);
   return compare(c.name, {{"hv", out_hv, hv}, {"grad", out_grad, grad}}, tolerance);
 }

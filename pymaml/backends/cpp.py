@@ -1,4 +1,4 @@
-"""Backend `cpp`: the fused C++ meta-step (pymaml::mlp_meta_step) on the CPU, for MLPs and for
+"""Backend `cpp`: the fused C++ meta-step (pymaml::meta_step) on the CPU, for MLPs and for
 networks of convolutions, batch norms, pooling, linear layers and activations.
 
 Supported: exactly what the kernel computes, nothing that merely looks like it; pymaml/backends/
@@ -24,7 +24,8 @@ from .._extension import EXTENSION_ERROR, extension
 from ..numerics import functional
 from ..numerics.schedule import step_size
 from ..numerics.state import adapted_parameters, fixed_state
-from ..ops.mlp_meta_step import NATIVE_IMPLEMENTATION, FusedImplementation, _fused_cpu, mlp_meta_step_from_parts
+from ..ops.meta_step import NATIVE_IMPLEMENTATION, FusedImplementation, meta_step_from_parts
+from ..ops.meta_step.cpu import fused_cpu
 from .base import Backend, MetaConfig, MetaOutput, TaskBatch
 from .layout import (
     ACTIVATION_NAMES,
@@ -108,7 +109,7 @@ def _laid_out_as_planned(tensors, signature) -> bool:
 
 
 class _Plan:
-    """A native MlpPlan and what it was built from: the parameters, the gradient buffers it
+    """A native MetaStepPlan and what it was built from: the parameters, the gradient buffers it
     writes, the Adam state it updates and the settings it bakes in. The native plan holds DLPack
     views of these tensors, whose memory stays allocated while it lives; a tensor that keeps its
     identity but gets new storage or strides (.data =, set_, share_memory_, a transpose) no longer
@@ -244,7 +245,7 @@ class CppBackend(Backend):
 
     @staticmethod
     def _network(layout, config: MetaConfig, batch: TaskBatch):
-        """(layers, layer_constants, widths) of the fused op for this batch's points, after checking
+        """(layers, layer_constants) of the fused op for this batch's points, after checking
         that support_x and query_x are [T, K, *point] with one point shape the model takes."""
         point_shape = tuple(batch.support_x.shape[2:])
         if batch.support_x.dim() < 3:
@@ -256,9 +257,9 @@ class CppBackend(Backend):
         if tuple(batch.query_x.shape[2:]) != point_shape or batch.query_x.dim() < 3:
             raise ValueError(f"query_x must be [T, K, {', '.join(map(str, point_shape))}] like support_x, got "
                              f"{tuple(batch.query_x.shape)}")
-        layers, constants, widths = layout.network(point_shape)
+        layers, constants = layout.network(point_shape)
         layout.check_points(point_shape, batch.support_x.shape[1], batch.query_x.shape[1], config.inner_steps)
-        return layers, constants, widths
+        return layers, constants
 
     def _plan(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights,
               optimizer=None) -> _Plan | None:
@@ -271,9 +272,8 @@ class CppBackend(Backend):
             return None
         layout = self._layout(model)
         params = layout.parameters()
-        layers, constants, widths = self._network(layout, config, batch)
-        settings = (config, float(inner_lr), tuple(widths), layout.activation, layout.bias, tuple(layers or ()),
-                    tuple(constants or ()))
+        layers, constants = self._network(layout, config, batch)
+        settings = (config, float(inner_lr), tuple(layers), tuple(constants))
         owner = model if optimizer is None else optimizer
         plan = self._plans.get(owner)
         if plan is not None and plan.matches(settings, params, optimizer):
@@ -306,9 +306,9 @@ class CppBackend(Backend):
         def views(tensors):
             return [t.detach() for t in tensors]
 
-        native = extension().MlpPlan(
-            widths=widths, activation=layout.activation, bias=layout.bias, loss=config.loss,
-            layers=list(layers or ()), layer_constants=list(constants or ()), first_order=config.first_order, steps=config.inner_steps, inner_lr=float(inner_lr),
+        native = extension().MetaStepPlan(
+            loss=config.loss, layers=layers, layer_constants=constants, first_order=config.first_order,
+            steps=config.inner_steps, inner_lr=float(inner_lr),
             params=views(params), grads=views(grads),
             adam_exp_avg=None if adam is None else views(a[0] for a in adam),
             adam_exp_avg_sq=None if adam is None else views(a[1] for a in adam),
@@ -329,7 +329,7 @@ class CppBackend(Backend):
         return MetaOutput(losses[0], losses[2:], losses[1], self.name)
 
     def implementation(self) -> FusedImplementation:
-        """The kernel behind pymaml::mlp_meta_step this backend calls."""
+        """The kernel behind pymaml::meta_step this backend calls."""
         return NATIVE_IMPLEMENTATION
 
     def unavailable_reason(self):
@@ -352,11 +352,10 @@ class CppBackend(Backend):
 
     def _arguments(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights):
         """The layout, the parameters, the fused op's step sizes [S, P] and step weights [S], its
-        model arguments (widths, activation, bias, layers, layer_constants) and the batch with each
-        point flattened ([T, K, n_0])."""
+        network (layers, layer_constants) and the batch with each point flattened ([T, K, n_0])."""
         layout = self._layout(model)
         params = layout.parameters()
-        layers, constants, widths = self._network(layout, config, batch)
+        network = self._network(layout, config, batch)
         like, steps = params[0], config.inner_steps  # like: the dtype and device of θ
         if isinstance(inner_lr, (int, float)):
             lrs = self._constant("lrs", like, steps, layout.num_params, inner_lr)
@@ -369,16 +368,14 @@ class CppBackend(Backend):
             ]) if steps else like.new_zeros(0, layout.num_params)
         if step_weights is None:
             step_weights = self._constant("weights", like, steps, layout.num_params)
-        model_arguments = (widths, layout.activation, layout.bias, layers, constants)
-        return layout, params, lrs, step_weights, model_arguments, _flat_points(batch)
+        return layout, params, lrs, step_weights, network, _flat_points(batch)
 
     def meta_step(self, model, config: MetaConfig, batch: TaskBatch, inner_lr, step_weights) -> MetaOutput:
-        layout, params, lrs, step_weights, (widths, activation, bias, layers, constants), batch = self._arguments(
+        layout, params, lrs, step_weights, (layers, constants), batch = self._arguments(
             model, config, batch, inner_lr, step_weights)
-        meta_loss, task_losses, pre_losses, *_ = mlp_meta_step_from_parts(
-            params, lrs, step_weights, *batch, widths, activation, bias, config.loss,
-            config.first_order, lrs.requires_grad, all_step_losses=False, implementation=self.implementation(),
-            layers=layers, layer_constants=constants,
+        meta_loss, task_losses, pre_losses, *_ = meta_step_from_parts(
+            params, lrs, step_weights, *batch, layers, constants, config.loss, config.first_order, lrs.requires_grad,
+            all_step_losses=False, implementation=self.implementation(),
         )
         return MetaOutput(meta_loss, task_losses, pre_losses.mean(), self.name)
 
@@ -393,17 +390,16 @@ class CppBackend(Backend):
             plan = self._plan(model, config, batch, inner_lr, step_weights)
             if plan is not None:
                 return self._run_plan(plan, batch)
-        layout, params, lrs, step_weights, (widths, activation, bias, layers, constants), batch = self._arguments(
+        layout, params, lrs, step_weights, (layers, constants), batch = self._arguments(
             model, config, batch, inner_lr, step_weights)
-        arguments = (lrs, step_weights, *batch, widths, activation, bias, config.loss, config.first_order,
-                     lrs.requires_grad, layers, constants)
+        arguments = (lrs, step_weights, *batch, layers, constants, config.loss, config.first_order, lrs.requires_grad)
         with torch.no_grad():
             # torch's C++ flatten/unflatten of a parameter list (as DDP uses), cheaper than cat,
             # split and view from Python.
             theta = _flatten_dense_tensors(params)
             if not accumulate and theta.device.type == "cpu" and self.name == "cpp" and _grads_writable(params):
                 # The kernel writes each parameter's gradient into its existing .grad.
-                meta_loss, task_losses, pre_losses, step_losses, _, grad_lrs = _fused_cpu(
+                meta_loss, task_losses, pre_losses, step_losses, _, grad_lrs = fused_cpu(
                     theta, *arguments, all_step_losses=step_weights.requires_grad, grad_out=[p.grad for p in params])
             else:
                 meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = self.implementation().forward(
@@ -444,7 +440,7 @@ class CudaBackend(CppBackend):
     checks_finite_inputs = False  # device memory is not read on the host
 
     def unavailable_reason(self):
-        from ..ops.mlp_meta_step import cuda_kernel_available
+        from ..ops.meta_step.cuda import cuda_kernel_available
 
         if extension() is None:
             return EXTENSION_ERROR

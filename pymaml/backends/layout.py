@@ -41,7 +41,7 @@ from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
 from ..nn import PerStepBatchNorm2d
-from ..ops.network import LayerSpec, encode
+from ..ops.meta_step.network import LayerSpec, encode
 
 MLP_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "none"}
 ACTIVATION_NAMES = {**MLP_ACTIVATIONS, nn.LeakyReLU: "leaky_relu", nn.ELU: "elu"}
@@ -364,16 +364,13 @@ class NetworkLayout:
             return False
         return True
 
-    def network(self, point_shape: tuple[int, ...]) -> tuple[list[int] | None, list[float] | None, list[int]]:
-        """(layers, layer_constants, widths) of the fused op for points of shape point_shape (x is
-        [T, K, *point_shape]): for an MLP (None, None, its widths); for another network its encoding
-        and [inputs, outputs]. Raises ValueError, naming the layer, where the points do not fit the
-        model (as torch would fail on them)."""
+    def network(self, point_shape: tuple[int, ...]) -> tuple[list[int], list[float]]:
+        """(layers, layer_constants): the fused ops' encoding of the model for points of shape
+        point_shape (x is [T, K, *point_shape]). Raises ValueError, naming the layer, where the
+        points do not fit the model (as torch would fail on them)."""
         point_shape = tuple(int(n) for n in point_shape)
-        if self.is_mlp:
-            if point_shape != (self.widths[0],):
-                raise ValueError(f"each point must be [{self.widths[0]}] for this MLP, got {list(point_shape)}")
-            return None, None, self.widths
+        if self.is_mlp and point_shape != (self.widths[0],):
+            raise ValueError(f"each point must be [{self.widths[0]}] for this MLP, got {list(point_shape)}")
         cached = self._networks.get(point_shape)
         if cached is None:
             cached = self._networks[point_shape] = self._encode(point_shape)
@@ -453,7 +450,7 @@ class NetworkLayout:
         input_shape = point_shape if len(point_shape) == 3 else (point_shape[0], 1, 1)
         layers, constants = encode(input_shape, specs)
         self._batch_norm_pixels[point_shape] = batch_norms
-        return layers, constants, [math.prod(point_shape), shape[0]]
+        return layers, constants
 
 
 MlpLayout = NetworkLayout  # the name the MLP-only code used

@@ -71,14 +71,13 @@ def hvp(
     if fused is True and (layout is None or differentiable):
         raise RuntimeError(f"the fused HVP cannot run here: {reason or 'an input requires grad'}")
     if fused is not False and layout is not None and not differentiable:
-        from ..ops import mlp_hvp
+        from ..ops.meta_step import hvp as fused_hvp
 
         names = layout.names
         flatten = lambda tensors: torch.cat([tensors[n].reshape(x.shape[0], -1) for n in names], dim=1)  # noqa: E731
-        layers, constants, widths = layout.network(tuple(x.shape[2:]))
+        layers, constants = layout.network(tuple(x.shape[2:]))
         layout.check_points(tuple(x.shape[2:]), x.shape[1], x.shape[1], 1)
-        flat = mlp_hvp(flatten(params), flatten(v), x.reshape(*x.shape[:2], -1), y, widths, layout.activation,
-                       layout.bias, loss, layers, constants)
+        flat = fused_hvp(flatten(params), flatten(v), x.reshape(*x.shape[:2], -1), y, layers, constants, loss)
         out, offset = {}, 0
         for name in names:
             size = params[name][0].numel()

@@ -1,5 +1,8 @@
 """The encoding of a network for the fused ops, and the network's pure-torch forward (the twins' model).
 
+An MLP is a network like any other: Linear layers with an activation layer between each two
+(encode_mlp); as_mlp recognises that form for the kernels that compute MLPs only (Triton).
+
 `layers` is the input shape of one point [C, H, W] (a vector of n features: [n, 1, 1]) followed by
 LAYER_INTS integers per layer: kind, out (Linear's out features, Conv2d's out channels, BatchNorm's
 rows of γ and β: 0 or 1 for one, R for pymaml.nn.PerStepBatchNorm2d's per-step rows), kernel,
@@ -16,12 +19,13 @@ weight [out, in] then bias; Conv2d weight [out, in, k, k] then bias; BatchNorm w
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from ..numerics import decomposed_norms
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ...numerics import decomposed_norms
 
 LAYER_INTS = 8
 KINDS = {"linear": 0, "activation": 1, "flatten": 2, "conv2d": 3, "batch_norm": 4, "max_pool": 5, "avg_pool": 6}
@@ -69,6 +73,61 @@ def decode(layers: list[int], layer_constants: list[float]) -> tuple[tuple[int, 
         specs.append(LayerSpec(_KIND_NAMES[kind], out, kernel, stride, padding, bool(bias), bool(affine),
                                _ACTIVATION_NAMES[activation], float(constant)))
     return (layers[0], layers[1], layers[2]), specs
+
+
+MLP_ACTIVATIONS = ("none", "relu", "tanh", "sigmoid")
+
+
+def encode_mlp(widths, activation: str, bias: bool) -> tuple[list[int], list[float]]:
+    """(layers, layer_constants) of the MLP of `widths` [n_0, ..., n_L]: Linear layers (all with or
+    all without bias) with `activation` between each two and none after the last."""
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(f"widths must be at least two positive layer widths, got {list(widths)}")
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"an MLP's activation must be one of {MLP_ACTIVATIONS}, got {activation!r}")
+    specs = []
+    for index, width in enumerate(widths[1:]):
+        if index:
+            specs.append(LayerSpec("activation", activation=activation))
+        specs.append(LayerSpec("linear", out=int(width), bias=bool(bias)))
+    return encode((int(widths[0]), 1, 1), specs)
+
+
+@lru_cache(maxsize=256)
+def _as_mlp(layers: tuple[int, ...], layer_constants: tuple[float, ...]):
+    (channels, height, width), specs = decode(list(layers), list(layer_constants))
+    linears, activations = specs[0::2], specs[1::2]
+    if (height, width) != (1, 1) or not linears or any(spec.kind != "linear" for spec in linears):
+        return None
+    if any(spec.kind != "activation" or spec.activation not in MLP_ACTIVATIONS for spec in activations):
+        return None
+    if len(specs) % 2 == 0 or len({spec.bias for spec in linears}) != 1 or len({s.activation for s in activations}) > 1:
+        return None
+    widths = (channels, *(spec.out for spec in linears))
+    return widths, activations[0].activation if activations else "none", linears[0].bias
+
+
+def as_mlp(layers, layer_constants) -> tuple[list[int], str, bool] | None:
+    """(widths, activation, bias) when the encoded network is an MLP (encode_mlp's form), else None."""
+    found = _as_mlp(tuple(int(n) for n in layers), tuple(float(c) for c in layer_constants))
+    return None if found is None else (list(found[0]), found[1], found[2])
+
+
+def output_features(layers, layer_constants) -> int:
+    """Values per point the encoded network outputs (the classes of cross-entropy)."""
+    (channels, height, width), specs = decode(list(layers), list(layer_constants))
+    for spec in specs:
+        if spec.kind == "linear":
+            channels, height, width = spec.out, 1, 1
+        elif spec.kind == "conv2d":
+            height = (height + 2 * spec.padding - spec.kernel) // spec.stride + 1
+            width = (width + 2 * spec.padding - spec.kernel) // spec.stride + 1
+            channels = spec.out
+        elif spec.kind in ("max_pool", "avg_pool"):
+            height, width = height // spec.kernel, width // spec.kernel
+        elif spec.kind == "flatten":
+            channels, height, width = channels * height * width, 1, 1
+    return channels * height * width
 
 
 def _activate(h: Tensor, spec: LayerSpec) -> Tensor:
