@@ -209,6 +209,20 @@ def test_every_layer_kind_in_one_network(first_order, dtype):
                           first_order=first_order, loss="cross_entropy")
 
 
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("channels", [15, 16, 17, 64, 70, 129])
+def test_batch_norm_channel_counts_across_chunks_and_channel_groups(channels, dtype):
+    """BatchNorm's sums take the channels of a pixel together, in whole 16-lane chunks and a
+    partial one, up to 64 at a time: counts below, at and above both bounds; 10 + 12 points of
+    6×6 pixels give each channel several blocks of 128 values to sum."""
+    model = randomized(nn.Sequential(
+        nn.Conv2d(2, channels, 3, padding=1), nn.BatchNorm2d(channels, track_running_stats=False), nn.ReLU(),
+        nn.Conv2d(channels, 3, 1), nn.BatchNorm2d(3, affine=False, track_running_stats=False), nn.Flatten(),
+        nn.Linear(3 * 36, OUTPUTS["cross_entropy"])), DTYPES[dtype])
+    batch = image_batch(2, 10, 12, (2, 6, 6), "cross_entropy", DTYPES[dtype])
+    assert_matches_oracle(model, batch, inner_lr=0.1, inner_steps=2, first_order=False, loss="cross_entropy")
+
+
 def learned_maml(mode, steps=3, first_order=False, step_weights=None, adapt=None, seed=0):
     model = randomized(rich_net(), seed=seed)
     maml = pymaml.MAML(model, inner_lr=0.1, inner_steps=steps, first_order=first_order, loss="cross_entropy",
