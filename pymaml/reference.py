@@ -37,9 +37,12 @@ def adapt_task_steps(model, params, fixed, loss_fn, x, y, inner_lr: InnerLR, ste
         moving = [name for name in theta if adapt is None or name in adapt]
         with inner_step(step):
             loss = _loss_at(model, theta, fixed, loss_fn, x, y)
-        grads = torch.autograd.grad(
-            loss, [theta[name] for name in moving], create_graph=not first_order, materialize_grads=True
-        )
+        if loss.requires_grad:
+            grads = torch.autograd.grad(
+                loss, [theta[name] for name in moving], create_graph=not first_order, materialize_grads=True
+            )
+        else:  # no parameter that requires grad reaches the loss (frozen layers): every gradient is zero
+            grads = [torch.zeros_like(theta[name]) for name in moving]
         updated = dict(theta)
         for name, g in zip(moving, grads):
             updated[name] = theta[name] - step_size(inner_lr, step, name) * g

@@ -193,7 +193,7 @@ def check_backend(model, batch, options, backend, expected_loss, expected_grad):
             maml(*batch).loss.backward()
         return maml.backend
     out = maml(*batch)
-    grads = torch.autograd.grad(out.loss, params, allow_unused=True, materialize_grads=True)
+    grads = _meta_gradient(out.loss, params)
     what = f"{backend} ({maml.backend}, {maml.backend_choice})"
     assert_close(out.loss, expected_loss, what + ": loss")
     assert_close(flat(grads), expected_grad, what + ": gradient")
@@ -209,12 +209,21 @@ def check_backend(model, batch, options, backend, expected_loss, expected_grad):
     return maml.backend
 
 
+def _meta_gradient(loss, params):
+    """The gradient of the meta-loss with respect to params, zero for a parameter the loss does not
+    use; all zero where no parameter that requires grad reaches the loss (a frozen layer and an
+    unused parameter), which leaves the loss without a graph to differentiate."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+
 def oracle(model, batch, options):
     """The oracle's meta-loss and flat meta-gradient, or (None, None) where it cannot run the model."""
     params = list(adapted_parameters(model).values())
     try:
         loss = pymaml.reference.meta_loss(model, *batch, **options)
-        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        grads = _meta_gradient(loss, params)
     except RuntimeError:  # e.g. a backward hook around an in-place activation
         return None, None
     return loss.detach(), flat(grads)
@@ -254,3 +263,20 @@ def test_plain_mlps_are_taken_by_the_fused_kernel(case):
     assert pymaml.MAML(model, **case["options"]).backend == "cpp"
     batch, options = make_batch(case), case["options"]
     assert check_backend(model, batch, options, "cpp", *oracle(model, batch, options)) == "cpp"
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("steps", [0, 1, 2])
+def test_a_loss_that_reaches_no_trainable_parameter_has_a_zero_meta_gradient(steps, first_order):
+    """A frozen layer beside a parameter the forward never uses (a case hypothesis found): the
+    oracle's inner gradients are zero rather than an error, its meta-gradient is zero, and every
+    backend gives the same loss and gradient or refuses the model."""
+    case = dict(widths=[1, 1], biases=[False], linear_kinds=["frozen-weight"], activation_kinds=[],
+                model_kind="extra-parameter", loss="mse", seed=0, tasks=1, shots=1, queries=1,
+                options=dict(inner_steps=steps, first_order=first_order, inner_lr=0.1, loss="mse"))
+    model, batch = build_model(case), make_batch(case)
+    expected_loss, expected_grad = oracle(model, batch, case["options"])
+    assert expected_loss is not None and torch.equal(expected_grad, torch.zeros(1, dtype=torch.float64))
+    assert check_backend(model, batch, case["options"], "auto", expected_loss, expected_grad) == "func"
+    for backend in (*EXPLICIT_BACKENDS, "reference"):
+        check_backend(model, batch, case["options"], backend, expected_loss, expected_grad)

@@ -128,7 +128,8 @@ class Backend:
         if not accumulate:
             model.zero_grad(set_to_none=True)
         out = self.meta_step(model, config, batch, inner_lr, step_weights)
-        out.loss.backward()
+        if out.loss.requires_grad:  # else no parameter that requires grad reaches it: a zero meta-gradient
+            out.loss.backward()
         out.loss = out.loss.detach()
         return out
 
