@@ -34,6 +34,17 @@ never lost):
   occupancy    the CUDA launcher's fused op at 32..1024 threads per block and at 1, 2, 4, 8 blocks
                per SM, W1 at T = 25, 1024, 16384: time, and whether the results are bitwise those
                of the launcher's own setting (the GPU section of bench/RESULTS.md says what these decide).
+  conv_correctness  convolutional networks on the first backend's fused op (cuda: the CUDA
+               launcher), called directly on the device's tensors, since the `cuda` backend itself
+               refuses every network but an MLP (CudaBackend._accept) until this section has passed
+               on a GPU: a small conv stack (3×3 conv with bias, BatchNorm2d on batch statistics,
+               ReLU, 2×2 max-pool, Linear) and Omniglot's Conv4, 4 tasks of 5-way 1-shot, S = 1, 2,
+               first and second order, cross-entropy, float64 and float32, and one case whose
+               blocks take several tasks each; the meta-loss, the per-task losses and the flat
+               meta-gradient against the oracle (the tolerances of `correctness`, relative to the
+               whole gradient: a conv bias before a BatchNorm has a true gradient of 0), the CPU
+               kernel's error beside each. `passed` lists the cases within tolerance, `gate` what
+               the backend says of each network: what decides whether the gate can be lifted.
   correctness_compiled  the same for `triton`, each configuration after its warm-up (skipped,
                and reported as not checked, when the warm-up is still compiling at the time box).
   launches     every kernel and memory operation the device ran, and the CUDA runtime calls,
@@ -49,15 +60,19 @@ never lost):
                /usr/local/cuda*/bin or /opt/nvidia/*/bin (--sanitizer names it).
   timing       MAML.meta_gradient, median ms from CUDA events: W1 (sinusoid, MLP 1-40-40-1,
                K = 10 + 10, second order, float32) at T = 25, 1024, 16384 and S = 1, 5, and the
-               widest configuration at T = 1024, S = 5, for each backend and for `func`.
+               widest configuration at T = 1024, S = 5, for each backend and for `func`; then, as
+               time allows, W3 (Omniglot Conv4, T = 32, 5-way 1-shot, 15 queries per class, S = 1,
+               second order) with the first backend timed through its fused op alone (as in
+               conv_correctness) and the others through MAML.meta_gradient where they take it.
   warmup       what became of each warm-up child.
 
 Options: --budget-s (total, default 285), --sections, --backends (default cuda,triton),
 --baseline (default func), --sanitizer PATH, --sanitizer-tools.
 
 --dry-run checks this script's logic on the CPU: every section with CPU stand-ins (backend
-cpp for cuda and triton, warm-ups included; tiny sizes; wall-clock timing; thread counts for
-the launch settings; a built-in fake sanitizer that runs the child and reports no errors), e.g.
+cpp for cuda and triton, warm-ups included, and its fused op on CPU tensors for the conv
+networks; tiny sizes; wall-clock timing; thread counts for the launch settings; a built-in fake
+sanitizer that runs the child and reports no errors), e.g.
     python bench/gpu_check.py --dry-run --out /tmp/gpu_check_dry
 tests/test_gpu_check.py runs it and checks the JSON.
 """
@@ -66,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import glob
@@ -86,6 +102,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 import pymaml
 
@@ -95,9 +112,10 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
 # In the order they run. The compiling backends' (Triton's) oracle checks, launch counts and
-# kernel metadata come after the others, to give their compiles (SanitizerRuns, WarmUps) time.
-SECTIONS = ("environment", "correctness", "occupancy", "correctness_compiled", "launches", "resources", "sanitizer",
-            "timing", "warmup")
+# kernel metadata come after the others, to give their compiles (SanitizerRuns, WarmUps) time;
+# the conv checks run in that time too.
+SECTIONS = ("environment", "correctness", "occupancy", "conv_correctness", "correctness_compiled", "launches",
+            "resources", "sanitizer", "timing", "warmup")
 SANITIZER_TOOLS = ("memcheck", "synccheck", "initcheck", "racecheck")
 CHILD_OK = "CHILD META-STEP OK"
 # Returned by compute-sanitizer when it found errors (--error-exitcode), distinct from a crash.
@@ -133,6 +151,41 @@ class Workload:
     points: int
 
 
+@dataclass(frozen=True)
+class ConvNet:
+    """A network of the conv checks, on images [channels, size, size]. kind "stack": one block, a
+    3×3 convolution with bias and padding 1 to `hidden` channels, BatchNorm2d on batch statistics,
+    ReLU and a 2×2 max-pool, then Flatten and Linear; kind "conv4": pymaml.models.Conv4's Omniglot
+    variant (four blocks of a stride-2 3×3 convolution, BatchNorm2d and ReLU) with `hidden`
+    filters, then Flatten and Linear."""
+
+    kind: str
+    channels: int
+    size: int
+    hidden: int
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One N-way K-shot meta-step of a ConvNet with Q queries per class, through the fused op,
+    checked against the oracle or timed. blocks: the CUDA launch's block count, fewer than the
+    tasks, so that a block runs several tasks in turn on the same workspace (None: the launcher's
+    own, one block per task here; the CPU stand-in runs that many threads)."""
+
+    name: str
+    net: ConvNet
+    steps: int
+    first_order: bool
+    tasks: int
+    queries: int
+    ways: int = 5
+    shots: int = 1
+    dtypes: tuple = ("float64", "float32")
+    blocks: int | None = None
+    inner_lr: float = 0.25  # a power of two, the same number in float32 and float64
+    loss: str = "cross_entropy"
+
+
 @dataclass
 class Plan:
     """What a run does: the GPU plan, or the dry run's CPU stand-ins at tiny sizes."""
@@ -142,6 +195,8 @@ class Plan:
     baseline: str
     cases: list
     workloads: list
+    conv_cases: list  # ConvCase, checked against the oracle through the first backend's fused op
+    conv_workloads: list  # ConvCase, timed after the workloads
     launch_case: Case
     child_case_names: tuple  # the correctness cases the sanitizer's child runs, at 3 tasks
     sanitizer_tools: list
@@ -164,6 +219,23 @@ W1_WIDTHS = (1, 40, 40, 1)
 # MAX_PADDED_POINTS); the CUDA kernel has no width limit of its own.
 WIDEST_WIDTHS = (128, 128, 128, 128)
 WIDEST_POINTS = 64
+# The conv stack's channel count is not a multiple of the 16-value chunk, so that its convolution
+# goes through the padded pixel rows; Conv4's 64 filters take the in-place path, and its later
+# convolutions (whose input is not data) keep Ŵ and a transposed copy where the first keeps Ŵ^T
+# alone (csrc/core/layers/conv2d.h).
+CONV_STACK = ConvNet("stack", 3, 12, 6)
+OMNIGLOT_CONV4 = ConvNet("conv4", 1, 28, 64)
+
+
+def conv_case_grid(nets: dict, tasks: int, queries: int, blocks: int) -> list:
+    """Each network at S = 1, 2, second and first order, and the last network once more at S = 2,
+    second order, with `blocks` blocks taking the tasks in turn."""
+    cases = [ConvCase(f"{label}_s{steps}{'_first_order' if first_order else ''}", net, steps, first_order, tasks,
+                      queries)
+             for label, net in nets.items() for steps in (1, 2) for first_order in (False, True)]
+    label, net = list(nets.items())[-1]
+    cases.append(ConvCase(f"{label}_s2_{blocks}_blocks", net, 2, False, tasks, queries, blocks=blocks))
+    return cases
 
 
 def gpu_plan(args) -> Plan:
@@ -185,6 +257,11 @@ def gpu_plan(args) -> Plan:
     workloads.append(Workload("widest_T1024_S5", WIDEST_WIDTHS, 1024, 5, WIDEST_POINTS))
     return Plan(
         device="cuda", backends=args.backends, baseline=args.baseline, cases=cases, workloads=workloads,
+        conv_cases=conv_case_grid({"stack": CONV_STACK, "omniglot_conv4": OMNIGLOT_CONV4}, tasks=4, queries=3,
+                                  blocks=2),
+        # W3 of bench/providers.py (omniglot_conv4): its inner step size, 5-way 1-shot, 15 queries per class.
+        conv_workloads=[ConvCase("w3_omniglot_conv4_T32_S1", OMNIGLOT_CONV4, 1, False, 32, 15, dtypes=("float32",),
+                                 inner_lr=0.4)],
         launch_case=Case("w1_s1", W1_WIDTHS, "relu", "mse", 1, False, 25, 10, dtypes=("float32",)),
         child_case_names=("meta_sgd_step_weights_s2", "ce_tanh_s3"), sanitizer_tools=args.sanitizer_tools,
         # Triton compiles once per configuration and integer specialization (T and K divisible by
@@ -193,8 +270,8 @@ def gpu_plan(args) -> Plan:
         + [("triton", f"workload/w1_T1024_S{s}") for s in (1, 5) if "triton" in args.backends],
         # Seconds per section; the sanitizer's is counted from the start of the run, since its
         # children run beside the other sections.
-        budgets=dict(environment=20, correctness=55, occupancy=15, correctness_compiled=70, launches=15,
-                     resources=10, sanitizer=200, timing=75),
+        budgets=dict(environment=20, correctness=55, occupancy=15, conv_correctness=40, correctness_compiled=70,
+                     launches=15, resources=10, sanitizer=200, timing=85),
         timing_case_s=2.0, timing_max_reps=100, timing_warm_calls=2, watchdog=True,
         occupancy_workloads=[Workload(f"w1_T{t}_S{s}", W1_WIDTHS, t, s, 10) for t, s in ((25, 1), (25, 5), (1024, 1),
                                                                                        (16384, 1))],
@@ -215,11 +292,15 @@ def dry_plan(args) -> Plan:
     backends = args.backends if args.backends_given else ["cpp"]
     return Plan(
         device="cpu", backends=backends, baseline=args.baseline, cases=cases, workloads=workloads,
+        conv_cases=conv_case_grid({"stack": ConvNet("stack", 2, 6, 3), "omniglot_conv4": ConvNet("conv4", 1, 12, 4)},
+                                  tasks=2, queries=2, blocks=1),
+        conv_workloads=[ConvCase("w3_omniglot_conv4_T3_S1", ConvNet("conv4", 1, 12, 4), 1, False, 3, 2,
+                                 dtypes=("float32",), inner_lr=0.4)],
         launch_case=Case("w1_s1", W1_WIDTHS, "relu", "mse", 1, False, 3, 4, dtypes=("float32",)),
         child_case_names=("meta_sgd_step_weights_s2", "ce_tanh_s2"), sanitizer_tools=args.sanitizer_tools,
         warm=[(backends[0], "case/meta_sgd_step_weights_s2/float32"), (backends[0], "workload/w1_T2_S1")],
-        budgets=dict(environment=30, correctness=120, occupancy=30, correctness_compiled=120, launches=60,
-                     resources=30, sanitizer=240, timing=60),
+        budgets=dict(environment=30, correctness=120, occupancy=30, conv_correctness=120, correctness_compiled=120,
+                     launches=60, resources=30, sanitizer=240, timing=60),
         timing_case_s=0.05, timing_max_reps=3, timing_warm_calls=0, watchdog=False,
         occupancy_workloads=[Workload("w1_T4_S1", W1_WIDTHS, 4, 1, 4)], occupancy_threads=(1, 2), occupancy_reps=3,
         fake_sanitizer=args.sanitizer is None, dry_run=True,
@@ -398,8 +479,8 @@ def worst(errors: dict) -> float:
     return max((math.inf if math.isnan(e) else e) for e in errors.values())
 
 
-def backend_reason(backend: str, case, dtype: torch.dtype, device: str) -> str | None:
-    """Why `backend` cannot run the case here, or None."""
+def backend_reason(backend: str, case, dtype: torch.dtype, device: str, model=None) -> str | None:
+    """Why `backend` cannot run the case here (on `model`, by default the case's MLP), or None."""
     try:
         implementation = pymaml.backends.get_backend(backend)
     except ValueError as error:
@@ -407,7 +488,8 @@ def backend_reason(backend: str, case, dtype: torch.dtype, device: str) -> str |
     reason = implementation.unavailable_reason()
     if reason is None:
         config = pymaml.backends.MetaConfig(case.steps, case.first_order, case.loss)
-        reason = implementation.unsupported_reason(make_model(case, dtype), config, torch.device(device))
+        model = make_model(case, dtype) if model is None else model
+        reason = implementation.unsupported_reason(model, config, torch.device(device))
     return reason
 
 
@@ -529,6 +611,221 @@ def correctness_case(plan: Plan, case: Case, dtype_name: str, backend: str, resu
     shown = f"max rel. error {entry['max_error']:.2e}" if "max_error" in entry else entry["status"]
     print(f"  {case.name:28s} {dtype_name} {backend:9s} {shown} "
           f"{'ok' if entry.get('ok') else 'WRONG'} ({entry['seconds']:.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutional networks through the fused op itself.
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """The model's parameters drawn afresh in float64: weights ~ N(0, 1/fan-in), biases ~ N(0, 0.3²),
+    BatchNorm weights ~ 1 + N(0, 0.3²). torch's initial BatchNorm weight 1 and bias 0 would let a
+    kernel that dropped or swapped them agree with the oracle."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 1 / max(1, p[0].numel()) ** 0.5 if p.dim() > 1 else 0.3
+            p.copy_(scale * torch.randn(p.shape, generator=generator, dtype=torch.float64))
+            if name.endswith("weight") and p.dim() == 1:  # a BatchNorm's γ, the only 1-D weight
+                p.add_(1.0)
+    return model
+
+
+def make_conv_model(case: ConvCase, dtype: torch.dtype, seed: int = 0) -> nn.Sequential:
+    """The case's network with randomized parameters, drawn in float64 and then rounded to dtype."""
+    net = case.net
+    if net.kind == "stack":
+        pooled = net.size // 2
+        model = nn.Sequential(nn.Conv2d(net.channels, net.hidden, 3, padding=1),
+                              nn.BatchNorm2d(net.hidden, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Linear(net.hidden * pooled * pooled, case.ways))
+    elif net.kind == "conv4":
+        model = pymaml.models.Conv4(in_channels=net.channels, ways=case.ways, hidden=net.hidden, image_size=net.size,
+                                    strided=True)
+    else:
+        raise ValueError(f"unknown conv network kind {net.kind!r}")
+    return randomize(model.to(torch.float64), seed).to(dtype)
+
+
+def make_conv_batch(case: ConvCase, dtype: torch.dtype, seed: int = 1) -> tuple:
+    """Images x ~ N(0, 1), [T, N·K, C, H, W] and [T, N·Q, C, H, W], drawn in float64, with labels
+    grouped by class as bench/providers.py's image workloads have them."""
+    generator = torch.Generator().manual_seed(seed)
+    image = (case.net.channels, case.net.size, case.net.size)
+    tensors = []
+    for per_class in (case.shots, case.queries):
+        x = torch.randn(case.tasks, case.ways * per_class, *image, generator=generator, dtype=torch.float64)
+        y = torch.arange(case.ways).repeat_interleave(per_class).expand(case.tasks, -1).contiguous()
+        tensors += [x.to(dtype), y]
+    return tuple(tensors)
+
+
+def conv_op_arguments(case: ConvCase, model: nn.Sequential, batch: tuple, device: str) -> tuple:
+    """The fused op's arguments (pymaml::meta_step's schema) on `device` and the parameters' names
+    in θ's order: θ the layout's parameters flattened, α = inner_lr for every step and parameter,
+    step weights (0, ..., 0, 1), each point's image flattened to [C·H·W], and the network encoded as
+    the cpp backend encodes it (NetworkLayout.network). Raises when cpp does not take the model:
+    what the fused kernel computes is then not this network."""
+    from pymaml.backends.layout import mlp_layout
+
+    config = pymaml.backends.MetaConfig(case.steps, case.first_order, case.loss)
+    reason = pymaml.backends.get_backend("cpp").unsupported_reason(model, config, torch.device("cpu"))
+    if reason is not None:
+        raise ValueError(f"the fused kernel does not take {case.name}: {reason}")
+    layout, _ = mlp_layout(model)
+    support_x, query_x = batch[0], batch[2]
+    point_shape = tuple(support_x.shape[2:])
+    layers, constants = layout.network(point_shape)
+    layout.check_points(point_shape, support_x.shape[1], query_x.shape[1], case.steps)
+    theta = torch.cat([p.detach().reshape(-1) for p in layout.parameters()]).to(device)
+    lrs = theta.new_full((case.steps, theta.numel()), case.inner_lr)
+    weights = theta.new_zeros(case.steps)
+    if case.steps:
+        weights[-1] = 1.0
+    tensors = [t.reshape(*t.shape[:2], -1) if t.is_floating_point() else t for t in batch]
+    arguments = (theta, lrs, weights, *(t.to(device) for t in tensors), layers, constants, case.loss,
+                 case.first_order, False)
+    return arguments, list(layout.names)
+
+
+def on_cpu(arguments: tuple) -> tuple:
+    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in arguments)
+
+
+def conv_op_values(implementation, arguments: tuple, device: str) -> dict:
+    """The meta-loss, per-task losses and flat meta-gradient of one call of the fused op, in float64
+    on the CPU."""
+    meta_loss, task_losses, _, _, grad_theta, _ = implementation.forward(*arguments)
+    synchronize(device)
+    return {"loss": meta_loss.detach().double().cpu().reshape(1),
+            "task_losses": task_losses.detach().double().cpu().reshape(-1),
+            "grads": grad_theta.detach().double().cpu().reshape(-1)}
+
+
+def conv_oracle(case: ConvCase, model: nn.Sequential, batch: tuple, names: list) -> dict:
+    """The oracle's meta-loss, per-task losses and flat meta-gradient (over the parameters `names`,
+    in θ's order), computed in float64 on the CPU from the model's and batch's values."""
+    oracle_model = copy.deepcopy(model).to(torch.float64)
+    parameters = dict(oracle_model.named_parameters())
+    batch = [t.to(torch.float64) if t.is_floating_point() else t for t in batch]
+    task_losses = pymaml.reference.task_query_losses(oracle_model, *batch, inner_lr=case.inner_lr,
+                                                     inner_steps=case.steps, first_order=case.first_order,
+                                                     loss=case.loss)
+    loss = task_losses.mean()
+    grads = torch.autograd.grad(loss, [parameters[name] for name in names])
+    return {"loss": loss.detach().reshape(1), "task_losses": task_losses.detach().reshape(-1),
+            "grads": torch.cat([g.reshape(-1) for g in grads])}
+
+
+def conv_launch(plan: Plan, blocks: int | None):
+    """The launch a conv case asks for: `blocks` blocks of the CUDA launcher's own width, or on the
+    CPU stand-in as many threads (each takes tasks in turn, as a block does); None: as it is."""
+    if blocks is None:
+        return contextlib.nullcontext()
+    if plan.device == "cuda":
+        return cuda_launch(None, blocks)
+    return cpu_threads(blocks)
+
+
+def conv_gate(backend: str, case: ConvCase, device: str) -> str | None:
+    """What the backend itself says of the case's network on `device` (None: it runs it), its
+    availability aside: for `cuda`, the gate this section decides on."""
+    try:
+        implementation = pymaml.backends.get_backend(backend)
+    except ValueError as error:
+        return str(error)
+    config = pymaml.backends.MetaConfig(case.steps, case.first_order, case.loss)
+    return implementation.unsupported_reason(make_conv_model(case, torch.float32), config, torch.device(device))
+
+
+def conv_correctness_section(plan: Plan, results: Results, section: dict, deadline: float) -> None:
+    """The conv cases on the first backend's fused op against the oracle; result["passed"] lists
+    the cases within tolerance, result["all_passed"] whether every planned case ran and passed."""
+    backend = plan.backends[0] if plan.backends else None
+    result = section.setdefault("result", {
+        "backend": backend, "gate": {}, "cases": [], "failures": [], "passed": [], "all_passed": False,
+        "method": (f"pymaml::meta_step called directly on {plan.device} tensors with the network encoded as the cpp "
+                   "backend encodes it, bypassing the backend's acceptance; relative errors against the float64 "
+                   "oracle on the same values, over the whole flat meta-gradient")})
+    if backend is None:
+        result["skipped"] = "no backend"
+        return
+    try:
+        implementation = pymaml.backends.get_backend(backend)
+        unavailable = implementation.unavailable_reason()
+    except ValueError as error:
+        implementation, unavailable = None, str(error)
+    for case in plan.conv_cases:
+        if case.net.kind not in result["gate"]:
+            result["gate"][case.net.kind] = conv_gate(backend, case, plan.device)
+    try:
+        for case in plan.conv_cases:
+            for dtype_name in case.dtypes:
+                if time.perf_counter() > deadline:
+                    result["cases"].append({"case": case.name, "dtype": dtype_name, "backend": backend,
+                                            "status": "skipped", "reason": "section time box"})
+                    continue
+                conv_correctness_case(plan, case, dtype_name, backend, implementation, unavailable, result)
+                results.write()
+    finally:
+        planned = sum(len(case.dtypes) for case in plan.conv_cases)
+        result["all_passed"] = planned > 0 and len(result["passed"]) == planned
+        result["verdict"] = (f"{len(result['passed'])} of {planned} conv cases within tolerance on {backend}'s fused "
+                             f"op" + (f"; outside tolerance or failed: {', '.join(result['failures'])}"
+                                      if result["failures"] else ""))
+        print(f"  {result['verdict']}")
+
+
+def conv_correctness_case(plan: Plan, case: ConvCase, dtype_name: str, backend: str, implementation,
+                          unavailable: str | None, result: dict) -> None:
+    from pymaml.ops.meta_step import NATIVE_IMPLEMENTATION
+
+    dtype, tolerance = DTYPES[dtype_name], TOLERANCE[dtype_name]
+    entry = {"case": case.name, "dtype": dtype_name, "backend": backend, "network": dataclasses.asdict(case.net),
+             "steps": case.steps, "first_order": case.first_order, "tasks": case.tasks, "ways": case.ways,
+             "shots": case.shots, "queries": case.queries, "blocks": case.blocks, "inner_lr": case.inner_lr,
+             "loss": case.loss, "tolerance": tolerance}
+    began = time.perf_counter()
+    if unavailable is not None:
+        entry.update(status="unsupported", reason=unavailable)
+    else:
+        try:
+            model = make_conv_model(case, dtype)
+            batch = make_conv_batch(case, dtype)
+            arguments, names = conv_op_arguments(case, model, batch, plan.device)
+            oracle = conv_oracle(case, model, batch, names)
+            # The backend's fused op on the device's tensors, past the backend's refusal of conv
+            # nets (CudaBackend._accept): checking this op is what that refusal waits for.
+            with conv_launch(plan, case.blocks):
+                values = conv_op_values(implementation.implementation(), arguments, plan.device)
+            # The CPU kernel (the same per-task math, csrc/core/network_task.h) on the same values:
+            # an error of the same size as the device's is the problem's conditioning, not a bug.
+            cpu_values = conv_op_values(NATIVE_IMPLEMENTATION, on_cpu(arguments), "cpu")
+            errors, cpu_errors = compare(values, oracle), compare(cpu_values, oracle)
+            largest, scale = worst(errors), oracle["grads"].norm().item()
+            entry.update(status="ran", errors=errors, max_error=largest, oracle_grad_norm=scale,
+                         ok=largest <= tolerance and scale > 0, cpu_kernel_errors=cpu_errors,
+                         cpu_kernel_max_error=worst(cpu_errors),
+                         difference_from_cpu_kernel=worst(compare(values, cpu_values)))
+            if scale == 0:
+                entry["reason"] = "the oracle's meta-gradient is zero, so the relative error measures nothing"
+        except TimeBox:
+            raise
+        except Exception as error:  # noqa: BLE001
+            entry.update(status="error", error=error_text(error), ok=False)
+    entry["seconds"] = round(time.perf_counter() - began, 3)
+    result["cases"].append(entry)
+    if entry["status"] == "unsupported":
+        print(f"  {case.name:30s} {dtype_name} {backend:9s} not run: {entry['reason'][:150]}")
+        return
+    label = f"{case.name} {dtype_name}"
+    if entry["ok"]:
+        result["passed"].append(label)
+    else:
+        result["failures"].append(f"{backend} {label}")
+    shown = (f"max rel. error {entry['max_error']:.2e} (cpu kernel {entry['cpu_kernel_max_error']:.2e})"
+             if "max_error" in entry else entry["status"])
+    print(f"  {case.name:30s} {dtype_name} {backend:9s} {shown} {'ok' if entry['ok'] else 'WRONG'} "
+          f"({entry['seconds']:.1f} s)")
 
 
 class WarmUps:
@@ -702,36 +999,33 @@ def fused_op_call(backend: str, model, case, batch):
 
 
 @contextlib.contextmanager
-def cuda_launch(threads: int, blocks: int | None):
-    """The CUDA launcher run with `threads` per block and `blocks` blocks (None: its own choice):
-    the binding's keyword arguments overridden on their way from pymaml.ops, whatever else the
-    op passes."""
-    # The module whose `extension` the CUDA launcher calls.
+def cuda_launch(threads: int | None, blocks: int | None):
+    """The CUDA launcher run with `threads` per block and `blocks` blocks (None: its own choice of
+    each): the block count replaces the op's choice (cuda_blocks), so that the workspace it
+    allocates is sized for that many blocks, and the thread count is overridden on the binding's
+    keyword arguments on their way from pymaml.ops, whatever else the op passes."""
+    # The module whose `extension` and `cuda_blocks` the CUDA launcher calls.
     ops = importlib.import_module("pymaml.ops.meta_step.cuda")
-    original = ops.extension
-    real = original()
+    original_extension, original_blocks = ops.extension, ops.cuda_blocks
+    real = original_extension()
 
     class Override:
         def __getattr__(self, name):
             return getattr(real, name)
 
         def meta_step_cuda(self, **arguments):
-            arguments["threads_per_block"] = threads
-            if blocks is not None:
-                arguments["blocks"] = blocks
+            if threads is not None:
+                arguments["threads_per_block"] = threads
             return real.meta_step_cuda(**arguments)
-
-        def meta_step_cuda_workspace(self, **arguments):
-            if blocks is not None:
-                arguments["blocks"] = blocks
-            return real.meta_step_cuda_workspace(**arguments)
 
     proxy = Override()
     ops.extension = lambda: proxy
+    if blocks is not None:
+        ops.cuda_blocks = lambda *sizes: blocks
     try:
         yield
     finally:
-        ops.extension = original
+        ops.extension, ops.cuda_blocks = original_extension, original_blocks
 
 
 @contextlib.contextmanager
@@ -1057,9 +1351,12 @@ def parse_sanitizer_output(output: str) -> dict:
 
 
 def timing_section(plan: Plan, results: Results, section: dict, deadline: float, warm) -> None:
-    result = section.setdefault("result", {"rows": [], "method": (
-        "median of CUDA-event times of MAML.meta_gradient(accumulate=False), after the first call and two more"
-        if plan.device == "cuda" else "median wall-clock time (CPU stand-in)")})
+    method = ("median of CUDA-event times of MAML.meta_gradient(accumulate=False), after the first call and two more"
+              if plan.device == "cuda" else "median wall-clock time (CPU stand-in)")
+    if plan.conv_workloads and plan.backends:
+        method += (f"; in the conv rows `{plan.backends[0]}` is timed through its fused op alone (pymaml::meta_step, "
+                   "as conv_correctness calls it)")
+    result = section.setdefault("result", {"rows": [], "method": method})
     for workload in plan.workloads:
         row = {"workload": workload.name, "widths": list(workload.widths), "tasks": workload.tasks,
                "steps": workload.steps, "points": workload.points, "ms": {}, "first_call_s": {}, "reps": {},
@@ -1091,6 +1388,57 @@ def timing_section(plan: Plan, results: Results, section: dict, deadline: float,
         baseline = row["ms"].get(plan.baseline)
         row["speedup_over_baseline"] = {b: baseline / ms for b, ms in row["ms"].items()
                                         if b != plan.baseline and baseline and ms > 0}
+    for case in plan.conv_workloads:
+        conv_timing_row(plan, results, result, case, deadline)
+
+
+def conv_timing_row(plan: Plan, results: Results, result: dict, case: ConvCase, deadline: float) -> None:
+    """One timed conv meta-gradient in float32: the first backend through its fused op on the
+    device's tensors (as conv_correctness calls it, past the backend's refusal of conv nets), the
+    baseline and the other backends through MAML.meta_gradient where they take the network."""
+    row = {"workload": case.name, "network": dataclasses.asdict(case.net), "tasks": case.tasks, "steps": case.steps,
+           "first_order": case.first_order, "support_points": case.ways * case.shots,
+           "query_points": case.ways * case.queries, "ms": {}, "first_call_s": {}, "reps": {}, "via": {}, "notes": {}}
+    result["rows"].append(row)
+    model = make_conv_model(case, torch.float32)
+    batch = make_conv_batch(case, torch.float32)
+    through_op = plan.backends[0] if plan.backends else None
+    for backend in [plan.baseline, *plan.backends]:
+        if time.perf_counter() > deadline:
+            row["notes"][backend] = "skipped: section time box"
+            continue
+        try:
+            if backend == through_op:
+                implementation = pymaml.backends.get_backend(backend)
+                reason = implementation.unavailable_reason()
+            else:
+                reason = backend_reason(backend, case, torch.float32, plan.device, model=model)
+            if reason is not None:
+                row["notes"][backend] = f"unsupported: {reason}"
+                continue
+            if backend == through_op:
+                arguments, _ = conv_op_arguments(case, model, batch, plan.device)
+                call = functools.partial(implementation.implementation().forward, *arguments)
+                via = "fused op (pymaml::meta_step)"
+            else:
+                maml = pymaml.MAML(copy.deepcopy(model).to(plan.device), inner_lr=case.inner_lr,
+                                   inner_steps=case.steps, first_order=case.first_order, loss=case.loss,
+                                   backend=backend)
+                call = functools.partial(maml.meta_gradient, *(t.to(plan.device) for t in batch), accumulate=False)
+                via = "MAML.meta_gradient"
+            median, first, reps = time_calls(plan, call, deadline)
+            row["ms"][backend], row["first_call_s"][backend], row["reps"][backend] = median, first, reps
+            row["via"][backend] = via
+            print(f"  {case.name:18s} {backend:9s} {median:9.3f} ms (first call {first:.1f} s, {reps} reps; {via})")
+        except TimeBox:
+            raise
+        except Exception as error:  # noqa: BLE001
+            row["notes"][backend] = f"error: {error_text(error)}"
+            print(f"  {case.name:18s} {backend:9s} error: {error}")
+        results.write()
+    baseline = row["ms"].get(plan.baseline)
+    row["speedup_over_baseline"] = {b: baseline / ms for b, ms in row["ms"].items()
+                                    if b != plan.baseline and baseline and ms > 0}
 
 
 def workload_case(workload: Workload) -> Case:
@@ -1112,20 +1460,28 @@ def time_meta_gradient(plan: Plan, case: Case, backend: str) -> tuple:
     model = make_model(case, torch.float32).to(plan.device)
     maml = make_maml(case, model, backend)
     batch = sinusoid_batch(case, plan.device)
+    return time_calls(plan, lambda: maml.meta_gradient(*batch, accumulate=False))
 
-    def step():
-        maml.meta_gradient(*batch, accumulate=False)
 
+def time_calls(plan: Plan, step, deadline: float = math.inf) -> tuple:
+    """Median ms of step(), the first call's seconds (compiles included), repetitions: after the
+    first call and plan.timing_warm_calls more, until plan.timing_case_s has passed and at least 3
+    ran (at most plan.timing_max_reps). No call starts that the previous one's time says would end
+    past `deadline`, but for one repetition."""
     began = time.perf_counter()
     step()
     synchronize(plan.device)
     first = time.perf_counter() - began
     for _ in range(plan.timing_warm_calls):
+        if time.perf_counter() + first > deadline:
+            break
         step()
     synchronize(plan.device)
     times = []
     began = time.perf_counter()
     while len(times) < plan.timing_max_reps and (len(times) < 3 or time.perf_counter() - began < plan.timing_case_s):
+        if times and time.perf_counter() + times[-1] / 1e3 > deadline:
+            break
         if plan.device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -1210,6 +1566,10 @@ def summarize(results: Results) -> list:
         failures += [f"oracle mismatch: {f}" for f in correctness.get("failures", [])]
         failures += [f"not checked: {e['backend']} {e['case']} {e['dtype']} ({e['reason']})"
                      for e in correctness.get("cases", []) if e.get("status") == "skipped"]
+    conv = sections.get("conv_correctness", {}).get("result", {})
+    failures += [f"conv mismatch: {f}" for f in conv.get("failures", [])]
+    failures += [f"not checked: conv {e['backend']} {e['case']} {e['dtype']} ({e['reason']})"
+                 for e in conv.get("cases", []) if e.get("status") == "skipped"]
     for backend, entry in sections.get("launches", {}).get("result", {}).items():
         op = entry.get("fused_op") if isinstance(entry, dict) else None
         if isinstance(op, dict) and "kernels" in op and results.data["mode"] == "gpu" and op["kernels"] != 1:
@@ -1229,6 +1589,9 @@ def print_summary(results: Results, plan: Plan) -> None:
     print("\n== summary")
     for name, section in sections.items():
         print(f"  {name:12s} {section.get('status')} ({section.get('elapsed_s', 0):.1f} s)")
+    conv = sections.get("conv_correctness", {}).get("result", {})
+    if "verdict" in conv:
+        print(f"  conv: {conv['verdict']}")
     for backend, entry in sections.get("launches", {}).get("result", {}).items():
         counts = {k: v.get("kernels") for k, v in entry.items() if isinstance(v, dict)}
         print(f"  launches {backend}: {counts}")
@@ -1302,12 +1665,14 @@ def main(argv=None) -> int:
         oracles, baseline_errors = {}, {}
         compiled = compiled_backends(plan)
         for name, backends in (("correctness", [plan.baseline, *(b for b in plan.backends if b not in compiled)]),
-                               ("occupancy", None), ("correctness_compiled", compiled)):
+                               ("occupancy", None), ("conv_correctness", None), ("correctness_compiled", compiled)):
             if name not in args.sections or (name == "correctness_compiled" and not compiled):
                 continue
             box_end = min(deadline, time.perf_counter() + plan.budgets[name])
             if name == "occupancy":
                 body = functools.partial(occupancy_section, plan, results, deadline=box_end - 1)
+            elif name == "conv_correctness":
+                body = functools.partial(conv_correctness_section, plan, results, deadline=box_end - 1)
             else:
                 body = functools.partial(correctness_section, plan, results, deadline=box_end - 1, warm=warm,
                                          backends=backends, oracles=oracles, baseline_errors=baseline_errors)

@@ -3,6 +3,8 @@ stand-ins, tiny sizes, a fake compute-sanitizer), and bench/record_gpu_results.p
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
 import json
 import math
@@ -15,7 +17,9 @@ import pytest
 import torch
 
 import pymaml
+from pymaml.backends.cpp import CppBackend, mlp_only_reason
 from pymaml.backends.reference import ReferenceBackend
+from pymaml.ops.meta_step import NATIVE_IMPLEMENTATION, FusedImplementation
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -41,6 +45,20 @@ class ScaledLossBackend(ReferenceBackend):
         out = super().meta_step(model, config, batch, inner_lr, step_weights)
         out.loss = out.loss * 1.001
         return out
+
+
+class ScaledGradientOpBackend(CppBackend):
+    """A deliberately wrong fused op: cpp's, with the meta-gradient 0.1% too large and the losses right."""
+
+    name = "wrong_op"
+
+    def implementation(self):
+        def forward(*arguments, **options):
+            meta_loss, task_losses, pre_losses, step_losses, grad_theta, grad_lrs = NATIVE_IMPLEMENTATION.forward(
+                *arguments, **options)
+            return meta_loss, task_losses, pre_losses, step_losses, grad_theta * 1.001, grad_lrs
+
+        return FusedImplementation(forward, NATIVE_IMPLEMENTATION.op)
 
 
 # Stands in for compute-sanitizer: skips its options, runs the command, and reports one error for
@@ -159,11 +177,19 @@ def test_timing_has_a_median_per_backend_and_the_ratio_to_the_baseline(dry_run):
     _, data = dry_run
     rows = data["sections"]["timing"]["result"]["rows"]
     plan = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run"]))
-    assert [row["workload"] for row in rows] == [w.name for w in plan.workloads]
+    assert plan.conv_workloads
+    assert [row["workload"] for row in rows] == [w.name for w in plan.workloads] + [c.name for c in
+                                                                                     plan.conv_workloads]
     for row in rows:
         assert set(row["ms"]) == {"reference", "cpp", "wrong"} and all(ms > 0 for ms in row["ms"].values()), row
         assert all(reps >= 3 for reps in row["reps"].values())
         assert row["speedup_over_baseline"]["cpp"] == pytest.approx(row["ms"]["reference"] / row["ms"]["cpp"])
+    # The conv rows time the first backend's fused op alone, the others through MAML.
+    for row in rows[len(plan.workloads):]:
+        assert row["via"] == {"cpp": "fused op (pymaml::meta_step)", "reference": "MAML.meta_gradient",
+                              "wrong": "MAML.meta_gradient"}, row
+        assert row["network"]["kind"] == "conv4" and row["notes"] == {}
+    assert "conv rows `cpp` is timed through its fused op" in data["sections"]["timing"]["result"]["method"]
 
 
 def test_occupancy_sweeps_launch_settings_and_compares_results_bitwise(dry_run):
@@ -205,10 +231,123 @@ def test_record_gpu_results_renders_the_dry_run(dry_run):
         assert f"{record_gpu_results._error(entry['errors']['grads'])} | {entry['tolerance']:.1e}" in text
         assert text.count(verdict) >= 1
     assert "| initcheck | `cpp` | 86 | 1 |" in text and "**FAILED**" in text
-    row = data["sections"]["timing"]["result"]["rows"][0]
-    cells = [row["workload"], row["tasks"], row["steps"], f"{row['ms']['reference']:.3f}", f"{row['ms']['cpp']:.3f}"]
-    assert "| " + " | ".join(str(c) for c in cells) + " |" in text
+    for row in (data["sections"]["timing"]["result"]["rows"][0], data["sections"]["timing"]["result"]["rows"][-1]):
+        cells = [row["workload"], row["tasks"], row["steps"], f"{row['ms']['reference']:.3f}",
+                 f"{row['ms']['cpp']:.3f}"]
+        assert "| " + " | ".join(str(c) for c in cells) + " |" in text
+    assert "conv_correctness: ok" in text
     assert "Verdict: " in text and "oracle mismatch: wrong" in text
+
+
+def test_conv_correctness_checks_each_conv_case_through_the_fused_op_against_the_oracle(dry_run):
+    _, data = dry_run
+    section = data["sections"]["conv_correctness"]
+    result = section["result"]
+    plan = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run"]))
+    expected = [(case.name, dtype) for case in plan.conv_cases for dtype in case.dtypes]
+    assert section["status"] == "ok" and result["backend"] == "cpp"  # the first backend, cuda's stand-in
+    assert [(e["case"], e["dtype"]) for e in result["cases"]] == expected
+    for entry in result["cases"]:
+        assert entry["status"] == "ran" and entry["backend"] == "cpp", entry
+        assert set(entry["errors"]) == {"loss", "task_losses", "grads"}
+        assert entry["tolerance"] == gpu_check.TOLERANCE[entry["dtype"]]
+        assert entry["ok"] and 0 <= entry["max_error"] <= entry["tolerance"], entry
+        assert entry["max_error"] == max(entry["errors"].values()) and entry["oracle_grad_norm"] > 0
+        if entry["dtype"] == "float32":  # float32 against the float64 oracle: a real, non-zero rounding error
+            assert entry["max_error"] > 0, entry
+        # On the CPU the device's op is the CPU kernel itself: the same numbers, bit for bit.
+        assert entry["difference_from_cpu_kernel"] == 0 and entry["cpu_kernel_max_error"] == entry["max_error"]
+    assert result["passed"] == [f"{case} {dtype}" for case, dtype in expected]
+    assert result["failures"] == [] and result["all_passed"] is True
+    assert result["verdict"] == f"{len(expected)} of {len(expected)} conv cases within tolerance on cpp's fused op"
+    assert result["gate"] == {"stack": None, "conv4": None}  # cpp runs conv nets
+    assert not any("conv" in f for f in data["summary"]["failures"])
+
+
+def test_the_gpu_plan_checks_the_conv_networks_the_cuda_gate_waits_for():
+    plan = gpu_check.gpu_plan(gpu_check.parse_arguments([]))
+    cases = plan.conv_cases
+    assert {c.net for c in cases} == {gpu_check.CONV_STACK, gpu_check.OMNIGLOT_CONV4}
+    assert gpu_check.OMNIGLOT_CONV4 == gpu_check.ConvNet("conv4", 1, 28, 64)
+    assert {(c.net.kind, c.steps, c.first_order, dtype) for c in cases for dtype in c.dtypes} == {
+        (kind, steps, first_order, dtype) for kind in ("stack", "conv4") for steps in (1, 2)
+        for first_order in (False, True) for dtype in ("float64", "float32")}
+    for case in cases:
+        assert (case.tasks, case.ways, case.shots, case.loss) == (4, 5, 1, "cross_entropy") and 2 <= case.queries <= 5
+    assert [c.blocks for c in cases if c.blocks is not None] == [2]  # fewer blocks than tasks
+    conv4 = next(c for c in cases if c.net.kind == "conv4")
+    assert sum(p.numel() for p in gpu_check.make_conv_model(conv4, torch.float32).parameters()) == 113221
+    stack = gpu_check.make_conv_model(next(c for c in cases if c.net.kind == "stack"), torch.float32)
+    assert [type(m) for m in stack] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d,
+                                        torch.nn.Flatten, torch.nn.Linear]
+    assert stack[0].bias is not None and stack[0].padding == (1, 1) and not stack[1].track_running_stats
+    (w3,) = plan.conv_workloads
+    assert (w3.net, w3.tasks, w3.queries, w3.steps, w3.first_order, w3.dtypes) == (
+        gpu_check.OMNIGLOT_CONV4, 32, 15, 1, False, ("float32",))
+    # The section records the backend's own verdict beside its checks: the gate is still in place.
+    assert gpu_check.conv_gate("cuda", conv4, "cuda") == mlp_only_reason("cuda")
+    assert gpu_check.conv_gate("cpp", conv4, "cpu") is None
+
+
+def test_a_wrong_fused_op_on_a_conv_net_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.setitem(pymaml.backends.BACKENDS, "wrong_op", ScaledGradientOpBackend())
+    plan = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run", "--backends", "wrong_op"]))
+    case = dataclasses.replace(plan.conv_cases[0], dtypes=("float64",))
+    plan = dataclasses.replace(plan, conv_cases=[case])
+    results = gpu_check.Results(str(tmp_path / gpu_check.RESULT_FILE), plan)
+    section = results.section("conv_correctness")
+    gpu_check.conv_correctness_section(plan, results, section, deadline=time.perf_counter() + 60)
+    result = section["result"]
+    (entry,) = result["cases"]
+    assert entry["status"] == "ran" and not entry["ok"], entry
+    assert entry["errors"]["grads"] == pytest.approx(1e-3, rel=1e-3) and entry["errors"]["loss"] <= 1e-10
+    assert entry["cpu_kernel_max_error"] <= 1e-10 and entry["difference_from_cpu_kernel"] == pytest.approx(1e-3)
+    assert result["failures"] == [f"wrong_op {case.name} float64"] and result["passed"] == []
+    assert result["all_passed"] is False
+    section["status"] = "ok"
+    assert gpu_check.summarize(results) == [f"conv mismatch: wrong_op {case.name} float64"]
+
+
+def test_a_conv_case_with_fewer_blocks_than_tasks_launches_that_many(monkeypatch):
+    ops = importlib.import_module("pymaml.ops.meta_step.cuda")
+    calls = []
+
+    class FakeExtension:
+        def meta_step_cuda(self, **arguments):
+            calls.append(arguments)
+
+    monkeypatch.setattr(ops, "extension", lambda: FakeExtension())
+    plan = gpu_check.gpu_plan(gpu_check.parse_arguments([]))
+    (case,) = [c for c in plan.conv_cases if c.blocks is not None]
+    sizes = (case.tasks, 132, 4096, 64, 1 << 30)
+    with gpu_check.conv_launch(plan, case.blocks):
+        blocks = ops.cuda_blocks(*sizes)
+        ops.extension().meta_step_cuda(blocks=blocks, threads_per_block=64)
+    with gpu_check.conv_launch(plan, None):
+        ops.extension().meta_step_cuda(blocks=ops.cuda_blocks(*sizes))
+    # The block count is forced where the op sizes its workspace; the thread count is the op's own.
+    assert case.blocks < case.tasks
+    assert calls == [{"blocks": case.blocks, "threads_per_block": 64}, {"blocks": case.tasks}]
+    dry = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run"]))
+    previous = torch.get_num_threads()
+    with gpu_check.conv_launch(dry, 1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == previous
+
+
+def test_timing_starts_no_call_that_would_end_past_the_deadline():
+    plan = gpu_check.dry_plan(gpu_check.parse_arguments(["--dry-run"]))
+    calls = []
+
+    def step():
+        calls.append(time.perf_counter())
+        time.sleep(0.05)
+
+    _, _, reps = gpu_check.time_calls(plan, step, deadline=time.perf_counter() + 0.12)
+    assert reps == 1 and len(calls) == 2  # the first call and one repetition
+    calls.clear()
+    _, first, reps = gpu_check.time_calls(plan, step)
+    assert reps == plan.timing_max_reps == 3 and len(calls) == 4 and first >= 0.05
 
 
 def test_a_section_past_its_time_box_keeps_its_partial_results(tmp_path):
@@ -319,25 +458,29 @@ def test_cuda_launch_overrides_the_launchers_block_size_and_count(monkeypatch):
 
     class FakeExtension:
         def meta_step_cuda(self, **arguments):
-            calls.append(("launch", arguments))
-
-        def meta_step_cuda_workspace(self, **arguments):
-            calls.append(("workspace", arguments))
-            return 7
+            calls.append(arguments)
 
         build_info = "passed through"
 
     monkeypatch.setattr(ops, "extension", lambda: FakeExtension())
+    own_blocks = ops.cuda_blocks
+    sizes = (25, 132, 4096, 64, 1 << 30)  # tasks, SMs, per-block and per-task bytes, limit
     with gpu_check.cuda_launch(256, 528):
-        assert ops.extension().meta_step_cuda_workspace(tasks=25, blocks=25) == 7
-        ops.extension().meta_step_cuda(theta="θ", blocks=25, threads_per_block=128)
+        # The op sizes its workspace from cuda_blocks, so the forced count must come from there.
+        assert ops.cuda_blocks(*sizes) == 528
+        ops.extension().meta_step_cuda(theta="θ", blocks=528, threads_per_block=128)
         assert ops.extension().build_info == "passed through"
+    assert ops.cuda_blocks is own_blocks and ops.cuda_blocks(*sizes) == 25
     with gpu_check.cuda_launch(64, None):
+        assert ops.cuda_blocks is own_blocks
         ops.extension().meta_step_cuda(theta="θ", blocks=25)
-    assert calls == [("workspace", {"tasks": 25, "blocks": 528}),
-                     ("launch", {"theta": "θ", "blocks": 528, "threads_per_block": 256}),
-                     ("launch", {"theta": "θ", "blocks": 25, "threads_per_block": 64})]
-    assert isinstance(ops.extension(), FakeExtension)  # restored to what it was
+    with gpu_check.cuda_launch(None, 2):
+        assert ops.cuda_blocks(*sizes) == 2
+        ops.extension().meta_step_cuda(theta="θ", blocks=2, threads_per_block=128)
+    assert calls == [{"theta": "θ", "blocks": 528, "threads_per_block": 256},
+                     {"theta": "θ", "blocks": 25, "threads_per_block": 64},
+                     {"theta": "θ", "blocks": 2, "threads_per_block": 128}]
+    assert isinstance(ops.extension(), FakeExtension) and ops.cuda_blocks is own_blocks  # restored
 
 
 def test_bitwise_equal_compares_bits():
