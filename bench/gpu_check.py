@@ -1375,19 +1375,9 @@ def timing_section(plan: Plan, results: Results, section: dict, deadline: float,
             if warm_up == "still compiling":
                 row["notes"][backend] = "skipped: its warm-up was still compiling at the time box"
                 continue
-            try:
-                median, first, reps = time_meta_gradient(plan, case, backend)
-                row["ms"][backend], row["first_call_s"][backend], row["reps"][backend] = median, first, reps
-                print(f"  {workload.name:18s} {backend:9s} {median:9.3f} ms (first call {first:.1f} s, {reps} reps)")
-            except TimeBox:
-                raise
-            except Exception as error:  # noqa: BLE001
-                row["notes"][backend] = f"error: {error_text(error)}"
-                print(f"  {workload.name:18s} {backend:9s} error: {error}")
+            time_into_row(row, workload.name, backend, lambda: (*time_meta_gradient(plan, case, backend), None))
             results.write()
-        baseline = row["ms"].get(plan.baseline)
-        row["speedup_over_baseline"] = {b: baseline / ms for b, ms in row["ms"].items()
-                                        if b != plan.baseline and baseline and ms > 0}
+        add_speedups(row, plan.baseline)
     for case in plan.conv_workloads:
         conv_timing_row(plan, results, result, case, deadline)
 
@@ -1407,38 +1397,53 @@ def conv_timing_row(plan: Plan, results: Results, result: dict, case: ConvCase, 
         if time.perf_counter() > deadline:
             row["notes"][backend] = "skipped: section time box"
             continue
-        try:
-            if backend == through_op:
-                implementation = pymaml.backends.get_backend(backend)
-                reason = implementation.unavailable_reason()
-            else:
-                reason = backend_reason(backend, case, torch.float32, plan.device, model=model)
-            if reason is not None:
-                row["notes"][backend] = f"unsupported: {reason}"
-                continue
+        if backend == through_op:
+            implementation = pymaml.backends.get_backend(backend)
+            reason = implementation.unavailable_reason()
+        else:
+            reason = backend_reason(backend, case, torch.float32, plan.device, model=model)
+        if reason is not None:
+            row["notes"][backend] = f"unsupported: {reason}"
+            continue
+
+        def measure(backend=backend):
             if backend == through_op:
                 arguments, _ = conv_op_arguments(case, model, batch, plan.device)
                 call = functools.partial(implementation.implementation().forward, *arguments)
-                via = "fused op (pymaml::meta_step)"
-            else:
-                maml = pymaml.MAML(copy.deepcopy(model).to(plan.device), inner_lr=case.inner_lr,
-                                   inner_steps=case.steps, first_order=case.first_order, loss=case.loss,
-                                   backend=backend)
-                call = functools.partial(maml.meta_gradient, *(t.to(plan.device) for t in batch), accumulate=False)
-                via = "MAML.meta_gradient"
-            median, first, reps = time_calls(plan, call, deadline)
-            row["ms"][backend], row["first_call_s"][backend], row["reps"][backend] = median, first, reps
-            row["via"][backend] = via
-            print(f"  {case.name:18s} {backend:9s} {median:9.3f} ms (first call {first:.1f} s, {reps} reps; {via})")
-        except TimeBox:
-            raise
-        except Exception as error:  # noqa: BLE001
-            row["notes"][backend] = f"error: {error_text(error)}"
-            print(f"  {case.name:18s} {backend:9s} error: {error}")
+                return (*time_calls(plan, call, deadline), "fused op (pymaml::meta_step)")
+            maml = pymaml.MAML(copy.deepcopy(model).to(plan.device), inner_lr=case.inner_lr, inner_steps=case.steps,
+                               first_order=case.first_order, loss=case.loss, backend=backend)
+            call = functools.partial(maml.meta_gradient, *(t.to(plan.device) for t in batch), accumulate=False)
+            return (*time_calls(plan, call, deadline), "MAML.meta_gradient")
+
+        time_into_row(row, case.name, backend, measure)
         results.write()
-    baseline = row["ms"].get(plan.baseline)
+    add_speedups(row, plan.baseline)
+
+
+def time_into_row(row: dict, label: str, backend: str, measure) -> None:
+    """measure() -> (median ms, first call s, reps, how it was called or None) into the row's
+    entries for `backend`, or the error it raised into the row's notes."""
+    try:
+        median, first, reps, via = measure()
+    except TimeBox:
+        raise
+    except Exception as error:  # noqa: BLE001
+        row["notes"][backend] = f"error: {error_text(error)}"
+        print(f"  {label:18s} {backend:9s} error: {error}")
+        return
+    row["ms"][backend], row["first_call_s"][backend], row["reps"][backend] = median, first, reps
+    if via is not None:
+        row["via"][backend] = via
+    print(f"  {label:18s} {backend:9s} {median:9.3f} ms (first call {first:.1f} s, {reps} reps"
+          f"{'; ' + via if via else ''})")
+
+
+def add_speedups(row: dict, baseline_name: str) -> None:
+    """The row's baseline time over each other backend's."""
+    baseline = row["ms"].get(baseline_name)
     row["speedup_over_baseline"] = {b: baseline / ms for b, ms in row["ms"].items()
-                                    if b != plan.baseline and baseline and ms > 0}
+                                    if b != baseline_name and baseline and ms > 0}
 
 
 def workload_case(workload: Workload) -> Case:

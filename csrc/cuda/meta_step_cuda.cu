@@ -78,8 +78,8 @@ class DeviceGuard {
 
 template <class T>
 std::string meta_step_cuda(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
-                               const MetaResult<T>& result, T* workspace, unsigned int* counter, int* labels_ok,
-                               int device, int blocks, int threads_per_block, void* stream) {
+                           const MetaResult<T>& result, T* workspace, unsigned int* counter, int* labels_ok,
+                           int device, int blocks, int threads_per_block, void* stream) {
   const DeviceGuard guard(device);
   if (guard.error() != cudaSuccess) {
     return std::string("cannot make device ") + std::to_string(device) + " current: " + cudaGetErrorString(guard.error());
@@ -99,10 +99,10 @@ std::string meta_step_cuda(const Network& spec, const MetaStepShape& shape, cons
 }
 
 template std::string meta_step_cuda<float>(const Network&, const MetaStepShape&, const MetaBatch<float>&,
-                                               const MetaResult<float>&, float*, unsigned int*, int*, int, int, int,
-                                               void*);
+                                           const MetaResult<float>&, float*, unsigned int*, int*, int, int, int,
+                                           void*);
 template std::string meta_step_cuda<double>(const Network&, const MetaStepShape&, const MetaBatch<double>&,
-                                                const MetaResult<double>&, double*, unsigned int*, int*, int, int,
-                                                int, void*);
+                                            const MetaResult<double>&, double*, unsigned int*, int*, int, int, int,
+                                            void*);
 
 }  // namespace pymaml

@@ -1,7 +1,9 @@
-// CUDA launcher of the fused MLP meta-step: one thread block per task (grid-stride over tasks),
-// the per-task math of core/network_task.h unchanged over a BlockGroup, and the means over tasks
-// taken in task order by the last block to finish (core/meta_step_grid.h), so that a meta-step
-// is one kernel launch.
+// CUDA launcher of the fused meta-step of a network (core/network.h, every layer kind of
+// core/layers/): one thread block per task (grid-stride over tasks), the per-task math of
+// core/network_task.h unchanged over a BlockGroup, and the means over tasks taken in task order
+// by the last block to finish (core/meta_step_grid.h), so that a meta-step is one kernel launch.
+// The `cuda` backend hands it MLPs only until bench/gpu_check.py's conv_correctness section has
+// passed on a GPU; the op itself takes any encoded network.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +15,7 @@
 namespace pymaml {
 
 // The block size the host launches with and the kernel's __launch_bounds__: the per-task loops
-// run over points, units and parameters, which 128 ranks cover for the supported widths.
+// split points, pixels, channels, units and parameters over the ranks.
 constexpr int kCudaThreadsPerBlock = 128;
 
 // The workspace a launch needs: grid_workspace_elements (csrc/core/meta_step_grid.h).
@@ -25,7 +27,7 @@ constexpr int kCudaThreadsPerBlock = 128;
 // range, else 0 (the tasks with a label outside then have NaN results).
 template <class T>
 std::string meta_step_cuda(const Network& spec, const MetaStepShape& shape, const MetaBatch<T>& batch,
-                               const MetaResult<T>& result, T* workspace, unsigned int* counter, int* labels_ok,
-                               int device, int blocks, int threads_per_block, void* stream);
+                           const MetaResult<T>& result, T* workspace, unsigned int* counter, int* labels_ok,
+                           int device, int blocks, int threads_per_block, void* stream);
 
 }  // namespace pymaml
