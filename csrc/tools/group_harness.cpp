@@ -165,6 +165,17 @@ void run_group(int P, Schedule schedule, const std::function<void(const ThreadGr
   for (std::thread& thread : threads) thread.join();
 }
 
+// Runs body on the calling thread as the CPU launcher's SerialGroup (P = 0), or on a group of P
+// threads (run_group); body takes either group.
+template <class Body>
+void run_serial_or_group(int P, Schedule schedule, const Body& body) {
+  if (P == 0) {
+    body(pymaml::SerialGroup{});
+  } else {
+    run_group(P, schedule, body);
+  }
+}
+
 // The grid policy of meta_step_grid on the CPU: the counter as a std::atomic_ref with the same
 // acquire-release increment as the CUDA kernel's cuda::atomic_ref.
 struct HostGrid {
@@ -461,11 +472,7 @@ TaskRun<T> run_task(const Config& c, const Network& s, const Data<T>& d, int P, 
                            &run.losses[1], run.step_losses.data(), run.grad_theta.data(),
                            c.lr_grad ? run.grad_lrs.data() : nullptr);
   };
-  if (P == 0) {
-    body(pymaml::SerialGroup{});
-  } else {
-    run_group(P, schedule, body);
-  }
+  run_serial_or_group(P, schedule, body);
   return run;
 }
 
@@ -490,11 +497,7 @@ TaskRun<T> run_hvp(const Config& c, const Network& s, const Data<T>& d, int P, S
     pymaml::network_hvp<Products>(g, s, theta.data(), WT.data(), u.data(), d.support_x.data(), y, K, ws, run.grad_theta.data(),
                     run.grad_lrs.data());
   };
-  if (P == 0) {
-    body(pymaml::SerialGroup{});
-  } else {
-    run_group(P, schedule, body);
-  }
+  run_serial_or_group(P, schedule, body);
   return run;
 }
 

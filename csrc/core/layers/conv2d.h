@@ -247,13 +247,27 @@ struct Conv2dLayer {
   };
 
   // A chunk's [n·P, F] matrix of y or δ from point k0 on: the points' rows themselves (F a
-  // multiple of kChunk) or the pixel rows `rows` (to_pixel_rows, from_pixel_rows). Row stride:
+  // multiple of kChunk) or the pixel rows of the scratch (to_pixel_rows, from_pixel_rows). Row
+  // stride:
   PYMAML_HD_STATIC_MEMBER int64_t pixel_stride(const Layer& L) {
     return in_place(L) ? int64_t(L.channels_out) : int64_t(padded(L.channels_out));
   }
-  template <class T>
-  PYMAML_HD_STATIC_MEMBER const T* pixel_matrix(const Layer& L, const T* points, int k0, const T* rows) {
-    return in_place(L) ? points + int64_t(k0) * padded(L.out) : rows;
+  // The chunk's matrices e1, e2 of the n points from k0 on of d1 and d2 (e2 null when d2 is),
+  // copied into the scratch's pixel rows D1, D2 where the layer does not read them in place.
+  template <class T, class G>
+  PYMAML_HD_STATIC_MEMBER void pixel_matrices(const G& g, const Layer& L, int n, int k0, const T* d1, const T* d2,
+                                              const Scratch<T>& sc, const T** e1, const T** e2) {
+    const int64_t first = int64_t(k0) * padded(L.out);
+    if (in_place(L)) {
+      *e1 = d1 + first;
+      *e2 = d2 ? d2 + first : nullptr;
+      return;
+    }
+    to_pixel_rows(g, L, n, d1 + first, sc.D1);
+    if (d2) to_pixel_rows(g, L, n, d2 + first, sc.D2);
+    g.sync();
+    *e1 = sc.D1;
+    *e2 = d2 ? sc.D2 : nullptr;
   }
 
   // out = X̂(in1) WT1 + bias row of WT1 (+ X̂(in2) WT2 when in2 is given), WT1, WT2 as Ŵ^T
@@ -299,14 +313,9 @@ struct Conv2dLayer {
       const int n = K - k0 < chunk ? K - k0 : chunk;
       gather_patches(g, L, n, in1 + int64_t(k0) * ld_in, sc.X1);
       if (d2) gather_patches(g, L, n, in2 + int64_t(k0) * ld_in, sc.X2);
-      if (!in_place(L)) {
-        to_pixel_rows(g, L, n, d1 + int64_t(k0) * ld_out, sc.D1);
-        if (d2) to_pixel_rows(g, L, n, d2 + int64_t(k0) * ld_out, sc.D2);
-        g.sync();
-      }
+      const T *e1, *e2;
+      pixel_matrices(g, L, n, k0, d1, d2, sc, &e1, &e2);
       const int64_t ld_d = pixel_stride(L);
-      const T* e1 = pixel_matrix(L, d1, k0, static_cast<const T*>(sc.D1));
-      const T* e2 = d2 ? pixel_matrix(L, d2, k0, static_cast<const T*>(sc.D2)) : nullptr;
       const bool add = accumulate || k0 > 0;
       const int rows = n * P;
       if (transposed(L)) {  // Ŵ^T [KK, pad(F)] = Σ X̂^T d
@@ -362,17 +371,12 @@ struct Conv2dLayer {
                                               const T* d2, const T* w2, T* dx, T* scratch) {
     const Scratch<T> sc(L, scratch);
     const int F = L.channels_out, KK = taps(L), P = pixels(L), chunk = chunk_points(L);
-    const int ld_taps = padded(KK), ld_in = padded(L.in), ld_out = padded(L.out);
+    const int ld_taps = padded(KK), ld_in = padded(L.in);
     for (int k0 = 0; k0 < K; k0 += chunk) {
       const int n = K - k0 < chunk ? K - k0 : chunk;
-      if (!in_place(L)) {
-        to_pixel_rows(g, L, n, d1 + int64_t(k0) * ld_out, sc.D1);
-        if (d2) to_pixel_rows(g, L, n, d2 + int64_t(k0) * ld_out, sc.D2);
-        g.sync();
-      }
+      const T *e1, *e2;
+      pixel_matrices(g, L, n, k0, d1, d2, sc, &e1, &e2);
       const int64_t ld_d = pixel_stride(L);
-      const T* e1 = pixel_matrix(L, d1, k0, static_cast<const T*>(sc.D1));
-      const T* e2 = d2 ? pixel_matrix(L, d2, k0, static_cast<const T*>(sc.D2)) : nullptr;
       Products::gemm_rows(g, n * P, F, KK, e1, ld_d, int64_t(1), w1, int64_t(ld_taps), sc.X1, int64_t(ld_taps),
                           static_cast<const T*>(nullptr), false);
       if (d2) {

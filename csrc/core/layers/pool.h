@@ -76,6 +76,19 @@ struct PoolGeometry {
     return (int64_t(i) * L.width_in + j) * L.channels_in;
   }
 
+  // body(in_offset, out_offset, n) for each window's chunks of n <= kChunk channels: the offsets
+  // of the chunk's first channel in the input's and the output's rows; the windows split over
+  // the ranks.
+  template <class G, class Body>
+  PYMAML_HD_STATIC_MEMBER void for_each_window_chunk(const G& g, const Layer& L, int K, const Body& body) {
+    const int C = L.channels_in;
+    for (int64_t e = g.rank(); e < windows(L, K); e += g.size()) {
+      int64_t in_offset, out_offset;
+      window_at(L, e, &in_offset, &out_offset);
+      for (int c0 = 0; c0 < C; c0 += kChunk) body(in_offset + c0, out_offset + c0, C - c0 < kChunk ? C - c0 : kChunk);
+    }
+  }
+
   // dst = 0 at every input pixel of the K points that belongs to no window.
   template <class T, class G>
   PYMAML_HD_STATIC_MEMBER void zero_outside_windows(const G& g, const Layer& L, int K, T* dst) {
@@ -120,34 +133,28 @@ struct MaxPoolLayer : PoolGeometry {
   // R-forward from R(in)).
   template <class T, class G>
   PYMAML_HD_STATIC_MEMBER void gather(const G& g, const Layer& L, int K, const T* in, const T* tangent, T* dst) {
-    const int C = L.channels_in;
-    for (int64_t e = g.rank(); e < windows(L, K); e += g.size()) {
-      int64_t in_offset, out_offset;
-      window_at(L, e, &in_offset, &out_offset);
-      for (int c0 = 0; c0 < C; c0 += kChunk) {
-        const int n = C - c0 < kChunk ? C - c0 : kChunk;
-        T best[kChunk];
-        int m[kChunk];
-        window_max(L, in + in_offset + c0, n, best, m);
-        T* out = dst + out_offset + c0;
-        if (!tangent) {
-          for (int c = 0; c < n; ++c) out[c] = best[c];
-          continue;
-        }
-        const T* window = tangent + in_offset + c0;
-        T picked[kChunk];
-        for (int c = 0; c < n; ++c) picked[c] = window[c];
-        for (int i = 0; i < L.kernel; ++i) {
-          for (int j = i == 0 ? 1 : 0; j < L.kernel; ++j) {
-            const T* v = window + position(L, i, j);
-            const int q = i * L.kernel + j;
-            PYMAML_SIMD
-            for (int c = 0; c < n; ++c) picked[c] = m[c] == q ? v[c] : picked[c];
-          }
-        }
-        for (int c = 0; c < n; ++c) out[c] = picked[c];
+    for_each_window_chunk(g, L, K, [&](int64_t in_offset, int64_t out_offset, int n) {
+      T best[kChunk];
+      int m[kChunk];
+      window_max(L, in + in_offset, n, best, m);
+      T* out = dst + out_offset;
+      if (!tangent) {
+        for (int c = 0; c < n; ++c) out[c] = best[c];
+        return;
       }
-    }
+      const T* window = tangent + in_offset;
+      T picked[kChunk];
+      for (int c = 0; c < n; ++c) picked[c] = window[c];
+      for (int i = 0; i < L.kernel; ++i) {
+        for (int j = i == 0 ? 1 : 0; j < L.kernel; ++j) {
+          const T* v = window + position(L, i, j);
+          const int q = i * L.kernel + j;
+          PYMAML_SIMD
+          for (int c = 0; c < n; ++c) picked[c] = m[c] == q ? v[c] : picked[c];
+        }
+      }
+      for (int c = 0; c < n; ++c) out[c] = picked[c];
+    });
     g.sync();
   }
 
@@ -155,27 +162,21 @@ struct MaxPoolLayer : PoolGeometry {
   // R(dL/dout)).
   template <class T, class G>
   PYMAML_HD_STATIC_MEMBER void scatter(const G& g, const Layer& L, int K, const T* in, const T* src, T* dst) {
-    const int C = L.channels_in;
-    for (int64_t e = g.rank(); e < windows(L, K); e += g.size()) {
-      int64_t in_offset, out_offset;
-      window_at(L, e, &in_offset, &out_offset);
-      for (int c0 = 0; c0 < C; c0 += kChunk) {
-        const int n = C - c0 < kChunk ? C - c0 : kChunk;
-        T best[kChunk];
-        int m[kChunk];
-        window_max(L, in + in_offset + c0, n, best, m);
-        const T* from = src + out_offset + c0;
-        T* window = dst + in_offset + c0;
-        for (int i = 0; i < L.kernel; ++i) {
-          for (int j = 0; j < L.kernel; ++j) {
-            T* v = window + position(L, i, j);
-            const int q = i * L.kernel + j;
-            PYMAML_SIMD
-            for (int c = 0; c < n; ++c) v[c] = m[c] == q ? from[c] : T(0);
-          }
+    for_each_window_chunk(g, L, K, [&](int64_t in_offset, int64_t out_offset, int n) {
+      T best[kChunk];
+      int m[kChunk];
+      window_max(L, in + in_offset, n, best, m);
+      const T* from = src + out_offset;
+      T* window = dst + in_offset;
+      for (int i = 0; i < L.kernel; ++i) {
+        for (int j = 0; j < L.kernel; ++j) {
+          T* v = window + position(L, i, j);
+          const int q = i * L.kernel + j;
+          PYMAML_SIMD
+          for (int c = 0; c < n; ++c) v[c] = m[c] == q ? from[c] : T(0);
         }
       }
-    }
+    });
     zero_outside_windows(g, L, K, dst);
     g.sync();
   }
@@ -206,28 +207,22 @@ struct AvgPoolLayer : PoolGeometry {
   // dst = the windows' means of src (the forward, and the R-forward from R(in)).
   template <class T, class G>
   PYMAML_HD_STATIC_MEMBER void average(const G& g, const Layer& L, int K, const T* src, T* dst) {
-    const int C = L.channels_in;
     const T count = T(L.kernel * L.kernel);
-    for (int64_t e = g.rank(); e < windows(L, K); e += g.size()) {
-      int64_t in_offset, out_offset;
-      window_at(L, e, &in_offset, &out_offset);
-      for (int c0 = 0; c0 < C; c0 += kChunk) {
-        const int n = C - c0 < kChunk ? C - c0 : kChunk;
-        T sum[kChunk];
-        for (int c = 0; c < n; ++c) sum[c] = T(0);
-        const T* window = src + in_offset + c0;
-        for (int i = 0; i < L.kernel; ++i) {
-          for (int j = 0; j < L.kernel; ++j) {
-            const T* v = window + position(L, i, j);
-            PYMAML_SIMD
-            for (int c = 0; c < n; ++c) sum[c] += v[c];
-          }
+    for_each_window_chunk(g, L, K, [&](int64_t in_offset, int64_t out_offset, int n) {
+      T sum[kChunk];
+      for (int c = 0; c < n; ++c) sum[c] = T(0);
+      const T* window = src + in_offset;
+      for (int i = 0; i < L.kernel; ++i) {
+        for (int j = 0; j < L.kernel; ++j) {
+          const T* v = window + position(L, i, j);
+          PYMAML_SIMD
+          for (int c = 0; c < n; ++c) sum[c] += v[c];
         }
-        T* out = dst + out_offset + c0;
-        PYMAML_SIMD
-        for (int c = 0; c < n; ++c) out[c] = sum[c] / count;
       }
-    }
+      T* out = dst + out_offset;
+      PYMAML_SIMD
+      for (int c = 0; c < n; ++c) out[c] = sum[c] / count;
+    });
     g.sync();
   }
 
@@ -235,27 +230,21 @@ struct AvgPoolLayer : PoolGeometry {
   // from R(dL/dout)), 0 outside the windows.
   template <class T, class G>
   PYMAML_HD_STATIC_MEMBER void spread(const G& g, const Layer& L, int K, const T* src, T* dst) {
-    const int C = L.channels_in;
     const T count = T(L.kernel * L.kernel);
-    for (int64_t e = g.rank(); e < windows(L, K); e += g.size()) {
-      int64_t in_offset, out_offset;
-      window_at(L, e, &in_offset, &out_offset);
-      for (int c0 = 0; c0 < C; c0 += kChunk) {
-        const int n = C - c0 < kChunk ? C - c0 : kChunk;
-        T share[kChunk];
-        const T* from = src + out_offset + c0;
-        PYMAML_SIMD
-        for (int c = 0; c < n; ++c) share[c] = from[c] / count;
-        T* window = dst + in_offset + c0;
-        for (int i = 0; i < L.kernel; ++i) {
-          for (int j = 0; j < L.kernel; ++j) {
-            T* v = window + position(L, i, j);
-            PYMAML_SIMD
-            for (int c = 0; c < n; ++c) v[c] = share[c];
-          }
+    for_each_window_chunk(g, L, K, [&](int64_t in_offset, int64_t out_offset, int n) {
+      T share[kChunk];
+      const T* from = src + out_offset;
+      PYMAML_SIMD
+      for (int c = 0; c < n; ++c) share[c] = from[c] / count;
+      T* window = dst + in_offset;
+      for (int i = 0; i < L.kernel; ++i) {
+        for (int j = 0; j < L.kernel; ++j) {
+          T* v = window + position(L, i, j);
+          PYMAML_SIMD
+          for (int c = 0; c < n; ++c) v[c] = share[c];
         }
       }
-    }
+    });
     zero_outside_windows(g, L, K, dst);
     g.sync();
   }
