@@ -96,12 +96,18 @@ PYMAML_HD void activate_row(Activation act, T c, int n, const T* z, T* a) {
 }
 
 // out[i] = σ'(z[i]) · r[i] from a = σ(z)   (in place when out == r)
+// Every value a select picks is loaded before it (ReLU's r, ELU's curvature term below): where
+// a load sits in one branch only, GCC's AVX-512 code loads it under a mask merged into a register
+// it keeps in a stack slot, a store-to-load chain through memory on every iteration of the loop.
 template <class T>
 PYMAML_HD void slope_times_row(Activation act, T c, int n, const T* a, const T* r, T* out) {
   switch (act) {
     case Activation::relu:
       PYMAML_SIMD
-      for (int i = 0; i < n; ++i) out[i] = a[i] <= T(0) ? T(0) : r[i];
+      for (int i = 0; i < n; ++i) {
+        const T value = r[i];
+        out[i] = a[i] <= T(0) ? T(0) : value;
+      }
       break;
     case Activation::leaky_relu:
       PYMAML_SIMD
@@ -136,7 +142,8 @@ PYMAML_HD void tangent_slope_row(Activation act, T c, int n, int ld, const T* z,
   if (act == Activation::elu) {  // σ' = a + c where z ≤ 0, σ'' = a + c where z < 0
     PYMAML_SIMD
     for (int i = 0; i < ld; ++i) {
-      rt[i] = a[i] > T(0) ? rt[i] : (rt[i] + (z[i] < T(0) ? t[i] * rz[i] : T(0))) * (a[i] + c);
+      const T curvature_term = z[i] < T(0) ? t[i] * rz[i] : T(0);
+      rt[i] = a[i] > T(0) ? rt[i] : (rt[i] + curvature_term) * (a[i] + c);
     }
     return;
   }
