@@ -42,6 +42,14 @@ struct Conv2dLayer {
   static constexpr int64_t kScratchValues = int64_t(1) << 16;
   // Sizes beyond this are refused, so that every index a routine forms in int stays in range.
   static constexpr int64_t kMaxSize = int64_t(1) << 28;
+  // Channels one rank sums for the bias gradient: a CUDA thread one padded chunk, a CPU thread
+  // four, so that one pass over δ's rows reads whole pixels of up to 64 channels (as BatchNorm's
+  // channel sums do).
+#if defined(__CUDA_ARCH__)
+  static constexpr int kBiasLanes = kChunk;
+#else
+  static constexpr int kBiasLanes = 4 * kChunk;
+#endif
 
   PYMAML_HD_STATIC_MEMBER bool transposed(const Layer& L) { return L.input_is_data; }
   PYMAML_HD_STATIC_MEMBER int taps(const Layer& L) { return L.kernel * L.kernel * L.channels_in; }
@@ -346,11 +354,12 @@ struct Conv2dLayer {
     if (!L.bias && !accumulate) {  // the padded bias slots of a gradient are zero
       for (int f = g.rank(); f < ld_channels; f += g.size()) bias[f] = T(0);
     } else if (L.bias) {
-      // Σ over points and pixels in order, kChunk channels at a time (each lane its own sum).
-      for (int f0 = g.rank() * kChunk; f0 < ld_channels; f0 += g.size() * kChunk) {
-        const int width = F - f0 < kChunk ? F - f0 : kChunk;
-        T sum[kChunk];
-        for (int j = 0; j < kChunk; ++j) sum[j] = accumulate ? bias[f0 + j] : T(0);
+      // Σ over points and pixels in order, kBiasLanes channels a rank (each lane its own sum).
+      for (int f0 = g.rank() * kBiasLanes; f0 < ld_channels; f0 += g.size() * kBiasLanes) {
+        const int lanes = ld_channels - f0 < kBiasLanes ? ld_channels - f0 : kBiasLanes;
+        const int width = F - f0 < lanes ? F - f0 : lanes;
+        T sum[kBiasLanes];
+        for (int j = 0; j < lanes; ++j) sum[j] = accumulate ? bias[f0 + j] : T(0);
         for (int k = 0; k < K; ++k) {
           for (int q = 0; q < P; ++q) {
             const T* row = d1 + int64_t(k) * ld_out + int64_t(q) * F + f0;
@@ -358,7 +367,7 @@ struct Conv2dLayer {
             for (int j = 0; j < width; ++j) sum[j] += row[j];
           }
         }
-        for (int j = 0; j < kChunk; ++j) bias[f0 + j] = j < width ? sum[j] : (accumulate ? bias[f0 + j] : T(0));
+        for (int j = 0; j < lanes; ++j) bias[f0 + j] = j < width ? sum[j] : (accumulate ? bias[f0 + j] : T(0));
       }
     }
     g.sync();
