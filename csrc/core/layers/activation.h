@@ -156,6 +156,19 @@ PYMAML_HD void tangent_slope_row(Activation act, T c, int n, int ld, const T* z,
 namespace {
 
 struct ActivationLayer {
+  // The rows [K, ld] of a layer's buffers are contiguous, so a pass over whole padded rows is a
+  // pass over K·ld values: f(offset, count) over one contiguous span of whole chunks per rank, in
+  // pieces of at most kMaxSpan values (count is an int). One loop where a loop a row would pay a
+  // call and the activation's switch per point: K rows of 48 values in the sinusoid's MLP.
+  static constexpr int kMaxSpan = 1 << 30;
+  template <class G, class F>
+  PYMAML_HD_STATIC_MEMBER void for_each_span(const G& g, int K, int ld, const F& f) {
+    const int64_t total = int64_t(K) * ld, chunks = total / kChunk;
+    const int64_t per_rank = (chunks + g.size() - 1) / g.size() * kChunk;
+    const int64_t begin = g.rank() * per_rank, end = begin + per_rank < total ? begin + per_rank : total;
+    for (int64_t at = begin; at < end; at += kMaxSpan) f(at, int(end - at < kMaxSpan ? end - at : kMaxSpan));
+  }
+
   // LeakyReLU's slope and ELU's alpha must not be negative: the slopes are read from the sign of
   // the output a (see above), which is the sign of z only then. They must be finite in float32 too
   // (at most FLT_MAX), and a NaN constant fails both tests.
@@ -189,9 +202,14 @@ struct ActivationLayer {
   PYMAML_HD_STATIC_MEMBER void forward(const G& g, const Layer& L, int K, const LayerParams<T>&,
                                        const LayerIO<T>& io) {
     const int ld = padded(L.out);
-    const int width = L.activation == Activation::sigmoid ? L.out : ld;  // σ(0) = 0 keeps padding zero
-    for (int k = g.rank(); k < K; k += g.size()) {
-      activate_row(L.activation, T(L.constant), width, io.in + int64_t(k) * ld, io.out + int64_t(k) * ld);
+    if (L.activation == Activation::sigmoid) {  // σ(0) ≠ 0: the real lanes only, keeping padding zero
+      for (int k = g.rank(); k < K; k += g.size()) {
+        activate_row(L.activation, T(L.constant), L.out, io.in + int64_t(k) * ld, io.out + int64_t(k) * ld);
+      }
+    } else {  // σ(0) = 0 keeps padding zero
+      for_each_span(g, K, ld, [&](int64_t at, int n) {
+        activate_row(L.activation, T(L.constant), n, io.in + at, io.out + at);
+      });
     }
     g.sync();
   }
@@ -200,11 +218,9 @@ struct ActivationLayer {
   PYMAML_HD_STATIC_MEMBER void backward(const G& g, const Layer& L, int K, const LayerParams<T>&,
                                         const LayerIO<T>& io, T*, T*, int64_t) {
     if (!io.grad_in) return;
-    const int ld = padded(L.out);
-    for (int k = g.rank(); k < K; k += g.size()) {
-      const int64_t row = int64_t(k) * ld;
-      slope_times_row(L.activation, T(L.constant), ld, io.out + row, io.grad_out + row, io.grad_in + row);
-    }
+    for_each_span(g, K, padded(L.out), [&](int64_t at, int n) {
+      slope_times_row(L.activation, T(L.constant), n, io.out + at, io.grad_out + at, io.grad_in + at);
+    });
     g.sync();
   }
 
@@ -212,11 +228,9 @@ struct ActivationLayer {
   PYMAML_HD_STATIC_MEMBER void r_forward(const G& g, const Layer& L, int K, const LayerParams<T>&,
                                          const LayerIO<T>& io) {
     if (!io.r_in) return;
-    const int ld = padded(L.out);
-    for (int k = g.rank(); k < K; k += g.size()) {
-      const int64_t row = int64_t(k) * ld;
-      slope_times_row(L.activation, T(L.constant), ld, io.out + row, io.r_in + row, io.r_out + row);
-    }
+    for_each_span(g, K, padded(L.out), [&](int64_t at, int n) {
+      slope_times_row(L.activation, T(L.constant), n, io.out + at, io.r_in + at, io.r_out + at);
+    });
     g.sync();
   }
 
@@ -226,10 +240,17 @@ struct ActivationLayer {
                                           const LayerIO<T>& io, T*, bool, T*, int64_t) {
     if (!io.r_grad_in) return;
     const int ld = padded(L.out);
-    for (int k = g.rank(); k < K; k += g.size()) {
-      const int64_t row = int64_t(k) * ld;
-      tangent_slope_row(L.activation, T(L.constant), L.out, ld, io.in + row, io.out + row, io.r_in + row,
-                        io.grad_out + row, io.r_grad_in + row);
+    if (L.activation == Activation::tanh || L.activation == Activation::sigmoid) {  // the real lanes only
+      for (int k = g.rank(); k < K; k += g.size()) {
+        const int64_t row = int64_t(k) * ld;
+        tangent_slope_row(L.activation, T(L.constant), L.out, ld, io.in + row, io.out + row, io.r_in + row,
+                          io.grad_out + row, io.r_grad_in + row);
+      }
+    } else {  // whole padded rows
+      for_each_span(g, K, ld, [&](int64_t at, int n) {
+        tangent_slope_row(L.activation, T(L.constant), n, n, io.in + at, io.out + at, io.r_in + at,
+                          io.grad_out + at, io.r_grad_in + at);
+      });
     }
     g.sync();
   }
