@@ -96,9 +96,10 @@ PYMAML_HD void activate_row(Activation act, T c, int n, const T* z, T* a) {
 }
 
 // out[i] = σ'(z[i]) · r[i] from a = σ(z)   (in place when out == r)
-// Every value a select picks is loaded before it (ReLU's r, ELU's curvature term below): where
-// a load sits in one branch only, GCC's AVX-512 code loads it under a mask merged into a register
-// it keeps in a stack slot, a store-to-load chain through memory on every iteration of the loop.
+// ReLU's r is loaded before its select, and ELU's curvature term (tangent_slope_row) is taken in
+// a select of its own before the outer one: where a load sits in one branch of the outer select
+// only, GCC's AVX-512 code loads it under a mask merged into a register it keeps in a stack slot,
+// a store-to-load chain through memory on every iteration of the loop.
 template <class T>
 PYMAML_HD void slope_times_row(Activation act, T c, int n, const T* a, const T* r, T* out) {
   switch (act) {
