@@ -3,6 +3,12 @@ against the same algorithm one task at a time (each task's own sampler calls, au
 for the inner step, autograd through each task's inner step for the meta-gradient and a per-task
 double backward of the KL for every Fisher-vector product).
 
+Implementations: `batched` (pymaml.rl with the paper's policy: the closed-form derivatives of
+pymaml.rl.gaussian_mlp), `batched-autograd` (pymaml.rl with a subclass of the policy, which the
+closed forms refuse: torch.func gradients and HVPs through retained autograd graphs), and
+`one-task-at-a-time`. All run in one process with glibc's freed memory retained
+(pymaml.rl.allocator, as `pymaml rl` runs), so the three see the same allocator.
+
 Phases: `sampling` (the pre- and post-adaptation trajectories), `inner` (the baselines, the
 advantages and the inner step), `outer` (the TRPO step: meta-gradient, 10 CG iterations over
 Fisher-vector products, line search). Meta-batch 40, 20 trajectories per task, the paper's policy;
@@ -21,12 +27,18 @@ import torch
 from torch.func import functional_call
 
 from pymaml.rl import GaussianMLPPolicy, Navigation2D, TRPOSettings, advantages, sample
+from pymaml.rl.allocator import retain_freed_memory
 from pymaml.rl.policy import expand, kl_loss, log_prob, reinforce_loss, surrogate_loss
 from pymaml.rl.trpo import conjugate_gradient, flatten, inner_step, outer_problem, trpo_step, unflatten
 
 META_BATCH, TRAJECTORIES = 40, 20
 HORIZONS = [20, 100]
-IMPLEMENTATIONS = ["batched", "one-task-at-a-time"]
+IMPLEMENTATIONS = ["batched", "batched-autograd", "one-task-at-a-time"]
+retain_freed_memory()
+
+
+class SubclassedPolicy(GaussianMLPPolicy):
+    """The paper's policy under another class: pymaml.rl falls back to torch.func and autograd."""
 
 
 def skip_long_horizon_in_smoke_mode(request, horizon: int) -> None:
@@ -36,9 +48,10 @@ def skip_long_horizon_in_smoke_mode(request, horizon: int) -> None:
         pytest.skip(f"smoke mode runs horizon {min(HORIZONS)} only; horizon {horizon} is timed")
 
 
-def setting(horizon):
+def setting(horizon, implementation="batched"):
     torch.manual_seed(0)
-    env, policy = Navigation2D(horizon=horizon), GaussianMLPPolicy(2, 2)
+    env = Navigation2D(horizon=horizon)
+    policy = (SubclassedPolicy if implementation == "batched-autograd" else GaussianMLPPolicy)(2, 2)
     generator = torch.Generator().manual_seed(0)
     tasks = env.sample_tasks(META_BATCH, generator)
     params = {name: p.detach() for name, p in policy.named_parameters()}
@@ -116,13 +129,13 @@ def one_task_at_a_time_trpo_step(policy, params, pre, post, settings):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_sampling(benchmark, request, implementation, horizon):
     skip_long_horizon_in_smoke_mode(request, horizon)
-    env, policy, tasks, params, *_ = setting(horizon)
+    env, policy, tasks, params, *_ = setting(horizon, implementation)
     benchmark.extra_info.update(phase="sampling", meta_batch=META_BATCH, trajectories=TRAJECTORIES, horizon=horizon)
 
     def run():
         generator = torch.Generator().manual_seed(1)
         for _ in range(2):  # before and after the inner step
-            if implementation == "batched":
+            if implementation != "one-task-at-a-time":
                 sample(policy, expand(params, META_BATCH), env, tasks, TRAJECTORIES, generator)
             else:
                 for task in range(META_BATCH):
@@ -135,11 +148,11 @@ def test_sampling(benchmark, request, implementation, horizon):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_inner(benchmark, request, implementation, horizon):
     skip_long_horizon_in_smoke_mode(request, horizon)
-    env, policy, tasks, params, first, *_ = setting(horizon)
+    env, policy, tasks, params, first, *_ = setting(horizon, implementation)
     benchmark.extra_info.update(phase="inner", meta_batch=META_BATCH, trajectories=TRAJECTORIES, horizon=horizon)
 
     def run():
-        if implementation == "batched":
+        if implementation != "one-task-at-a-time":
             pre = advantages(first, 0.99)
             with torch.no_grad():
                 inner_step(policy, expand(params, META_BATCH), pre, 0.1)
@@ -158,12 +171,12 @@ def test_inner(benchmark, request, implementation, horizon):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_outer(benchmark, request, implementation, horizon):
     skip_long_horizon_in_smoke_mode(request, horizon)
-    env, policy, tasks, params, first, pre, post = setting(horizon)
+    env, policy, tasks, params, first, pre, post = setting(horizon, implementation)
     settings = TRPOSettings()
     benchmark.extra_info.update(phase="outer", meta_batch=META_BATCH, trajectories=TRAJECTORIES, horizon=horizon)
 
     def run():
-        if implementation == "batched":
+        if implementation != "one-task-at-a-time":
             return trpo_step(policy, outer_problem(policy, params, pre, post, settings.inner_lr), settings).params
         return one_task_at_a_time_trpo_step(policy, params, pre, post, settings)
 

@@ -32,10 +32,29 @@ def parameters(policy) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in policy.named_parameters()}
 
 
-@pytest.fixture
-def problem_data():
+class SubclassedPolicy(GaussianMLPPolicy):
+    """Computes what GaussianMLPPolicy computes, but is not one: pymaml.rl takes its derivatives
+    from torch.func and autograd instead of the closed forms."""
+
+
+def policy_of_kind(kind: str) -> GaussianMLPPolicy:
+    """closed_form: the plain policy; autograd: a subclass; hooked: a forward hook that changes the
+    first layer's output, which the closed forms would not run (both of the latter fall back)."""
+    policy = small_policy()
+    if kind == "autograd":
+        policy.__class__ = SubclassedPolicy
+    elif kind == "hooked":
+        policy.mean[0].register_forward_hook(lambda module, inputs, output: 1.5 * output)
+    return policy
+
+
+POLICY_KINDS = ["closed_form", "autograd", "hooked"]
+
+
+@pytest.fixture(params=POLICY_KINDS)
+def problem_data(request):
     """A small policy, tasks, and FIXED pre- and post-adaptation batches (float64)."""
-    policy, env = small_policy(), Navigation2D(horizon=HORIZON)
+    policy, env = policy_of_kind(request.param), Navigation2D(horizon=HORIZON)
     generator = torch.Generator().manual_seed(3)
     goals = env.sample_tasks(TASKS, generator, dtype=torch.float64)
     params = parameters(policy)
@@ -250,21 +269,21 @@ def test_line_search_keeps_the_kl_bound_and_improves_the_surrogate(problem_data,
                          ids=["second_order", "first_order", "multitask"])
 def test_a_trpo_step_builds_each_products_graph_once(problem_data, monkeypatch, first_order, multitask, builds):
     """The meta-gradient, the CG's Fisher products and the step's curvature all take their HVPs
-    (H_t through the inner step, F_t of the KL) from one retained gradient graph per kind: built
-    once per TRPO step, not once per product; and the step equals one whose every product builds
-    its graph anew."""
+    (H_t through the inner step, F_t of the KL) from one product per kind, whose forward pass (the
+    closed forms) or gradient graph (autograd) is built once per TRPO step, not once per product;
+    and the step equals one whose every product builds its own anew."""
     import pymaml.rl.trpo as trpo
 
     policy, params, pre, post = problem_data
     settings = TRPOSettings(first_order=first_order)
     built = []
-    original = trpo._retained_hvp
+    original = trpo.hvp_at
 
     def counting(*arguments):
         built.append(arguments[1])
         return original(*arguments)
 
-    monkeypatch.setattr(trpo, "_retained_hvp", counting)
+    monkeypatch.setattr(trpo, "hvp_at", counting)
     problem = outer_problem(policy, params, None if multitask else pre, post, 0.1)
     result = trpo_step(policy, problem, settings)
     assert len(built) == builds

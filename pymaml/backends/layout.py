@@ -87,7 +87,7 @@ def global_hook_reason() -> str | None:
     return None
 
 
-def _module_reason(module: nn.Module, what: str) -> str | None:
+def module_override_reason(module: nn.Module, what: str) -> str | None:
     """Why `module` may compute more than its class's forward: a hook, or a call replaced on the instance."""
     for attribute, kind in MODULE_HOOKS:
         if getattr(module, attribute):
@@ -193,7 +193,7 @@ def _layer_reason(name: str, module: nn.Module) -> str | None:
     if module is None:
         return f"layer {name} is None"
     what = f"layer {name} ({type(module).__name__})"
-    reason = _module_reason(module, what)
+    reason = module_override_reason(module, what)
     if reason is not None:
         return reason
     kind = type(module)
@@ -260,7 +260,7 @@ def _leaves(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[nn.Modu
     leaves, containers = [], []
 
     def visit(prefix: str, container: nn.Module, what: str) -> str | None:
-        reason = _module_reason(container, what)
+        reason = module_override_reason(container, what)
         if reason is not None:
             return reason
         if container._parameters:

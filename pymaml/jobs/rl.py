@@ -31,6 +31,7 @@ import torch
 from .. import __version__
 from ..distributed import DistributedContext, broadcast_state
 from ..rl import ENVIRONMENTS, GaussianMLPPolicy, MetaTRPO, TRPOSettings, returns_after_steps
+from ..rl.allocator import retain_freed_memory
 from .training import (JobError, TrajectorySettings, check_checkpoint_on_main, check_on_main, check_writable,
                        finite_or_none, iterations_summary, progress_bar, resume, save_checkpoint, write_report)
 
@@ -219,6 +220,7 @@ def run(config: RLConfig, out_dir: Path, context: DistributedContext | None = No
     ranks return None)."""
     context = DistributedContext() if context is None else context
     check_on_main(context, lambda: check_writable(out_dir, "report.json and the figure (--out)"))
+    retained = retain_freed_memory()
     started = time.perf_counter()
     result = train(config, context)
     trained = time.perf_counter()
@@ -248,6 +250,7 @@ def run(config: RLConfig, out_dir: Path, context: DistributedContext | None = No
         "history": result.history,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "freed_memory_retained": retained,
         "world_size": context.world_size,
         "distributed_backend": context.backend,
         "pymaml": __version__,

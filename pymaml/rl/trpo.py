@@ -38,6 +38,7 @@ from torch import nn
 from torch.func import vmap
 
 from ..distributed import DistributedContext
+from .gaussian_mlp import closed_form, reinforce_gradient, surrogate_gradient
 from .policy import (batched_gradients, batched_outputs, expand, kl_loss, log_prob, reinforce_loss,
                      surrogate_loss)
 from .trajectories import PolicyBatch, Trajectories, advantages, check_share, sample
@@ -83,11 +84,32 @@ def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+# The losses whose batched gradients pymaml.rl.gaussian_mlp has in closed form.
+CLOSED_FORM_GRADIENTS = {reinforce_loss: reinforce_gradient, surrogate_loss: surrogate_gradient}
+
+
+def outputs(policy: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The policy's outputs for every task (params [T, ...] per name, x [T, K, O]): by the closed
+    forms' forward pass where they serve the policy, otherwise by torch.func."""
+    derivatives = closed_form(policy)
+    return batched_outputs(policy, params, x) if derivatives is None else derivatives.outputs(params, x)
+
+
+def gradients(policy: nn.Module, loss, params: dict[str, torch.Tensor], x: torch.Tensor,
+              y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """∇_θ loss_t(θ_t) for every task, [T, ...] per name: in closed form where
+    pymaml.rl.gaussian_mlp serves the policy and the loss, otherwise by torch.func."""
+    derivatives = closed_form(policy)
+    if derivatives is None or loss not in CLOSED_FORM_GRADIENTS:
+        return batched_gradients(policy, loss, params, x, y)
+    return derivatives.gradient(CLOSED_FORM_GRADIENTS[loss], params, x, y)
+
+
 def inner_step(policy: nn.Module, params: dict[str, torch.Tensor], batch: PolicyBatch,
                inner_lr: float) -> dict[str, torch.Tensor]:
     """θ'_t = θ_t - α ∇L_in,t(θ_t) for every task: params [T, ...] per name."""
-    gradients = batched_gradients(policy, reinforce_loss, params, batch.observations, batch.reinforce_targets)
-    return {name: params[name] - inner_lr * gradients[name] for name in params}
+    gradients_now = gradients(policy, reinforce_loss, params, batch.observations, batch.reinforce_targets)
+    return {name: params[name] - inner_lr * gradients_now[name] for name in params}
 
 
 @dataclass(frozen=True)
@@ -156,8 +178,21 @@ class OuterProblem:
                     self.pre.reinforce_targets
             else:
                 point, loss, x, y = self.adapted, kl_loss, self.post.observations, self.old_outputs
-            product = self._products[which] = _retained_hvp(policy, loss, point, x, y)
+            product = self._products[which] = hvp_at(policy, loss, point, x, y)
         return product
+
+
+def hvp_at(policy: nn.Module, loss, point: dict[str, torch.Tensor], x: torch.Tensor,
+           y: torch.Tensor) -> Callable[[dict], dict]:
+    """u ↦ H_t u_t for every task, H_t = ∇²_P loss_t at P_t = point: loss = reinforce_loss by the
+    R-operator, loss = kl_loss (y the outputs at `point`, where TRPO takes it) by the Gauss–Newton
+    product, where pymaml.rl.gaussian_mlp serves the policy; otherwise through a retained graph."""
+    derivatives = closed_form(policy)
+    if derivatives is not None and loss is reinforce_loss:
+        return derivatives.reinforce_hvp(point, x, y)
+    if derivatives is not None and loss is kl_loss:
+        return derivatives.kl_fisher(point, x)
+    return _retained_hvp(policy, loss, point, x, y)
 
 
 def _retained_hvp(policy: nn.Module, loss, point: dict[str, torch.Tensor], x: torch.Tensor,
@@ -167,16 +202,18 @@ def _retained_hvp(policy: nn.Module, loss, point: dict[str, torch.Tensor], x: to
     names = list(point)
     leaves = [point[name].detach().requires_grad_() for name in names]
     with torch.enable_grad():
-        outputs = batched_outputs(policy, dict(zip(names, leaves)), x)
-        gradients = torch.autograd.grad(vmap(loss)(outputs, y).sum(), leaves, create_graph=True)
-    # A gradient that does not depend on P (a constant) adds nothing to any product.
-    varying = [i for i, g in enumerate(gradients) if g.requires_grad]
+        predictions = batched_outputs(policy, dict(zip(names, leaves)), x)
+        first = torch.autograd.grad(vmap(loss)(predictions, y).sum(), leaves, create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+    # A gradient that does not depend on P (a constant, or zeros for a parameter the outputs do not
+    # use) adds nothing to any product.
+    varying = [i for i, g in enumerate(first) if g.requires_grad]
 
     def product(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not varying:
             return {name: torch.zeros_like(leaf) for name, leaf in zip(names, leaves)}
         with torch.enable_grad():
-            products = torch.autograd.grad([gradients[i] for i in varying], leaves,
+            products = torch.autograd.grad([first[i] for i in varying], leaves,
                                            grad_outputs=[vectors[names[i]] for i in varying], retain_graph=True,
                                            allow_unused=True, materialize_grads=True)
         return dict(zip(names, products))
@@ -194,7 +231,7 @@ def outer_problem(policy: nn.Module, params: dict[str, torch.Tensor], pre: Polic
     params = {name: p.detach() for name, p in params.items()}
     with torch.no_grad():
         adapted = adapted_at(policy, params, pre, inner_lr, tasks)
-        old_outputs = batched_outputs(policy, adapted, post.observations)
+        old_outputs = outputs(policy, adapted, post.observations)
         old_log_prob = log_prob(old_outputs, post.actions)
     return OuterProblem(params, pre, post, adapted, old_outputs, post.surrogate_targets(old_log_prob), split)
 
@@ -217,8 +254,7 @@ def chain(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings,
 
 def meta_gradient(policy: nn.Module, problem: OuterProblem, settings: TRPOSettings) -> dict[str, torch.Tensor]:
     """g = (1/T) Σ_t J_tᵀ ∇L_out,t(θ'_t)."""
-    outer = batched_gradients(policy, surrogate_loss, problem.adapted, problem.post.observations,
-                              problem.surrogate_targets)
+    outer = gradients(policy, surrogate_loss, problem.adapted, problem.post.observations, problem.surrogate_targets)
     local_sum = flatten(chain(policy, problem, settings, outer), batched=True).sum(0)
     return unflatten(problem.split.mean(local_sum), problem.params)
 
@@ -259,9 +295,9 @@ def surrogate_and_kl(policy: nn.Module, problem: OuterProblem, settings: TRPOSet
     pre-adaptation trajectories, the surrogate and KL on the post-adaptation ones."""
     with torch.no_grad():
         adapted = adapted_at(policy, params, problem.pre, settings.inner_lr, problem.tasks)
-        outputs = batched_outputs(policy, adapted, problem.post.observations)
-        local_sums = torch.stack([vmap(surrogate_loss)(outputs, problem.surrogate_targets).sum(),
-                                  vmap(kl_loss)(outputs, problem.old_outputs).sum()])
+        candidate = outputs(policy, adapted, problem.post.observations)
+        local_sums = torch.stack([vmap(surrogate_loss)(candidate, problem.surrogate_targets).sum(),
+                                  vmap(kl_loss)(candidate, problem.old_outputs).sum()])
         loss, kl = problem.split.mean(local_sums).tolist()
     return loss, kl
 
