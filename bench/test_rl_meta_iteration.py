@@ -7,7 +7,8 @@ Implementations: `batched` (pymaml.rl with the paper's policy: the closed-form d
 pymaml.rl.gaussian_mlp), `batched-autograd` (pymaml.rl with a subclass of the policy, which the
 closed forms refuse: torch.func gradients and HVPs through retained autograd graphs), and
 `one-task-at-a-time`. All run in one process with glibc's freed memory retained
-(pymaml.rl.allocator, as `pymaml rl` runs), so the three see the same allocator.
+(pymaml.rl.allocator, as `pymaml rl` runs), so the three see the same allocator
+(PYMAML_BENCH_DEFAULT_ALLOCATOR=1: glibc's defaults for all three).
 
 Phases: `sampling` (the pre- and post-adaptation trajectories), `inner` (the baselines, the
 advantages and the inner step), `outer` (the TRPO step: meta-gradient, 10 CG iterations over
@@ -21,6 +22,7 @@ named test_rl in folders without __init__.py collide.)
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -34,7 +36,9 @@ from pymaml.rl.trpo import conjugate_gradient, flatten, inner_step, outer_proble
 META_BATCH, TRAJECTORIES = 40, 20
 HORIZONS = [20, 100]
 IMPLEMENTATIONS = ["batched", "batched-autograd", "one-task-at-a-time"]
-retain_freed_memory()
+# PYMAML_BENCH_DEFAULT_ALLOCATOR=1 keeps glibc's default thresholds, to measure what retaining saves.
+if os.environ.get("PYMAML_BENCH_DEFAULT_ALLOCATOR") != "1":
+    retain_freed_memory()
 
 
 class SubclassedPolicy(GaussianMLPPolicy):

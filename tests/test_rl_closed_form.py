@@ -129,6 +129,8 @@ MODIFICATIONS = {
     "linear_subclass": (lambda p: replace_layer(2, SubclassedLinear(5, 4).double())(p), "not an nn.Linear"),
     "no_bias": (replace_layer(2, nn.Linear(5, 4, bias=False).double()), "no bias"),
     "buffer": (lambda p: p.register_buffer("scale", torch.ones(1)), "buffers"),
+    "shared_log_std": (lambda p: setattr(p, "log_std", nn.Parameter(torch.zeros(1, dtype=torch.float64))),
+                       "log_std has shape"),
     "extra_parameter": (lambda p: setattr(p, "extra", nn.Parameter(torch.zeros(2, dtype=torch.float64))),
                         "parameters are"),
 }

@@ -51,8 +51,8 @@ _LOG_2PI = math.log(2 * math.pi)
 def unsupported_reason(policy: nn.Module) -> str | None:
     """Why the closed forms would not compute what `policy` computes, or None: anything but a
     GaussianMLPPolicy (subclasses included) whose mean is Linear layers with biases separated by
-    ReLUs, without hooks, parametrizations, buffers, calls replaced on an instance or parameters
-    of another dtype."""
+    ReLUs and a log_std of one entry per action, without hooks, parametrizations, buffers, calls
+    replaced on an instance or parameters of another dtype."""
     if type(policy) is not GaussianMLPPolicy:
         return f"the policy is a {type(policy).__qualname__}, not a GaussianMLPPolicy"
     reason = global_hook_reason()
@@ -77,6 +77,9 @@ def unsupported_reason(policy: nn.Module) -> str | None:
     expected_names = [f"mean.{index}.{kind}" for index in range(0, len(mean), 2) for kind in ("weight", "bias")]
     if sorted(names) != sorted([*expected_names, LOG_STD]):
         return f"the policy's parameters are {names}, not the mean's Linear layers and log_std"
+    if policy.log_std.shape != (mean[-1].out_features,):
+        return (f"log_std has shape {tuple(policy.log_std.shape)}, not one entry per action "
+                f"({mean[-1].out_features})")
     if len({p.dtype for p in policy.parameters()}) != 1:
         return "the policy's parameters are of several dtypes"
     return None

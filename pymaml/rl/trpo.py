@@ -11,11 +11,13 @@ With J_t = ∂θ'_t/∂θ = I - α H_t, H_t = ∇²L_in,t(θ):
 exact because ∇_θ' KL_t vanishes at θ₀ (the old policy minimises the KL), so the term with the
 second derivative of θ'_t drops out. H_t v and F_t u are batched Hessian-vector products. The
 data and the points (θ, θ'_t) stay fixed through a TRPO step while CG asks for up to
-cg_iterations + 1 Fisher products, each of three HVPs; so each kind of product keeps, for the
-whole step, the autograd graph of the batched gradient ∇_P Σ_t L_t(P_t) at its point (P [T, ...]
-per name, taken once with create_graph), and each HVP is one backward pass through that graph
-with the vector as its output gradient (reverse over reverse): the forward and first backward
-passes are not redone for every product (OuterProblem.hvp). First order: J_t = I.
+cg_iterations + 1 Fisher products, each of three HVPs; so each kind of product is set up once per
+step at its point (P [T, ...] per name) and kept (OuterProblem.hvp). For the paper's policy the
+products are closed forms (pymaml.rl.gaussian_mlp: H_t u by the R-operator from a kept forward
+pass, F_t u as a Gauss–Newton product), and so are the batched gradients; for any other policy,
+the autograd graph of the batched gradient ∇_P Σ_t L_t(P_t), taken once with create_graph, is
+kept, and each HVP is one backward pass through it with the vector as its output gradient
+(reverse over reverse), gradients coming from torch.func. First order: J_t = I.
 The step: s = CG(F, g), then θ - β s with β = √(2δ / sᵀFs), scaled by `backtrack_ratio` at each try until the
 surrogate improves and the KL is within δ (`max_backtracks` tries; otherwise θ is kept).
 
