@@ -222,10 +222,12 @@ class GaussianMLPDerivatives:
 
         return product
 
-    def kl_fisher(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> Callable[[dict], dict]:
+    def kl_fisher(self, params: dict[str, torch.Tensor], x: torch.Tensor,
+                  forward: MeanPass | None = None) -> Callable[[dict], dict]:
         """u ↦ F_t u_t for every task, F_t the Hessian of policy.kl_loss(π_old ‖ π_P) at P_t = the
-        old policy's parameters (the only point where TRPO asks for it), a Gauss–Newton product."""
-        forward = self.forward(params, x)
+        old policy's parameters (the only point where TRPO asks for it), a Gauss–Newton product;
+        forward: this class's forward pass at params on x, if already taken."""
+        forward = self.forward(params, x) if forward is None else forward
         scale = torch.exp(-2 * forward.log_std).unsqueeze(1) / x.shape[1]
 
         def product(direction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

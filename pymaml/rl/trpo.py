@@ -186,14 +186,17 @@ class OuterProblem:
 
 def hvp_at(policy: nn.Module, loss, point: dict[str, torch.Tensor], x: torch.Tensor,
            y: torch.Tensor) -> Callable[[dict], dict]:
-    """u ↦ H_t u_t for every task, H_t = ∇²_P loss_t at P_t = point: loss = reinforce_loss by the
-    R-operator, loss = kl_loss (y the outputs at `point`, where TRPO takes it) by the Gauss–Newton
-    product, where pymaml.rl.gaussian_mlp serves the policy; otherwise through a retained graph."""
+    """u ↦ H_t u_t for every task, H_t = ∇²_P loss_t at P_t = point, where pymaml.rl.gaussian_mlp
+    serves the policy: loss = reinforce_loss by the R-operator; loss = kl_loss by the Gauss–Newton
+    product when y (the old policy's outputs) equals the outputs at `point`, as TRPO asks for it.
+    Otherwise (another policy or loss, or a KL away from its minimum) through a retained graph."""
     derivatives = closed_form(policy)
     if derivatives is not None and loss is reinforce_loss:
         return derivatives.reinforce_hvp(point, x, y)
     if derivatives is not None and loss is kl_loss:
-        return derivatives.kl_fisher(point, x)
+        forward = derivatives.forward(point, x)
+        if torch.equal(forward.outputs, y):
+            return derivatives.kl_fisher(point, x, forward)
     return _retained_hvp(policy, loss, point, x, y)
 
 
