@@ -145,7 +145,7 @@ MODIFICATIONS = {
     "parametrization": (lambda p: parametrize.register_parametrization(p.mean[0], "weight", Scale()),
                         "parametrized"),
     "tanh": (replace_layer(1, nn.Tanh()), "not an nn.ReLU"),
-    "linear_subclass": (lambda p: replace_layer(2, SubclassedLinear(5, 4).double())(p), "not an nn.Linear"),
+    "linear_subclass": (replace_layer(2, SubclassedLinear(5, 4).double()), "not an nn.Linear"),
     "no_bias": (replace_layer(2, nn.Linear(5, 4, bias=False).double()), "no bias"),
     "buffer": (lambda p: p.register_buffer("scale", torch.ones(1)), "buffers"),
     "shared_log_std": (lambda p: setattr(p, "log_std", nn.Parameter(torch.zeros(1, dtype=torch.float64))),
