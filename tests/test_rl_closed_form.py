@@ -73,6 +73,27 @@ def test_closed_forms_match_torch_func_and_autograd(hidden, action_size):
                  _retained_hvp(policy, kl_loss, point, x, old_outputs)(direction))
 
 
+def test_float32_closed_forms_match_the_float64_oracle():
+    """The float32 closed forms (the RL job's dtype) against torch.func and autograd in float64,
+    within float32's tolerance, on the paper's widths."""
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(3, 2).double()
+    generator = torch.Generator().manual_seed(6)
+    point = random_point(policy, generator)
+    x, actions, advantage = data(3, 2, generator)
+    targets = torch.cat([actions, advantage.unsqueeze(-1)], -1)
+    direction = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype) for name, p in point.items()}
+    derivatives = closed_form(policy.float())
+    single = {name: p.float() for name, p in point.items()}
+    pairs = [(derivatives.gradient(reinforce_gradient, single, x.float(), targets.float()),
+              batched_gradients(policy.double(), reinforce_loss, point, x, targets)),
+             (derivatives.reinforce_hvp(single, x.float(), targets.float())({n: u.float() for n, u in direction.items()}),
+              _retained_hvp(policy, reinforce_loss, point, x, targets)(direction))]
+    for actual, expected in pairs:
+        assert relative_error(flatten(actual, batched=True).double(),
+                              flatten(expected, batched=True)) <= TOLERANCE[torch.float32]
+
+
 def test_the_kl_away_from_the_old_policy_takes_its_full_hessian():
     """hvp_at(kl_loss) is the Gauss–Newton product only where the old outputs are the outputs at
     the point (TRPO's case); elsewhere the KL's Hessian has more terms, and the autograd graph gives it."""
