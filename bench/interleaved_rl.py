@@ -24,38 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_rl_meta_iteration import (IMPLEMENTATIONS, META_BATCH, TRAJECTORIES, one_task_at_a_time_trpo_step,  # noqa: E402
-                                    per_task_adapted, setting)
-
-from pymaml.rl import TRPOSettings, advantages  # noqa: E402
-from pymaml.rl.policy import expand  # noqa: E402
-from pymaml.rl.trpo import inner_step, outer_problem, trpo_step  # noqa: E402
-
-LOOP = "one-task-at-a-time"
-
-
-def phases(horizon: int, implementation: str) -> dict:
-    """Per phase, a call that runs it once for `implementation`."""
-    env, policy, tasks, params, first, pre, post = setting(horizon, implementation)
-    settings = TRPOSettings()
-
-    def inner():
-        if implementation != LOOP:
-            with torch.no_grad():
-                inner_step(policy, expand(params, META_BATCH), advantages(first, 0.99), 0.1)
-            return
-        for task in range(META_BATCH):
-            one = type(first)(first.observations[task: task + 1], first.actions[task: task + 1],
-                              first.rewards[task: task + 1])
-            theta = {n: p.clone().requires_grad_() for n, p in params.items()}
-            per_task_adapted(policy, theta, advantages(one, 0.99), 0, 0.1, create_graph=False)
-
-    def outer():
-        if implementation != LOOP:
-            return trpo_step(policy, outer_problem(policy, params, pre, post, settings.inner_lr), settings)
-        return one_task_at_a_time_trpo_step(policy, params, pre, post, settings)
-
-    return {"inner": inner, "outer": outer}
+from test_rl_meta_iteration import IMPLEMENTATIONS, META_BATCH, ONE_TASK, TRAJECTORIES, phase_calls  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -65,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inner-calls", type=int, default=10, help="inner steps per implementation per round")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    calls = {implementation: phases(args.horizon, implementation) for implementation in IMPLEMENTATIONS}
+    calls = {implementation: phase_calls(args.horizon, implementation) for implementation in IMPLEMENTATIONS}
     for implementation in IMPLEMENTATIONS:  # warm-up: torch.func's first calls
         calls[implementation]["inner"]()
         calls[implementation]["outer"]()
@@ -85,8 +54,8 @@ def main(argv=None) -> int:
         medians = {implementation: statistics.median(values) for implementation, values in by_implementation.items()}
         report["phases"][phase] = {
             "median_s": medians,
-            "loop_over": {implementation: medians[LOOP] / medians[implementation]
-                          for implementation in IMPLEMENTATIONS if implementation != LOOP},
+            "loop_over": {implementation: medians[ONE_TASK] / medians[implementation]
+                          for implementation in IMPLEMENTATIONS if implementation != ONE_TASK},
         }
     print(json.dumps(report, indent=1))
     return 0

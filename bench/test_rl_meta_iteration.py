@@ -35,7 +35,8 @@ from pymaml.rl.trpo import conjugate_gradient, flatten, inner_step, outer_proble
 
 META_BATCH, TRAJECTORIES = 40, 20
 HORIZONS = [20, 100]
-IMPLEMENTATIONS = ["batched", "batched-autograd", "one-task-at-a-time"]
+ONE_TASK = "one-task-at-a-time"
+IMPLEMENTATIONS = ["batched", "batched-autograd", ONE_TASK]
 # PYMAML_BENCH_DEFAULT_ALLOCATOR=1 keeps glibc's default thresholds, to measure what retaining saves.
 if os.environ.get("PYMAML_BENCH_DEFAULT_ALLOCATOR") != "1":
     retain_freed_memory()
@@ -139,7 +140,7 @@ def test_sampling(benchmark, request, implementation, horizon):
     def run():
         generator = torch.Generator().manual_seed(1)
         for _ in range(2):  # before and after the inner step
-            if implementation != "one-task-at-a-time":
+            if implementation != ONE_TASK:
                 sample(policy, expand(params, META_BATCH), env, tasks, TRAJECTORIES, generator)
             else:
                 for task in range(META_BATCH):
@@ -148,26 +149,38 @@ def test_sampling(benchmark, request, implementation, horizon):
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("horizon", HORIZONS)
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_inner(benchmark, request, implementation, horizon):
-    skip_long_horizon_in_smoke_mode(request, horizon)
-    env, policy, tasks, params, first, *_ = setting(horizon, implementation)
-    benchmark.extra_info.update(phase="inner", meta_batch=META_BATCH, trajectories=TRAJECTORIES, horizon=horizon)
+def phase_calls(horizon: int, implementation: str) -> dict:
+    """Per timed phase ("inner", "outer"), a call that runs it once for `implementation`: the
+    baselines, advantages and inner step; the TRPO step. Shared by the benchmarks below and
+    bench/interleaved_rl.py."""
+    _, policy, _, params, first, pre, post = setting(horizon, implementation)
+    settings = TRPOSettings()
 
-    def run():
-        if implementation != "one-task-at-a-time":
-            pre = advantages(first, 0.99)
+    def inner():
+        if implementation != ONE_TASK:
             with torch.no_grad():
-                inner_step(policy, expand(params, META_BATCH), pre, 0.1)
+                inner_step(policy, expand(params, META_BATCH), advantages(first, 0.99), 0.1)
             return
         for task in range(META_BATCH):
             one = type(first)(first.observations[task: task + 1], first.actions[task: task + 1],
                               first.rewards[task: task + 1])
-            pre = advantages(one, 0.99)
             theta = {n: p.clone().requires_grad_() for n, p in params.items()}
-            per_task_adapted(policy, theta, pre, 0, 0.1, create_graph=False)
+            per_task_adapted(policy, theta, advantages(one, 0.99), 0, 0.1, create_graph=False)
 
+    def outer():
+        if implementation != ONE_TASK:
+            return trpo_step(policy, outer_problem(policy, params, pre, post, settings.inner_lr), settings).params
+        return one_task_at_a_time_trpo_step(policy, params, pre, post, settings)
+
+    return {"inner": inner, "outer": outer}
+
+
+@pytest.mark.parametrize("horizon", HORIZONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_inner(benchmark, request, implementation, horizon):
+    skip_long_horizon_in_smoke_mode(request, horizon)
+    run = phase_calls(horizon, implementation)["inner"]
+    benchmark.extra_info.update(phase="inner", meta_batch=META_BATCH, trajectories=TRAJECTORIES, horizon=horizon)
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
 
 
@@ -175,13 +188,6 @@ def test_inner(benchmark, request, implementation, horizon):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_outer(benchmark, request, implementation, horizon):
     skip_long_horizon_in_smoke_mode(request, horizon)
-    env, policy, tasks, params, first, pre, post = setting(horizon, implementation)
-    settings = TRPOSettings()
+    run = phase_calls(horizon, implementation)["outer"]
     benchmark.extra_info.update(phase="outer", meta_batch=META_BATCH, trajectories=TRAJECTORIES, horizon=horizon)
-
-    def run():
-        if implementation != "one-task-at-a-time":
-            return trpo_step(policy, outer_problem(policy, params, pre, post, settings.inner_lr), settings).params
-        return one_task_at_a_time_trpo_step(policy, params, pre, post, settings)
-
     benchmark.pedantic(run, rounds=1, warmup_rounds=1)  # the warm-up round pays torch.func's first-call cost

@@ -117,10 +117,15 @@ def _residual(forward: MeanPass, actions: torch.Tensor) -> tuple[torch.Tensor, t
     return forward.mean - actions, torch.exp(-2 * forward.log_std).unsqueeze(1)
 
 
+def _reinforce_terms(forward: MeanPass, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d, e, w / K [T, K, 1]) of policy.reinforce_loss; target [T, K, A + 1] = (actions, advantages)."""
+    d, e = _residual(forward, target[..., :-1])
+    return d, e, target[..., -1:] / target.shape[1]
+
+
 def reinforce_gradient(forward: MeanPass, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """policy.reinforce_loss's g_μ, g_s; target [T, K, A + 1] = (actions, advantages)."""
-    d, e = _residual(forward, target[..., :-1])
-    weight = target[..., -1:] / target.shape[1]
+    d, e, weight = _reinforce_terms(forward, target)
     return weight * d * e, (weight * (1 - d.square() * e)).sum(1)
 
 
@@ -198,8 +203,7 @@ class GaussianMLPDerivatives:
         """u ↦ H_t u_t for every task, H_t the Hessian of policy.reinforce_loss at P_t (u [T, ...]
         per name); the forward pass and the δ_l are taken here, once."""
         forward = self.forward(params, x)
-        d, e = _residual(forward, target[..., :-1])
-        weight = target[..., -1:] / target.shape[1]
+        d, e, weight = _reinforce_terms(forward, target)
         deltas = [None] * len(self.layers)
         self._backward(params, forward, weight * d * e, keep=deltas)
 
