@@ -358,6 +358,119 @@ def test_rl_job_resumed_equals_uninterrupted(tmp_path):
     assert resumed["evaluation"] == whole["evaluation"]
 
 
+def test_returns_after_steps_takes_each_step_of_its_own_size():
+    """Figure 5's measure against the steps written out: step s of size step_sizes[s], each on
+    trajectories of the previous parameters, the returns of the same noise stream."""
+    from pymaml.rl import returns_after_steps
+
+    policy, env = small_policy(), Navigation2D(horizon=HORIZON)
+    goals = env.sample_tasks(TASKS, torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = returns_after_steps(policy, env, goals, [0.3, 0.07], TRAJECTORIES, torch.Generator().manual_seed(6))
+    generator, params, expected = torch.Generator().manual_seed(6), expand(parameters(policy), TASKS), []
+    for size in (0.3, 0.07, None):
+        batch = sample(policy, params, env, goals, TRAJECTORIES, generator)
+        expected.append(batch.returns)
+        if size is not None:
+            params = {name: p - size * g for name, p, g in
+                      zip(params, params.values(), loop_gradients(policy, params, advantages(batch, 0.99)))}
+    assert got.shape == (3, TASKS)
+    assert relative_error(got, torch.stack(expected)) <= FLOAT64
+    assert not torch.equal(got[1], got[2])  # the second step moved the policy
+    for bad in ([-0.1], [math.nan], [0.1, math.inf]):
+        with pytest.raises(ValueError, match="step size"):
+            returns_after_steps(policy, env, goals, bad, TRAJECTORIES, torch.Generator().manual_seed(6))
+
+
+def loop_gradients(policy, params, batch):
+    """∇ of each task's REINFORCE loss by autograd, one task at a time, stacked per name."""
+    per_task = []
+    for task in range(batch.observations.shape[0]):
+        theta = {name: p[task].detach().requires_grad_() for name, p in params.items()}
+        loss = reinforce_loss(functional_call(policy, theta, (batch.observations[task],)),
+                              batch.reinforce_targets[task])
+        per_task.append(torch.autograd.grad(loss, list(theta.values())))
+    return [torch.stack(grads) for grads in zip(*per_task)]
+
+
+def test_keep_if_best_keeps_a_copy_of_the_first_best_and_never_a_nan():
+    from pymaml.jobs.rl import keep_if_best, new_best
+
+    best = new_best()["meta-learned"]
+    weights = torch.zeros(3)
+    keep_if_best(best, 1, math.nan, {"w": weights})
+    assert best["state"] is None and best["iteration"] == 0
+    keep_if_best(best, 2, -5.0, {"w": weights})
+    weights += 1  # training goes on in place: the kept parameters must not follow
+    keep_if_best(best, 3, -5.0, {"w": weights})
+    keep_if_best(best, 4, -7.0, {"w": weights})
+    assert (best["iteration"], best["trpo_steps"], best["return"]) == (2, 1, -5.0)
+    assert torch.equal(best["state"]["w"], torch.zeros(3))
+    keep_if_best(best, 5, -1.0, {"w": weights})
+    assert best["iteration"] == 5 and torch.equal(best["state"]["w"], torch.ones(3))
+
+
+def test_rl_job_evaluates_the_parameters_of_its_best_iteration(tmp_path):
+    """select="best" evaluates each trained policy at the parameters that sampled its best
+    iteration: the same run stopped just before that iteration ends with them. select="last"
+    evaluates the final ones. The meta-learned policy adapts with α then α/2; each baseline with
+    the candidate of best tuning score."""
+    from pymaml.jobs.rl import run, train
+
+    config = small_job(tmp_path, 4)
+    config.baseline_lrs = (0.05, 0.3)
+    result = train(config)
+    history = result.history
+    for name, key in (("meta-learned", "post_return"), ("pretrained", "pretrained_return")):
+        best = result.best[name]
+        returns = [h[key] for h in history]
+        assert best["return"] == max(returns) and best["iteration"] == returns.index(max(returns)) + 1
+        stopped = small_job(tmp_path, best["iteration"] - 1)
+        early = train(stopped)
+        early_policy = early.meta_policy if name == "meta-learned" else early.pretrained_policy
+        for tensor_name, tensor in early_policy.state_dict().items():
+            assert torch.equal(best["state"][tensor_name], tensor)
+    report = run(config, tmp_path / "best")
+    assert report["selection"]["rule"] == "best"
+    for name in ("meta-learned", "pretrained"):
+        assert report["selection"][name]["iteration"] == result.best[name]["iteration"]
+    assert report["step_sizes"]["meta-learned"] == [0.1, 0.05]
+    for name in ("pretrained", "random"):
+        scores = report["baseline_tuning"][name]
+        assert set(scores) == {"0.05", "0.3"}
+        chosen = max(config.baseline_lrs, key=lambda lr: scores[repr(lr)])
+        assert report["step_sizes"][name] == [chosen, chosen]
+    config.select = "last"
+    last = run(config, tmp_path / "last")
+    assert last["selection"]["meta-learned"] == {"iteration": None, "trpo_steps": 4, "training_return": None}
+    assert last["evaluation"]["random"] == report["evaluation"]["random"]
+    finals = {"meta-learned": result.meta_policy, "pretrained": result.pretrained_policy}
+    for name, policy in finals.items():
+        moved = any(not torch.equal(result.best[name]["state"][k], v) for k, v in policy.state_dict().items())
+        assert (last["evaluation"][name] != report["evaluation"][name]) == moved
+
+
+def test_rl_job_one_baseline_step_size_needs_no_tuning(tmp_path):
+    from pymaml.jobs.rl import run
+
+    config = small_job(tmp_path, 1)
+    config.baseline_lrs, config.eval_later_lr = (0.2,), 0.02
+    report = run(config, tmp_path / "out")
+    assert report["baseline_tuning"] == {"pretrained": {}, "random": {}}
+    assert report["step_sizes"] == {"meta-learned": [0.1, 0.02], "pretrained": [0.2, 0.2], "random": [0.2, 0.2]}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(select="worst"), "select must be"), (dict(baseline_lrs=()), "baseline_lrs"),
+    (dict(baseline_lrs=(0.1, -1.0)), "baseline_lrs"), (dict(eval_later_lr=math.nan), "eval_later_lr"),
+    (dict(inner_lr=math.inf), "inner_lr"), (dict(tune_tasks=1), "tune_tasks")])
+def test_rl_config_refuses_bad_evaluation_settings(tmp_path, change, message):
+    from pymaml.jobs.rl import RLConfig
+    from pymaml.jobs.training import JobError
+
+    with pytest.raises(JobError, match=message):
+        RLConfig(**change)
+
+
 def test_rl_job_refuses_a_checkpoint_of_other_settings(tmp_path):
     from pymaml.jobs.rl import run
     from pymaml.jobs.training import JobError

@@ -55,12 +55,13 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_fewshot_commands(commands)
 
-    from .rl import DEFAULT_ITERATIONS as RL_ITERATIONS, DEFAULT_META_BATCH as RL_META_BATCH
+    from .rl import BASELINE_LRS as RL_BASELINE_LRS, DEFAULT_ITERATIONS as RL_ITERATIONS, \
+        DEFAULT_META_BATCH as RL_META_BATCH, SELECTIONS as RL_SELECTIONS
 
     rl = commands.add_parser("rl", help="meta-train and evaluate MAML-TRPO on the paper's reinforcement-learning tasks")
     rl.add_argument("--env", default="navigation2d", choices=sorted(RL_META_BATCH))
     rl.add_argument("--iterations", type=_non_negative_int, default=RL_ITERATIONS,
-                    help=f"meta-iterations (default {RL_ITERATIONS}, pytorch-maml-rl's count for navigation)")
+                    help=f"meta-iterations (default {RL_ITERATIONS}, the paper's: up to 500)")
     rl.add_argument("--meta-batch", type=_positive_int, default=None,
                     help="tasks per meta-batch (default: the paper's, 20 for navigation, 40 for half-cheetah)")
     rl.add_argument("--trajectories", type=_positive_int, default=20, help="trajectories per task and step")
@@ -70,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--seed", type=int, default=0)
     rl.add_argument("--eval-tasks", type=_positive_int, default=40)
     rl.add_argument("--eval-steps", type=_non_negative_int, default=3)
+    rl.add_argument("--select", choices=RL_SELECTIONS, default="best",
+                    help="evaluate each trained policy at its iteration with the best mean training return (the "
+                         "paper's) or at its last parameters")
+    rl.add_argument("--eval-later-lr", type=float, default=None,
+                    help="the meta-learned policy's step size after the first evaluation step (default: half "
+                         "--inner-lr, the paper's)")
+    rl.add_argument("--baseline-lrs", type=float, nargs="+", default=list(RL_BASELINE_LRS),
+                    help="step sizes tried for the pretrained and random baselines; each takes the best on tasks "
+                         f"of its own (default {' '.join(map(str, RL_BASELINE_LRS))})")
+    rl.add_argument("--tune-tasks", type=_positive_int, default=20, help="tasks for the baselines' step-size choice")
     rl.add_argument("--horizon", type=_positive_int, default=None, help="steps per trajectory (default: the paper's)")
     rl.add_argument("--out", type=Path, default=Path("runs/rl"), help="folder for report.json and the PNG")
     rl.add_argument("--checkpoint", type=Path, default=None,
@@ -89,7 +100,9 @@ def _rl(args) -> int:
     config = RLConfig(
         env=args.env, iterations=args.iterations, meta_batch=args.meta_batch or RL_META_BATCH[args.env],
         trajectories=args.trajectories, inner_lr=args.inner_lr, max_kl=args.max_kl, first_order=args.first_order,
-        seed=args.seed, eval_tasks=args.eval_tasks, eval_steps=args.eval_steps, horizon=args.horizon,
+        seed=args.seed, eval_tasks=args.eval_tasks, eval_steps=args.eval_steps, select=args.select,
+        eval_later_lr=args.eval_later_lr, baseline_lrs=tuple(args.baseline_lrs), tune_tasks=args.tune_tasks,
+        horizon=args.horizon,
         checkpoint=str(args.checkpoint) if args.checkpoint else None, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress)
     # Under torchrun: one process per rank, gloo (the policies and simulators live on the CPU).

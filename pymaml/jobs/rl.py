@@ -5,12 +5,25 @@ initialisation on new tasks after 0..3 policy-gradient steps.
 
 Settings are the paper's: Gaussian MLP policy 2×100 ReLU, 20 trajectories per task and step,
 horizon 100, one inner REINFORCE step of α = 0.1 with a linear feature baseline, TRPO with
-KL ≤ 0.01, meta-batch 20 (navigation) or 40 (half-cheetah, horizon 200). The paper gives no
-iteration count; DEFAULT_ITERATIONS is the count of pytorch-maml-rl's navigation configuration. The
-pretrained policy starts from the same initialisation and takes one TRPO step per iteration on
-the trajectories of the same tasks, without the inner step. Evaluation: 40 new tasks, returns
-averaged over 20 trajectories per task, the same step size α and the same noise stream for every
-policy.
+KL ≤ 0.01, meta-batch 20 (navigation) or 40 (half-cheetah, horizon 200), up to 500
+meta-iterations (the paper's appendix A.2). The pretrained policy starts from the same
+initialisation and takes one TRPO step per iteration on the trajectories of the same tasks,
+without the inner step.
+
+Evaluation follows the paper's appendix A.2:
+- Each trained policy is evaluated at the parameters of the iteration with its best mean return
+  of the meta-batch during training ("the model with the best average return during training"),
+  or at the last parameters with select="last". For the meta-learned policy that return is the
+  one after the inner step; for the pretrained policy, its own.
+- The meta-learned policy adapts with α = 0.1 at the first step and α/2 at the later ones ("we
+  found that halving the learning rate after the first gradient step produced superior
+  performance").
+- The baselines' step size is "manually tuned": here it is the candidate of `baseline_lrs` with
+  the best mean return over steps 1..eval_steps on `tune_tasks` tasks of their own (drawn from a
+  stream that neither training nor evaluation draws from), one step size for all of a baseline's
+  steps.
+- 40 new tasks, returns averaged over 20 trajectories per task, the same noise stream for every
+  policy.
 
 Under torchrun every rank draws the same meta-batch of tasks and the same noise from the seed,
 samples, adapts and differentiates its share of the tasks, and the TRPO step all-reduces the
@@ -41,7 +54,12 @@ DEFAULT_META_BATCH = {"navigation2d": 20, "halfcheetah-vel": 40, "halfcheetah-di
 COLORS = {"meta-learned": "tab:green", "pretrained": "tab:blue", "random": "tab:gray"}
 # Held-out tasks and their noise: streams the training never draws from.
 EVAL_SEED_OFFSET = 1_000_003
-JOB_KEYS = ("pretrained", "task_generator", "sampling_generator", "history")
+# The baselines' step-size tuning tasks and their noise: streams neither training nor evaluation draws from.
+TUNE_SEED_OFFSET = 2_000_029
+# Candidate step sizes for the pretrained and random baselines.
+BASELINE_LRS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+SELECTIONS = ("best", "last")
+JOB_KEYS = ("pretrained", "task_generator", "sampling_generator", "history", "best")
 
 
 @dataclass
@@ -56,6 +74,12 @@ class RLConfig(TrajectorySettings):
     seed: int = 0
     eval_tasks: int = 40
     eval_steps: int = 3
+    # Which parameters of each trained policy to evaluate (SELECTIONS; see the module docstring).
+    select: str = "best"
+    # The meta-learned policy's step size after the first evaluation step; None: inner_lr / 2.
+    eval_later_lr: float | None = None
+    baseline_lrs: tuple[float, ...] = BASELINE_LRS
+    tune_tasks: int = 20
     # None: the environment's (the paper's) horizon; shorter ones make quick checks.
     horizon: int | None = None
     checkpoint: str | None = None
@@ -68,6 +92,21 @@ class RLConfig(TrajectorySettings):
     def __post_init__(self):
         if self.env not in ENVIRONMENTS:
             raise JobError(f"unknown environment {self.env!r}; this version has {sorted(ENVIRONMENTS)}")
+        if self.select not in SELECTIONS:
+            raise JobError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        self.baseline_lrs = tuple(float(lr) for lr in self.baseline_lrs)
+        rates = (self.inner_lr, *self.baseline_lrs, *(() if self.eval_later_lr is None else (self.eval_later_lr,)))
+        if not self.baseline_lrs or not all(lr >= 0 and math.isfinite(lr) for lr in rates):
+            raise JobError("inner_lr, eval_later_lr and baseline_lrs must be finite numbers >= 0 "
+                           f"(and baseline_lrs not empty), got {self.inner_lr}, {self.eval_later_lr}, "
+                           f"{self.baseline_lrs}")
+        if self.tune_tasks < 2:
+            raise JobError(f"tune_tasks must be at least 2, got {self.tune_tasks}")
+
+    def meta_step_sizes(self) -> list[float]:
+        """The meta-learned policy's evaluation step sizes: α, then eval_later_lr (α/2 by default)."""
+        later = self.inner_lr / 2 if self.eval_later_lr is None else self.eval_later_lr
+        return [self.inner_lr] + [later] * (self.eval_steps - 1) if self.eval_steps else []
 
     def environment(self):
         environment = ENVIRONMENTS[self.env]
@@ -85,6 +124,9 @@ class RLTrainResult:
     resumed_from: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    # Per trained policy ("meta-learned", "pretrained"): the iteration with the best mean return of
+    # the meta-batch, that return, and the parameters it was sampled with (see new_best).
+    best: dict = field(default_factory=dict)
 
     @property
     def iterations_run(self) -> int:
@@ -95,6 +137,21 @@ def initial_policy(env, seed: int) -> GaussianMLPPolicy:
     """The initialisation every policy of a run starts from (and the "random" policy itself)."""
     torch.manual_seed(seed)
     return GaussianMLPPolicy(env.observation_size, env.action_size)
+
+
+def new_best() -> dict:
+    """No iteration yet: "iteration" is the 1-based meta-iteration whose meta-batch had the best
+    mean return, "trpo_steps" the TRPO steps its parameters "state" had taken (iteration - 1)."""
+    return {name: {"iteration": 0, "trpo_steps": 0, "return": -math.inf, "state": None}
+            for name in ("meta-learned", "pretrained")}
+
+
+def keep_if_best(best: dict, iteration: int, value: float, state: dict) -> None:
+    """Keep `state` (the parameters that sampled iteration `iteration`, 1-based) when its mean
+    return `value` beats the best so far; the first of equal returns stays, a NaN never wins."""
+    if value > best["return"]:
+        best.update(iteration=iteration, trpo_steps=iteration - 1, **{"return": value},
+                    state={name: tensor.clone() for name, tensor in state.items()})
 
 
 def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrainResult:
@@ -119,6 +176,7 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
     task_generator = torch.Generator().manual_seed(config.seed)
     sampling_generator = torch.Generator().manual_seed(config.seed + 1)
     history: list[dict] = []
+    best = new_best()
     start = 0
     state = resume(checkpoint, config, context, JOB_KEYS)
     if state is not None:
@@ -127,6 +185,7 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
         task_generator.set_state(state["task_generator"])
         sampling_generator.set_state(state["sampling_generator"])
         history = list(state["history"])
+        best = state["best"]
         start = int(state["iteration"])
     # Every rank starts from rank 0's policies (the same seed gives the same ones; this makes sure).
     broadcast_state(meta_policy, context)
@@ -136,7 +195,7 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
         # TRPO keeps no optimizer state; the key is there because every job's checkpoint has it.
         return {"model": meta_policy.state_dict(), "optimizer": {}, "pretrained": pretrained_policy.state_dict(),
                 "task_generator": task_generator.get_state(), "sampling_generator": sampling_generator.get_state(),
-                "history": history, "iteration": done, "trajectory": config.trajectory()}
+                "history": history, "best": best, "iteration": done, "trajectory": config.trajectory()}
 
     began = time.perf_counter()
     ranks = f", {context.world_size} ranks" if context.is_distributed else ""
@@ -145,8 +204,12 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
     saves = checkpoint is not None and context.is_main
     for iteration in bar:
         tasks = env.sample_tasks(config.meta_batch, task_generator)
+        sampled_with = {"meta-learned": meta_policy.state_dict(), "pretrained": pretrained_policy.state_dict()}
+        sampled_with = {name: {k: v.clone() for k, v in sd.items()} for name, sd in sampled_with.items()}
         meta_stats = meta.step(tasks, sampling_generator)
         pretrain_stats = pretrain.step(tasks, sampling_generator)
+        keep_if_best(best["meta-learned"], iteration + 1, meta_stats.post_return, sampled_with["meta-learned"])
+        keep_if_best(best["pretrained"], iteration + 1, pretrain_stats.post_return, sampled_with["pretrained"])
         history.append({"pre_return": meta_stats.pre_return, "post_return": meta_stats.post_return,
                         "pretrained_return": pretrain_stats.post_return, "accepted": meta_stats.accepted,
                         "kl": meta_stats.kl, **{f"seconds_{k}": v for k, v in meta_stats.seconds.items()}})
@@ -159,17 +222,64 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
     seconds = time.perf_counter() - began
     if saves:
         save_checkpoint(checkpoint, snapshot(config.iterations))
-    return RLTrainResult(meta_policy, pretrained_policy, config.iterations, start, seconds, history)
+    return RLTrainResult(meta_policy, pretrained_policy, config.iterations, start, seconds, history, best)
 
 
-def evaluate(policies: dict, env, config: RLConfig) -> dict:
+def selected_policies(result: RLTrainResult, env, config: RLConfig) -> dict:
+    """{name: policy} to evaluate: the trained policies at their best iteration (select="best";
+    the last parameters where no iteration ran) or their last parameters, and the random
+    initialisation."""
+    policies = {"meta-learned": result.meta_policy, "pretrained": result.pretrained_policy}
+    if config.select == "best":
+        for name, best in result.best.items():
+            if best["state"] is not None:
+                policy = initial_policy(env, config.seed)
+                policy.load_state_dict(best["state"])
+                policies[name] = policy
+    policies["random"] = initial_policy(env, config.seed)
+    return policies
+
+
+def tune_step_size(policy, env, config: RLConfig) -> tuple[float, dict[str, float]]:
+    """The baseline's step size: the candidate of config.baseline_lrs whose mean return over steps
+    1..eval_steps, on config.tune_tasks tasks of their own, is best (the first of equals; one
+    candidate, or eval_steps = 0, needs no trial). Every candidate sees the same tasks and noise.
+    Returns (step size, {candidate: mean return})."""
+    candidates = config.baseline_lrs
+    if len(candidates) == 1 or config.eval_steps == 0:
+        return candidates[0], {}
+    seed = config.seed + TUNE_SEED_OFFSET
+    tasks = env.sample_tasks(config.tune_tasks, torch.Generator().manual_seed(seed))
+    scores = {}
+    for lr in candidates:
+        returns = returns_after_steps(policy, env, tasks, [lr] * config.eval_steps, config.trajectories,
+                                      torch.Generator().manual_seed(seed + 1))
+        scores[repr(lr)] = returns[1:].mean().item()
+    chosen = max(candidates, key=lambda lr: (finite_or_none(scores[repr(lr)]) is not None, scores[repr(lr)]))
+    return chosen, scores
+
+
+def evaluation_step_sizes(policies: dict, env, config: RLConfig) -> tuple[dict, dict]:
+    """({policy: its eval_steps step sizes}, {baseline: its tuning scores}): the meta-learned
+    policy's schedule (RLConfig.meta_step_sizes), the baselines' tuned step size (tune_step_size)."""
+    sizes, tuning = {}, {}
+    for name, policy in policies.items():
+        if name == "meta-learned":
+            sizes[name] = config.meta_step_sizes()
+        else:
+            chosen, tuning[name] = tune_step_size(policy, env, config)
+            sizes[name] = [chosen] * config.eval_steps
+    return sizes, tuning
+
+
+def evaluate(policies: dict, env, config: RLConfig, step_sizes: dict) -> dict:
     """{policy: {"mean": {steps: v}, "ci95": {steps: v}}}: the return averaged over config.eval_tasks
-    new tasks after 0..eval_steps steps, with its 95% interval over the tasks."""
+    new tasks after 0..eval_steps steps of step_sizes[policy], with its 95% interval over the tasks."""
     seed = config.seed + EVAL_SEED_OFFSET
     tasks = env.sample_tasks(config.eval_tasks, torch.Generator().manual_seed(seed))
     results = {}
     for name, policy in policies.items():
-        returns = returns_after_steps(policy, env, tasks, config.eval_steps, config.inner_lr, config.trajectories,
+        returns = returns_after_steps(policy, env, tasks, step_sizes[name], config.trajectories,
                                       torch.Generator().manual_seed(seed + 1))
         spread = returns.std(1) if returns.shape[1] > 1 else torch.full((returns.shape[0],), math.nan)
         results[name] = {
@@ -206,6 +316,11 @@ def plot(report: dict, path: Path) -> None:
                         label="meta-learned, after 1 step")
         train_axis.plot(iterations, [h["pretrained_return"] for h in history], color=COLORS["pretrained"],
                         label="pretrained")
+        for name, chosen in report["selection"].items():
+            if name != "rule" and chosen["iteration"] is not None:
+                train_axis.plot([chosen["iteration"]], [chosen["training_return"]], marker="*", markersize=11,
+                                linestyle="none", color=COLORS[name], markeredgecolor="black",
+                                label=f"{name}: evaluated (iteration {chosen['iteration']})")
     train_axis.set_xlabel("meta-iteration")
     train_axis.set_ylabel("mean return of the meta-batch")
     train_axis.legend(fontsize=8)
@@ -227,10 +342,16 @@ def run(config: RLConfig, out_dir: Path, context: DistributedContext | None = No
     if not context.is_main:
         return None
     env = config.environment()
-    policies = {"meta-learned": result.meta_policy, "pretrained": result.pretrained_policy,
-                "random": initial_policy(env, config.seed)}
-    evaluation = evaluate(policies, env, config)
+    policies = selected_policies(result, env, config)
+    step_sizes, tuning = evaluation_step_sizes(policies, env, config)
+    tuned = time.perf_counter()
+    evaluation = evaluate(policies, env, config, step_sizes)
     evaluated = time.perf_counter()
+    selection = {name: ({"iteration": best["iteration"], "trpo_steps": best["trpo_steps"],
+                         "training_return": finite_or_none(best["return"])}
+                        if config.select == "best" and best["state"] is not None else
+                        {"iteration": None, "trpo_steps": result.iterations_done, "training_return": None})
+                 for name, best in result.best.items()}
     image = out_dir / f"{config.env}.png"
     ran = result.history[result.resumed_from:]
     report = {
@@ -242,11 +363,15 @@ def run(config: RLConfig, out_dir: Path, context: DistributedContext | None = No
         "seconds": {
             "train": trained - started,
             "train_loop": result.seconds,
-            "evaluate": evaluated - trained,
+            "tune_baselines": tuned - trained,
+            "evaluate": evaluated - tuned,
             **{f"meta_{part}": sum(h[f"seconds_{part}"] for h in ran) for part in ("sampling", "inner", "outer")},
         },
         "ms_per_iteration": 1e3 * result.seconds / result.iterations_run if result.iterations_run else None,
         "evaluation": evaluation,
+        "selection": {"rule": config.select, **selection},
+        "step_sizes": step_sizes,
+        "baseline_tuning": tuning,
         "history": result.history,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -266,16 +391,25 @@ def summary(report: dict) -> str:
     """The Figure 5 table as printed by the CLI."""
     steps = sorted(next(iter(report["evaluation"].values()))["mean"], key=int)
     lines = [iterations_summary(report, 0) + f" (train {report['seconds']['train']:.1f} s, "
+             f"tune the baselines' step sizes {report['seconds']['tune_baselines']:.1f} s, "
              f"evaluate {report['seconds']['evaluate']:.1f} s)"
              + (f"; meta-batch split over {report['world_size']} ranks ({report['distributed_backend']})"
                 if report.get("world_size", 1) > 1 else ""),
              f"average return over {report['config']['eval_tasks']} new tasks (± 95% interval) after N "
-             f"policy-gradient steps of α = {report['config']['inner_lr']:g}:",
-             "  " + f"{'policy':<14}" + "".join(f"{'N=' + s:>18}" for s in steps)]
+             f"policy-gradient steps:",
+             "  " + f"{'policy':<14}" + "".join(f"{'N=' + s:>18}" for s in steps) + "   step sizes; parameters"]
     for name, result in report["evaluation"].items():
         cells = []
         for s in steps:
             interval = result["ci95"][s]
             cells.append(f"{result['mean'][s]:.2f}" + (f" ± {interval:.2f}" if interval is not None else ""))
-        lines.append("  " + f"{name:<14}" + "".join(f"{cell:>18}" for cell in cells))
+        sizes = ", ".join(f"{size:g}" for size in report["step_sizes"][name]) or "none"
+        chosen = report["selection"].get(name)
+        if chosen is None:
+            parameters = "the initialisation"
+        elif chosen["iteration"] is None:
+            parameters = f"last (after {chosen['trpo_steps']} TRPO steps)"
+        else:
+            parameters = f"best, iteration {chosen['iteration']} (return {chosen['training_return']:.2f})"
+        lines.append("  " + f"{name:<14}" + "".join(f"{cell:>18}" for cell in cells) + f"   α = {sizes}; {parameters}")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -403,16 +403,21 @@ class MetaTRPO:
         return IterationStats(pre_return, post_return, result.accepted, result.backtracks, result.kl, seconds)
 
 
-def returns_after_steps(policy: nn.Module, env, tasks: torch.Tensor, steps: int, inner_lr: float,
+def returns_after_steps(policy: nn.Module, env, tasks: torch.Tensor, step_sizes: Sequence[float],
                         trajectories: int, generator: torch.Generator, gamma: float = 0.99) -> torch.Tensor:
-    """Figure 5's measure: the mean return of each task after 0..steps policy-gradient steps of size
-    α from the policy's parameters, each step on trajectories of the previous parameters; [steps + 1, T]."""
+    """Figure 5's measure: the mean return of each task after 0..S policy-gradient steps from the
+    policy's parameters, S = len(step_sizes), step s of size step_sizes[s] on trajectories of the
+    previous parameters; [S + 1, T]."""
+    step_sizes = [float(size) for size in step_sizes]
+    for size in step_sizes:
+        if not (size >= 0 and math.isfinite(size)):
+            raise ValueError(f"every step size must be a finite number >= 0, got {step_sizes}")
     params = expand({name: p.detach() for name, p in policy.named_parameters()}, tasks.shape[0])
     returns = []
-    for step in range(steps + 1):
+    for step in range(len(step_sizes) + 1):
         trajectories_now: Trajectories = sample(policy, params, env, tasks, trajectories, generator)
         returns.append(trajectories_now.returns)
-        if step < steps:
+        if step < len(step_sizes):
             with torch.no_grad():
-                params = inner_step(policy, params, advantages(trajectories_now, gamma), inner_lr)
+                params = inner_step(policy, params, advantages(trajectories_now, gamma), step_sizes[step])
     return torch.stack(returns)
