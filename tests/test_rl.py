@@ -424,6 +424,8 @@ def test_rl_job_evaluates_the_parameters_of_its_best_iteration(tmp_path):
         best = result.best[name]
         returns = [h[key] for h in history]
         assert best["return"] == max(returns) and best["iteration"] == returns.index(max(returns)) + 1
+        logged = history[best["iteration"] - 1]["log_std" if name == "meta-learned" else "pretrained_log_std"]
+        assert logged == best["state"]["log_std"].tolist()
         stopped = small_job(tmp_path, best["iteration"] - 1)
         early = train(stopped)
         early_policy = early.meta_policy if name == "meta-learned" else early.pretrained_policy

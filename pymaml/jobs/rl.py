@@ -1,5 +1,5 @@
 """MAML for reinforcement learning, the paper's 2D navigation and half-cheetah velocity and
-direction tasks (Finn et al. 2017, section 5.3, Figure 5): meta-train with MAML-TRPO, train the
+direction tasks (Finn et al. 2017, section 5.3, Figures 4 and 5): meta-train with MAML-TRPO, train the
 multi-task "pretrained" baseline on the same tasks, then evaluate both and a random
 initialisation on new tasks after 0..3 policy-gradient steps.
 
@@ -212,7 +212,11 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
         keep_if_best(best["pretrained"], iteration + 1, pretrain_stats.post_return, sampled_with["pretrained"])
         history.append({"pre_return": meta_stats.pre_return, "post_return": meta_stats.post_return,
                         "pretrained_return": pretrain_stats.post_return, "accepted": meta_stats.accepted,
-                        "kl": meta_stats.kl, **{f"seconds_{k}": v for k, v in meta_stats.seconds.items()}})
+                        "kl": meta_stats.kl,
+                        # The log-stds that sampled this iteration (the meta-learned policy's before its inner step).
+                        "log_std": sampled_with["meta-learned"]["log_std"].tolist(),
+                        "pretrained_log_std": sampled_with["pretrained"]["log_std"].tolist(),
+                        **{f"seconds_{k}": v for k, v in meta_stats.seconds.items()}})
         bar.set_postfix(post=f"{meta_stats.post_return:.1f}", pre=f"{meta_stats.pre_return:.1f}",
                         pretrained=f"{pretrain_stats.post_return:.1f}", refresh=False)
         done = iteration + 1
@@ -291,19 +295,20 @@ def evaluate(policies: dict, env, config: RLConfig, step_sizes: dict) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Figure 5's panel (return against policy-gradient steps) beside the training curves."""
+    """The panel of Figures 4 and 5 (return against policy-gradient steps) beside the training curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (steps_axis, train_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, (steps_axis, train_axis, std_axis) = plt.subplots(1, 3, figsize=(14, 3.8))
     for name, result in report["evaluation"].items():
         steps = sorted(result["mean"], key=int)
         steps_axis.errorbar([int(s) for s in steps], [result["mean"][s] for s in steps],
                             yerr=[result["ci95"][s] or 0.0 for s in steps], marker="o", capsize=2, label=name,
                             color=COLORS[name])
     steps_axis.set_xlabel("number of gradient steps")
+    steps_axis.set_xticks(range(report["config"]["eval_steps"] + 1))
     steps_axis.set_ylabel("average return")
     steps_axis.set_title(f"{report['config']['env']}: {report['config']['eval_tasks']} new tasks")
     steps_axis.legend(fontsize=8)
@@ -321,9 +326,16 @@ def plot(report: dict, path: Path) -> None:
                 train_axis.plot([chosen["iteration"]], [chosen["training_return"]], marker="*", markersize=11,
                                 linestyle="none", color=COLORS[name], markeredgecolor="black",
                                 label=f"{name}: evaluated (iteration {chosen['iteration']})")
+        for name, key in (("meta-learned", "log_std"), ("pretrained", "pretrained_log_std")):
+            std_axis.plot(iterations, [math.exp(sum(h[key]) / len(h[key])) for h in history], color=COLORS[name],
+                          label=name)
     train_axis.set_xlabel("meta-iteration")
     train_axis.set_ylabel("mean return of the meta-batch")
     train_axis.legend(fontsize=8)
+    std_axis.set_xlabel("meta-iteration")
+    std_axis.set_ylabel("σ of θ (geometric mean over actions)")
+    std_axis.set_yscale("log")
+    std_axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -388,7 +400,7 @@ def run(config: RLConfig, out_dir: Path, context: DistributedContext | None = No
 
 
 def summary(report: dict) -> str:
-    """The Figure 5 table as printed by the CLI."""
+    """The table of Figures 4 and 5 as printed by the CLI."""
     steps = sorted(next(iter(report["evaluation"].values()))["mean"], key=int)
     lines = [iterations_summary(report, 0) + f" (train {report['seconds']['train']:.1f} s, "
              f"tune the baselines' step sizes {report['seconds']['tune_baselines']:.1f} s, "

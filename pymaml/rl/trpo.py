@@ -405,7 +405,7 @@ class MetaTRPO:
 
 def returns_after_steps(policy: nn.Module, env, tasks: torch.Tensor, step_sizes: Sequence[float],
                         trajectories: int, generator: torch.Generator, gamma: float = 0.99) -> torch.Tensor:
-    """Figure 5's measure: the mean return of each task after 0..S policy-gradient steps from the
+    """The measure of Figures 4 and 5: the mean return of each task after 0..S policy-gradient steps from the
     policy's parameters, S = len(step_sizes), step s of size step_sizes[s] on trajectories of the
     previous parameters; [S + 1, T]."""
     step_sizes = [float(size) for size in step_sizes]
