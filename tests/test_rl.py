@@ -451,6 +451,25 @@ def test_rl_job_evaluates_the_parameters_of_its_best_iteration(tmp_path):
         assert (last["evaluation"][name] != report["evaluation"][name]) == moved
 
 
+def test_rl_job_refuses_to_select_the_best_from_a_checkpoint_without_it(tmp_path):
+    """A checkpoint of an earlier pymaml has no "best": select="best" would silently pick among the
+    resumed iterations only, so it is refused; select="last" resumes it."""
+    from pymaml.jobs.rl import run
+    from pymaml.jobs.training import JobError, save_checkpoint
+
+    checkpoint = tmp_path / "run.pt"
+    run(small_job(tmp_path, 1, checkpoint), tmp_path / "first")
+    state = torch.load(checkpoint, weights_only=True)
+    del state["best"]
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(JobError, match="no parameters of its best iteration.*--select last"):
+        run(small_job(tmp_path, 2, checkpoint), tmp_path / "second")
+    config = small_job(tmp_path, 2, checkpoint)
+    config.select = "last"
+    report = run(config, tmp_path / "last")
+    assert report["resumed_from"] == 1 and report["selection"]["rule"] == "last"
+
+
 def test_rl_job_one_baseline_step_size_needs_no_tuning(tmp_path):
     from pymaml.jobs.rl import run
 

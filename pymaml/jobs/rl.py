@@ -59,7 +59,7 @@ TUNE_SEED_OFFSET = 2_000_029
 # Candidate step sizes for the pretrained and random baselines.
 BASELINE_LRS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 SELECTIONS = ("best", "last")
-JOB_KEYS = ("pretrained", "task_generator", "sampling_generator", "history", "best")
+JOB_KEYS = ("pretrained", "task_generator", "sampling_generator", "history")
 
 
 @dataclass
@@ -185,8 +185,14 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
         task_generator.set_state(state["task_generator"])
         sampling_generator.set_state(state["sampling_generator"])
         history = list(state["history"])
-        best = state["best"]
         start = int(state["iteration"])
+        if "best" in state:
+            best = state["best"]
+        elif config.select == "best" and start > 0:
+            # Written before checkpoints kept the best iteration's parameters: they are lost.
+            raise JobError(f"the checkpoint {checkpoint} holds no parameters of its best iteration (an earlier "
+                           f"pymaml wrote it), so select='best' cannot evaluate it; pass --select last, or "
+                           f"another --checkpoint path to start over")
     # Every rank starts from rank 0's policies (the same seed gives the same ones; this makes sure).
     broadcast_state(meta_policy, context)
     broadcast_state(pretrained_policy, context)
