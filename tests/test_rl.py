@@ -392,6 +392,96 @@ def loop_gradients(policy, params, batch):
     return [torch.stack(grads) for grads in zip(*per_task)]
 
 
+@pytest.mark.parametrize("kind", ["closed_form", "autograd"])
+def test_two_threads_evaluating_one_policy_get_what_one_thread_gets(kind):
+    """functional_call swaps a module's parameters while it runs: without the module's lock two
+    threads read each other's tensors, fail, or leave vmapped tensors behind as the parameters."""
+    import threading
+
+    from pymaml.rl import returns_after_steps
+
+    policy, env = policy_of_kind(kind), Navigation2D(horizon=HORIZON)
+    before = parameters(policy)
+    jobs = [(env.sample_tasks(TASKS, torch.Generator().manual_seed(seed), dtype=torch.float64), sizes, seed)
+            for seed, sizes in ((1, [0.5, 0.3]), (2, [0.05, 0.01]))]
+
+    def call(tasks, sizes, seed):
+        return returns_after_steps(policy, env, tasks, sizes, TRAJECTORIES, torch.Generator().manual_seed(seed))
+
+    serial = [call(*job) for job in jobs]
+    for _ in range(4):
+        results, errors = [None, None], []
+
+        def work(index):
+            try:
+                results[index] = call(*jobs[index])
+            except Exception as error:  # noqa: BLE001 - any failure in a thread is the finding
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert all(torch.equal(got, expected) for got, expected in zip(results, serial))
+        assert all(torch.equal(p, before[name]) for name, p in policy.named_parameters())
+
+
+def test_returns_after_steps_stops_where_the_policy_diverges():
+    """A step size that blows the policy up: the row after the first non-finite trajectories and
+    every later one are NaN, instead of a baseline solve failing on them."""
+    from pymaml.rl import returns_after_steps
+
+    policy, env = small_policy(), Navigation2D(horizon=HORIZON)
+    goals = env.sample_tasks(TASKS, torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = returns_after_steps(policy, env, goals, [1e300, 0.1, 0.1], TRAJECTORIES, torch.Generator().manual_seed(6))
+    assert torch.isfinite(got[0]).all()
+    first_bad = next(row for row in range(4) if not torch.isfinite(got[row]).all())
+    assert first_bad >= 1 and torch.isnan(got[first_bad + 1:]).all()
+
+
+def test_fit_baseline_names_the_tasks_whose_returns_are_not_finite():
+    features = torch.randn(3, 10, 4, dtype=torch.float64)
+    returns = torch.randn(3, 10, dtype=torch.float64)
+    returns[1, 4] = math.nan
+    features[2, 0, 1] = math.inf
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[1, 2\] are not finite"):
+        fit_baseline(features, returns)
+
+
+def test_rl_job_reports_a_diverging_step_size_and_keeps_its_report(tmp_path, capsys):
+    """A candidate step size under which the baselines diverge scores None and loses the tuning; a
+    meta-learned schedule that diverges gives None means, printed as "diverged"; report.json stays
+    strict JSON, written after the whole run."""
+    from pymaml.jobs.cli import main
+
+    out = tmp_path / "out"
+    assert main(["rl", "--iterations", "1", "--meta-batch", "2", "--trajectories", "3", "--eval-tasks", "2",
+                 "--eval-steps", "3", "--horizon", "5", "--tune-tasks", "2", "--baseline-lrs", "0.1", "1e300",
+                 "--eval-later-lr", "1e300", "--no-progress", "--out", str(out)]) == 0
+    text = (out / "report.json").read_text()
+    report = json.loads(text, parse_constant=lambda constant: pytest.fail(f"report.json holds {constant}"))
+    for name in ("pretrained", "random"):
+        assert report["baseline_tuning"][name] == {"0.1": report["baseline_tuning"][name]["0.1"], "1e+300": None}
+        assert report["baseline_tuning"][name]["0.1"] is not None
+        assert report["step_sizes"][name] == [0.1, 0.1, 0.1]
+    means = report["evaluation"]["meta-learned"]["mean"]
+    assert means["0"] is not None and means["1"] is not None and means["3"] is None
+    assert "diverged" in capsys.readouterr().out
+
+
+def test_rl_job_without_iterations_draws_its_figure_without_warnings(tmp_path):
+    import warnings
+
+    from pymaml.jobs.rl import run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = run(small_job(tmp_path, 0), tmp_path / "out")
+    assert report["history"] == [] and (tmp_path / "out" / report["figure"]).stat().st_size > 0
+
+
 def test_keep_if_best_keeps_a_copy_of_the_first_best_and_never_a_nan():
     from pymaml.jobs.rl import keep_if_best, new_best
 
@@ -462,12 +552,16 @@ def test_rl_job_refuses_to_select_the_best_from_a_checkpoint_without_it(tmp_path
     state = torch.load(checkpoint, weights_only=True)
     del state["best"]
     save_checkpoint(checkpoint, state)
-    with pytest.raises(JobError, match="no parameters of its best iteration.*--select last"):
+    with pytest.raises(JobError, match="no parameters of the best iteration before iteration 1.*--select last"):
         run(small_job(tmp_path, 2, checkpoint), tmp_path / "second")
     config = small_job(tmp_path, 2, checkpoint)
     config.select = "last"
     report = run(config, tmp_path / "last")
     assert report["resumed_from"] == 1 and report["selection"]["rule"] == "last"
+    # The checkpoint now tracks the best of iteration 2 only: "best" stays refused, resumed further or not.
+    for iterations in (2, 3):
+        with pytest.raises(JobError, match="before iteration 1"):
+            run(small_job(tmp_path, iterations, checkpoint), tmp_path / f"again{iterations}")
 
 
 def test_rl_job_one_baseline_step_size_needs_no_tuning(tmp_path):
@@ -483,7 +577,8 @@ def test_rl_job_one_baseline_step_size_needs_no_tuning(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (dict(select="worst"), "select must be"), (dict(baseline_lrs=()), "baseline_lrs"),
     (dict(baseline_lrs=(0.1, -1.0)), "baseline_lrs"), (dict(eval_later_lr=math.nan), "eval_later_lr"),
-    (dict(inner_lr=math.inf), "inner_lr"), (dict(tune_tasks=1), "tune_tasks")])
+    (dict(inner_lr=math.inf), "inner_lr"), (dict(tune_tasks=1), "tune_tasks"), (dict(max_kl=0.0), "max_kl"),
+    (dict(max_kl=math.nan), "max_kl"), (dict(trajectories=1), "trajectories")])
 def test_rl_config_refuses_bad_evaluation_settings(tmp_path, change, message):
     from pymaml.jobs.rl import RLConfig
     from pymaml.jobs.training import JobError

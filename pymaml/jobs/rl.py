@@ -102,6 +102,11 @@ class RLConfig(TrajectorySettings):
                            f"{self.baseline_lrs}")
         if self.tune_tasks < 2:
             raise JobError(f"tune_tasks must be at least 2, got {self.tune_tasks}")
+        if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
+            raise JobError(f"max_kl must be a finite number > 0, got {self.max_kl}")
+        if self.trajectories < 2:
+            raise JobError(f"trajectories must be at least 2 (the advantages are normalised over them), "
+                           f"got {self.trajectories}")
 
     def meta_step_sizes(self) -> list[float]:
         """The meta-learned policy's evaluation step sizes: α, then eval_later_lr (α/2 by default)."""
@@ -139,10 +144,11 @@ def initial_policy(env, seed: int) -> GaussianMLPPolicy:
     return GaussianMLPPolicy(env.observation_size, env.action_size)
 
 
-def new_best() -> dict:
+def new_best(tracked_from: int = 0) -> dict:
     """No iteration yet: "iteration" is the 1-based meta-iteration whose meta-batch had the best
-    mean return, "trpo_steps" the TRPO steps its parameters "state" had taken (iteration - 1)."""
-    return {name: {"iteration": 0, "trpo_steps": 0, "return": -math.inf, "state": None}
+    mean return, "trpo_steps" the TRPO steps its parameters "state" had taken (iteration - 1);
+    "tracked_from" the iterations done before the tracking began (0: it covers the whole run)."""
+    return {name: {"iteration": 0, "trpo_steps": 0, "return": -math.inf, "state": None, "tracked_from": tracked_from}
             for name in ("meta-learned", "pretrained")}
 
 
@@ -186,13 +192,13 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
         sampling_generator.set_state(state["sampling_generator"])
         history = list(state["history"])
         start = int(state["iteration"])
-        if "best" in state:
-            best = state["best"]
-        elif config.select == "best" and start > 0:
-            # Written before checkpoints kept the best iteration's parameters: they are lost.
-            raise JobError(f"the checkpoint {checkpoint} holds no parameters of its best iteration (an earlier "
-                           f"pymaml wrote it), so select='best' cannot evaluate it; pass --select last, or "
-                           f"another --checkpoint path to start over")
+        # A checkpoint of an earlier pymaml kept no best iteration: tracking starts at the resume.
+        best = state["best"] if "best" in state else new_best(tracked_from=start)
+        partial = sorted({b["tracked_from"] for b in best.values() if b["tracked_from"] > 0})
+        if config.select == "best" and partial:
+            raise JobError(f"the checkpoint {checkpoint} holds no parameters of the best iteration before iteration "
+                           f"{partial[0]} (an earlier pymaml wrote it), so select='best' cannot evaluate it; pass "
+                           f"--select last, or another --checkpoint path to start over")
     # Every rank starts from rank 0's policies (the same seed gives the same ones; this makes sure).
     broadcast_state(meta_policy, context)
     broadcast_state(pretrained_policy, context)
@@ -254,7 +260,8 @@ def tune_step_size(policy, env, config: RLConfig) -> tuple[float, dict[str, floa
     """The baseline's step size: the candidate of config.baseline_lrs whose mean return over steps
     1..eval_steps, on config.tune_tasks tasks of their own, is best (the first of equals; one
     candidate, or eval_steps = 0, needs no trial). Every candidate sees the same tasks and noise.
-    Returns (step size, {candidate: mean return})."""
+    A candidate under which the policy diverges scores None and loses to every finite one.
+    Returns (step size, {candidate: mean return or None})."""
     candidates = config.baseline_lrs
     if len(candidates) == 1 or config.eval_steps == 0:
         return candidates[0], {}
@@ -264,8 +271,8 @@ def tune_step_size(policy, env, config: RLConfig) -> tuple[float, dict[str, floa
     for lr in candidates:
         returns = returns_after_steps(policy, env, tasks, [lr] * config.eval_steps, config.trajectories,
                                       torch.Generator().manual_seed(seed + 1))
-        scores[repr(lr)] = returns[1:].mean().item()
-    chosen = max(candidates, key=lambda lr: (finite_or_none(scores[repr(lr)]) is not None, scores[repr(lr)]))
+        scores[repr(lr)] = finite_or_none(returns[1:].mean().item())
+    chosen = max(candidates, key=lambda lr: (scores[repr(lr)] is not None, scores[repr(lr)] or 0.0))
     return chosen, scores
 
 
@@ -293,7 +300,8 @@ def evaluate(policies: dict, env, config: RLConfig, step_sizes: dict) -> dict:
                                       torch.Generator().manual_seed(seed + 1))
         spread = returns.std(1) if returns.shape[1] > 1 else torch.full((returns.shape[0],), math.nan)
         results[name] = {
-            "mean": {str(s): returns[s].mean().item() for s in range(returns.shape[0])},
+            # None where the adapted policy diverged (returns_after_steps' NaN rows).
+            "mean": {str(s): finite_or_none(returns[s].mean().item()) for s in range(returns.shape[0])},
             "ci95": {str(s): finite_or_none(1.96 * spread[s] / math.sqrt(returns.shape[1]))
                      for s in range(returns.shape[0])},
         }
@@ -310,7 +318,8 @@ def plot(report: dict, path: Path) -> None:
     figure, (steps_axis, train_axis, std_axis) = plt.subplots(1, 3, figsize=(14, 3.8))
     for name, result in report["evaluation"].items():
         steps = sorted(result["mean"], key=int)
-        steps_axis.errorbar([int(s) for s in steps], [result["mean"][s] for s in steps],
+        steps_axis.errorbar([int(s) for s in steps], [math.nan if result["mean"][s] is None else result["mean"][s]
+                                                      for s in steps],
                             yerr=[result["ci95"][s] or 0.0 for s in steps], marker="o", capsize=2, label=name,
                             color=COLORS[name])
     steps_axis.set_xlabel("number of gradient steps")
@@ -332,16 +341,17 @@ def plot(report: dict, path: Path) -> None:
                 train_axis.plot([chosen["iteration"]], [chosen["training_return"]], marker="*", markersize=11,
                                 linestyle="none", color=COLORS[name], markeredgecolor="black",
                                 label=f"{name}: evaluated (iteration {chosen['iteration']})")
+        # (Iterations from a checkpoint of an earlier pymaml have no log-stds: gaps in the curve.)
         for name, key in (("meta-learned", "log_std"), ("pretrained", "pretrained_log_std")):
-            std_axis.plot(iterations, [math.exp(sum(h[key]) / len(h[key])) for h in history], color=COLORS[name],
-                          label=name)
+            std_axis.plot(iterations, [math.exp(sum(h[key]) / len(h[key])) if h.get(key) else math.nan
+                                       for h in history], color=COLORS[name], label=name)
+        train_axis.legend(fontsize=8)
+        std_axis.legend(fontsize=8)
+        std_axis.set_yscale("log")
     train_axis.set_xlabel("meta-iteration")
     train_axis.set_ylabel("mean return of the meta-batch")
-    train_axis.legend(fontsize=8)
     std_axis.set_xlabel("meta-iteration")
     std_axis.set_ylabel("σ of θ (geometric mean over actions)")
-    std_axis.set_yscale("log")
-    std_axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -420,6 +430,9 @@ def summary(report: dict) -> str:
         cells = []
         for s in steps:
             interval = result["ci95"][s]
+            if result["mean"][s] is None:
+                cells.append("diverged")
+                continue
             cells.append(f"{result['mean'][s]:.2f}" + (f" ± {interval:.2f}" if interval is not None else ""))
         sizes = ", ".join(f"{size:g}" for size in report["step_sizes"][name]) or "none"
         chosen = report["selection"].get(name)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..backends.layout import global_hook_reason, module_override_reason
-from .policy import GaussianMLPPolicy
+from .policy import GaussianMLPPolicy, module_lock
 
 LOG_STD = "log_std"
 _LOG_2PI = math.log(2 * math.pi)
@@ -52,7 +52,13 @@ def unsupported_reason(policy: nn.Module) -> str | None:
     """Why the closed forms would not compute what `policy` computes, or None: anything but a
     GaussianMLPPolicy (subclasses included) whose mean is Linear layers with biases separated by
     ReLUs and a log_std of one entry per action, without hooks, parametrizations, buffers, calls
-    replaced on an instance or parameters of another dtype."""
+    replaced on an instance or parameters of another dtype. Read under the module's lock, so that
+    another thread's functional call (policy.module_lock) cannot show its swapped-in tensors."""
+    with module_lock(policy):
+        return _unsupported_reason(policy)
+
+
+def _unsupported_reason(policy: nn.Module) -> str | None:
     if type(policy) is not GaussianMLPPolicy:
         return f"the policy is a {type(policy).__qualname__}, not a GaussianMLPPolicy"
     reason = global_hook_reason()

@@ -9,6 +9,8 @@ the state. π(a | s) = N(a; μ(s), diag(σ²)), log π = -½ Σ ((a - μ)/σ)² 
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 
 import torch
 from torch import nn
@@ -71,9 +73,33 @@ def kl_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1).mean()
 
 
+# torch.func.functional_call swaps the module's parameters for the call's tensors and puts them back
+# afterwards: two threads calling it on one module at once would each run with the other's tensors,
+# and one could put the other's (vmapped) tensors back as the parameters. So every call here holds
+# the module's lock.
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(module: nn.Module) -> threading.RLock:
+    """The lock that serializes this module's functional calls."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
+def parameters_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's parameters by name, detached, read under its lock."""
+    with module_lock(module):
+        return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
 def batched_outputs(policy: nn.Module, params: dict[str, torch.Tensor], observations: torch.Tensor) -> torch.Tensor:
     """The policy's outputs for every task: params [T, ...] per name, observations [T, ...]."""
-    return vmap(lambda p, x: functional_call(policy, p, (x,)))(params, observations)
+    with module_lock(policy):
+        return vmap(lambda p, x: functional_call(policy, p, (x,)))(params, observations)
 
 
 def per_task_loss(policy: nn.Module, loss) -> callable:
@@ -83,12 +109,14 @@ def per_task_loss(policy: nn.Module, loss) -> callable:
 
 def batched_losses(policy: nn.Module, loss, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The loss of every task, [T]."""
-    return vmap(per_task_loss(policy, loss))(params, x, y)
+    with module_lock(policy):
+        return vmap(per_task_loss(policy, loss))(params, x, y)
 
 
 def batched_gradients(policy: nn.Module, loss, params: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
     """∇_θ loss_t(θ_t) of every task, [T, ...] per name."""
-    return vmap(grad(per_task_loss(policy, loss)))(params, x, y)
+    with module_lock(policy):
+        return vmap(grad(per_task_loss(policy, loss)))(params, x, y)
 
 
 def expand(params: dict[str, torch.Tensor], tasks: int) -> dict[str, torch.Tensor]:

@@ -114,7 +114,13 @@ def baseline_features(observations: torch.Tensor) -> torch.Tensor:
 
 def fit_baseline(features: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
     """Per task t, the ridge solution w_t = (X_tᵀ X_t + λ I)⁻¹ X_tᵀ R_t: features [T, K, F],
-    returns [T, K] → the baseline's values X_t w_t, [T, K]."""
+    returns [T, K] → the baseline's values X_t w_t, [T, K]. Non-finite returns or features are
+    refused (FloatingPointError naming the tasks): no ridge term makes their solve finite."""
+    finite = torch.isfinite(returns).all(1) & torch.isfinite(features).flatten(1).all(1)
+    if not bool(finite.all()):
+        tasks = torch.nonzero(~finite).flatten().tolist()
+        raise FloatingPointError(f"the discounted returns or the observations of task(s) {tasks} are not finite "
+                                 f"(non-finite rewards or observations, or a policy whose actions diverged)")
     gram = features.transpose(1, 2) @ features
     moment = features.transpose(1, 2) @ returns.unsqueeze(-1)
     identity = torch.eye(features.shape[-1], dtype=features.dtype)

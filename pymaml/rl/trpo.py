@@ -41,8 +41,8 @@ from torch.func import vmap
 
 from ..distributed import DistributedContext
 from .gaussian_mlp import closed_form, reinforce_gradient, surrogate_gradient
-from .policy import (batched_gradients, batched_outputs, expand, kl_loss, log_prob, reinforce_loss,
-                     surrogate_loss)
+from .policy import (batched_gradients, batched_outputs, expand, kl_loss, log_prob, module_lock, parameters_of,
+                     reinforce_loss, surrogate_loss)
 from .trajectories import PolicyBatch, Trajectories, advantages, check_share, sample
 
 
@@ -370,7 +370,8 @@ class MetaTRPO:
         self.context = DistributedContext() if context is None else context
 
     def params(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.policy.named_parameters()}
+        with module_lock(self.policy):
+            return {name: p.detach() for name, p in self.policy.named_parameters()}
 
     def step(self, tasks: torch.Tensor, generator: torch.Generator) -> IterationStats:
         """One meta-iteration on the meta-batch `tasks` [T, ...]; this rank samples, adapts and
@@ -395,7 +396,7 @@ class MetaTRPO:
         began = time.perf_counter()
         problem = outer_problem(self.policy, params, pre, advantages(after, settings.gamma), settings.inner_lr, split)
         result = trpo_step(self.policy, problem, settings)
-        with torch.no_grad():
+        with torch.no_grad(), module_lock(self.policy):
             for name, p in self.policy.named_parameters():
                 p.copy_(result.params[name])
         seconds["outer"] += time.perf_counter() - began
@@ -407,16 +408,21 @@ def returns_after_steps(policy: nn.Module, env, tasks: torch.Tensor, step_sizes:
                         trajectories: int, generator: torch.Generator, gamma: float = 0.99) -> torch.Tensor:
     """The measure of Figures 4 and 5: the mean return of each task after 0..S policy-gradient steps from the
     policy's parameters, S = len(step_sizes), step s of size step_sizes[s] on trajectories of the
-    previous parameters; [S + 1, T]."""
+    previous parameters; [S + 1, T]. Once a step's trajectories hold a non-finite return or
+    observation (the adapted policy diverged), no further step can be taken: the rows after it are NaN."""
     step_sizes = [float(size) for size in step_sizes]
     for size in step_sizes:
         if not (size >= 0 and math.isfinite(size)):
             raise ValueError(f"every step size must be a finite number >= 0, got {step_sizes}")
-    params = expand({name: p.detach() for name, p in policy.named_parameters()}, tasks.shape[0])
+    params = expand(parameters_of(policy), tasks.shape[0])
     returns = []
     for step in range(len(step_sizes) + 1):
         trajectories_now: Trajectories = sample(policy, params, env, tasks, trajectories, generator)
         returns.append(trajectories_now.returns)
+        if not (bool(torch.isfinite(trajectories_now.returns).all())
+                and bool(torch.isfinite(trajectories_now.observations).all())):
+            returns += [torch.full_like(trajectories_now.returns, math.nan)] * (len(step_sizes) - step)
+            break
         if step < len(step_sizes):
             with torch.no_grad():
                 params = inner_step(policy, params, advantages(trajectories_now, gamma), step_sizes[step])
