@@ -194,6 +194,32 @@ def test_discounted_returns_and_baseline_match_per_task_solutions():
         assert relative_error(values[task], features[task] @ weights) <= 1e-8
 
 
+def test_baseline_of_observations_held_at_the_clip_is_solved_in_float64():
+    """Observations past FEATURE_CLIP make a task's s and s² columns multiples of the constant
+    one: its float32 Gram matrix plus λ = 1e-5 is singular (λ is below its rounding). That task is
+    solved again in float64; the others keep the float32 solve of the whole batch, bit for bit."""
+    generator = torch.Generator().manual_seed(8)
+    observations = torch.randn(3, 20, 100, 2, generator=generator)
+    observations[0] = 50.0
+    observations[2, :, 40:] = -30.0
+    features = baseline_features(observations).reshape(3, 2000, -1)
+    returns = torch.randn(3, 2000, generator=generator)
+    gram = features.transpose(1, 2) @ features
+    moment = features.transpose(1, 2) @ returns.unsqueeze(-1)
+    _, info = torch.linalg.solve_ex(gram + BASELINE_RIDGE * torch.eye(features.shape[-1]), moment)
+    assert info[0] != 0 and info[1] == 0  # the case this guards against
+    values = fit_baseline(features, returns)
+    assert torch.isfinite(values).all()
+    plain = torch.linalg.solve_ex(gram + BASELINE_RIDGE * torch.eye(features.shape[-1]), moment)[0]
+    assert torch.equal(values[1], (features @ plain).squeeze(-1)[1])
+    for task in (0, 2) if info[2] != 0 else (0,):
+        x, r = features[task].double(), returns[task].double()
+        stacked = torch.cat([x, math.sqrt(BASELINE_RIDGE) * torch.eye(x.shape[-1], dtype=torch.float64)])
+        padded = torch.cat([r, torch.zeros(x.shape[-1], dtype=torch.float64)])
+        weights = torch.linalg.lstsq(stacked, padded.unsqueeze(-1), driver="gelsd").solution
+        assert relative_error(values[task].double(), (x @ weights).squeeze(-1)) <= 1e-5
+
+
 def test_inner_step_matches_autograd_loop(problem_data):
     policy, params, pre, _ = problem_data
     batched = inner_step(policy, expand(params, TASKS), pre, 0.1)

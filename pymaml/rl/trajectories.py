@@ -10,8 +10,8 @@ from torch import nn
 
 from .policy import batched_outputs, split
 
-# The baseline's ridge term, raised tenfold (up to BASELINE_RETRIES times) while a task's solve is
-# not finite, as in rllab's LinearFeatureBaseline, which the paper's code uses.
+# The baseline's ridge term, raised tenfold (up to BASELINE_RETRIES times, in float64) while a task's
+# solve is singular or not finite, as in rllab's LinearFeatureBaseline, which the paper's code uses.
 BASELINE_RIDGE = 1e-5
 BASELINE_RETRIES = 5
 # Observations are clipped to this range in the baseline's features.
@@ -115,24 +115,54 @@ def baseline_features(observations: torch.Tensor) -> torch.Tensor:
 def fit_baseline(features: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
     """Per task t, the ridge solution w_t = (X_tᵀ X_t + λ I)⁻¹ X_tᵀ R_t: features [T, K, F],
     returns [T, K] → the baseline's values X_t w_t, [T, K]. Non-finite returns or features are
-    refused (FloatingPointError naming the tasks): no ridge term makes their solve finite."""
+    refused (FloatingPointError naming the tasks): no ridge term makes their solve finite.
+
+    The solve is in the features' dtype. A task whose solve there is singular or not finite is
+    solved again in float64, with λ raised tenfold (up to BASELINE_RETRIES times) until it is
+    finite, as rllab's LinearFeatureBaseline does. In float32 λ = 1e-5 is below the rounding of a
+    Gram matrix whose entries reach K·FEATURE_CLIP⁴ (observations held at the clip make their
+    columns a multiple of the constant one). Whether a task is solved again depends on its own
+    data alone, so a task takes the same path whatever tasks it is fitted with (a rank's share
+    or the whole meta-batch)."""
     finite = torch.isfinite(returns).all(1) & torch.isfinite(features).flatten(1).all(1)
     if not bool(finite.all()):
         tasks = torch.nonzero(~finite).flatten().tolist()
         raise FloatingPointError(f"the discounted returns or the observations of task(s) {tasks} are not finite "
                                  f"(non-finite rewards or observations, or a policy whose actions diverged)")
+    weights, failed = _ridge_solve(features, returns, BASELINE_RIDGE)
+    if bool(failed.any()):
+        weights = weights.clone()
+        weights[failed] = _ridge_solve_with_retries(features[failed].double(), returns[failed].double(),
+                                                    torch.nonzero(failed).flatten().tolist()).to(weights.dtype)
+    return (features @ weights).squeeze(-1)
+
+
+def _ridge_solve(features: torch.Tensor, returns: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w [T, F, 1], failed [T]): the ridge solutions and which tasks' solves were singular or not finite."""
     gram = features.transpose(1, 2) @ features
     moment = features.transpose(1, 2) @ returns.unsqueeze(-1)
     identity = torch.eye(features.shape[-1], dtype=features.dtype)
+    weights, info = torch.linalg.solve_ex(gram + ridge * identity, moment)
+    return weights, (info != 0) | ~torch.isfinite(weights).flatten(1).all(1)
+
+
+def _ridge_solve_with_retries(features: torch.Tensor, returns: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+    """The ridge solutions of these tasks (their indices `tasks`, for the error), each with the
+    first λ of BASELINE_RIDGE·10^i, i < BASELINE_RETRIES, that solves it."""
+    weights = torch.empty(features.shape[0], features.shape[-1], 1, dtype=features.dtype)
+    pending = torch.ones(features.shape[0], dtype=torch.bool)
     ridge = BASELINE_RIDGE
     for _ in range(BASELINE_RETRIES):
-        weights = torch.linalg.solve(gram + ridge * identity, moment)
-        if bool(torch.isfinite(weights).all()):
-            break
+        solved, failed = _ridge_solve(features[pending], returns[pending], ridge)
+        indices = torch.nonzero(pending).flatten()
+        weights[indices[~failed]] = solved[~failed]
+        pending[indices[~failed]] = False
+        if not bool(pending.any()):
+            return weights
         ridge *= 10
-    else:
-        raise FloatingPointError(f"the linear baseline has no finite solution up to a ridge term of {ridge / 10:g}")
-    return (features @ weights).squeeze(-1)
+    unsolved = [tasks[i] for i in torch.nonzero(pending).flatten().tolist()]
+    raise FloatingPointError(f"the linear baseline of task(s) {unsolved} has no finite solution up to a ridge term "
+                             f"of {ridge / 10:g}")
 
 
 def advantages(trajectories: Trajectories, gamma: float, normalize: bool = True) -> PolicyBatch:
