@@ -576,6 +576,11 @@ def test_rl_job_refuses_to_select_the_best_from_a_checkpoint_without_it(tmp_path
     checkpoint = tmp_path / "run.pt"
     run(small_job(tmp_path, 1, checkpoint), tmp_path / "first")
     state = torch.load(checkpoint, weights_only=True)
+    malformed = tmp_path / "malformed.pt"
+    state["best"]["pretrained"].pop("tracked_from")
+    save_checkpoint(malformed, state)
+    with pytest.raises(JobError, match="holds a best iteration this pymaml cannot read"):
+        run(small_job(tmp_path, 2, malformed), tmp_path / "malformed")
     del state["best"]
     save_checkpoint(checkpoint, state)
     with pytest.raises(JobError, match="no parameters of the best iteration before iteration 1.*--select last"):

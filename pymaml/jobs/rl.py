@@ -194,6 +194,10 @@ def train(config: RLConfig, context: DistributedContext | None = None) -> RLTrai
         start = int(state["iteration"])
         # A checkpoint of an earlier pymaml kept no best iteration: tracking starts at the resume.
         best = state["best"] if "best" in state else new_best(tracked_from=start)
+        if not (isinstance(best, dict) and set(best) == set(new_best())
+                and all(isinstance(b, dict) and set(b) == set(new_best()["pretrained"]) for b in best.values())):
+            raise JobError(f"the checkpoint {checkpoint} holds a best iteration this pymaml cannot read; "
+                           f"pass another --checkpoint path to start over")
         partial = sorted({b["tracked_from"] for b in best.values() if b["tracked_from"] > 0})
         if config.select == "best" and partial:
             raise JobError(f"the checkpoint {checkpoint} holds no parameters of the best iteration before iteration "
