@@ -352,6 +352,8 @@ def plot(report: dict, path: Path) -> None:
         train_axis.legend(fontsize=8)
         std_axis.legend(fontsize=8)
         std_axis.set_yscale("log")
+        std_axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        std_axis.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     train_axis.set_xlabel("meta-iteration")
     train_axis.set_ylabel("mean return of the meta-batch")
     std_axis.set_xlabel("meta-iteration")
